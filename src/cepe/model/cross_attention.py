@@ -1,0 +1,139 @@
+"""The cross-attention block CEPE inserts into a decoder layer."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention from decoder tokens to encoded context tokens.
+
+    No rotary positions (context chunks have no order relative to the decoder), grouped-query
+    keys/values, padding masked. Returns the residual *delta*; the caller adds it.
+
+    Args:
+        hidden_size: decoder width H.
+        encoder_hidden_size: encoder width He (keys/values are projected from it).
+        num_heads, num_kv_heads, head_dim: query heads, key/value heads, head width d.
+        norm: a norm module of the decoder's own type (deep-copied), applied to the queries' input.
+        scaling: softmax scale (the decoder's, e.g. d**-0.5).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        encoder_hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        norm: nn.Module,
+        scaling: float | None = None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling = scaling if scaling is not None else head_dim**-0.5
+        self.norm = norm
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(encoder_hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(encoder_hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def project_kv(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, He) encoder states -> keys, values, each (B, Hkv, S, d)."""
+        b, s, _ = encoder_states.shape
+        x = encoder_states.to(self.k_proj.weight.dtype)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden_states (B, T, H); key/value (B, Hkv, S, d); key_mask (B, S) bool, True = real token.
+
+        Returns the delta (B, T, H) to add to the residual stream. Rows whose context is entirely
+        padding get a zero delta (as if they had no context)."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(self.norm(hidden_states)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        has_context = key_mask.any(dim=-1)  # (B,)
+        # a row with no real key would softmax over nothing (NaN): let it attend anywhere, then zero it
+        mask = (key_mask | ~has_context[:, None])[:, None, None, :]
+        if key.shape[1] != self.num_heads:
+            rep = self.num_heads // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return out * has_context[:, None, None].to(out.dtype)
+
+    @classmethod
+    def from_self_attention(
+        cls,
+        layer: nn.Module,
+        query_norm: nn.Module,
+        encoder_hidden_size: int,
+        num_kv_heads: int | None,
+        init: str,
+    ) -> "CrossAttention":
+        """Build a block for one decoder layer, initialised from that layer's self-attention.
+
+        `copy`: query, output and norm copied; key/value from the self-attention's key/value,
+        heads averaged (or repeated) to `num_kv_heads` and input columns sliced to the encoder width
+        (tiled when the encoder is wider). `zero`: the same, then the output projection zeroed, so
+        the block adds exactly nothing until trained."""
+        attn = layer.self_attn
+        w_q, w_k, w_v, w_o = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight
+        head_dim = getattr(attn, "head_dim", None) or w_q.shape[0] // layer_heads(attn, w_q)
+        num_heads = w_q.shape[0] // head_dim
+        src_kv = w_k.shape[0] // head_dim
+        num_kv_heads = num_kv_heads or src_kv
+        block = cls(
+            hidden_size=w_q.shape[1],
+            encoder_hidden_size=encoder_hidden_size,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            norm=copy.deepcopy(query_norm),
+            scaling=getattr(attn, "scaling", None),
+        ).to(device=w_q.device, dtype=w_q.dtype)
+        with torch.no_grad():
+            block.q_proj.weight.copy_(w_q)
+            block.o_proj.weight.copy_(w_o)
+            block.k_proj.weight.copy_(_kv_init(w_k, head_dim, num_kv_heads, encoder_hidden_size))
+            block.v_proj.weight.copy_(_kv_init(w_v, head_dim, num_kv_heads, encoder_hidden_size))
+            if init == "zero":
+                block.o_proj.weight.zero_()
+        for p in block.parameters():
+            p.requires_grad_(True)
+        return block
+
+
+def layer_heads(attn: nn.Module, w_q: torch.Tensor) -> int:
+    cfg = getattr(attn, "config", None)
+    return getattr(cfg, "num_attention_heads", None) or getattr(attn, "num_heads")
+
+
+def _kv_init(w: torch.Tensor, head_dim: int, num_kv_heads: int, in_features: int) -> torch.Tensor:
+    """Self-attention key/value weight (Hkv_src*d, H) -> cross-attention weight (num_kv_heads*d, in_features)."""
+    src_heads, hidden = w.shape[0] // head_dim, w.shape[1]
+    heads = w.view(src_heads, head_dim, hidden).float()
+    if num_kv_heads <= src_heads and src_heads % num_kv_heads == 0:
+        # grouped-query: average consecutive heads, matching how queries are grouped
+        heads = heads.view(num_kv_heads, src_heads // num_kv_heads, head_dim, hidden).mean(dim=1)
+    else:
+        heads = heads[torch.arange(num_kv_heads) % src_heads]
+    w = heads.reshape(num_kv_heads * head_dim, hidden)
+    if in_features <= hidden:
+        w = w[:, :in_features]
+    else:
+        w = w.repeat(1, -(-in_features // hidden))[:, :in_features] * (hidden / in_features) ** 0.5
+    return w.to(dtype=heads.dtype)

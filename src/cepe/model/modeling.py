@@ -1,0 +1,541 @@
+"""`CepeForCausalLM`: a frozen Hugging Face decoder + a parallel context encoder + cross-attention."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from .configuration import CepeConfig
+from .context import ContextStates, chunk_token_ids, pad_chunk_batch
+from .cross_attention import CrossAttention
+from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
+from .families import decoder_layers, family_of
+
+ADAPTER_FILE = "model.safetensors"
+ADAPTER_INDEX = "model.safetensors.index.json"
+ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+
+
+class CepeForCausalLM(PreTrainedModel, GenerationMixin):
+    """A decoder-only LM extended with CEPE.
+
+    Parameters live in three places: `decoder` (the base `*ForCausalLM`, frozen, keys unchanged),
+    `encoder` (a `ContextEncoder`) and `cross_attn` (one `CrossAttention` per selected layer, keyed
+    by layer index). Only `encoder` and `cross_attn` are saved by `save_pretrained`.
+
+    Context enters as chunk ids `context_input_ids` (B, N, L) with `context_attention_mask`
+    (B, N, L), or as an already encoded `context` (`ContextStates`, e.g. from `encode_context`).
+    """
+
+    config_class = CepeConfig
+    main_input_name = "input_ids"
+    base_model_prefix = "cepe"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(
+        self,
+        config: CepeConfig,
+        decoder: nn.Module | None = None,
+        encoder: ContextEncoder | None = None,
+        encoder_tokenizer: Any = None,
+        tokenizer: Any = None,
+    ):
+        super().__init__(config)
+        if decoder is None:
+            decoder = AutoModelForCausalLM.from_config(copy.deepcopy(config.text_config))
+        self.decoder = decoder
+        self.family = family_of(config.text_config.model_type)
+        if encoder is None:
+            if config.encoder_type == "decoder":
+                encoder = DecoderDerivedEncoder.from_decoder(decoder, config.encoder_num_layers)
+            else:
+                encoder = build_encoder_from_config(config)
+        self.encoder = encoder
+        if config.chunk_size > encoder.max_positions:
+            raise ValueError(
+                f"chunk_size {config.chunk_size} exceeds the encoder's {encoder.max_positions} positions"
+            )
+        layers = decoder_layers(decoder)
+        self.cross_attn = nn.ModuleDict(
+            {
+                str(i): CrossAttention.from_self_attention(
+                    layers[i],
+                    getattr(layers[i], self.family.query_norm),
+                    encoder_hidden_size=encoder.hidden_size,
+                    num_kv_heads=config.cross_attn_num_kv_heads,
+                    init=config.cross_attn_init,
+                )
+                for i in config.selected_layers()
+            }
+        )
+        self.encoder_tokenizer = encoder_tokenizer
+        self.tokenizer = tokenizer
+        self._bound: ContextStates | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+        self._install_hooks(layers)
+        self.freeze_base()
+        if getattr(decoder, "generation_config", None) is not None:
+            self.generation_config = decoder.generation_config
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(
+        cls,
+        decoder: nn.Module | str,
+        encoder: nn.Module | str | None = None,
+        *,
+        chunk_size: int = 256,
+        cross_attn_init: str = "copy",
+        cross_attn_layers: str | list[int] = "all",
+        cross_attn_num_kv_heads: int | None = None,
+        encoder_num_layers: int = 4,
+        kv_policy: str = "recompute",
+        dtype: torch.dtype | str | None = None,
+        gguf_file: str | None = None,
+        tokenizer: Any = None,
+        encoder_tokenizer: Any = None,
+    ) -> "CepeForCausalLM":
+        """Wrap a base decoder (instance, folder, GGUF or asset name like `smollm2-135m`) with a
+        context encoder (instance, folder, asset name like `minilm-l6`, or None for the
+        decoder-derived encoder) and freshly initialised cross-attention."""
+        from .loading import load_decoder, load_encoder
+
+        base_decoder = decoder if isinstance(decoder, str) else getattr(decoder, "name_or_path", None)
+        if isinstance(decoder, str):
+            decoder, tok = load_decoder(decoder, gguf_file=gguf_file, dtype=dtype)
+            tokenizer = tokenizer or tok
+        base_encoder = encoder if isinstance(encoder, str) else None
+        enc_module = None
+        enc_config = None
+        if encoder is not None:
+            if isinstance(encoder, str):
+                enc_module, enc_tok = load_encoder(encoder)
+                encoder_tokenizer = encoder_tokenizer or enc_tok
+            elif isinstance(encoder, ContextEncoder):
+                enc_module = encoder
+            else:
+                enc_module = HFEncoder(encoder)
+            enc_config = enc_module.model.config
+            base_encoder = base_encoder or getattr(enc_config, "name_or_path", None)
+            ref = next(decoder.parameters())
+            enc_module.to(device=ref.device)
+        config = CepeConfig(
+            # a copy: PreTrainedModel.__init__ rewrites sub-configs' attention settings, and the
+            # decoder must keep its own (a None implementation silently drops the causal mask)
+            text_config=copy.deepcopy(decoder.config),
+            encoder_config=copy.deepcopy(enc_config),
+            encoder_type="hf" if encoder is not None else "decoder",
+            encoder_num_layers=encoder_num_layers,
+            chunk_size=chunk_size,
+            cross_attn_layers=cross_attn_layers,
+            cross_attn_num_kv_heads=cross_attn_num_kv_heads,
+            cross_attn_init=cross_attn_init,
+            kv_policy=kv_policy,
+            base_fingerprint=weights_fingerprint(decoder),
+            base_decoder=base_decoder,
+            base_encoder=base_encoder,
+        )
+        if encoder is None:
+            encoder_tokenizer = tokenizer
+        return cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=encoder_tokenizer, tokenizer=tokenizer)
+
+    def init_weights(self):
+        """No-op: every part is initialised when built (decoder and encoder come pretrained,
+        cross-attention from the self-attention it sits beside); a generic re-init would undo that."""
+
+    def freeze_base(self) -> None:
+        """Freeze every decoder parameter (the encoder's shared embeddings included)."""
+        for p in self.decoder.parameters():
+            p.requires_grad_(False)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters CEPE adds: encoder and cross-attention (shared decoder tensors excluded)."""
+        base_ids = {id(p) for p in self.decoder.parameters()}
+        out = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if name.startswith(("encoder.", "cross_attn.")) and id(p) not in base_ids:
+                out[name] = p
+        for name, b in self.named_buffers():
+            if name.startswith(("encoder.", "cross_attn.")) and b.is_floating_point() and "position_ids" not in name:
+                out.setdefault(name, b)
+        return out
+
+    def adapter_parameters(self, include_encoder: bool = True) -> list[nn.Parameter]:
+        """Parameters to hand to an optimizer."""
+        prefixes = ("encoder.", "cross_attn.") if include_encoder else ("cross_attn.",)
+        base_ids = {id(p) for p in self.decoder.parameters()}
+        return [p for n, p in self.named_parameters() if n.startswith(prefixes) and id(p) not in base_ids]
+
+    def get_input_embeddings(self):
+        return self.decoder.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.decoder.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.decoder.get_decoder()
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self, layers: nn.ModuleList) -> None:
+        for i in self.config.selected_layers():
+            layer = layers[i]
+            getattr(layer, self.family.pre_mlp_norm).register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True)
+            getattr(layer, self.family.mlp_out).register_forward_hook(self._make_post_hook(i))
+
+    def _make_pre_hook(self, idx: int):
+        def pre_hook(module, args, kwargs):
+            ctx = self._bound
+            if ctx is None:
+                return None
+            h = args[0] if args else kwargs["hidden_states"]
+            delta = self._cross_delta(idx, h, ctx)
+            self._pending[idx] = delta
+            if args:
+                return (h + delta, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h + delta}
+
+        return pre_hook
+
+    def _make_post_hook(self, idx: int):
+        def post_hook(module, args, output):
+            delta = self._pending.pop(idx, None)
+            return None if delta is None else output + delta
+
+        return post_hook
+
+    def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
+        block = self.cross_attn[str(idx)]
+        if ctx.cross_kv is not None and idx in ctx.cross_kv:
+            k, v = ctx.cross_kv[idx]
+        else:
+            k, v = block.project_kv(ctx.hidden_states)
+            if self._use_kv_cache(ctx):
+                ctx.cross_kv[idx] = (k, v)
+        return block(h, k, v, ctx.attention_mask)
+
+    def _use_kv_cache(self, ctx: ContextStates) -> bool:
+        if torch.is_grad_enabled() and self.training:
+            return False
+        policy = self.config.kv_policy
+        if policy == "auto":
+            return self.cross_kv_cache_bytes(ctx) <= self.config.kv_cache_budget_bytes
+        return policy == "cache"
+
+    def cross_kv_cache_bytes(self, ctx: ContextStates) -> int:
+        """Memory the `cache` policy would hold for this context: 2 x layers x B x Hkv x S x d."""
+        b, s, _ = ctx.hidden_states.shape
+        per_layer = sum(2 * b * blk.num_kv_heads * s * blk.head_dim for blk in self.cross_attn.values())
+        return per_layer * self.cross_attn[next(iter(self.cross_attn))].q_proj.weight.element_size()
+
+    # ------------------------------------------------------------------ context
+    def encode(self, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None = None) -> ContextStates:
+        """Run the encoder over every chunk of the batch in one pass.
+
+        context_input_ids, context_attention_mask: (B, N, L). Returns `ContextStates` with
+        hidden_states (B, N*L, He). Chunks that are all padding are not run at all."""
+        if context_input_ids.dim() == 2:
+            context_input_ids = context_input_ids[None]
+            if context_attention_mask is not None:
+                context_attention_mask = context_attention_mask[None]
+        if context_input_ids.dim() != 3:
+            raise ValueError(f"context_input_ids must be (batch, n_chunks, chunk_len), got {tuple(context_input_ids.shape)}")
+        b, n, length = context_input_ids.shape
+        if context_attention_mask is None:
+            context_attention_mask = torch.ones_like(context_input_ids)
+        if context_attention_mask.shape != context_input_ids.shape:
+            raise ValueError("context_attention_mask must have the shape of context_input_ids")
+        if length > self.encoder.max_positions:
+            raise ValueError(f"context chunks of {length} tokens exceed the encoder's {self.encoder.max_positions} positions")
+        mask = context_attention_mask.bool()
+        real_ids = context_input_ids[mask]
+        if real_ids.numel() and (int(real_ids.min()) < 0 or int(real_ids.max()) >= self.encoder.vocab_size):
+            raise ValueError(
+                f"context ids out of the encoder's vocabulary [0, {self.encoder.vocab_size}): "
+                f"min {int(real_ids.min())}, max {int(real_ids.max())}"
+            )
+        flat_ids = context_input_ids.reshape(b * n, length)
+        flat_mask = mask.reshape(b * n, length)
+        live = flat_mask.any(dim=-1)
+        enc_param = next(self.encoder.parameters())
+        out = torch.zeros((b * n, length, self.encoder.hidden_size), dtype=enc_param.dtype, device=enc_param.device)
+        if live.any():
+            ids = flat_ids[live].to(enc_param.device)
+            states = self.encoder(ids, flat_mask[live].long().to(enc_param.device))
+            out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
+        return ContextStates(
+            out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device), self.encoder_fingerprint
+        )
+
+    def tokenize_context(self, contexts: list[str] | list[list[int]] | list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Documents -> chunk tensors (B, N, L). A flat list of documents is one example; a list
+        of lists is a batch. Documents are strings (tokenized with the encoder's tokenizer) or
+        lists of encoder token ids; each is split into `chunk_size` chunks on its own."""
+        if not contexts:
+            raise ValueError("empty context: pass at least one document")
+        batch = contexts if isinstance(contexts[0], (list, tuple)) and contexts[0] and not isinstance(contexts[0][0], int) else [contexts]
+        prefix, suffix, pad_id = self._chunk_specials()
+        per_example = []
+        for docs in batch:
+            token_docs = []
+            for doc in docs:
+                if isinstance(doc, str):
+                    if self.encoder_tokenizer is None:
+                        raise ValueError("string context needs an encoder tokenizer (pass encoder_tokenizer=)")
+                    token_docs.append(self.encoder_tokenizer(doc, add_special_tokens=False)["input_ids"])
+                else:
+                    token_docs.append([int(t) for t in doc])
+            per_example.append(chunk_token_ids(token_docs, self.config.chunk_size, pad_id, prefix, suffix))
+        return pad_chunk_batch(per_example, pad_id)
+
+    def _chunk_specials(self) -> tuple[list[int], list[int], int]:
+        tok = self.encoder_tokenizer
+        if self.config.encoder_type == "hf" and tok is not None and tok.cls_token_id is not None and tok.sep_token_id is not None:
+            return [tok.cls_token_id], [tok.sep_token_id], tok.pad_token_id or 0
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        return [], [], pad if pad is not None else 0
+
+    @torch.no_grad()
+    def encode_context(self, contexts) -> ContextStates:
+        """Encode documents once; pass the result as `context=` to `forward`/`generate` as often
+        as needed, or `save` it for another process."""
+        ids, mask = self.tokenize_context(contexts)
+        return self.encode(ids.to(self.device), mask.to(self.device))
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        return "enc-" + weights_fingerprint(self.encoder, extra=f"{self.config.encoder_type}:{self.config.chunk_size}")[:16]
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.Tensor | None = None,
+        context: ContextStates | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """input_ids (B, T); context as chunk ids (B, N, L) or `ContextStates`. Any other keyword
+        (cache, position ids, ...) goes to the decoder unchanged. Returns the decoder's output."""
+        if context is None and context_input_ids is not None:
+            context = self.encode(context_input_ids, context_attention_mask)
+        if context is not None:
+            context = self._prepare_context(context, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
+        self._bound = context
+        self._pending.clear()
+        try:
+            return self.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, logits_to_keep=logits_to_keep, **kwargs
+            )
+        finally:
+            # gradient checkpointing re-runs layers during backward: they must still see the context
+            if not (self.training and self.is_gradient_checkpointing):
+                self._bound = None
+            self._pending.clear()
+
+    def _prepare_context(self, ctx: ContextStates, inputs: torch.Tensor | None) -> ContextStates:
+        if ctx.fingerprint is not None and ctx.fingerprint != self.encoder_fingerprint and not self.training:
+            raise ValueError(
+                f"context was encoded by another encoder ({ctx.fingerprint}, this model: {self.encoder_fingerprint})"
+            )
+        if ctx.hidden_states.shape[-1] != self.encoder.hidden_size:
+            raise ValueError(f"context width {ctx.hidden_states.shape[-1]} != encoder width {self.encoder.hidden_size}")
+        dev = next(iter(self.cross_attn.values())).q_proj.weight.device
+        if ctx.hidden_states.device != dev:
+            ctx = ctx.to(dev)
+        if inputs is not None and inputs.shape[0] != ctx.batch_size:
+            # cache the expansion on the original so cached cross keys/values survive decoding steps
+            key = ("expanded", inputs.shape[0])
+            cached = ctx.cross_kv.get(key)
+            if cached is None:
+                cached = ctx.expand_to(inputs.shape[0])
+                ctx.cross_kv[key] = cached
+            ctx = cached
+        return ctx
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Checkpoint the decoder's layers (non-reentrant: the frozen embeddings need no grad)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if hasattr(self.decoder, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            self.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        if hasattr(self.decoder, "activation_checkpointing_disable"):
+            self.decoder.activation_checkpointing_disable()
+        else:
+            self.decoder.gradient_checkpointing_disable()
+        self._checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self, "_checkpointing", False)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, context_input_ids=None, context_attention_mask=None, context=None, **kwargs):
+        """`transformers` generation with the context encoded once per call (or never, given
+        `context=`). Cross-attention keys/values follow `config.kv_policy`."""
+        if context is None and context_input_ids is not None:
+            context = self.encode(context_input_ids.to(self.device), None if context_attention_mask is None else context_attention_mask.to(self.device))
+        if context is not None:
+            context = ContextStates(context.hidden_states, context.attention_mask, context.fingerprint)  # fresh kv cache
+            kwargs["context"] = context
+        return super().generate(input_ids, **kwargs)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20, dtype: torch.dtype | None = None, **_: Any) -> None:
+        """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
+        the encoder tokenizer. The base decoder's weights are never written."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        for old in list(out.glob("model*.safetensors")) + [out / ADAPTER_INDEX]:
+            if old.exists():
+                old.unlink()
+        meta = {"format": "pt", "cepe_base_fingerprint": self.config.base_fingerprint or ""}
+        shards, current, size = [], {}, 0
+        for k in sorted(sd):
+            nbytes = sd[k].numel() * sd[k].element_size()
+            if current and size + nbytes > max_shard_size:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = sd[k]
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(out / ADAPTER_FILE), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(out / name), metadata=meta)
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            (out / ADAPTER_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(out)
+        if self.encoder_tokenizer is not None and self.config.encoder_type == "hf":
+            self.encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args,
+        decoder: nn.Module | str | None = None,
+        encoder: nn.Module | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        gguf_file: str | None = None,
+        tokenizer: Any = None,
+        check_base: bool = True,
+        **kwargs,
+    ) -> "CepeForCausalLM":
+        """Load an adapter folder onto its base decoder (instance, path, or the provenance
+        recorded in the config). Refuses a decoder whose weights differ from the one trained on."""
+        from .loading import load_decoder, load_encoder, resolve_adapter
+
+        folder = resolve_adapter(pretrained_model_name_or_path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
+        config = CepeConfig.from_pretrained(str(folder))
+        for k in ("kv_policy", "kv_cache_budget_bytes"):
+            if k in kwargs:
+                setattr(config, k, kwargs.pop(k))
+        if decoder is None:
+            decoder = config.base_decoder
+            if decoder is None:
+                raise ValueError("no decoder given and the adapter records none: pass decoder=")
+        if isinstance(decoder, (str, os.PathLike)):
+            decoder, tok = load_decoder(str(decoder), gguf_file=gguf_file, dtype=dtype)
+            tokenizer = tokenizer or tok
+        if check_base and config.base_fingerprint and weights_fingerprint(decoder) != config.base_fingerprint:
+            raise ValueError(
+                f"{folder}: adapter was trained on another base decoder (fingerprint {config.base_fingerprint}, "
+                f"given {weights_fingerprint(decoder)}); pass check_base=False to override"
+            )
+        enc_module, enc_tok = None, None
+        if config.encoder_type == "hf":
+            if isinstance(encoder, (str, os.PathLike)):
+                enc_module, enc_tok = load_encoder(str(encoder))
+            elif encoder is not None:
+                enc_module = encoder if isinstance(encoder, ContextEncoder) else HFEncoder(encoder)
+            tok_dir = folder / ENCODER_TOKENIZER_DIR
+            if tok_dir.is_dir():
+                from transformers import AutoTokenizer
+
+                enc_tok = AutoTokenizer.from_pretrained(str(tok_dir))
+            elif enc_tok is None and config.base_encoder:
+                _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
+        else:
+            enc_tok = tokenizer
+        model = cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=enc_tok, tokenizer=tokenizer)
+        model.load_adapter_weights(folder)
+        return model
+
+    def load_adapter_weights(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        index = folder / ADAPTER_INDEX
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: corrupted shard index ({e})") from e
+        else:
+            files = [ADAPTER_FILE]
+        loaded: dict[str, torch.Tensor] = {}
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: adapter weight file missing")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for k in f.keys():
+                        loaded[k] = f.get_tensor(k)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{folder}: adapter does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        with torch.no_grad():
+            for k, t in expected.items():
+                if t.shape != loaded[k].shape:
+                    raise ValueError(f"{folder}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(t.shape)}")
+                t.copy_(loaded[k].to(dtype=t.dtype, device=t.device))
+
+
+def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
+    """A cheap, dtype-independent hash of a module's weights: shapes plus a strided sample of
+    values rounded to bfloat16 (so fp32 and bf16 loads of the same checkpoint agree)."""
+    h = hashlib.sha256(extra.encode())
+    seen = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].float().to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]

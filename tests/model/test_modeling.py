@@ -1,0 +1,256 @@
+"""Core CEPE model behaviour on tiny random decoders of every supported family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_bert, tiny_cepe, tiny_decoder
+
+from cepe import CepeConfig, CepeForCausalLM, ContextStates
+from cepe.model.context import chunk_token_ids
+
+
+def _ids(b=2, t=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (b, t), generator=g)
+
+
+def _ctx(b=2, n=3, length=10, seed=1, vocab=60):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (b, n, length), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_zero_init_equals_base(family, encoder):
+    m = tiny_cepe(family, encoder, init="zero")
+    ids = _ids()
+    base = m.decoder(input_ids=ids).logits
+    out = m(ids, context_input_ids=_ctx()).logits
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+    # copy init really changes the output (the hooks are live)
+    m2 = tiny_cepe(family, encoder, init="copy")
+    assert not torch.allclose(m2(ids, context_input_ids=_ctx()).logits, m2.decoder(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_context_equals_base(family):
+    m = tiny_cepe(family, "bert", init="copy")
+    ids = _ids()
+    torch.testing.assert_close(m(ids).logits, m.decoder(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_padding_chunks_and_tokens_do_not_change_logits(encoder):
+    m = tiny_cepe("llama", encoder)
+    ids = _ids(b=1)
+    ctx = _ctx(b=1, n=2, length=10)
+    mask = torch.ones_like(ctx)
+    ref = m(ids, context_input_ids=ctx, context_attention_mask=mask).logits
+    # an extra all-padding chunk, and padded tokens at the end of every chunk
+    ctx2 = torch.cat([ctx, torch.full((1, 1, 10), 7)], dim=1)
+    ctx2 = torch.cat([ctx2, torch.full((1, 3, 4), 5)], dim=2)
+    mask2 = torch.zeros_like(ctx2)
+    mask2[:, :2, :10] = 1
+    out = m(ids, context_input_ids=ctx2, context_attention_mask=mask2).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_with_different_chunk_counts_matches_single():
+    m = tiny_cepe("qwen2", "bert")
+    ids = _ids(b=2)
+    c0, c1 = _ctx(b=1, n=3, seed=3), _ctx(b=1, n=1, seed=4)
+    batch = torch.zeros((2, 3, 10), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0], mask[0] = c0[0], 1
+    batch[1, :1], mask[1, :1] = c1[0], 1
+    out = m(ids, context_input_ids=batch, context_attention_mask=mask).logits
+    torch.testing.assert_close(out[0:1], m(ids[0:1], context_input_ids=c0).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:2], m(ids[1:2], context_input_ids=c1).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_example_without_context_in_batch_equals_base():
+    m = tiny_cepe("llama", "bert")
+    ids = _ids(b=2)
+    ctx = _ctx(b=2, n=2)
+    mask = torch.ones_like(ctx)
+    mask[1] = 0
+    out = m(ids, context_input_ids=ctx, context_attention_mask=mask).logits
+    torch.testing.assert_close(out[1], m.decoder(input_ids=ids[1:]).logits[0], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_chunk_independence(encoder):
+    m = tiny_cepe("llama", encoder)
+    a, b = _ctx(b=1, n=2, seed=5), _ctx(b=1, n=2, seed=6)
+    b[0, 0] = a[0, 0]  # same first chunk, different second chunk
+    sa, sb = m.encode(a).hidden_states, m.encode(b).hidden_states
+    torch.testing.assert_close(sa[:, :10], sb[:, :10], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(sa[:, 10:], sb[:, 10:])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_incremental_decoding_matches_full_forward(family):
+    m = tiny_cepe(family, "bert")
+    ids = _ids(b=1, t=12)
+    ctx = m.encode(_ctx(b=1))
+    full = m(ids, context=ctx).logits
+    out = m(ids[:, :8], context=ctx, use_cache=True)
+    cache = out.past_key_values
+    step = m(ids[:, 8:], context=ctx, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(step, full[:, 8:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_policies_and_context_reuse_agree(family):
+    m = tiny_cepe(family, "bert")
+    ids = _ids(b=2, t=6)
+    ctx_ids = _ctx(b=2)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    m.config.kv_policy = "recompute"
+    a = m.generate(ids, context_input_ids=ctx_ids, **kw)
+    m.config.kv_policy = "cache"
+    b = m.generate(ids, context_input_ids=ctx_ids, **kw)
+    c = m.generate(ids, context=m.encode(ctx_ids), **kw)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert a.shape == (2, 14)
+    # the context matters for what is generated (copy init)
+    none = m.generate(ids, **kw)
+    assert torch.equal(none, m.decoder.generate(ids, **kw))
+
+
+def test_generate_beam_search_and_shared_context():
+    m = tiny_cepe("llama", "bert")
+    ids = _ids(b=2, t=5)
+    ctx = m.encode(_ctx(b=1))  # one document, two prompts
+    out = m.generate(ids, context=ctx, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape[0] == 2
+    each = m.generate(ids[:1], context=ctx, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:1], each)
+
+
+def test_gradients_reach_only_new_parameters():
+    m = tiny_cepe("llama", "bert").train()
+    before = {k: v.clone() for k, v in m.decoder.state_dict().items()}
+    opt = torch.optim.AdamW(m.adapter_parameters(), lr=1e-2)
+    ids = _ids()
+    loss = m(ids, context_input_ids=_ctx(), labels=ids).loss
+    loss.backward()
+    assert all(p.grad is None for p in m.decoder.parameters())
+    assert all(p.grad is not None for p in m.cross_attn.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.parameters())
+    opt.step()
+    for k, v in m.decoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ids, ctx = _ids(), _ctx()
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_cepe("llama", "bert").train()
+        if ckpt:
+            m.gradient_checkpointing_enable()
+        m(ids, context_input_ids=ctx, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.cross_attn.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_save_load_round_trip_exact(tmp_path, encoder):
+    m = tiny_cepe("llama", encoder)
+    with torch.no_grad():
+        for p in m.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    m.save_pretrained(tmp_path, max_shard_size=20_000)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
+    if len([f for f in files if f.endswith(".safetensors")]) > 1:
+        assert "model.safetensors.index.json" in files
+    from safetensors import safe_open
+
+    keys = set()
+    for f in tmp_path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            keys |= set(fh.keys())
+    assert keys and all(k.startswith(("encoder.", "cross_attn.")) for k in keys)
+    assert not any("embed_tokens" in k for k in keys)
+    loaded = CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=None)
+    ids, ctx = _ids(), _ctx()
+    torch.testing.assert_close(loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0)
+
+
+def test_load_refuses_other_base_and_corrupted_files(tmp_path):
+    m = tiny_cepe("llama", "bert")
+    m.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="another base decoder"):
+        CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama", seed=9))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"))
+
+
+def test_bad_context_input_is_rejected():
+    m = tiny_cepe("llama", "bert")
+    ids = _ids()
+    with pytest.raises(ValueError, match="vocabulary"):
+        m(ids, context_input_ids=torch.full((2, 1, 8), 500))
+    with pytest.raises(ValueError, match="positions"):
+        m(ids, context_input_ids=torch.randint(3, 60, (2, 1, 100)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        CepeForCausalLM.from_base(tiny_decoder(), tiny_bert(), chunk_size=1000)
+    with pytest.raises(ValueError, match="cross_attn_layers"):
+        CepeForCausalLM.from_base(tiny_decoder(), tiny_bert(), chunk_size=8, cross_attn_layers="some")
+
+
+def test_layer_selection_and_gqa():
+    m = CepeForCausalLM.from_base(tiny_decoder(), tiny_bert(), chunk_size=8, cross_attn_layers="every:2", cross_attn_num_kv_heads=1)
+    assert list(m.cross_attn.keys()) == ["1"]
+    blk = m.cross_attn["1"]
+    assert blk.k_proj.weight.shape == (8, 24)  # one kv head of 8 dims, from the 24-wide encoder
+    # k init = self-attention's two kv heads averaged, first 24 input columns
+    w = m.decoder.model.layers[1].self_attn.k_proj.weight.view(2, 8, 32).mean(0)[:, :24]
+    torch.testing.assert_close(blk.k_proj.weight, w)
+    last = CepeForCausalLM.from_base(tiny_decoder(), tiny_bert(), chunk_size=8, cross_attn_layers="last:2")
+    assert list(last.cross_attn.keys()) == ["1", "2"]
+
+
+def test_context_states_save_load_and_fingerprint(tmp_path):
+    m = tiny_cepe("llama", "bert")
+    ctx = m.encode(_ctx(b=1))
+    ctx.save(tmp_path / "c.safetensors")
+    back = ContextStates.load(tmp_path / "c.safetensors")
+    torch.testing.assert_close(back.hidden_states, ctx.hidden_states)
+    ids = _ids(b=1)
+    torch.testing.assert_close(m(ids, context=back).logits, m(ids, context=ctx).logits)
+    other = tiny_cepe("llama", "bert")
+    with torch.no_grad():
+        next(other.encoder.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="another encoder"):
+        other(ids, context=back)
+    (tmp_path / "bad.safetensors").write_bytes(b"xx")
+    with pytest.raises(ValueError):
+        ContextStates.load(tmp_path / "bad.safetensors")
+
+
+def test_chunking_never_spans_documents():
+    ids, mask = chunk_token_ids([[5] * 5, [6] * 3], chunk_size=4, pad_id=0, prefix=[1], suffix=[2])
+    assert ids.tolist() == [[1, 5, 5, 5, 5, 2], [1, 5, 2, 0, 0, 0], [1, 6, 6, 6, 2, 0]]
+    assert mask.sum(1).tolist() == [6, 3, 5]
+
+
+def test_config_round_trip_and_auto_registration(tmp_path):
+    from transformers import AutoConfig
+
+    m = tiny_cepe("gemma3", "bert")
+    m.config.save_pretrained(tmp_path)
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, CepeConfig)
+    assert cfg.text_config.model_type == "gemma3_text" and cfg.encoder_config.model_type == "bert"
+    assert json.loads((tmp_path / "config.json").read_text())["chunk_size"] == 8
