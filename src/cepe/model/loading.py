@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .. import assets
 from .encoder import HFEncoder, load_hf_encoder
@@ -41,12 +42,14 @@ def load_decoder(name_or_path: str, gguf_file: str | None = None, dtype=None) ->
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if _dtype(dtype) is not None:
         kwargs["dtype"] = _dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if gguf_file:
         model.hf_quantizer = None
     model.name_or_path = str(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **({"gguf_file": gguf_file} if gguf_file else {}))
+        tok.model_max_length = 10**12  # long documents are the point; windows are cut by the caller
     except (OSError, ValueError):
         tok = None
     return model.eval(), tok
@@ -55,10 +58,13 @@ def load_decoder(name_or_path: str, gguf_file: str | None = None, dtype=None) ->
 def load_encoder(name_or_path: str, tokenizer_only: bool = False, dtype=None) -> tuple[HFEncoder | None, Any]:
     path = resolve_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(str(path))
+    # documents are tokenized whole and then chunked: the encoder's length limit applies per chunk
+    tok.model_max_length = 10**12
     if tokenizer_only:
         return None, tok
     AutoConfig.from_pretrained(str(path))  # fails clearly on a folder that is no HF model
-    return load_hf_encoder(str(path), _dtype(dtype)), tok
+    with _quiet():
+        return load_hf_encoder(str(path), _dtype(dtype)), tok
 
 
 def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
@@ -68,3 +74,16 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
 
         return released_adapter_path()
     return Path(name_or_path)
+
+
+class _quiet:
+    """Silence transformers' load reports (e.g. an encoder's unused pooler) for the duration."""
+
+    def __enter__(self):
+        self.level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        hf_logging.set_verbosity(self.level)
+        hf_logging.enable_progress_bar()
