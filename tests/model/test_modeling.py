@@ -254,3 +254,24 @@ def test_config_round_trip_and_auto_registration(tmp_path):
     assert isinstance(cfg, CepeConfig)
     assert cfg.text_config.model_type == "gemma3_text" and cfg.encoder_config.model_type == "bert"
     assert json.loads((tmp_path / "config.json").read_text())["chunk_size"] == 8
+
+
+def test_frozen_encoder_embeddings_are_not_saved_and_load_from_base(tmp_path):
+    m = tiny_cepe("llama", "bert")
+    m.freeze_encoder("embeddings")
+    assert all(not p.requires_grad for n, p in m.encoder.named_parameters() if "embed" in n)
+    assert all(p.requires_grad for p in m.adapter_parameters())
+    with torch.no_grad():
+        for p in m.adapter_parameters():
+            p.add_(0.01)
+    m.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert not any("embeddings" in k for k in keys) and any(k.startswith("encoder.") for k in keys)
+    loaded = CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=tiny_bert())
+    ids, ctx = _ids(), _ctx()
+    torch.testing.assert_close(loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="frozen encoder"):
+        CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=tiny_bert(seed=5))

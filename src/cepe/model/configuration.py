@@ -42,7 +42,10 @@ class CepeConfig(PretrainedConfig):
             (output projection zero: the model starts exactly as the base decoder).
         kv_policy: cross-attention keys/values during generation: `"recompute"` every step (the
             paper), `"cache"` once per call, or `"auto"` (cache when it fits the memory budget).
+        encoder_frozen: `None`, `"embeddings"` or `"all"`: encoder parts kept frozen in training; they
+            are not saved with the adapter and load from the base encoder.
         base_fingerprint: hash of the base decoder's weights this adapter was trained on.
+        base_encoder_fingerprint: hash of the frozen base-encoder weights (when some are frozen).
         base_decoder / base_encoder: where the base models came from (provenance, for loading).
     """
 
@@ -61,7 +64,9 @@ class CepeConfig(PretrainedConfig):
         cross_attn_init: str = "copy",
         kv_policy: str = "recompute",
         kv_cache_budget_bytes: int = 8 * 2**30,
+        encoder_frozen: str | None = None,
         base_fingerprint: str | None = None,
+        base_encoder_fingerprint: str | None = None,
         base_decoder: str | None = None,
         base_encoder: str | None = None,
         **kwargs,
@@ -84,7 +89,9 @@ class CepeConfig(PretrainedConfig):
         self.cross_attn_init = cross_attn_init
         self.kv_policy = kv_policy
         self.kv_cache_budget_bytes = kv_cache_budget_bytes
+        self.encoder_frozen = encoder_frozen
         self.base_fingerprint = base_fingerprint
+        self.base_encoder_fingerprint = base_encoder_fingerprint
         self.base_decoder = base_decoder
         self.base_encoder = base_encoder
         kwargs.setdefault("tie_word_embeddings", False)

@@ -159,9 +159,27 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         cross-attention from the self-attention it sits beside); a generic re-init would undo that."""
 
     def freeze_base(self) -> None:
-        """Freeze every decoder parameter (the encoder's shared embeddings included)."""
+        """Freeze every decoder parameter (the encoder's shared embeddings included), and the
+        encoder parts named by `config.encoder_frozen`."""
         for p in self.decoder.parameters():
             p.requires_grad_(False)
+        if self.config.encoder_frozen:
+            self.freeze_encoder(self.config.encoder_frozen)
+
+    def freeze_encoder(self, part: str = "embeddings") -> None:
+        """Freeze the encoder's `"embeddings"` (large and generic: a 30K x 384 table for MiniLM)
+        or `"all"` of it. Frozen encoder weights are not saved: they load from the base encoder."""
+        if part not in ("embeddings", "all"):
+            raise ValueError(f"freeze_encoder: part must be 'embeddings' or 'all', got {part!r}")
+        for name, p in self.encoder.named_parameters():
+            if part == "all" or "embed" in name:
+                p.requires_grad_(False)
+        self.config.encoder_frozen = part
+
+    def _saved_keys(self) -> set[str]:
+        """Adapter keys written by `save_pretrained`: frozen encoder weights come from the base."""
+        frozen = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if not p.requires_grad}
+        return {k for k in self.adapter_state_dict() if k not in frozen}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters CEPE adds: encoder and cross-attention (shared decoder tensors excluded)."""
@@ -176,10 +194,12 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         return out
 
     def adapter_parameters(self, include_encoder: bool = True) -> list[nn.Parameter]:
-        """Parameters to hand to an optimizer."""
+        """Trainable parameters to hand to an optimizer (frozen encoder parts excluded)."""
         prefixes = ("encoder.", "cross_attn.") if include_encoder else ("cross_attn.",)
         base_ids = {id(p) for p in self.decoder.parameters()}
-        return [p for n, p in self.named_parameters() if n.startswith(prefixes) and id(p) not in base_ids]
+        return [
+            p for n, p in self.named_parameters() if n.startswith(prefixes) and id(p) not in base_ids and p.requires_grad
+        ]
 
     def get_input_embeddings(self):
         return self.decoder.get_input_embeddings()
@@ -401,13 +421,23 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs["context"] = context
         return super().generate(input_ids, **kwargs)
 
+    def _frozen_encoder_fingerprint(self) -> str | None:
+        frozen = [(n, p) for n, p in self.encoder.named_parameters() if not p.requires_grad]
+        return _params_fingerprint(frozen) if frozen else None
+
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20, dtype: torch.dtype | None = None, **_: Any) -> None:
         """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
         the encoder tokenizer. The base decoder's weights are never written."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        keep = self._saved_keys()
+        sd = {
+            k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
+            for k, v in self.adapter_state_dict().items()
+            if k in keep
+        }
+        self.config.base_encoder_fingerprint = self._frozen_encoder_fingerprint()
         for old in list(out.glob("model*.safetensors")) + [out / ADAPTER_INDEX]:
             if old.exists():
                 old.unlink()
@@ -474,6 +504,10 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             )
         enc_module, enc_tok = None, None
         if config.encoder_type == "hf":
+            if encoder is None and config.encoder_frozen:
+                if not config.base_encoder:
+                    raise ValueError("adapter keeps base-encoder weights frozen and unsaved: pass encoder=")
+                encoder = config.base_encoder
             if isinstance(encoder, (str, os.PathLike)):
                 enc_module, enc_tok = load_encoder(str(encoder))
             elif encoder is not None:
@@ -483,6 +517,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 from transformers import AutoTokenizer
 
                 enc_tok = AutoTokenizer.from_pretrained(str(tok_dir))
+                enc_tok.model_max_length = 10**12
             elif enc_tok is None and config.base_encoder:
                 _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
         else:
@@ -512,7 +547,13 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                         loaded[k] = f.get_tensor(k)
             except (SafetensorError, OSError, ValueError) as e:
                 raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
-        expected = self.adapter_state_dict()
+        expected = {k: v for k, v in self.adapter_state_dict().items() if k in self._saved_keys()}
+        if self.config.encoder_frozen and getattr(self.config, "base_encoder_fingerprint", None):
+            if self._frozen_encoder_fingerprint() != self.config.base_encoder_fingerprint:
+                raise ValueError(
+                    f"{folder}: the frozen encoder weights ({self.config.encoder_frozen}) differ from the base encoder "
+                    "the adapter was trained with: pass encoder= the same base encoder"
+                )
         missing = sorted(set(expected) - set(loaded))
         unexpected = sorted(set(loaded) - set(expected))
         if missing or unexpected:
@@ -522,6 +563,13 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 if t.shape != loaded[k].shape:
                     raise ValueError(f"{folder}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(t.shape)}")
                 t.copy_(loaded[k].to(dtype=t.dtype, device=t.device))
+
+
+def _params_fingerprint(params: list[tuple[str, torch.Tensor]]) -> str:
+    holder = nn.Module()
+    for i, (name, p) in enumerate(params):
+        holder.register_parameter(f"p{i}", nn.Parameter(p.detach(), requires_grad=False))
+    return weights_fingerprint(holder, extra=",".join(n for n, _ in params))
 
 
 def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
