@@ -57,22 +57,31 @@ class CrossAttention(nn.Module):
         hidden_states: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        key_mask: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states (B, T, H); key/value (B, Hkv, S, d); key_mask (B, S) bool, True = real token.
+        """hidden_states (B, T, H); key/value (B, Hkv, S, d); key_mask (B, S) bool, True = real token,
+        or None when no key is padding (SDPA can then take its fused flash kernel).
 
         Returns the delta (B, T, H) to add to the residual stream. Rows whose context is entirely
         padding get a zero delta (as if they had no context)."""
         b, t, _ = hidden_states.shape
-        q = self.q_proj(self.norm(hidden_states)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        has_context = key_mask.any(dim=-1)  # (B,)
-        # a row with no real key would softmax over nothing (NaN): let it attend anywhere, then zero it
-        mask = (key_mask | ~has_context[:, None])[:, None, None, :]
-        if key.shape[1] != self.num_heads:
-            rep = self.num_heads // key.shape[1]
-            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
-        out = self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        kv_heads = key.shape[1]
+        group = self.num_heads // kv_heads
+        q = self.q_proj(self.norm(hidden_states)).view(b, t, kv_heads, group, self.head_dim)
+        # grouped-query without copying keys/values: cross-attention has no causal order, so the
+        # `group` query heads that share a key/value head are stacked along the query axis
+        q = q.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, self.head_dim)
+        if key_mask is None:
+            out = F.scaled_dot_product_attention(q, key, value, scale=self.scaling)
+        else:
+            has_context = key_mask.any(dim=-1)  # (B,)
+            # a row with no real key would softmax over nothing (NaN): let it attend anywhere, then zero it
+            mask = (key_mask | ~has_context[:, None])[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
+        out = out.view(b, kv_heads, group, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
+        out = self.o_proj(out)
+        if key_mask is None:
+            return out
         return out * has_context[:, None, None].to(out.dtype)
 
     @classmethod

@@ -248,7 +248,15 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             k, v = block.project_kv(ctx.hidden_states)
             if self._use_kv_cache(ctx):
                 ctx.cross_kv[idx] = (k, v)
-        return block(h, k, v, ctx.attention_mask)
+        return block(h, k, v, self._key_mask(ctx))
+
+    @staticmethod
+    def _key_mask(ctx: ContextStates) -> torch.Tensor | None:
+        """The context's padding mask, or None when nothing is padding (decided once per context:
+        a mask-free SDPA call can use the fused flash kernel, and decoding steps need no sync)."""
+        if "key_mask" not in ctx.cross_kv:
+            ctx.cross_kv["key_mask"] = None if bool(ctx.attention_mask.all()) else ctx.attention_mask
+        return ctx.cross_kv["key_mask"]
 
     def _use_kv_cache(self, ctx: ContextStates) -> bool:
         if torch.is_grad_enabled() and self.training:
@@ -373,10 +381,14 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             self._pending.clear()
 
     def _prepare_context(self, ctx: ContextStates, inputs: torch.Tensor | None) -> ContextStates:
-        if ctx.fingerprint is not None and ctx.fingerprint != self.encoder_fingerprint and not self.training:
-            raise ValueError(
-                f"context was encoded by another encoder ({ctx.fingerprint}, this model: {self.encoder_fingerprint})"
-            )
+        # hashing the encoder's weights costs hundreds of small device reads: check a context once
+        # per model, not at every decoding step
+        if ctx.fingerprint is not None and not self.training and ctx.cross_kv.get("checked_by") != id(self):
+            if ctx.fingerprint != self.encoder_fingerprint:
+                raise ValueError(
+                    f"context was encoded by another encoder ({ctx.fingerprint}, this model: {self.encoder_fingerprint})"
+                )
+            ctx.cross_kv["checked_by"] = id(self)
         if ctx.hidden_states.shape[-1] != self.encoder.hidden_size:
             raise ValueError(f"context width {ctx.hidden_states.shape[-1]} != encoder width {self.encoder.hidden_size}")
         dev = next(iter(self.cross_attn.values())).q_proj.weight.device
