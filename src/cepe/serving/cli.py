@@ -1,0 +1,96 @@
+"""`cepe serve`: load a CEPE model and serve it over HTTP (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+log = logging.getLogger("cepe.serving")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with an encode-once document store",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--decoder", default="smollm2-135m", help="base decoder: asset name, folder or GGUF file")
+    m.add_argument("--encoder", default="minilm-l6", help="context encoder: asset name or folder ('none': decoder-derived)")
+    m.add_argument("--adapter", default="released", help="trained adapter folder, 'released', or 'none' (fresh cross-attention)")
+    m.add_argument("--init", choices=["zero", "copy"], default="zero",
+                   help="cross-attention init with --adapter none ('zero' = exactly the base decoder)")
+    m.add_argument("--chunk-size", type=int, default=256, help="context chunk size with --adapter none")
+    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights dtype (None: as stored)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda when available)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
+    m.add_argument("--model-name", default=None, help="id clients pass as `model` (None: from the adapter)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--store", default="~/.cache/cepe/store", help="document store folder")
+    s.add_argument("--store-budget-mb", type=float, default=1024.0, help="store size; least recently used documents go first")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 429")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queueing included")
+    p.set_defaults(func=serve)
+
+
+def load_model(args: argparse.Namespace):
+    """The `CepeForCausalLM` the flags describe, with both tokenizers attached."""
+    import torch
+
+    from ..model.modeling import CepeForCausalLM
+
+    encoder = None if args.encoder in (None, "", "none") else args.encoder
+    if args.adapter == "none":
+        model = CepeForCausalLM.from_base(args.decoder, encoder, chunk_size=args.chunk_size, cross_attn_init=args.init, dtype=args.dtype)
+    else:
+        model = CepeForCausalLM.from_pretrained(args.adapter, decoder=args.decoder, encoder=encoder, dtype=args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval()
+
+
+def default_model_name(args: argparse.Namespace) -> str:
+    if args.adapter == "released":
+        from ..release import RELEASED_NAME
+
+        return RELEASED_NAME
+    if args.adapter != "none":
+        return Path(args.adapter).resolve().name
+    enc = "decoder" if args.encoder in (None, "", "none") else Path(args.encoder).name
+    return f"cepe-{Path(args.decoder).name}-{enc}-{args.init}"
+
+
+def serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from .app import API_KEY_ENV, ServeConfig, create_app
+    from .metrics import setup_json_logging
+
+    setup_json_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for flag in ("max_queue", "max_batch", "max_tokens", "max_context_tokens", "port"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    config = ServeConfig(
+        model_name=args.model_name or default_model_name(args), store_dir=args.store, store_budget_mb=args.store_budget_mb,
+        max_queue=args.max_queue, max_batch=args.max_batch, max_tokens=args.max_tokens,
+        max_context_tokens=args.max_context_tokens, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
+    )
+    app = create_app(load_model(args), config)
+    if not _is_loopback(args.host) and not config.api_key:
+        log.warning(f"serving on {args.host} without an API key: set {API_KEY_ENV} to require one")
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,394 @@
+"""The model worker: a bounded queue of jobs and one thread that runs the model.
+
+HTTP handlers never touch the model. They turn a request into jobs (one per completion choice,
+or one per document to encode), `submit` them, and read the job's events (text deltas, then
+`done` or `error`) from an asyncio queue. One worker thread takes jobs in arrival order and runs
+them; a full queue refuses new jobs at once (the handler answers 429).
+
+Batching (static): when the worker takes a generation job it also takes every waiting generation
+job in the same context-size bucket (no context, or the same power of two of context tokens), up
+to `max_batch`. Prompts are left-padded into one batch and contexts right-padded into one
+`ContextStates`; each row keeps its own sampling settings, stop strings, token limit, deadline and
+cancellation, and is answered the moment it finishes. Requests that arrive while a batch runs
+wait for the next one (no continuous batching). Encoding jobs run one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..model.context import ContextStates
+
+log = logging.getLogger("cepe.serving")
+
+ENCODE_CHUNKS_PER_PASS = 64  # encoder passes over at most this many chunks (bounds peak memory)
+
+
+class QueueFull(Exception):
+    """The bounded queue has no room (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping (HTTP 503)."""
+
+
+@dataclass
+class Sampling:
+    """Per-request decoding settings (OpenAI semantics: temperature 0 is greedy)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+class Job:
+    """One unit of model work. Events go to `sink` (an asyncio queue of the handler's loop) as
+    `(index, event)`: `("delta", text)`, `("done", payload...)` or `("error", status, message)`."""
+
+    kind = "job"
+
+    def __init__(self, sink: asyncio.Queue, loop: asyncio.AbstractEventLoop, deadline: float, index: int = 0):
+        self.sink, self.loop, self.deadline, self.index = sink, loop, deadline, index
+        self.cancelled = threading.Event()
+        self.finished = False
+        self.enqueued = time.monotonic()
+
+    def emit(self, *event: Any) -> None:
+        if event[0] in ("done", "error"):
+            self.finished = True
+        try:
+            self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, event))
+        except RuntimeError:  # the handler's loop is gone: nobody is listening
+            pass
+
+    def batch_key(self) -> tuple:
+        return (self.kind, id(self))  # batches only with itself
+
+
+class EncodeJob(Job):
+    """Encode documents (strings or encoder token-id lists) into one example's `ContextStates`
+    (1, S, He); `done` carries it."""
+
+    kind = "encode"
+
+    def __init__(self, documents: list, **kw):
+        super().__init__(**kw)
+        self.documents = documents
+
+
+class GenerateJob(Job):
+    """Complete one prompt, cross-attending to `contexts` (encoded `ContextStates`, each (1, S_i, He),
+    joined). `done` carries (finish_reason, usage)."""
+
+    kind = "generate"
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, contexts: list[ContextStates] = (), **kw):
+        super().__init__(**kw)
+        self.prompt_ids, self.sampling, self.contexts = list(prompt_ids), sampling, list(contexts)
+        self.context_tokens = sum(c.num_tokens for c in self.contexts)
+
+    def batch_key(self) -> tuple:
+        # padding every row to the longest context costs compute per row: batch similar sizes only
+        return ("generate", int(self.context_tokens).bit_length())
+
+
+class Scheduler:
+    """A bounded FIFO of jobs served by one worker thread that calls `runner.run(batch)`."""
+
+    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics):
+        self.runner, self.max_queue, self.max_batch, self.metrics = runner, max_queue, max_batch, metrics
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.running = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cepe-model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cv.notify_all()
+        for job in waiting:
+            job.emit("error", 503, "server is shutting down", "server_error")
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs` or none of them."""
+        with self._cv:
+            if self._stopping:
+                raise ShuttingDown("server is shutting down")
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                self.metrics.add("rejected", len(jobs))
+                raise QueueFull(f"queue full ({len(self._waiting)} waiting, limit {self.max_queue}): retry later")
+            self._waiting.extend(jobs)
+            self._cv.notify()
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """The client went away (or its time ran out): drop a waiting job now, or stop a running
+        one at its next token. `reason` names the counter ("cancelled" or "timeouts")."""
+        if job.finished or job.cancelled.is_set():
+            return
+        job.cancelled.set()
+        self.metrics.add(reason)
+        with self._cv:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return
+        job.finished = True
+
+    def _take(self) -> list[Job] | None:
+        with self._cv:
+            while not self._waiting and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            head = self._waiting.popleft()
+            batch, key = [head], head.batch_key()
+            if head.kind == "generate":
+                for job in list(self._waiting):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if job.batch_key() == key:
+                        batch.append(job)
+                        self._waiting.remove(job)
+            self.running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            now, live = time.monotonic(), []
+            for job in batch:
+                if job.cancelled.is_set():
+                    continue
+                if now > job.deadline:
+                    self.metrics.add("timeouts")
+                    job.emit("error", 504, "request timed out while queued", "timeout")
+                else:
+                    live.append(job)
+            try:
+                if live:
+                    self.runner.run(live, should_stop=lambda: self._stopping)
+            except Exception as e:  # keep serving: report to this batch only
+                log.exception("batch failed", extra={"fields": {"event": "batch_error"}})
+                for job in live:
+                    if not job.finished:
+                        job.emit("error", 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+            finally:
+                self.running = 0
+
+
+class _Row:
+    """One sequence of a running batch: decodes its text, applies stop strings, limits, deadline."""
+
+    def __init__(self, job: GenerateJob, runner: "Runner"):
+        self.job, self.runner, self.s = job, runner, job.sampling
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.done = False
+        self.generator = None
+        if self.s.temperature > 0:  # a generator per row: a seeded request samples the same in any batch
+            self.generator = torch.Generator()
+            if self.s.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.s.seed)
+
+    def _text(self) -> str:
+        return self.runner.decode(self.ids)
+
+    def _flush(self, text: str, final: bool) -> None:
+        safe = len(text)
+        if not final:
+            # hold back an incomplete UTF-8 character and anything that may begin a stop string
+            while safe > self.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            for stop in self.s.stop:
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        if safe > self.sent:
+            self.job.emit("delta", text[self.sent : safe])
+            self.sent = safe
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._flush(self._text() if text is None else text, final=True)
+        usage = {"prompt_tokens": len(self.job.prompt_ids), "completion_tokens": len(self.ids),
+                 "context_tokens": self.job.context_tokens}
+        self.job.emit("done", reason, usage)
+
+    def fail(self, status: int, message: str, kind: str) -> None:
+        self.done = True
+        self.job.emit("error", status, message, kind)
+
+    def push(self, token: int) -> None:
+        """Take the token sampled for this row; decide whether the row is finished."""
+        if self.done:
+            return
+        if self.job.cancelled.is_set():  # counted by whoever cancelled it
+            self.done = True
+            return
+        if time.monotonic() > self.job.deadline:
+            self.runner.metrics.add("timeouts")
+            return self.fail(504, f"generation timed out after {len(self.ids)} tokens", "timeout")
+        if token in self.runner.eos_ids and not self.s.ignore_eos:
+            return self.finish("stop")
+        self.ids.append(token)
+        text = self._text()
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.s.stop) if i >= 0]
+        if hits:
+            return self.finish("stop", text[: min(hits)])
+        if len(self.ids) >= self.s.max_tokens:
+            return self.finish("length", text)
+        self._flush(text, final=False)
+
+
+class Runner:
+    """Runs the model for the worker: encodes documents and decodes batches token by token."""
+
+    def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, metrics):
+        self.model, self.tokenizer, self.lock, self.metrics = model, tokenizer, tokenizer_lock, metrics
+        eos = set()
+        for src in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+            eos.update(src if isinstance(src, (list, tuple)) else [src] if src is not None else [])
+        self.eos_ids = eos
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes
+        params = inspect.signature(type(model.decoder).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def run(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False) -> None:
+        if jobs[0].kind == "encode":
+            for job in jobs:
+                job.emit("done", self.encode(job.documents))
+        else:
+            self.generate(jobs, should_stop)
+
+    @torch.no_grad()
+    def encode(self, documents: list) -> ContextStates:
+        """Documents (strings or encoder token-id lists) -> one example's `ContextStates` (1, S, He),
+        encoded in slices of chunks."""
+        t0 = time.perf_counter()
+        with self.lock:
+            ids, mask = self.model.tokenize_context(list(documents))  # (1, N, L)
+        dev = self.model.device
+        parts = [
+            self.model.encode(ids[:, i : i + ENCODE_CHUNKS_PER_PASS].to(dev), mask[:, i : i + ENCODE_CHUNKS_PER_PASS].to(dev))
+            for i in range(0, ids.shape[1], ENCODE_CHUNKS_PER_PASS)
+        ]
+        states = ContextStates.concat(parts) if len(parts) > 1 else parts[0]
+        self.metrics.add("encoded_tokens", int(mask.sum()))
+        self.metrics.add("encode_seconds", time.perf_counter() - t0)
+        return states
+
+    def _batch_context(self, jobs: list[GenerateJob]) -> ContextStates | None:
+        """Each job's contexts joined, then right-padded into one (B, S_max, He) batch."""
+        per_job = [ContextStates.concat(job.contexts) if job.contexts else None for job in jobs]
+        present = [c for c in per_job if c is not None]
+        if not present:
+            return None
+        s_max = max(c.hidden_states.shape[1] for c in present)
+        ref = present[0].hidden_states
+        hidden = ref.new_zeros((len(jobs), s_max, ref.shape[-1]))
+        mask = torch.zeros((len(jobs), s_max), dtype=torch.bool, device=ref.device)
+        for i, c in enumerate(per_job):
+            if c is not None:  # a row without context keeps an all-padding mask: cross-attention adds nothing
+                s = c.hidden_states.shape[1]
+                hidden[i, :s] = c.hidden_states[0]
+                mask[i, :s] = c.attention_mask[0]
+        # on the model's device once, so the cross-attention key/value cache survives every step
+        return ContextStates(hidden, mask, present[0].fingerprint).to(self.model.device)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """logits (B, V) -> next tokens (B,): greedy rows argmax; others temperature + top-p."""
+        tokens = logits.argmax(-1)
+        for i, row in enumerate(rows):
+            if row.done or row.s.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i].float() / row.s.temperature, dim=-1)
+            if row.s.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < row.s.top_p  # the smallest prefix reaching top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+        return tokens
+
+    @torch.no_grad()
+    def generate(self, jobs: list[GenerateJob], should_stop: Callable[[], bool]) -> None:
+        model, dev = self.model, self.model.device
+        rows = [_Row(job, self) for job in jobs]
+        context = self._batch_context(jobs)
+        b, t = len(jobs), max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, t), dtype=torch.long)
+        for i, job in enumerate(jobs):  # left padding: every row's next token lands in the last column
+            ids[i, t - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+            mask[i, t - len(job.prompt_ids):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, context=context, use_cache=True, logits_to_keep=1)
+        t_prefill = time.perf_counter() - t0
+        steps = 0
+        for _ in range(max(j.sampling.max_tokens for j in jobs)):
+            tokens = self._sample(out.logits[:, -1, :], rows)
+            live = sum(not r.done for r in rows)
+            for row, tok in zip(rows, tokens.tolist()):
+                row.push(tok)
+            self.metrics.generated(live)
+            steps += 1
+            if should_stop():
+                for row in rows:
+                    if not row.done:
+                        row.fail(503, "server is shutting down", "server_error")
+            if all(r.done for r in rows):
+                break
+            mask = torch.cat([mask, mask.new_ones((b, 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            cache = out[self.cache_kw] if self.cache_kw in out else out["past_key_values"]
+            out = model(input_ids=tokens[:, None].to(dev), attention_mask=mask, position_ids=positions,
+                        context=context, use_cache=True, **{self.cache_kw: cache})
+        for row in rows:
+            row.finish("length")
+        elapsed = time.perf_counter() - t0
+        self.metrics.add("batches")
+        self.metrics.add("batched_requests", b)
+        self.metrics.add("prompt_tokens", sum(len(j.prompt_ids) for j in jobs))
+        self.metrics.add("context_tokens", sum(j.context_tokens for j in jobs))
+        log.info("batch", extra={"fields": {
+            "event": "batch", "size": b, "prompt_len": t, "context_len": 0 if context is None else context.hidden_states.shape[1],
+            "steps": steps, "prefill_ms": round(1000 * t_prefill, 1), "total_ms": round(1000 * elapsed, 1),
+            "new_tokens": sum(len(r.ids) for r in rows)}})

@@ -1,0 +1,82 @@
+"""The document store on its own: content ids, id validation, LRU eviction, restart."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from cepe import ContextStates
+from cepe.serving.store import DocumentStore, InvalidContextId, parse_id
+
+FP = "enc-test"
+
+
+def states(n: int, seed: int = 0, fingerprint: str = FP) -> ContextStates:
+    g = torch.Generator().manual_seed(seed)
+    return ContextStates(torch.randn(1, n, 6, generator=g), torch.ones(1, n, dtype=torch.bool), fingerprint)
+
+
+def test_content_id_is_per_text_and_encoder(tmp_path):
+    a = DocumentStore(tmp_path / "a", FP, 2**20)
+    b = DocumentStore(tmp_path / "b", "enc-other", 2**20)
+    assert a.content_id("text") == a.content_id("text") != a.content_id("text ")
+    assert a.content_id("text") != b.content_id("text")  # never paired with another encoder's states
+    assert parse_id(a.content_id("text")) == a.content_id("text")[4:]
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "ctx-../../x", "ctx-" + "A" * 64, "ctx-" + "0" * 63, "ctx-" + "0" * 65,
+                                 "0" * 64, "ctx-" + "0" * 63 + "/", "ctx-" + "0" * 63 + "\n", "", None, 7])
+def test_ids_that_could_name_a_path_are_refused(tmp_path, bad):
+    store = DocumentStore(tmp_path, FP, 2**20)
+    with pytest.raises(InvalidContextId):
+        parse_id(bad)
+    with pytest.raises(InvalidContextId):
+        store.get(bad)
+    with pytest.raises(InvalidContextId):
+        store.delete(bad)
+
+
+def test_round_trip_lru_eviction_and_restart(tmp_path):
+    store = DocumentStore(tmp_path, FP, 2**20)
+    ids = [store.content_id(f"doc {i}") for i in range(3)]
+    original = states(10, seed=1)
+    info, evicted = store.put(ids[0], original, name="first")
+    assert evicted == [] and info.tokens == 10 and info.name == "first"
+    torch.testing.assert_close(store.get(ids[0]).hidden_states, original.hidden_states)
+    one = info.bytes
+    store.put(ids[1], states(10, seed=2))
+    time.sleep(0.01)
+    store.get(ids[0])  # now ids[1] is the least recently used
+    assert [d.id for d in store.list()] == [ids[0], ids[1]]
+
+    # restart with a budget for two documents: same order, and the next put evicts ids[1]
+    store = DocumentStore(tmp_path, FP, int(2.5 * one))
+    assert [d.id for d in store.list()] == [ids[0], ids[1]] and store.info(ids[0]).name == "first"
+    _, evicted = store.put(ids[2], states(10, seed=3))
+    assert evicted == [ids[1]] and store.evictions == 1
+    assert ids[1] not in store and not (tmp_path / f"{ids[1][4:]}.safetensors").exists()
+    assert store.total_bytes <= int(2.5 * one)
+    with pytest.raises(KeyError):
+        store.get(ids[1])
+    assert store.delete(ids[0]) and not store.delete(ids[0])
+    assert [d.id for d in store.list()] == [ids[2]]
+
+
+def test_scan_skips_foreign_and_broken_files(tmp_path):
+    store = DocumentStore(tmp_path, FP, 2**20)
+    good = store.content_id("good")
+    store.put(good, states(4))
+    other = DocumentStore(tmp_path, "enc-other", 2**20)  # another encoder, same folder
+    foreign = other.content_id("good")
+    other.put(foreign, states(4, fingerprint="enc-other"))
+    (tmp_path / ("b" * 64 + ".json")).write_text("{not json")
+    (tmp_path / ("c" * 64 + ".json")).write_text('{"fingerprint": "enc-test"}')  # states file missing
+    (tmp_path / "leftover.safetensors.tmp").write_bytes(b"half")
+    reopened = DocumentStore(tmp_path, FP, 2**20)
+    assert [d.id for d in reopened.list()] == [good]
+    assert not (tmp_path / "leftover.safetensors.tmp").exists()
+    assert (tmp_path / f"{foreign[4:]}.safetensors").exists()  # left alone
+    with pytest.raises(ValueError, match="one document"):
+        reopened.put(reopened.content_id("x"), ContextStates(torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool), FP))
