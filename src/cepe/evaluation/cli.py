@@ -1,0 +1,256 @@
+"""`cepe eval ppl|rag-lm|qa|icl|passkey`: argument parsing and the run -> JSON/table/plot flow.
+
+Task logic lives in `cepe.evaluation.tasks.*`; this module only wires files, models and methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = {
+    "ppl": "cepe,truncated,full,streamingllm,replug",
+    "rag-lm": "cepe,truncated,full,replug",
+    "qa": "cepe,truncated,full,replug",
+    "icl": "cepe,truncated,full",
+    "passkey": "cepe,truncated,full,streamingllm,replug",
+}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [_size(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (K suffix allowed), got {text!r}") from None
+
+
+def _size(t: str) -> int:
+    t = t.strip().lower()
+    return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser, task: str) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--decoder", default="smollm2-135m", help="base decoder: asset name or folder (default smollm2-135m)")
+    g.add_argument("--encoder", default="minilm-l6", help="context encoder for --init: asset name, folder, or 'decoder' (decoder-derived)")
+    g.add_argument("--adapter", default=None, help="trained CEPE adapter folder, or 'released'")
+    g.add_argument("--init", choices=["zero", "copy"], default=None, help="build an untrained CEPE model (zero: equals the base decoder)")
+    g.add_argument("--chunk-size", type=int, default=256, help="encoder chunk size for --init (default 256)")
+    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: the checkpoint's (fp32 here)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", default=DEFAULT_METHODS[task],
+                   help=f"comma-separated: cepe, truncated, full, full-linear, full-dynamic, full-yarn, streamingllm, replug (default {DEFAULT_METHODS[task]})")
+    g.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
+    g.add_argument("--stream-window", type=int, default=None, help="StreamingLLM cache: sinks + recent tokens (default: the decoder window D)")
+    g.add_argument("--rope-factor", type=float, default=None, help="RoPE scaling factor for full-<rope> (default: length / trained window, >= 1)")
+    g.add_argument("--replug-weighting", choices=["uniform", "score"], default="uniform", help="REPLUG mixture weights (score: softmax of retrieval scores)")
+    g.add_argument("--batch-size", type=int, default=4, help="REPLUG passes per forward (default 4)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="results/eval", help="folder for <name>.json and <name>.png (default results/eval)")
+    g.add_argument("--name", default=task.replace("-", "_"), help=f"result file stem (default {task.replace('-', '_')})")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate long-context use: ppl, rag-lm, qa, icl, passkey",
+                              description="Evaluate CEPE and its baselines on identical scored tokens.")
+    sub = p.add_subparsers(dest="task", required=True)
+
+    t = sub.add_parser("ppl", help="perplexity of the last W tokens of a D-token window vs. context length E")
+    t.add_argument("--data", nargs="+", required=True, help="folders of .txt/.py/.md, text files, or .jsonl (one document per row)")
+    t.add_argument("--text-key", default="text", help="jsonl field holding the text (default text)")
+    t.add_argument("--decoder-tokens", "-D", type=int, default=512, help="decoder window D (default 512)")
+    t.add_argument("--scored-tokens", "-W", type=int, default=256, help="scored tokens W at the end of the window (default 256)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--total-tokens", type=_ints, default=None, help="total lengths D+E, e.g. 512,1K,2K,4K,8K (default)")
+    g.add_argument("--context-tokens", "-E", type=_ints, default=None, help="context lengths E instead, e.g. 0,512,...,128K")
+    t.add_argument("--windows-per-doc", type=int, default=1, help="windows per document, evenly spread (default 1)")
+    t.add_argument("--max-docs", type=int, default=None)
+    t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
+    _common(t, "ppl")
+    t.set_defaults(func=cmd_ppl)
+
+    t = sub.add_parser("rag-lm", help="retrieval-augmented LM: perplexity vs. number of retrieved passages k")
+    t.add_argument("--data", nargs="+", required=True, help="documents to score (as for ppl)")
+    t.add_argument("--corpus", nargs="+", required=True, help="retrieval corpus: folders/text files/.jsonl, cut into passages")
+    t.add_argument("--text-key", default="text")
+    t.add_argument("--passage-tokens", type=int, default=200, help="decoder tokens per corpus passage (default 200)")
+    t.add_argument("--keep-same-source", action="store_true", help="allow passages from the scored document itself")
+    t.add_argument("--decoder-tokens", "-D", type=int, default=512)
+    t.add_argument("--scored-tokens", "-W", type=int, default=256)
+    t.add_argument("--k", type=_ints, default=[0, 1, 2, 4, 8, 16], help="numbers of passages (default 0,1,2,4,8,16)")
+    t.add_argument("--retriever", choices=["bm25", "dense"], default="bm25")
+    t.add_argument("--dense-encoder", default="minilm-l6", help="dense retriever's encoder (default minilm-l6)")
+    t.add_argument("--windows-per-doc", type=int, default=1)
+    t.add_argument("--max-docs", type=int, default=None)
+    t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (passages in the decoder); default its trained window")
+    _common(t, "rag-lm")
+    t.set_defaults(func=cmd_rag_lm)
+
+    t = sub.add_parser("qa", help="open-domain QA: retrieved passages in decoder + encoder; EM / F1 / substring match")
+    t.add_argument("--questions", required=True, help="jsonl {question, answers, gold_passage?}")
+    t.add_argument("--passages", required=True, help="jsonl {id, text}: the retrieval pool")
+    t.add_argument("--retriever", choices=["bm25", "dense"], default="bm25")
+    t.add_argument("--dense-encoder", default="minilm-l6")
+    t.add_argument("--dense-cache", default=None, help="safetensors file to keep passage embeddings between runs")
+    t.add_argument("--max-passages", type=int, default=None, help="use only the first N passages of the pool (plus gold ones): a smoke-test knob")
+    t.add_argument("--decoder-passages", "-m", type=int, default=1, help="top-m passages in the decoder (default 1)")
+    t.add_argument("--encoder-passages", "-k", type=int, default=10, help="the next k passages in the encoder, one per chunk (default 10)")
+    t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder-only); default its trained window")
+    t.add_argument("--prompt", choices=["plain", "chat"], default="plain", help="prompt format (see docs/evaluation.md)")
+    t.add_argument("--max-new-tokens", type=int, default=16)
+    t.add_argument("--max-examples", type=int, default=100)
+    _common(t, "qa")
+    t.set_defaults(func=cmd_qa)
+
+    t = sub.add_parser("icl", help="in-context classification: demonstrations in encoder + decoder; label by log-likelihood")
+    t.add_argument("--data", required=True, help="jsonl {text, label}")
+    t.add_argument("--demos", type=int, default=32, help="demonstrations in all (default 32)")
+    t.add_argument("--decoder-demos", type=int, default=2, help="of which in the decoder (default 2); CEPE's encoder gets the rest")
+    t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder alone); default its trained window")
+    t.add_argument("--max-examples", type=int, default=100)
+    _common(t, "icl")
+    t.set_defaults(func=cmd_icl)
+
+    t = sub.add_parser("passkey", help="find a number hidden at a depth of long filler text; accuracy vs. length and depth")
+    t.add_argument("--lengths", type=_ints, default=[512, 1024, 2048, 4096], help="prompt lengths in tokens (default 512,1K,2K,4K)")
+    t.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    t.add_argument("--trials", type=int, default=2, help="keys per (length, depth) (default 2)")
+    t.add_argument("--decoder-tokens", "-D", type=int, default=256, help="decoder window D of cepe/truncated (default 256)")
+    t.add_argument("--filler", default=None, help="text file to use as filler (default: the usual repeated sentences)")
+    t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
+    _common(t, "passkey")
+    t.set_defaults(func=cmd_passkey)
+
+
+# ---------------------------------------------------------------------------------- plumbing
+def _setup(args):
+    import torch
+
+    from .methods import build_methods
+    from .models import load_eval_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise ValueError("--methods: give at least one method")
+    em = load_eval_model(args.decoder, args.encoder, args.adapter, args.init, args.chunk_size, args.device, args.dtype)
+    window = args.stream_window or getattr(args, "decoder_tokens", None) or 512
+    # long-text tasks split their one context document into REPLUG passes; passage tasks do not
+    replug_chunk = (args.replug_chunk or args.decoder_tokens) if hasattr(args, "replug_chunk") else None
+    methods = build_methods(
+        names, em.cepe, em.decoder, window=window, num_sinks=args.sinks, rope_factor=args.rope_factor,
+        full_max_length=getattr(args, "full_window", None), replug_weighting=args.replug_weighting,
+        replug_chunk_tokens=replug_chunk, replug_batch_size=args.batch_size, pad_id=em.pad_id,
+    )
+    return em, methods
+
+
+def _config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, plot=None, note: str = "") -> int:
+    from .report import environment, format_table, write_results
+
+    path = write_results(args.out, args.name, task, _config(args), data, result, timer.summary(),
+                         environment(em.device), {"model": em.description})
+    print()
+    print(format_table(header, rows))
+    if note:
+        print(note)
+    print(f"results: {path}")
+    if plot is not None:
+        print(f"plot:    {plot(Path(args.out) / f'{args.name}.png')}")
+    return 0
+
+
+def _tokenized_docs(paths, text_key, tokenizer, max_docs):
+    from .data import load_documents
+    from .tasks.common import encode
+
+    return [(d.name, encode(tokenizer, d.text)) for d in load_documents(paths, text_key, max_docs)]
+
+
+# ---------------------------------------------------------------------------------- tasks
+def cmd_ppl(args) -> int:
+    from .data import fingerprint
+    from .plotting import line_plot
+    from .report import Timer
+    from .tasks import ppl
+
+    if args.context_tokens is not None:
+        contexts = args.context_tokens
+    else:
+        totals = args.total_tokens or [512, 1024, 2048, 4096, 8192]
+        if min(totals) < args.decoder_tokens:
+            raise ValueError(f"--total-tokens {min(totals)} is shorter than the decoder window D={args.decoder_tokens}")
+        contexts = [t - args.decoder_tokens for t in totals]
+    settings = ppl.PplSettings(args.decoder_tokens, args.scored_tokens, contexts, args.windows_per_doc)
+    em, methods = _setup(args)
+    timer = Timer()
+    docs = _tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
+    result = ppl.run(methods, docs, settings, timer, progress=not args.no_progress)
+    header, rows = ppl.table(result, settings)
+    data = {**fingerprint(args.data), "documents": len(docs), "windows": len(result["windows"])}
+    checks = result["checks"]
+    note = "".join(f"check {k}: {v:.3g}\n" for k, v in checks.items()) + (
+        f"does not fit (skipped): {result['does_not_fit']}" if result["does_not_fit"] else "")
+
+    def plot(path):
+        series = {m: [(r["total_tokens"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
+        title = f"{em.description['decoder']}: last {settings.scored_tokens} of a {settings.decoder_tokens}-token window, {len(result['windows'])} windows"
+        return line_plot(path, series, "total tokens read (D + E)", "perplexity", title, logx=True)
+
+    return _finish(args, "ppl", em, header, rows, result, data, timer, plot, note.rstrip())
+
+
+def cmd_rag_lm(args) -> int:
+    raise NotImplementedError
+
+
+def cmd_qa(args) -> int:
+    raise NotImplementedError
+
+
+def cmd_icl(args) -> int:
+    raise NotImplementedError
+
+
+def cmd_passkey(args) -> int:
+    raise NotImplementedError
+
+
+def main(argv=None) -> int:  # `python -m cepe.evaluation.cli ppl ...`
+    parser = argparse.ArgumentParser(prog="cepe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

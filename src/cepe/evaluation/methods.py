@@ -1,0 +1,333 @@
+"""Methods under comparison: CEPE and the paper's baselines, all on the same frozen decoder.
+
+Each method turns a `Request` into next-token log-probabilities for the last positions of
+`request.tokens` (`log_probs`); `scoring.score` is the only place that turns those into scored
+log-likelihoods. Base-decoder methods take `model.decoder` of a CEPE model (or any plain
+`*ForCausalLM`), so CEPE and its baselines share the very same weights.
+
+| method          | decoder input                        | context goes                          |
+|-----------------|--------------------------------------|---------------------------------------|
+| `cepe`          | prefix + tokens                      | encoder, each document its own chunks |
+| `truncated`     | prefix + tokens                      | nowhere                               |
+| `full[-rope]`   | prefix + context + tokens            | the window (RoPE scaled beyond it)    |
+| `streamingllm`  | prefix + context + tokens            | 4 sinks + recent tokens, within window|
+| `replug`        | prefix + document_i + tokens, each i | one pass per document, mixed          |
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from .rope import ROPE_TYPES, native_window, scaled_rope
+from .scoring import Request, greedy_generate
+from .streaming import sink_attention
+
+
+class DoesNotFit(ValueError):
+    """The method cannot read this request (e.g. longer than the decoder's window)."""
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def decoder_log_probs(
+    decoder: nn.Module,
+    ids: torch.Tensor,
+    last: int,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """(B, T) ids -> (B, last, V) float32 log-probs after each of the last `last` positions.
+
+    With left padding (`attention_mask`), positions restart at 0 on each row's first real token."""
+    dev = _device(decoder)
+    ids = ids.to(dev)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(dev)
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=ids, attention_mask=attention_mask, logits_to_keep=last, use_cache=False, **kwargs)
+    return out.logits[:, -last:].float().log_softmax(-1)
+
+
+def _hf_greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids, pad_id: int, **kwargs) -> list[int]:
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id
+    )
+    x = torch.tensor([ids], device=_device(model))
+    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, **kwargs)[0, len(ids) :].tolist()
+    return _cut(out, stop_ids)
+
+
+def _cut(tokens: list[int], stop_ids) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
+
+
+class Method:
+    """Base class. `log_probs(request, last) -> (last, V)`: log-probabilities of the next token
+    after each of the last `last` positions of `request.tokens`."""
+
+    name: str = "method"
+    reads_context: bool = True
+
+    def log_probs(self, request: Request, last: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
+        """Greedy continuation of `request.tokens` (same tokens as `scoring.greedy_generate`)."""
+        return greedy_generate(self, request, max_new_tokens, stop_ids)
+
+    def decoder_length(self, request: Request) -> int:
+        """Longest sequence the decoder runs on for this request."""
+        return len(request.prefix) + len(request.tokens)
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+class Truncated(Method):
+    """The base decoder on its window alone (`prefix + tokens`); the context is ignored."""
+
+    reads_context = False
+
+    def __init__(self, decoder: nn.Module, pad_id: int = 0, name: str = "truncated"):
+        self.decoder, self.pad_id, self.name = decoder, pad_id, name
+
+    def log_probs(self, request: Request, last: int) -> torch.Tensor:
+        ids = torch.tensor([request.prefix + request.tokens])
+        return decoder_log_probs(self.decoder, ids, last)[0]
+
+    def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
+        return _hf_greedy(self.decoder, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id)
+
+
+class Full(Method):
+    """The base decoder with the whole context in its window: `prefix + context + tokens`.
+
+    `rope`: None (plain; raises `DoesNotFit` beyond `max_length`, default the trained window) or
+    `linear` / `dynamic` / `yarn` scaling by `rope_factor` (None: length / trained window, at
+    least 1, so a sequence that fits runs unscaled)."""
+
+    def __init__(self, decoder: nn.Module, rope: str | None = None, rope_factor: float | None = None,
+                 max_length: int | None = None, pad_id: int = 0):
+        if rope is not None and rope not in ROPE_TYPES:
+            raise ValueError(f"rope must be one of {ROPE_TYPES} or None, got {rope!r}")
+        self.decoder, self.rope, self.rope_factor, self.pad_id = decoder, rope, rope_factor, pad_id
+        self.window = native_window(decoder)
+        self.max_length = max_length or (self.window if rope is None else math.inf)
+        self.name = "full" if rope is None else f"full-{rope}"
+
+    def ids(self, request: Request) -> list[int]:
+        ids = request.prefix + request.context_ids() + request.tokens
+        if len(ids) > self.max_length:
+            raise DoesNotFit(f"{self.name}: {len(ids)} tokens exceed its window of {self.max_length}")
+        return ids
+
+    def factor(self, length: int) -> float:
+        return self.rope_factor if self.rope_factor is not None else max(1.0, length / self.window)
+
+    def decoder_length(self, request: Request) -> int:
+        return len(request.prefix) + len(request.context_ids()) + len(request.tokens)
+
+    def log_probs(self, request: Request, last: int) -> torch.Tensor:
+        ids = self.ids(request)
+        with scaled_rope(self.decoder, self.rope, self.factor(len(ids))):
+            return decoder_log_probs(self.decoder, torch.tensor([ids]), last)[0]
+
+    def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
+        ids = self.ids(request)
+        with scaled_rope(self.decoder, self.rope, self.factor(len(ids) + max_new_tokens)):
+            return _hf_greedy(self.decoder, ids, max_new_tokens, stop_ids, self.pad_id)
+
+
+class StreamingLLM(Method):
+    """`prefix + context + tokens` read with `num_sinks` attention sinks and the most recent
+    tokens, at most `window` keys per query (see `streaming.py`: exact, in one pass)."""
+
+    def __init__(self, decoder: nn.Module, window: int, num_sinks: int = 4, block: int = 256):
+        self.decoder, self.window, self.num_sinks, self.block = decoder, window, num_sinks, block
+        self.name = "streamingllm"
+
+    def decoder_length(self, request: Request) -> int:
+        return min(self.window, len(request.prefix) + len(request.context_ids()) + len(request.tokens))
+
+    def log_probs(self, request: Request, last: int) -> torch.Tensor:
+        ids = torch.tensor([request.prefix + request.context_ids() + request.tokens])
+        if ids.shape[1] <= self.window:  # nothing evicted yet: the plain causal decoder
+            return decoder_log_probs(self.decoder, ids, last)[0]
+        with sink_attention(self.decoder, self.num_sinks, self.window, self.block):
+            return decoder_log_probs(self.decoder, ids, last)[0]
+
+
+class _MixtureProcessor(LogitsProcessor):
+    """Replace every row's next-token scores by the weighted mixture of all rows' distributions
+    (REPLUG), so greedy decoding appends the same token to every pass."""
+
+    def __init__(self, log_weights: torch.Tensor):
+        self.log_weights = log_weights
+
+    def __call__(self, input_ids, scores):
+        mix = torch.logsumexp(scores.float().log_softmax(-1) + self.log_weights.to(scores.device)[:, None], dim=0)
+        return mix[None].expand_as(scores).to(scores.dtype)
+
+
+class Replug(Method):
+    """REPLUG (Shi et al., 2023): one pass per context document, `prefix + document_i + tokens`,
+    next-token distributions mixed uniformly or by softmax(retrieval score / temperature).
+
+    `chunk_tokens`: split the context (laid end to end) into chunks of that many tokens, one pass
+    each (long-document LM), instead of one pass per document (retrieved passages). No context:
+    the plain decoder on `prefix + tokens`."""
+
+    def __init__(self, decoder: nn.Module, weighting: str = "uniform", temperature: float = 1.0,
+                 chunk_tokens: int | None = None, batch_size: int = 4, pad_id: int = 0):
+        if weighting not in ("uniform", "score"):
+            raise ValueError(f"REPLUG weighting must be 'uniform' or 'score', got {weighting!r}")
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"REPLUG chunk_tokens must be positive, got {chunk_tokens}")
+        self.decoder, self.weighting, self.temperature = decoder, weighting, temperature
+        self.chunk_tokens, self.batch_size, self.pad_id, self.name = chunk_tokens, batch_size, pad_id, "replug"
+
+    def documents(self, request: Request) -> list[list[int]]:
+        if self.chunk_tokens is None:
+            return [list(d) for d in request.context]
+        ids = request.context_ids()
+        return [ids[i : i + self.chunk_tokens] for i in range(0, len(ids), self.chunk_tokens)]
+
+    def log_weights(self, request: Request) -> torch.Tensor:
+        n = max(1, len(self.documents(request)))
+        if self.weighting == "score" and self.chunk_tokens is None and request.weights is not None and request.context:
+            return torch.tensor(request.weights, dtype=torch.float32).div(self.temperature).log_softmax(-1)
+        return torch.full((n,), -math.log(n))
+
+    def passes(self, request: Request) -> list[list[int]]:
+        docs = self.documents(request) or [[]]
+        return [request.prefix + doc + request.tokens for doc in docs]
+
+    def decoder_length(self, request: Request) -> int:
+        return max(len(p) for p in self.passes(request))
+
+    def log_probs(self, request: Request, last: int) -> torch.Tensor:
+        passes, logw = self.passes(request), self.log_weights(request)
+        mix = None
+        for i in range(0, len(passes), self.batch_size):
+            ids, mask = left_pad(passes[i : i + self.batch_size], self.pad_id)
+            lp = decoder_log_probs(self.decoder, ids, last, attention_mask=mask if mask.eq(0).any() else None)
+            part = torch.logsumexp(lp + logw[i : i + len(ids)].to(lp.device)[:, None, None], dim=0)
+            mix = part if mix is None else torch.logaddexp(mix, part)
+        return mix
+
+    def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
+        ids, mask = left_pad(self.passes(request), self.pad_id)
+        dev = _device(self.decoder)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=sorted(stop_ids) or None, pad_token_id=self.pad_id)
+        procs = LogitsProcessorList([_MixtureProcessor(self.log_weights(request))])
+        out = self.decoder.generate(ids.to(dev), attention_mask=mask.to(dev), generation_config=cfg, logits_processor=procs)
+        return _cut(out[0, ids.shape[1] :].tolist(), stop_ids)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (B, T) ids and mask, padded on the left so every row ends at T."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+class Cepe(Method):
+    """CEPE: `prefix + tokens` in the decoder; each context document is re-tokenized for the
+    encoder and split into its own chunks. `to_encoder` maps a document's decoder ids to the
+    encoder's input (default: decode to text with `model.tokenizer`, which `tokenize_context`
+    re-tokenizes with `model.encoder_tokenizer`; the decoder-derived encoder takes the ids)."""
+
+    def __init__(self, model: Any, to_encoder: Callable[[list[int]], Any] | None = None, pad_id: int = 0):
+        self.model, self.pad_id, self.name = model, pad_id, "cepe"
+        if to_encoder is None:
+            if model.config.encoder_type == "decoder":
+                to_encoder = list
+            elif model.tokenizer is None:
+                raise ValueError("CEPE with an HF encoder needs model.tokenizer to turn decoder ids back into text")
+            else:
+                to_encoder = lambda ids: model.tokenizer.decode(ids)  # noqa: E731
+        self.to_encoder = to_encoder
+        self._cache: tuple[Any, Any] | None = None
+
+    def context(self, request: Request):
+        """Encoded context (`ContextStates`) of the request, reused while the documents repeat."""
+        docs = [d for d in request.context if len(d)]
+        if not docs:
+            return None
+        key = tuple(tuple(d) for d in docs)
+        if self._cache is None or self._cache[0] != key:
+            states = self.model.encode_context([self.to_encoder(list(d)) for d in docs])
+            self._cache = (key, states)
+        return self._cache[1]
+
+    def log_probs(self, request: Request, last: int) -> torch.Tensor:
+        ids = torch.tensor([request.prefix + request.tokens], device=_device(self.model))
+        out = self.model(input_ids=ids, context=self.context(request), logits_to_keep=last, use_cache=False)
+        return out.logits[0, -last:].float().log_softmax(-1)
+
+    def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
+        ctx = self.context(request)
+        return _hf_greedy(self.model, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id,
+                          **({"context": ctx} if ctx is not None else {}))
+
+
+METHODS = ("cepe", "truncated", "full", "full-linear", "full-dynamic", "full-yarn", "streamingllm", "replug")
+
+
+def build_methods(
+    names: list[str],
+    model: Any = None,
+    decoder: nn.Module | None = None,
+    *,
+    window: int = 512,
+    num_sinks: int = 4,
+    rope_factor: float | None = None,
+    full_max_length: int | None = None,
+    replug_weighting: str = "uniform",
+    replug_chunk_tokens: int | None = None,
+    replug_batch_size: int = 4,
+    pad_id: int = 0,
+    to_encoder: Callable | None = None,
+) -> dict[str, Method]:
+    """Methods by name. `model` is a `CepeForCausalLM` (needed for `cepe`); base-decoder methods
+    use `decoder` or else `model.decoder`. `window` is StreamingLLM's cache (default: the
+    decoder window D of the task)."""
+    decoder = decoder if decoder is not None else getattr(model, "decoder", None)
+    if decoder is None:
+        raise ValueError("no decoder: pass a CEPE model or a base decoder")
+    out: dict[str, Method] = {}
+    for name in names:
+        if name == "cepe":
+            if model is None or not hasattr(model, "encode_context"):
+                raise ValueError("method 'cepe' needs a CEPE model (give --adapter DIR or --init zero|copy)")
+            out[name] = Cepe(model, to_encoder=to_encoder, pad_id=pad_id)
+        elif name == "truncated":
+            out[name] = Truncated(decoder, pad_id=pad_id)
+        elif name == "full" or name.startswith("full-"):
+            rope = None if name == "full" else name.split("-", 1)[1]
+            out[name] = Full(decoder, rope=rope, rope_factor=rope_factor, max_length=full_max_length, pad_id=pad_id)
+        elif name == "streamingllm":
+            out[name] = StreamingLLM(decoder, window=window, num_sinks=num_sinks)
+        elif name == "replug":
+            out[name] = Replug(decoder, weighting=replug_weighting, chunk_tokens=replug_chunk_tokens,
+                               batch_size=replug_batch_size, pad_id=pad_id)
+        else:
+            raise ValueError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return out
+

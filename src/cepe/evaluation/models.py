@@ -1,0 +1,70 @@
+"""Load what an evaluation runs on: a CEPE model (trained adapter or fresh init) and its base decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EvalModel:
+    """`cepe` is None when only a base decoder was asked for (baselines only)."""
+
+    decoder: nn.Module
+    tokenizer: Any
+    cepe: Any = None
+    description: dict = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for value in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if value is not None:
+                return int(value)
+        return 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+
+def load_eval_model(
+    decoder: str = "smollm2-135m",
+    encoder: str | None = "minilm-l6",
+    adapter: str | None = None,
+    init: str | None = None,
+    chunk_size: int = 256,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> EvalModel:
+    """`adapter`: a trained adapter folder (or `released`); `init`: `zero` | `copy` builds an
+    untrained CEPE model; neither: the base decoder alone. `encoder="decoder"`: the
+    decoder-derived encoder."""
+    from ..model import CepeForCausalLM
+    from ..model.loading import load_decoder
+
+    if adapter is not None and init is not None:
+        raise ValueError("give either --adapter (a trained adapter) or --init (an untrained model), not both")
+    desc = {"decoder": decoder, "encoder": encoder, "adapter": adapter, "init": init, "chunk_size": chunk_size,
+            "dtype": dtype or "float32"}
+    if adapter is not None:
+        model = CepeForCausalLM.from_pretrained(adapter, decoder=decoder, dtype=dtype)
+        desc["chunk_size"] = model.config.chunk_size
+    elif init is not None:
+        model = CepeForCausalLM.from_base(decoder, None if encoder in (None, "decoder") else encoder,
+                                          chunk_size=chunk_size, cross_attn_init=init, dtype=dtype)
+    else:
+        base, tok = load_decoder(decoder, dtype=dtype)
+        if tok is None:
+            raise ValueError(f"{decoder}: no tokenizer found next to the decoder")
+        base = base.to(device).eval()
+        return EvalModel(base, tok, None, desc)
+    if model.tokenizer is None:
+        raise ValueError(f"{decoder}: no tokenizer found next to the decoder")
+    if dtype is not None:
+        model = model.to(next(model.decoder.parameters()).dtype)
+    model = model.to(device).eval()
+    return EvalModel(model.decoder, model.tokenizer, model, desc)

@@ -1,0 +1,59 @@
+"""PNG plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
+              title: str, logx: bool = False) -> Path:
+    """One line per series name; points are (x, y), missing y (None/NaN) skipped."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, points in series.items():
+        pts = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list, yticks: list,
+             xlabel: str, ylabel: str, title: str) -> Path:
+    """One heatmap (values in [0, 1]) per name, side by side; grids are [row=y][col=x]."""
+    n = len(grids)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 3.2), squeeze=False)
+    im = None
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(xticks)), [str(x) for x in xticks], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(yticks)), [str(y) for y in yticks], fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is not None and math.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,95 @@
+"""The one scoring function every method goes through, and greedy decoding on top of it.
+
+A `Request` lays out one example the same way for every method: decoder tokens that are always
+in the window (`tokens`, ending with the tokens to score), and `context` documents that each
+method reads in its own way (CEPE's encoder, the decoder's window, one REPLUG pass each, ...).
+`score(method, request)` returns the log-likelihood of exactly `tokens[score_start:]`, whatever
+the method: differences between methods come from the method, not from the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .methods import Method
+
+
+@dataclass
+class Request:
+    """One example, in decoder token ids.
+
+    tokens: ids always in the decoder window; the scored ones are `tokens[score_start:]`.
+    context: documents (lists of decoder ids) the method may read besides `tokens`, in reading
+        order (for one long text: the text that precedes `tokens`).
+    prefix: ids placed before the context in layouts that put context in the window (a chat
+        header, an instruction); kept in the window by every method.
+    score_start: first scored index in `tokens` (>= 1: the first token has no prediction).
+    weights: optional retrieval scores of the context documents (REPLUG's weighting).
+    """
+
+    tokens: list[int]
+    context: list[list[int]] = field(default_factory=list)
+    prefix: list[int] = field(default_factory=list)
+    score_start: int = 1
+    weights: list[float] | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.score_start <= len(self.tokens):
+            raise ValueError(f"score_start must be in [1, {len(self.tokens)}], got {self.score_start}")
+        if self.weights is not None and len(self.weights) != len(self.context):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.context)} context documents")
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.tokens) - self.score_start
+
+    def context_ids(self) -> list[int]:
+        """All context documents laid end to end."""
+        return [t for doc in self.context for t in doc]
+
+
+@torch.no_grad()
+def score(method: "Method", request: Request) -> torch.Tensor:
+    """Per-token log-likelihoods (num_scored,) float32 of `request.tokens[score_start:]` under `method`."""
+    n = request.num_scored
+    if n == 0:
+        return torch.zeros(0)
+    # log-probs after each of the last n+1 tokens; the last one predicts past the end: dropped
+    logp = method.log_probs(request, n + 1)[:-1]
+    targets = torch.tensor(request.tokens[request.score_start :], device=logp.device)
+    out = logp.gather(-1, targets[:, None]).squeeze(-1).float().cpu()
+    if out.shape != (n,):
+        raise RuntimeError(f"{method.name}: scored {tuple(out.shape)} positions, expected ({n},)")
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(method: "Method", request: Request, max_new_tokens: int, stop_ids: set[int] | frozenset = frozenset()) -> list[int]:
+    """Greedy continuation of `request.tokens`, one full forward per new token (any method).
+
+    Methods with a cached fast path (`Method.generate`) must return the same tokens."""
+    tokens = list(request.tokens)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        step = replace(request, tokens=tokens, score_start=len(tokens))
+        nxt = int(method.log_probs(step, 1)[0].argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        tokens.append(nxt)
+    return out
+
+
+def label_log_likelihoods(method: "Method", prompt: Request, candidates: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum of log-likelihood, number of tokens) of each candidate continuation of `prompt.tokens`."""
+    out = []
+    for cand in candidates:
+        if not cand:
+            raise ValueError("empty candidate continuation")
+        req = replace(prompt, tokens=list(prompt.tokens) + list(cand), score_start=len(prompt.tokens))
+        out.append((float(score(method, req).sum()), len(cand)))
+    return out

@@ -1,0 +1,195 @@
+"""Each method's log-likelihoods equal a direct computation; all methods score the same positions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_cepe, tiny_decoder
+from eval_helpers import random_ids
+from transformers import AutoModelForCausalLM
+
+from cepe.evaluation.methods import Cepe, DoesNotFit, Full, Replug, StreamingLLM, Truncated, build_methods
+from cepe.evaluation.scoring import Request, greedy_generate, label_log_likelihoods, score
+from cepe.evaluation.streaming import sink_attention
+
+
+def direct(decoder, ids: list[int], first: int) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= first, from one plain forward."""
+    with torch.no_grad():
+        logp = decoder(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return logp[first - 1 : -1].gather(-1, torch.tensor(ids[first:])[:, None]).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def dec():
+    return tiny_decoder("llama")
+
+
+def test_request_validation():
+    with pytest.raises(ValueError, match="score_start"):
+        Request(tokens=[1, 2, 3], score_start=0)
+    with pytest.raises(ValueError, match="weights"):
+        Request(tokens=[1, 2], context=[[3]], weights=[1.0, 2.0])
+
+
+def test_truncated_and_full_equal_direct(dec):
+    ctx, toks = random_ids(20, 1), random_ids(16, 2)
+    req = Request(tokens=toks, context=[ctx[:7], ctx[7:]], prefix=[5, 6], score_start=10)
+    torch.testing.assert_close(score(Truncated(dec), req), direct(dec, [5, 6] + toks, 2 + 10))
+    torch.testing.assert_close(score(Full(dec), req), direct(dec, [5, 6] + ctx + toks, 2 + 20 + 10))
+    with pytest.raises(DoesNotFit):
+        score(Full(dec, max_length=30), req)
+
+
+@pytest.mark.parametrize("rope", ["linear", "dynamic", "yarn"])
+def test_full_rope_scaling_equals_scaled_decoder(dec, rope):
+    """full-<rope> == a decoder built from a config whose rope_parameters carry that scaling."""
+    from cepe.evaluation.rope import scaled_config
+
+    factor = 4.0
+    ref = AutoModelForCausalLM.from_config(scaled_config(dec.config, rope, factor)).eval()
+    ref.load_state_dict(dec.state_dict())
+    toks = random_ids(600, 3)  # longer than the 512 trained positions: dynamic NTK kicks in
+    req = Request(tokens=toks, score_start=590)
+    before = score(Full(dec, max_length=10_000), req)
+    out = score(Full(dec, rope=rope, rope_factor=factor), req)
+    torch.testing.assert_close(out, direct(ref, toks, 590), rtol=1e-4, atol=1e-4)
+    assert (out - before).abs().max() > 1e-5  # the scaling really changed something
+    # the decoder's own RoPE is back afterwards
+    torch.testing.assert_close(score(Full(dec, max_length=10_000), req), before)
+
+
+def test_full_rope_auto_factor_is_plain_within_window(dec):
+    req = Request(tokens=random_ids(40, 4), score_start=30)
+    for rope in ("linear", "yarn"):
+        torch.testing.assert_close(score(Full(dec, rope=rope), req), score(Full(dec), req), rtol=1e-5, atol=1e-5)
+
+
+def test_streamingllm_window_larger_than_text_is_plain_decoder(dec):
+    toks = random_ids(40, 5)
+    req = Request(tokens=toks[20:], context=[toks[:20]], score_start=5)
+    torch.testing.assert_close(score(StreamingLLM(dec, window=64), req), direct(dec, toks, 25))
+    # the sink attention function itself, forced on, is the plain causal decoder too
+    with torch.no_grad(), sink_attention(dec, 4, 64, block=7):
+        forced = dec(input_ids=torch.tensor([toks])).logits
+    torch.testing.assert_close(forced, dec(input_ids=torch.tensor([toks])).logits, rtol=1e-5, atol=1e-5)
+    assert dec.config._attn_implementation == "sdpa"  # restored
+
+
+def test_streamingllm_is_exact_with_renumbered_positions():
+    """With one layer, a token's keys/values depend on its embedding alone, so StreamingLLM at
+    token t equals the plain decoder on [sinks] + [most recent window-4 tokens], renumbered 0.."""
+    one = tiny_decoder("llama", num_hidden_layers=1)
+    toks, window = random_ids(50, 6), 12
+    lp = StreamingLLM(one, window=window, block=5).log_probs(Request(tokens=toks), 20)
+    for t in range(30, 50):
+        kept = toks[:4] + toks[t - (window - 4) + 1 : t + 1]
+        with torch.no_grad():
+            ref = one(input_ids=torch.tensor([kept])).logits[0, -1].float().log_softmax(-1)
+        torch.testing.assert_close(lp[t - 30], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streamingllm_evicts(dec):
+    toks = random_ids(60, 7)
+    req = Request(tokens=toks, score_start=40)
+    assert (score(StreamingLLM(dec, window=16), req) - direct(dec, toks, 40)).abs().max() > 1e-5
+
+
+def test_replug_one_chunk_equals_plain_decoder_with_chunk_prepended(dec):
+    chunk, toks = random_ids(9, 8), random_ids(12, 9)
+    req = Request(tokens=toks, context=[chunk], prefix=[7], score_start=4)
+    torch.testing.assert_close(score(Replug(dec), req), direct(dec, [7] + chunk + toks, 1 + 9 + 4))
+    # no context at all: the plain decoder on the window
+    torch.testing.assert_close(score(Replug(dec), Request(tokens=toks, score_start=4)), direct(dec, toks, 4))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "score"])
+def test_replug_mixture_of_uneven_passes(dec, weighting):
+    docs, toks, scores = [random_ids(5, 10), random_ids(11, 11), random_ids(2, 12)], random_ids(8, 13), [1.0, 3.0, 0.5]
+    req = Request(tokens=toks, context=docs, weights=scores, score_start=3)
+    out = score(Replug(dec, weighting=weighting, batch_size=2), req)  # padding inside a batch, two batches
+    w = torch.tensor(scores).softmax(0) if weighting == "score" else torch.full((3,), 1 / 3)
+    per_pass = torch.stack([direct(dec, d + toks, len(d) + 3) for d in docs])
+    torch.testing.assert_close(out, torch.logsumexp(per_pass + w.log()[:, None], 0), rtol=1e-5, atol=1e-5)
+
+
+def test_replug_chunk_tokens_splits_the_context(dec):
+    ctx, toks = random_ids(10, 14), random_ids(6, 15)
+    req = Request(tokens=toks, context=[ctx], score_start=2)
+    split = score(Replug(dec, chunk_tokens=4), req)  # chunks of 4, 4, 2
+    parts = [ctx[:4], ctx[4:8], ctx[8:]]
+    ref = score(Replug(dec), Request(tokens=toks, context=parts, score_start=2))
+    torch.testing.assert_close(split, ref)
+
+
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_cepe_zero_init_equals_truncated(encoder):
+    model = tiny_cepe("llama", encoder, init="zero")
+    to_encoder = (lambda ids: [i % 80 for i in ids]) if encoder == "bert" else None
+    cepe = Cepe(model, to_encoder=to_encoder)
+    req = Request(tokens=random_ids(14, 16), context=[random_ids(20, 17), random_ids(5, 18)], score_start=6)
+    torch.testing.assert_close(score(cepe, req), score(Truncated(model.decoder), req), rtol=0, atol=0)
+    assert cepe.context(req) is not None  # the encoder did run
+
+
+def test_cepe_copy_init_reads_the_context():
+    model = tiny_cepe("llama", "decoder", init="copy")
+    cepe, trunc = Cepe(model), Truncated(model.decoder)
+    toks = random_ids(14, 19)
+    with_ctx = Request(tokens=toks, context=[random_ids(20, 20)], score_start=6)
+    no_ctx = Request(tokens=toks, score_start=6)
+    assert not torch.allclose(score(cepe, with_ctx), score(trunc, with_ctx))
+    torch.testing.assert_close(score(cepe, no_ctx), score(trunc, no_ctx), rtol=0, atol=0)
+
+
+def test_all_methods_score_the_same_positions():
+    model = tiny_cepe("llama", "decoder", init="zero")
+    names = ["cepe", "truncated", "full", "full-linear", "full-dynamic", "full-yarn", "streamingllm", "replug"]
+    methods = build_methods(names, model, window=16, replug_chunk_tokens=8)
+    toks = random_ids(20, 21)
+    # with context: every method returns exactly the scored positions
+    req = Request(tokens=toks, context=[random_ids(30, 22)], score_start=12)
+    outs = {n: score(m, req) for n, m in methods.items()}
+    assert {tuple(o.shape) for o in outs.values()} == {(8,)}
+    assert all(torch.isfinite(o).all() for o in outs.values())
+    # without context: all the same numbers (the window here fits StreamingLLM's cache)
+    bare = Request(tokens=toks[:16], score_start=9)
+    ref = direct(model.decoder, toks[:16], 9)
+    for name, m in methods.items():
+        torch.testing.assert_close(score(m, bare), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_cached_generation_equals_greedy_loop():
+    model = tiny_cepe("llama", "decoder", init="copy")
+    methods = build_methods(["cepe", "truncated", "full", "replug", "streamingllm"], model, window=24)
+    req = Request(tokens=random_ids(10, 23), context=[random_ids(7, 24), random_ids(4, 25)], weights=[0.2, 0.9])
+    for name, m in methods.items():
+        fast = m.generate(req, 6)
+        slow = greedy_generate(m, req, 6)
+        assert fast == slow, name
+        assert len(slow) == 6
+    stop = {greedy_generate(methods["truncated"], req, 6)[2]}
+    assert methods["truncated"].generate(req, 6, stop) == greedy_generate(methods["truncated"], req, 6, stop)
+    assert len(greedy_generate(methods["truncated"], req, 6, stop)) <= 2
+
+
+def test_label_log_likelihoods(dec):
+    prompt = Request(tokens=random_ids(10, 26))
+    cands = [[5], [6, 7]]
+    out = label_log_likelihoods(Truncated(dec), prompt, cands)
+    for (ll, n), c in zip(out, cands):
+        assert n == len(c)
+        assert ll == pytest.approx(float(direct(dec, prompt.tokens + c, 10).sum()), abs=1e-5)
+
+
+def test_build_methods_errors(dec):
+    with pytest.raises(ValueError, match="needs a CEPE model"):
+        build_methods(["cepe"], None, dec)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_methods(["nope"], None, dec)
+    gemma = tiny_decoder("gemma3")
+    with pytest.raises(ValueError, match="StreamingLLM"):
+        score(StreamingLLM(gemma, window=8), Request(tokens=random_ids(20, 27), score_start=15))
+    _ = copy  # keep import for readers extending the tests
