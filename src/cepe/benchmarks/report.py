@@ -1,0 +1,123 @@
+"""The short printed tables and the plot of a benchmark result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def score_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r["task"] == "score"]
+    if not rows:
+        return ""
+    lines = [f"{'method':<6} {'length':>6} {'time s':>8} {'tok/s':>9} {'peak GB':>8} {'TFLOP/s':>8} {'MFU':>5}  status"]
+    for r in rows:
+        ok = r["status"] == "ok"
+        lines.append(
+            f"{r['method']:<6} {_k(r['total_len']):>6} {_f(r.get('time_s'), '8.3f'):>8} "
+            f"{_f(r.get('tokens_per_s'), '9.0f'):>9} {_f(r.get('peak_gb'), '8.1f'):>8} "
+            f"{_f(r.get('tflops_per_s'), '8.0f'):>8} {_f(r.get('mfu'), '5.0%'):>5}  {'' if ok else r['status']}"
+        )
+    speed = speedups(result)
+    if speed:
+        lines.append("CEPE speed-up over full attention: " + ", ".join(f"{_k(n)} {s:.1f}x" for n, s in speed.items()))
+    return "\n".join(lines)
+
+
+def decode_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r["task"] == "decode"]
+    if not rows:
+        return ""
+    lines = [f"{'method':<6} {'policy':<9} {'used':<9} {'mode':<6} {'length':>6} {'TTFT s':>7} {'ms/tok':>7} "
+             f"{'GB/s':>6} {'peak GB':>8}  status"]
+    for r in rows:
+        ok = r["status"] == "ok"
+        lines.append(
+            f"{r['method']:<6} {r['policy']:<9} {r.get('policy_used') or '-':<9} {r.get('mode') or '-':<6} "
+            f"{_k(r['total_len']):>6} {_f(r.get('ttft_s'), '7.3f'):>7} {_f(r.get('ms_per_token'), '7.2f'):>7} "
+            f"{_f(r.get('gb_per_s'), '6.0f'):>6} {_f(r.get('peak_gb'), '8.1f'):>8}  "
+            f"{'' if ok else r['status'] + ': ' + str(r.get('error'))[:60]}"
+        )
+    return "\n".join(lines)
+
+
+def kernel_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r["task"] == "kernel"]
+    if not rows:
+        return ""
+    lines = [f"cross-attention alone, {_k(rows[0]['context_tokens'])} context tokens, "
+             f"{rows[0]['heads']} query / {rows[0]['kv_heads']} key-value heads",
+             f"{'phase':<8} {'kernel':<10} {'ms':>8} {'TFLOP/s':>8} {'GB/s':>7}  status"]
+    for r in rows:
+        lines.append(f"{r['phase']:<8} {r['backend']:<10} {_f(r.get('time_ms'), '8.3f'):>8} "
+                     f"{_f(r.get('tflops_per_s'), '8.0f'):>8} {_f(r.get('gb_per_s'), '7.0f'):>7}  "
+                     f"{'' if r['status'] == 'ok' else str(r.get('error'))[:60]}")
+    return "\n".join(lines)
+
+
+def speedups(result: dict) -> dict[int, float]:
+    t = {(r["method"], r["total_len"]): r["time_s"] for r in result["rows"] if r["task"] == "score" and r["status"] == "ok"}
+    return {n: t[("full", n)] / t[("cepe", n)] for (m, n) in sorted(t) if m == "cepe" and ("full", n) in t}
+
+
+def summary(result: dict) -> str:
+    env, c = result["env"], result.get("ceilings", {})
+    head = (f"{result['model']['name']} on {env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
+            f"{env['dtype']} | {env['attention']}")
+    if c.get("matmul_tflops"):
+        head += f" | ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s"
+    return "\n".join(x for x in (head, kernel_table(result), score_table(result), decode_table(result)) if x)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Scoring time and peak memory against total length (both methods), and decoding ms/token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    styles = {"cepe": dict(color="tab:blue", marker="o"), "full": dict(color="tab:red", marker="s")}
+    for method, style in styles.items():
+        rs = [r for r in rows if r["task"] == "score" and r["method"] == method]
+        ok = [r for r in rs if r["status"] == "ok"]
+        label = "CEPE" if method == "cepe" else "full attention"
+        axes[0].plot([r["total_len"] for r in ok], [r["time_s"] for r in ok], label=label, **style)
+        mem = [r for r in ok if r.get("peak_gb") is not None]  # none on CPU
+        axes[1].plot([r["total_len"] for r in mem], [r["peak_gb"] for r in mem], label=label, **style)
+        for r in rs:
+            if r["status"] == "oom":
+                for ax in axes[:2]:
+                    ax.axvline(r["total_len"], color=style["color"], ls=":", lw=1)
+                    ax.annotate("OOM", (r["total_len"], 0.5), xycoords=("data", "axes fraction"), color=style["color"])
+    dec = [r for r in rows if r["task"] == "decode" and r["status"] == "ok"]
+    series = sorted({(r["method"], r["policy"], r["mode"]) for r in dec} - {("cepe", "none", "graph"), ("cepe", "none", "eager")})
+    for method, policy, mode in series:
+        rs = [r for r in dec if (r["method"], r["policy"], r["mode"]) == (method, policy, mode)]
+        if method == "cepe":  # without context (length <= D) CEPE is the plain decoder: the series' first point
+            rs = [r for r in dec if (r["method"], r["policy"], r["mode"]) == ("cepe", "none", mode)] + rs
+        name = "full attention" if method == "full" else f"CEPE {policy}"
+        axes[2].plot([r["total_len"] for r in rs], [r["ms_per_token"] for r in rs], marker="o" if method == "cepe" else "s",
+                     ls="-" if mode == "graph" else "--", label=f"{name} ({mode})")
+    titles = ("scoring time (s)", "scoring peak memory (GB)", "decoding ms / token")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("total tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    env = result["env"]
+    fig.suptitle(f"{result['model']['name']} shapes, random weights, {env['dtype']} | {env['device']} | {env['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

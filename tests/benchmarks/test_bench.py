@@ -1,0 +1,235 @@
+"""`cepe bench` on tiny shapes: the benchmark measures the library's model, counts work right,
+decodes what `generate` decodes, and records out of memory as a result."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from cepe import CepeForCausalLM, CrossAttention
+from cepe.benchmarks import flops as F
+from cepe.benchmarks.decoding import DecodeStep, decode_hf, decode_static, prefill
+from cepe.benchmarks.presets import build_encoder, build_model, get_spec
+from cepe.benchmarks.runner import BenchConfig, run_bench
+from cepe.benchmarks.scoring import cepe_scores, full_scores, make_inputs
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-bert"])
+def bench_model(request):
+    return request.param, build_model(get_spec(request.param), "cpu", torch.float32)
+
+
+# ---------------------------------------------------------------- the benchmark measures the real model
+def test_benchmark_model_gives_the_library_models_logits(bench_model, tmp_path):
+    """Save the benchmark's model as an adapter, load it back through the library's own
+    `from_pretrained`, and compare the timed scoring callables with plain library calls."""
+    name, model = bench_model
+    inputs = make_inputs(model, total=64, score=16, device="cpu")
+    spec = get_spec(name)
+    model.save_pretrained(tmp_path)
+    encoder = build_encoder(spec) if spec.encoder_kind == "bidirectional" else None  # "hf": built from the config
+    reloaded = CepeForCausalLM.from_pretrained(tmp_path, decoder=copy.deepcopy(model.decoder), encoder=encoder).eval()
+    with torch.no_grad():
+        library = reloaded(inputs.decoder_ids, context_input_ids=inputs.context_ids,
+                           context_attention_mask=inputs.context_mask).logits
+        base = reloaded.decoder(inputs.full_ids).logits[:, -16:]
+    torch.testing.assert_close(cepe_scores(model, inputs), library, rtol=0, atol=0)
+    torch.testing.assert_close(full_scores(model, inputs), base, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(library, base)  # the context is really used
+    for p in model.parameters():  # random, small, no all-zero matrix (biases start at zero)
+        assert p.dim() == 1 or 0 < p.abs().max() < 10
+
+
+def test_scoring_inputs_cut_one_sequence_two_ways():
+    model = build_model(get_spec("tiny"), "cpu", torch.float32)
+    inputs = make_inputs(model, total=60, score=16, device="cpu")  # 44 context tokens: 6 chunks, last padded
+    assert inputs.context_ids.shape == (1, 6, 8) and inputs.context_tokens == 44
+    torch.testing.assert_close(inputs.context_ids[inputs.context_mask.bool()], inputs.full_ids[0, :44])
+    torch.testing.assert_close(inputs.decoder_ids, inputs.full_ids[:, 44:])
+    with torch.no_grad():  # padding at the end of the last chunk takes the masked path: same as unpadded
+        logits = cepe_scores(model, inputs)
+    assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------- FLOP counter
+def test_flop_counter_against_a_hand_count():
+    dec = F.StackShape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+    enc = F.StackShape(layers=1, hidden=4, heads=1, kv_heads=1, head_dim=4, intermediate=8, vocab=10)
+    cross = F.CrossShape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, encoder_hidden=4)
+    # decoder layer: q,o 2*8*8=128; k,v 2*8*4=64; MLP 3*8*16=384 -> 576 weights
+    assert dec.layer_params == 576
+    full = F.full_scoring_flops(dec, total=6, score=2)
+    assert full["decoder_linear"] == 2 * 6 * 2 * 576  # 13824
+    assert full["decoder_attention"] == 4 * 2 * 4 * 21 * 2  # 21 causal pairs over 6 tokens: 1344
+    assert full["lm_head"] == 2 * 2 * 8 * 10  # 320
+    assert full["total"] == 15488
+    cepe = F.cepe_scoring_flops(dec, enc, cross, total=10, score=2, chunk_len=4)  # 8 context tokens, 2 chunks
+    assert cepe["encoder_linear"] == 2 * 8 * 1 * 160  # encoder layer: 32 + 32 + 96 weights
+    assert cepe["encoder_attention"] == 4 * 1 * 4 * (2 * 16)  # each chunk with itself
+    assert cepe["decoder_linear"] == 2 * 2 * 2 * 576
+    assert cepe["decoder_attention"] == 4 * 2 * 4 * 3 * 2
+    assert cepe["cross_q_o"] == 2 * 2 * 128 * 2
+    assert cepe["cross_k_v"] == 2 * 8 * (2 * 4 * 4) * 2
+    assert cepe["cross_attention"] == 4 * 2 * 4 * 2 * 8 * 2
+    assert cepe["total"] == 11264
+    step = F.decode_step_cost(dec, self_kv_len=6, cross=cross, context=8, policy="cache", dtype_bytes=2)
+    weights = 2 * 576 + 8 * 10
+    assert step["bytes"] == 2 * weights + 6 * (2 * 2 * 1 * 4 * 2) + 2 * 128 * 2 + 2 * 2 * 1 * 4 * 8 * 2
+
+
+def test_flop_counter_matches_torch_count_on_the_real_model():
+    """torch's FlopCounterMode on the real tiny model (math attention, so attention is matmuls):
+    every matmul the analytic count expects, and no other. The math kernel computes the masked
+    upper triangle of causal attention too, so the decoder's self-attention is counted square."""
+    model = build_model(get_spec("tiny"), "cpu", torch.float32)
+    dec, x = F.StackShape.from_config(model.decoder.config), F.CrossShape.from_model(model)
+    enc = F.StackShape.from_config(model.config.encoder_config)
+    inputs = make_inputs(model, total=64, score=16, device="cpu")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        cepe_scores(model, inputs)
+    expected = F.cepe_scoring_flops(dec, enc, x, total=64, score=16, chunk_len=8)
+    square = dec.attention_flops(16 * 16)
+    # older transformers (5.17) compute rotary angles with a tiny matmul: a few hundred FLOPs here
+    rotary = 2 * (dec.head_dim // 2) * 64  # angles for at most 64 positions
+    extra = counter.get_total_flops() - (expected["total"] - expected["decoder_attention"] + square)
+    assert 0 <= extra <= rotary
+    with FlopCounterMode(display=False) as counter:
+        full_scores(model, inputs)
+    expected = F.full_scoring_flops(dec, total=64, score=16)
+    extra = counter.get_total_flops() - (expected["decoder_linear"] + expected["lm_head"])  # SDPA on CPU: uncounted
+    assert 0 <= extra <= rotary
+
+
+# ---------------------------------------------------------------- decoding
+@pytest.mark.parametrize("policy", ["recompute", "cache", "auto"])
+def test_static_cache_decoding_matches_generate(bench_model, policy):
+    _, model = bench_model
+    model.config.kv_policy = policy
+    inputs = make_inputs(model, total=64, score=16, device="cpu")
+    try:
+        ours = decode_static(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 10, mode="eager")
+        theirs = decode_hf(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 10)
+    finally:
+        model.config.kv_policy = "recompute"
+    assert ours["tokens"] == theirs["tokens"] and len(ours["tokens"]) == 10
+    assert ours["policy_used"] == ("recompute" if policy == "recompute" else "cache")
+    full = decode_static(model, "full", inputs.full_ids, None, None, 10, mode="eager")
+    assert full["tokens"] == decode_hf(model, "full", inputs.full_ids, None, None, 10)["tokens"]
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records ops that hand a device value to the host (a CUDA graph cannot capture those)."""
+
+    SYNCS = {"_local_scalar_dense", "is_nonzero", "equal", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method,policy", [("cepe", "recompute"), ("cepe", "cache"), ("full", "recompute")])
+def test_decoding_step_never_syncs_with_the_host(method, policy):
+    model = build_model(get_spec("tiny"), "cpu", torch.float32)
+    model.config.kv_policy = policy
+    inputs = make_inputs(model, total=64, score=16, device="cpu")
+    with torch.no_grad():
+        ctx = model.encode(inputs.context_ids, inputs.context_mask) if method == "cepe" else None
+        state = prefill(model, method, inputs.decoder_ids if method == "cepe" else inputs.full_ids, ctx, 4)
+        step = DecodeStep(model, method, state, 4)
+        with _HostSyncs() as syncs:
+            step()
+            step()
+    assert syncs.seen == []
+    assert step.step.item() == 3 and (step.tokens[:3] >= 0).all()
+
+
+# ---------------------------------------------------------------- cross-attention fast path (core change)
+def test_grouped_query_cross_attention_matches_repeated_keys():
+    torch.manual_seed(0)
+    norm = torch.nn.Identity()
+    block = CrossAttention(hidden_size=16, encoder_hidden_size=12, num_heads=4, num_kv_heads=2, head_dim=4, norm=norm)
+    h, enc = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    k, v = block.project_kv(enc)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    q = block.q_proj(h).view(2, 5, 4, 4).transpose(1, 2)
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # the textbook form
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask[:, None, None, :])
+    ref = block.o_proj(ref.transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(block(h, k, v, mask), ref, rtol=1e-5, atol=1e-6)
+    full = torch.ones(2, 7, dtype=torch.bool)
+    torch.testing.assert_close(block(h, k, v, None), block(h, k, v, full), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the sweep
+def test_out_of_memory_is_a_row_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    import cepe.benchmarks.runner as runner
+
+    real = runner.full_scores
+
+    def tight(model, inputs):
+        if inputs.full_ids.shape[1] >= 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(model, inputs)
+
+    monkeypatch.setattr(runner, "full_scores", tight)
+    cfg = BenchConfig(preset="tiny", lengths=(32, 64, 128), score_tokens=16, new_tokens=4, tasks=("score",),
+                      device="cpu", dtype="float32", reps=1, out=str(tmp_path))
+    result = run_bench(cfg)
+    status = {(r["method"], r["total_len"]): r["status"] for r in result["rows"]}
+    assert status == {("cepe", 32): "ok", ("cepe", 64): "ok", ("cepe", 128): "ok",
+                      ("full", 32): "ok", ("full", 64): "oom", ("full", 128): "skipped"}
+    saved = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert [r["status"] for r in saved["rows"]] == [r["status"] for r in result["rows"]]
+
+
+def test_cli_smoke_writes_json_and_plot(tmp_path, capsys):
+    from cepe.cli import main
+
+    assert main(["bench", "--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert (tmp_path / "bench_tiny.png").stat().st_size > 10_000
+    rows = result["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    for r in rows:  # every row says where and how it was measured
+        for key in ("device", "torch", "transformers", "dtype", "attention", "command"):
+            assert r[key], key
+    assert "bench --smoke" in rows[0]["command"]
+    kinds = {(r["task"], r["method"], r.get("mode")) for r in rows}
+    assert {("score", "cepe", None), ("score", "full", None), ("decode", "cepe", "eager"), ("decode", "full", "hf")} <= kinds
+    assert {r["policy_used"] for r in rows if r["task"] == "decode" and r["method"] == "cepe"} >= {"recompute", "cache"}
+    out = capsys.readouterr().out
+    assert "CEPE speed-up" in out and "ms/tok" in out
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    from cepe.cli import main
+
+    assert main(["bench", "--smoke", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--lengths", "four"])
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    assert main(["bench", "--smoke", "--config", str(bad)]) == 2
+    assert "c.json" in capsys.readouterr().err
+
+
+def test_shapes_from_a_config_json(tmp_path):
+    cfg = get_spec("tiny").decoder.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = get_spec(config_path=str(tmp_path), encoder_layers=1)
+    assert spec.encoder_kind == "decoder" and spec.encoder_layers == 1
+    model = build_model(spec, "cpu", torch.float32)
+    assert model.config.encoder_type == "decoder" and model.decoder.config.hidden_size == 32
