@@ -45,6 +45,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--adapter", default=None, help="trained CEPE adapter folder, or 'released'")
     g.add_argument("--init", choices=["zero", "copy"], default=None, help="build an untrained CEPE model (zero: equals the base decoder)")
     g.add_argument("--chunk-size", type=int, default=256, help="encoder chunk size for --init (default 256)")
+    g.add_argument("--encoder-layers", type=int, default=4, help="depth of the decoder-derived encoder for --init (default 4)")
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: the checkpoint's (fp32 here)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -158,7 +159,8 @@ def _setup(args):
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise ValueError("--methods: give at least one method")
-    em = load_eval_model(args.decoder, args.encoder, args.adapter, args.init, args.chunk_size, args.device, args.dtype)
+    em = load_eval_model(args.decoder, args.encoder, args.adapter, args.init, args.chunk_size, args.device, args.dtype,
+                         encoder_layers=args.encoder_layers)
     window = args.stream_window or getattr(args, "decoder_tokens", None) or 512
     # long-text tasks split their one context document into REPLUG passes; passage tasks do not
     replug_chunk = (args.replug_chunk or args.decoder_tokens) if hasattr(args, "replug_chunk") else None
@@ -189,6 +191,14 @@ def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, 
     return 0
 
 
+def _check_paths(paths) -> None:
+    """Fail on a missing input before the (slow) model load."""
+    from .data import text_files
+
+    for p in paths:
+        text_files(p)
+
+
 def _tokenized_docs(paths, text_key, tokenizer, max_docs):
     from .data import load_documents
     from .tasks.common import encode
@@ -211,6 +221,7 @@ def cmd_ppl(args) -> int:
             raise ValueError(f"--total-tokens {min(totals)} is shorter than the decoder window D={args.decoder_tokens}")
         contexts = [t - args.decoder_tokens for t in totals]
     settings = ppl.PplSettings(args.decoder_tokens, args.scored_tokens, contexts, args.windows_per_doc)
+    _check_paths(args.data)
     em, methods = _setup(args)
     timer = Timer()
     docs = _tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
@@ -230,19 +241,97 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_rag_lm(args) -> int:
-    raise NotImplementedError
+    from .data import fingerprint
+    from .plotting import line_plot
+    from .report import Timer
+    from .retrieval import build_retriever
+    from .tasks import rag_lm
+
+    settings = rag_lm.RagSettings(args.decoder_tokens, args.scored_tokens, args.k, args.windows_per_doc,
+                                  not args.keep_same_source)
+    _check_paths(args.data + args.corpus)
+    em, methods = _setup(args)
+    timer = Timer()
+    docs = _tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
+    corpus = _tokenized_docs(args.corpus, args.text_key, em.tokenizer, None)
+    passages = rag_lm.make_passages(corpus, em.tokenizer, args.passage_tokens)
+    with timer("index"):
+        retriever = build_retriever(args.retriever, [p.text for p in passages],
+                                    **({"encoder": args.dense_encoder, "device": args.device} if args.retriever == "dense" else {}))
+    result = rag_lm.run(methods, docs, passages, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
+    header, rows = rag_lm.table(result, settings)
+    data = {"documents": fingerprint(args.data), "corpus": fingerprint(args.corpus), "windows": len(result["windows"])}
+
+    def plot(path):
+        series = {m: [(r["k"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
+        title = f"{em.description['decoder']}: {args.retriever} top-k passages, last {settings.scored_tokens} of {settings.decoder_tokens} tokens"
+        return line_plot(path, series, "retrieved passages k", "perplexity", title)
+
+    return _finish(args, "rag-lm", em, header, rows, result, data, timer, plot)
 
 
 def cmd_qa(args) -> int:
-    raise NotImplementedError
+    from .data import fingerprint, read_jsonl
+    from .report import Timer
+    from .retrieval import build_retriever
+    from .tasks import qa
+
+    settings = qa.QaSettings(args.decoder_passages, args.encoder_passages, args.prompt, args.max_new_tokens)
+    questions = read_jsonl(args.questions, ("question", "answers"))[: args.max_examples]
+    pool = read_jsonl(args.passages, ("id", "text"))
+    if args.max_passages:
+        gold = {q.get("gold_passage") for q in questions}
+        pool = pool[: args.max_passages] + [p for p in pool[args.max_passages :] if p["id"] in gold]
+    em, methods = _setup(args)
+    timer = Timer()
+    with timer("index"):
+        retriever = build_retriever(args.retriever, [p["text"] for p in pool],
+                                    **({"encoder": args.dense_encoder, "device": args.device, "cache": args.dense_cache}
+                                       if args.retriever == "dense" else {}))
+    result = qa.run(methods, questions, pool, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
+    header, rows = qa.table(result)
+    data = {"questions": fingerprint([args.questions]), "passages": fingerprint([args.passages]),
+            "examples": len(questions), "pool": len(pool)}
+    note = "retrieval recall: " + ", ".join(f"{k} {v:.3f}" for k, v in result["retrieval_recall"].items())
+    return _finish(args, "qa", em, header, rows, result, data, timer, note=note)
 
 
 def cmd_icl(args) -> int:
-    raise NotImplementedError
+    from .data import fingerprint, read_jsonl
+    from .report import Timer
+    from .tasks import icl
+
+    settings = icl.IclSettings(args.demos, args.decoder_demos, args.seed)
+    rows = read_jsonl(args.data, ("text", "label"))
+    em, methods = _setup(args)
+    timer = Timer()
+    result = icl.run(methods, rows, settings, em.tokenizer, args.max_examples, timer, progress=not args.no_progress)
+    header, table_rows = icl.table(result)
+    data = {**fingerprint([args.data]), "examples": result["test_examples"]}
+    note = f"labels: {len(result['labels'])}, majority-class accuracy {result['majority_baseline']:.3f}"
+    return _finish(args, "icl", em, header, table_rows, result, data, timer, note=note)
 
 
 def cmd_passkey(args) -> int:
-    raise NotImplementedError
+    from .data import fingerprint
+    from .plotting import heatmaps
+    from .report import Timer
+    from .tasks import passkey
+
+    settings = passkey.PasskeySettings(args.lengths, args.depths, args.trials, args.decoder_tokens, seed=args.seed)
+    filler = Path(args.filler).read_text(encoding="utf-8") if args.filler else passkey.FILLER
+    em, methods = _setup(args)
+    timer = Timer()
+    result = passkey.run(methods, settings, em.tokenizer, filler, timer, progress=not args.no_progress)
+    header, rows = passkey.table(result)
+    data = fingerprint([args.filler]) if args.filler else {"filler": "built-in"}
+
+    def plot(path):
+        grids = {m: r["grid_depth_by_length"] for m, r in result["methods"].items()}
+        return heatmaps(path, grids, settings.lengths, settings.depths, "prompt tokens", "needle depth",
+                        f"passkey accuracy, decoder window D={settings.decoder_tokens}")
+
+    return _finish(args, "passkey", em, header, rows, result, data, timer, plot)
 
 
 def main(argv=None) -> int:  # `python -m cepe.evaluation.cli ppl ...`

@@ -39,6 +39,7 @@ def load_eval_model(
     chunk_size: int = 256,
     device: str = "cpu",
     dtype: str | None = None,
+    encoder_layers: int = 4,
 ) -> EvalModel:
     """`adapter`: a trained adapter folder (or `released`); `init`: `zero` | `copy` builds an
     untrained CEPE model; neither: the base decoder alone. `encoder="decoder"`: the
@@ -55,7 +56,8 @@ def load_eval_model(
         desc["chunk_size"] = model.config.chunk_size
     elif init is not None:
         model = CepeForCausalLM.from_base(decoder, None if encoder in (None, "decoder") else encoder,
-                                          chunk_size=chunk_size, cross_attn_init=init, dtype=dtype)
+                                          chunk_size=chunk_size, cross_attn_init=init, dtype=dtype,
+                                          encoder_num_layers=encoder_layers)
     else:
         base, tok = load_decoder(decoder, dtype=dtype)
         if tok is None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..methods import Method
+import torch
+
+from ..methods import Full, Method, StreamingLLM
+from ..metrics import perplexity
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -12,23 +15,85 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def fit_documents(docs: list[list[int]], budget: int) -> list[list[int]]:
-    """Keep the documents at the *end* of `docs` (the best ones, given best-last order) whose
-    total length fits `budget` tokens."""
+def stop_ids(tokenizer: Any, newline: bool = True) -> set[int]:
+    """Tokens that end a short answer: end of sequence / turn, and a lone newline token."""
+    out = set()
+    for attr in ("eos_token_id",):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            out.add(v)
+    for special in ("<|im_end|>", "<|endoftext|>"):
+        ids = encode(tokenizer, special)
+        if len(ids) == 1 and special in getattr(tokenizer, "all_special_tokens", []):
+            out.add(ids[0])
+    if newline:
+        ids = encode(tokenizer, "\n")
+        if len(ids) == 1:
+            out.add(ids[0])
+    return out
+
+
+def fitting_prefix(docs: list[list[int]], budget: float) -> list[list[int]]:
+    """The longest run of `docs` from the front whose total length fits `budget` tokens."""
     kept, used = [], 0
-    for doc in reversed(docs):
+    for doc in docs:
         if used + len(doc) > budget:
             break
         kept.append(doc)
         used += len(doc)
-    return kept[::-1]
+    return kept
 
 
-def window_budget(method: Method, used: int) -> int | float:
-    """Tokens left for context in the window of a method that puts context there."""
-    limit = getattr(method, "max_length", None)
-    return float("inf") if limit is None else limit - used
+def window_budget(method: Method, used: int) -> float:
+    """Tokens of context `method` can still place in its window when `used` are taken."""
+    return getattr(method, "max_length", float("inf")) - used
+
+
+def in_window(method: Method) -> bool:
+    """Methods that read the context inside the decoder's own window."""
+    return isinstance(method, (Full, StreamingLLM))
 
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+class NllTable:
+    """Accumulates scored log-likelihoods per (method, setting) into perplexities."""
+
+    def __init__(self):
+        self.cells: dict[str, dict] = {}
+
+    def add(self, method: str, key, logliks: torch.Tensor) -> None:
+        cell = self.cells.setdefault(method, {}).setdefault(key, {"nll": 0.0, "tokens": 0, "window_nll": []})
+        nll = -float(logliks.sum())
+        cell["nll"] += nll
+        cell["tokens"] += logliks.numel()
+        cell["window_nll"].append(round(nll / max(1, logliks.numel()), 5))
+
+    def summary(self, method: str, key) -> dict:
+        cell = self.cells.get(method, {}).get(key, {"nll": 0.0, "tokens": 0, "window_nll": []})
+        return {
+            "ppl": perplexity(cell["nll"], cell["tokens"]),
+            "nll": cell["nll"] / cell["tokens"] if cell["tokens"] else None,
+            "tokens": cell["tokens"],
+            "window_nll": cell["window_nll"],
+        }
+
+
+def score_window(name: str, method: Method, request, done: dict, timer, not_fit: dict, setting):
+    """`score(method, request)`, timed; reused from `done` for methods that ignore the context
+    (the same window scores the same for every setting); None (noted in `not_fit`) when the
+    method cannot read the request."""
+    from ..methods import DoesNotFit
+    from ..scoring import score
+
+    if not method.reads_context and name in done:
+        return done[name]
+    try:
+        with timer(name):
+            done[name] = score(method, request)
+    except DoesNotFit:
+        not_fit.setdefault(name, []).append(setting)
+        return None
+    return done[name]

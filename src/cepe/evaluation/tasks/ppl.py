@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..methods import DoesNotFit, Method
-from ..metrics import perplexity
+from ..methods import Method
 from ..report import Timer
-from ..scoring import Request, score
+from ..scoring import Request
+from .common import NllTable, score_window
 
 
 @dataclass
@@ -61,7 +61,7 @@ def run(methods: dict[str, Method], docs: list[tuple[str, list[int]]], s: PplSet
     skipped = [name for name, ids in docs if len(ids) < need]
     if not windows:
         raise ValueError(f"no document has the {need} tokens a window needs (D={s.decoder_tokens} + E={max(s.context_tokens)})")
-    acc = {m: {e: {"nll": 0.0, "tokens": 0, "window_nll": []} for e in s.context_tokens} for m in methods}
+    table = NllTable()
     not_fit: dict[str, list[int]] = {}
     cepe_diff = 0.0  # CEPE at zero init must equal truncated exactly: a check of the bookkeeping
     bar = tqdm(total=len(windows) * len(s.context_tokens) * len(methods), desc="ppl", disable=not progress)
@@ -72,41 +72,21 @@ def run(methods: dict[str, Method], docs: list[tuple[str, list[int]]], s: PplSet
             scored = {}
             for name, method in methods.items():
                 bar.set_postfix_str(f"{name} E={e}")
-                if not method.reads_context and name in done:
-                    lp = done[name]
-                else:
-                    try:
-                        with timer(name):
-                            lp = score(method, req)
-                    except DoesNotFit:
-                        not_fit.setdefault(name, []).append(e)
-                        bar.update()
-                        continue
-                    done[name] = lp
-                scored[name] = lp
-                cell = acc[name][e]
-                nll = -float(lp.sum())
-                cell["nll"] += nll
-                cell["tokens"] += lp.numel()
-                cell["window_nll"].append(round(nll / lp.numel(), 5))
+                lp = score_window(name, method, req, done, timer, not_fit, e)
+                if lp is not None:
+                    scored[name] = lp
+                    table.add(name, e, lp)
                 bar.update()
             if "cepe" in scored and "truncated" in scored:
                 cepe_diff = max(cepe_diff, float((scored["cepe"] - scored["truncated"]).abs().max()))
     bar.close()
-    results = {}
-    for name in methods:
-        rows = {}
-        for e in s.context_tokens:
-            cell = acc[name][e]
-            rows[str(s.decoder_tokens + e)] = {
-                "context_tokens": e,
-                "total_tokens": s.decoder_tokens + e,
-                "ppl": perplexity(cell["nll"], cell["tokens"]),
-                "nll": cell["nll"] / cell["tokens"] if cell["tokens"] else None,
-                "tokens": cell["tokens"],
-                "window_nll": cell["window_nll"],
-            }
-        results[name] = rows
+    results = {
+        name: {
+            str(s.decoder_tokens + e): {"context_tokens": e, "total_tokens": s.decoder_tokens + e, **table.summary(name, e)}
+            for e in s.context_tokens
+        }
+        for name in methods
+    }
     checks = {}
     if "cepe" in methods and "truncated" in methods:
         checks["cepe_vs_truncated_max_abs_loglik_diff"] = cepe_diff

@@ -1,0 +1,124 @@
+"""In-context classification: N demonstrations, the last few in the decoder's prompt and the rest
+in CEPE's encoder (one demonstration per chunk); the label is the candidate with the highest
+log-likelihood, raw (sum) or length-normalised (mean per token).
+
+Demonstrations are sampled once per seed from the examples not under test, so every test example
+and method sees the same ones. Layouts:
+- `cepe`: encoder gets demos[:N-n], decoder demos[N-n:] + the query;
+- `truncated`: the decoder's n demos + the query only;
+- `full` (decoder alone): as many of the N demos as fit its window (the last ones), + the query;
+- `replug`: one pass per encoder demo, the decoder demos + query after it;
+- `streamingllm`: all N demos + the query, sinks + recent window.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..methods import Cepe, Method, Replug, Truncated
+from ..metrics import accuracy
+from ..report import Timer
+from ..scoring import Request, label_log_likelihoods
+from .common import encode, fitting_prefix, in_window, mean, window_budget
+
+
+@dataclass
+class IclSettings:
+    demos: int = 32  # N
+    decoder_demos: int = 2  # n
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.decoder_demos <= self.demos:
+            raise ValueError(f"decoder demos ({self.decoder_demos}) must be within [0, demos={self.demos}]")
+
+
+def verbalize(label: str) -> str:
+    return str(label).replace("_", " ")
+
+
+def format_query(text: str) -> str:
+    return f"Input: {' '.join(str(text).split())}\nLabel:"
+
+
+def format_demo(row: dict) -> str:
+    return f"{format_query(row['text'])} {verbalize(row['label'])}\n\n"
+
+
+def split(rows: list[dict], s: IclSettings, max_examples: int | None) -> tuple[list[dict], list[dict]]:
+    """(test examples, demonstrations), both from one seeded shuffle."""
+    order = list(range(len(rows)))
+    random.Random(s.seed).shuffle(order)
+    n_test = min(max_examples or len(rows), len(rows) - s.demos)
+    if n_test < 1:
+        raise ValueError(f"{len(rows)} examples cannot give {s.demos} demonstrations and a test set")
+    test = [rows[i] for i in order[:n_test]]
+    demos = [rows[i] for i in order[n_test : n_test + s.demos]]
+    return test, demos
+
+
+def make_request(method: Method, demos: list[list[int]], query: list[int], s: IclSettings,
+                 longest_label: int) -> tuple[Request, int]:
+    """Prompt request (candidates are appended later) and the number of demonstrations read."""
+    n_enc = len(demos) - s.decoder_demos
+    in_decoder = [t for d in demos[n_enc:] for t in d]
+    if isinstance(method, (Cepe, Truncated, Replug)):
+        context = demos[:n_enc] if not isinstance(method, Truncated) else []
+        return Request(tokens=in_decoder + query, context=context, score_start=1), len(context) + s.decoder_demos
+    if in_window(method):
+        # the demonstrations nearest the query are kept first
+        kept = fitting_prefix(demos[::-1], window_budget(method, len(query) + longest_label))[::-1]
+        return Request(tokens=query, context=kept, score_start=1), len(kept)
+    raise ValueError(f"icl: no layout for method {method.name!r}")
+
+
+def run(methods: dict[str, Method], rows: list[dict], s: IclSettings, tokenizer: Any, max_examples: int | None = None,
+        timer: Timer | None = None, progress: bool = True) -> dict:
+    """rows: {text, label}."""
+    timer = timer or Timer()
+    labels = sorted({str(r["label"]) for r in rows})
+    if len(labels) < 2:
+        raise ValueError(f"need at least two labels, found {labels}")
+    test, demos = split(rows, s, max_examples)
+    demo_ids = [encode(tokenizer, format_demo(d)) for d in demos]
+    candidates = [encode(tokenizer, " " + verbalize(label)) for label in labels]
+    longest = max(len(c) for c in candidates)
+    preds = {name: {"raw": [], "normalized": [], "demos_read": []} for name in methods}
+    gold = []
+    for ex in tqdm(test, desc="icl", disable=not progress):
+        gold.append(str(ex["label"]))
+        query = encode(tokenizer, format_query(ex["text"]))
+        for name, method in methods.items():
+            req, n_read = make_request(method, demo_ids, query, s, longest)
+            with timer(name):
+                lls = label_log_likelihoods(method, req, candidates)
+            preds[name]["raw"].append(labels[max(range(len(labels)), key=lambda i: lls[i][0])])
+            preds[name]["normalized"].append(labels[max(range(len(labels)), key=lambda i: lls[i][0] / lls[i][1])])
+            preds[name]["demos_read"].append(n_read)
+    results = {
+        name: {
+            "accuracy_raw": accuracy(p["raw"], gold),
+            "accuracy_normalized": accuracy(p["normalized"], gold),
+            "demos_read": mean(p["demos_read"]),
+        }
+        for name, p in preds.items()
+    }
+    majority = max(labels, key=gold.count)
+    return {
+        "methods": results,
+        "labels": labels,
+        "majority_baseline": accuracy([majority] * len(gold), gold),
+        "test_examples": len(test),
+        "predictions": {name: p["raw"] for name, p in preds.items()},
+        "gold": gold,
+    }
+
+
+def table(result: dict) -> tuple[list[str], list[list]]:
+    header = ["method", "acc (raw)", "acc (length-norm.)", "demos read"]
+    rows = [[n, r["accuracy_raw"], r["accuracy_normalized"], r["demos_read"]] for n, r in result["methods"].items()]
+    return header, rows

@@ -1,0 +1,108 @@
+"""Passkey retrieval: a random number hidden at a chosen depth of long filler text; the model must
+repeat it. Accuracy against prompt length and needle depth.
+
+The prompt is laid out like a `ppl` window: its last D tokens (which end with the question) are
+the decoder window, everything before is context (CEPE's encoder, REPLUG's passes, or the window
+of `full` / `streamingllm`); `truncated` sees the last D tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..methods import DoesNotFit, Method
+from ..metrics import first_integer
+from ..report import Timer
+from ..scoring import Request
+from .common import encode, mean, stop_ids
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+         "Find it and memorize it. I will quiz you about it.\n\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeySettings:
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 2
+    decoder_tokens: int = 256  # D
+    max_new_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"depths must be in [0, 1], got {self.depths}")
+        if self.trials < 1:
+            raise ValueError("trials must be >= 1")
+
+
+def build_prompt(tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER) -> list[int]:
+    """About `length` tokens: intro, filler units with the needle after round(depth * units), question."""
+    intro, needle, question = encode(tokenizer, INTRO), encode(tokenizer, NEEDLE.format(key=key)), encode(tokenizer, QUESTION)
+    unit = encode(tokenizer, filler)
+    if not unit:
+        raise ValueError("empty filler text")
+    units = max(0, (length - len(intro) - len(needle) - len(question)) // len(unit))
+    at = round(depth * units)
+    return intro + unit * at + needle + unit * (units - at) + question
+
+
+def make_request(ids: list[int], s: PasskeySettings) -> Request:
+    d = min(s.decoder_tokens, len(ids))
+    context = [ids[:-d]] if len(ids) > d else []
+    return Request(tokens=ids[-d:], context=context, score_start=1)
+
+
+def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: str = FILLER,
+        timer: Timer | None = None, progress: bool = True) -> dict:
+    timer = timer or Timer()
+    rng = random.Random(s.seed)
+    stops = stop_ids(tokenizer)
+    hits = {name: {(length, depth): [] for length in s.lengths for depth in s.depths} for name in methods}
+    prompt_tokens = {}
+    samples = []
+    total = len(s.lengths) * len(s.depths) * s.trials * len(methods)
+    bar = tqdm(total=total, desc="passkey", disable=not progress)
+    for length in s.lengths:
+        for depth in s.depths:
+            for _ in range(s.trials):
+                key = str(rng.randint(10000, 99999))
+                ids = build_prompt(tokenizer, length, depth, key, filler)
+                prompt_tokens[length] = len(ids)
+                req = make_request(ids, s)
+                for name, method in methods.items():
+                    bar.set_postfix_str(f"{name} L={length} depth={depth}")
+                    try:
+                        with timer(name):
+                            out = method.generate(req, s.max_new_tokens, stops)
+                    except DoesNotFit:
+                        bar.update()
+                        continue
+                    answer = tokenizer.decode(out, skip_special_tokens=True)
+                    hits[name][(length, depth)].append(float(first_integer(answer) == key))
+                    if len(samples) < 20:
+                        samples.append({"method": name, "length": length, "depth": depth, "key": key, "answer": answer})
+                    bar.update()
+    bar.close()
+    results = {}
+    for name in methods:
+        grid = [[mean(hits[name][(length, depth)]) for length in s.lengths] for depth in s.depths]
+        by_length = {str(length): mean([v for depth in s.depths for v in hits[name][(length, depth)]]) for length in s.lengths}
+        results[name] = {"accuracy_by_length": by_length, "grid_depth_by_length": grid,
+                         "accuracy": mean([v for cell in hits[name].values() for v in cell])}
+    return {"methods": results, "lengths": s.lengths, "depths": s.depths,
+            "prompt_tokens": {str(k): v for k, v in prompt_tokens.items()}, "samples": samples}
+
+
+def table(result: dict) -> tuple[list[str], list[list]]:
+    lengths = [str(x) for x in result["lengths"]]
+    header = ["method \\ length"] + lengths + ["all"]
+    rows = [[n, *(r["accuracy_by_length"][x] for x in lengths), r["accuracy"]] for n, r in result["methods"].items()]
+    return header, rows

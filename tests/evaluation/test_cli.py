@@ -1,0 +1,86 @@
+"""`cepe eval <task>` end to end from files: a tiny decoder folder with a character tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_decoder
+from eval_helpers import char_tokenizer, sentence_text
+
+from cepe.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cli")
+    dec = root / "decoder"
+    tiny_decoder("llama").save_pretrained(dec)
+    char_tokenizer().save_pretrained(dec)
+    books = root / "books"
+    books.mkdir()
+    for i in range(3):
+        (books / f"book{i}.txt").write_text(" ".join(sentence_text(10, 100 * i + j) for j in range(12)))
+    passages = [{"id": f"p{i}", "text": sentence_text(10, 200 + i)} for i in range(6)]
+    passages.append({"id": "g", "text": "The capital of Zorbia is Quux."})
+    (root / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+    qs = [{"question": "What is the capital of Zorbia?", "answers": ["Quux"], "gold_passage": "g"}] * 2
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    rows = [{"text": sentence_text(3, 300 + i), "label": ["a_b", "c"][i % 2]} for i in range(20)]
+    (root / "icl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _run(files, tmp_path, task: str, *extra: str) -> dict:
+    common = ["--decoder", str(files / "decoder"), "--encoder", "decoder", "--init", "zero", "--chunk-size", "16", "--encoder-layers", "2",
+              "--device", "cpu", "--out", str(tmp_path), "--name", "r", "--no-progress"]
+    assert main(["eval", task, *extra, *common]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["task"] == task and out["data"] and out["timings"]["total_s"] >= 0
+    assert out["code_version"] and out["environment"]["device"] == "cpu" and out["model"]["init"] == "zero"
+    return out
+
+
+def test_cli_ppl(files, tmp_path, capsys):
+    out = _run(files, tmp_path, "ppl", "--data", str(files / "books"), "-D", "32", "-W", "16",
+               "--total-tokens", "32,64,128", "--max-docs", "2", "--stream-window", "32")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert out["data"]["files"] == 3 and len(out["data"]["sha256"]) == 64 and out["data"]["documents"] == 2
+    assert set(out["results"]["methods"]) == {"cepe", "truncated", "full", "streamingllm", "replug"}
+    assert out["results"]["checks"]["cepe_vs_truncated_max_abs_loglik_diff"] == 0
+    printed = capsys.readouterr().out
+    assert "method \\ total tokens" in printed and "cepe_vs_truncated" in printed
+
+
+def test_cli_rag_lm(files, tmp_path):
+    out = _run(files, tmp_path, "rag-lm", "--data", str(files / "books" / "book0.txt"), "--corpus", str(files / "books"),
+               "-D", "32", "-W", "16", "--k", "0,2", "--passage-tokens", "40")
+    assert (tmp_path / "r.png").is_file()
+    assert out["results"]["methods"]["cepe"]["2"]["passages_read"] == 2
+
+
+def test_cli_qa_icl_passkey(files, tmp_path):
+    out = _run(files, tmp_path, "qa", "--questions", str(files / "questions.jsonl"), "--passages",
+               str(files / "passages.jsonl"), "-m", "1", "-k", "2", "--max-new-tokens", "3", "--max-examples", "1")
+    assert out["data"]["examples"] == 1 and set(out["results"]["methods"]["cepe"]) >= {"em", "f1", "substring"}
+    out = _run(files, tmp_path, "icl", "--data", str(files / "icl.jsonl"), "--demos", "4", "--decoder-demos", "1",
+               "--max-examples", "3")
+    assert out["results"]["test_examples"] == 3
+    out = _run(files, tmp_path, "passkey", "--lengths", "300", "--depths", "0,1", "--trials", "1", "-D", "64",
+               "--methods", "cepe,truncated")
+    assert (tmp_path / "r.png").is_file() and len(out["results"]["methods"]["cepe"]["grid_depth_by_length"]) == 2
+
+
+def test_cli_errors(files, tmp_path, capsys):
+    base = ["--decoder", str(files / "decoder"), "--out", str(tmp_path), "--no-progress"]
+    assert main(["eval", "ppl", "--data", str(tmp_path / "missing"), *base]) == 2
+    assert "missing" in capsys.readouterr().err
+    # a plain decoder (no adapter, no --init) cannot run the cepe method, but runs the baselines
+    assert main(["eval", "ppl", "--data", str(files / "books"), "--methods", "cepe", *base]) == 2
+    assert "CEPE model" in capsys.readouterr().err
+    assert main(["eval", "ppl", "--data", str(files / "books"), "--methods", "truncated,full", "-D", "32", "-W", "8",
+                 "--total-tokens", "32,48", "--name", "plain", *base]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    assert main(["eval", "qa", "--questions", str(bad), "--passages", str(bad), *base]) == 2
+    assert "bad.jsonl:1: missing field" in capsys.readouterr().err

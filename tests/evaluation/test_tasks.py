@@ -1,0 +1,172 @@
+"""Each task end to end on tiny random models (a character tokenizer): shapes, bookkeeping, layouts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_cepe
+from eval_helpers import char_tokenizer, random_ids, sentence_text
+
+from cepe.evaluation.methods import build_methods
+from cepe.evaluation.retrieval import BM25Retriever
+from cepe.evaluation.tasks import icl, passkey, ppl, qa, rag_lm
+from cepe.evaluation.tasks.common import fitting_prefix
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_cepe("llama", "decoder", init="zero")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def test_window_ends_and_fitting():
+    assert ppl.window_ends(100, 40, 1) == [100]
+    assert ppl.window_ends(100, 40, 3) == [40, 70, 100]
+    assert ppl.window_ends(30, 40, 2) == []
+    assert fitting_prefix([[1, 2], [3], [4, 5, 6]], 3) == [[1, 2], [3]]
+    assert fitting_prefix([[1, 2]], 1) == []
+
+
+def test_ppl_run(model):
+    methods = build_methods(["cepe", "truncated", "full", "streamingllm", "replug"], model, window=16,
+                            full_max_length=40, replug_chunk_tokens=16)
+    docs = [("a", random_ids(90, 1)), ("b", random_ids(70, 2)), ("short", random_ids(20, 3))]
+    s = ppl.PplSettings(decoder_tokens=16, scored_tokens=8, context_tokens=[0, 8, 24, 48], windows_per_doc=2)
+    out = ppl.run(methods, docs, s, progress=False)
+    assert out["skipped_documents"] == ["short"]
+    assert len(out["windows"]) == 4
+    assert out["checks"]["cepe_vs_truncated_max_abs_loglik_diff"] == 0.0
+    assert out["does_not_fit"] == {"full": [48]}  # 16 + 48 > 40
+    res = out["methods"]
+    for name in methods:
+        for total, row in res[name].items():
+            if name == "full" and total == "64":
+                assert row["tokens"] == 0 and math.isnan(row["ppl"])
+            else:
+                assert row["tokens"] == 4 * 8 and row["ppl"] > 1
+    # with no context every method is the truncated decoder on the same scored tokens
+    for name in methods:
+        assert res[name]["16"]["ppl"] == pytest.approx(res["truncated"]["16"]["ppl"], rel=1e-5)
+    assert len({res["truncated"][t]["ppl"] for t in res["truncated"]}) == 1
+    header, rows = ppl.table(out, s)
+    assert header[1:] == ["16", "24", "40", "64"] and len(rows) == 5
+
+
+def test_ppl_settings_errors():
+    with pytest.raises(ValueError, match="scored tokens"):
+        ppl.PplSettings(decoder_tokens=8, scored_tokens=8)
+    with pytest.raises(ValueError, match="needs"):
+        ppl.run({}, [("a", [1, 2, 3])], ppl.PplSettings(16, 8, [0]), progress=False)
+
+
+def test_rag_lm_run(model, tok):
+    corpus = [(f"c{i}", tok(sentence_text(40, 10 + i), add_special_tokens=False)["input_ids"]) for i in range(4)]
+    docs = [("c0", tok(sentence_text(30, 10), add_special_tokens=False)["input_ids"])]
+    passages = rag_lm.make_passages(corpus, tok, 50)
+    retriever = BM25Retriever([p.text for p in passages])
+    methods = build_methods(["cepe", "truncated", "full", "replug"], model, full_max_length=48 + 2 * 50 + 10)
+    s = rag_lm.RagSettings(decoder_tokens=48, scored_tokens=16, ks=[0, 1, 3])
+    out = rag_lm.run(methods, docs, passages, retriever, s, tok, progress=False)
+    res = out["methods"]
+    assert res["cepe"]["3"]["passages_read"] == 3 and res["replug"]["3"]["passages_read"] == 3
+    assert res["full"]["3"]["passages_read"] == 2  # only two 50-token passages fit its budget
+    assert res["truncated"]["3"]["passages_read"] == 0
+    # the scored document's own passages are never retrieved
+    assert all(passages[i].source != "c0" for w in out["windows"] for i, _ in w["passages"])
+    assert res["cepe"]["3"]["ppl"] == pytest.approx(res["truncated"]["3"]["ppl"], rel=1e-6)  # zero init
+    for k in ("0", "1", "3"):
+        assert res["full"][k]["tokens"] == 16
+
+
+def _qa_data():
+    passages = [{"id": f"p{i}", "text": sentence_text(12, 30 + i)} for i in range(8)]
+    passages.append({"id": "gold", "text": "The capital of Zorbia is Quux city."})
+    questions = [{"question": "What is the capital of Zorbia?", "answers": ["Quux"], "gold_passage": "gold"},
+                 {"question": "Which river is silver?", "answers": ["apple river"], "gold_passage": "p1"}]
+    return questions, passages
+
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+def test_qa_run(model, tok, style):
+    questions, passages = _qa_data()
+    retriever = BM25Retriever([p["text"] for p in passages])
+    methods = build_methods(["cepe", "truncated", "full", "replug", "streamingllm"], model, window=64,
+                            full_max_length=200)
+    s = qa.QaSettings(decoder_passages=1, encoder_passages=3, prompt=style, max_new_tokens=4)
+    out = qa.run(methods, questions, passages, retriever, s, tok, progress=False)
+    assert out["retrieval_recall"]["gold@1"] == 0.5 or out["retrieval_recall"]["gold@4"] >= 0.5
+    for name, r in out["methods"].items():
+        assert 0 <= r["em"] <= r["substring"] + 1e-9 or r["em"] <= 1
+        assert 0 <= r["f1"] <= 1
+    assert out["methods"]["cepe"]["passages_read"] == 4 and out["methods"]["truncated"]["passages_read"] == 1
+    assert out["methods"]["replug"]["passages_read"] == 4
+    # zero-init CEPE answers exactly like its decoder alone
+    assert [e["cepe"] for e in out["examples"]] == [e["truncated"] for e in out["examples"]]
+    assert len(out["examples"]) == 2
+
+
+def test_qa_prompt_parts(tok):
+    head, tail = qa.prompt_parts(tok, "why?", "chat")
+    assert head.startswith("<user>") and tail.endswith("</user>\n<assistant>") and "Question: why?" in tail
+    assert qa.prompt_parts(tok, " why? ", "plain") == ("", "Question: why?\nAnswer:")
+
+
+def test_icl_run(model, tok):
+    rows = [{"text": sentence_text(4, 50 + i), "label": "pos_thing" if i % 2 else "neg"} for i in range(30)]
+    methods = build_methods(["cepe", "truncated", "full", "replug"], model, full_max_length=150)
+    s = icl.IclSettings(demos=8, decoder_demos=2, seed=1)
+    out = icl.run(methods, rows, s, tok, max_examples=5, progress=False)
+    assert out["test_examples"] == 5 and out["labels"] == ["neg", "pos_thing"]
+    res = out["methods"]
+    assert res["cepe"]["demos_read"] == 8 and res["truncated"]["demos_read"] == 2 and res["replug"]["demos_read"] == 8
+    assert 0 < res["full"]["demos_read"] < 8  # only some fit 150 tokens
+    assert out["predictions"]["cepe"] == out["predictions"]["truncated"]  # zero init
+    for r in res.values():
+        assert 0 <= r["accuracy_raw"] <= 1 and 0 <= r["accuracy_normalized"] <= 1
+    test, demos = icl.split(rows, s, 5)
+    assert not {id(r) for r in test} & {id(r) for r in demos}
+    assert icl.format_demo({"text": "a  b", "label": "x_y"}) == "Input: a b\nLabel: x y\n\n"
+
+
+def test_passkey_prompt_and_run(model, tok):
+    ids = passkey.build_prompt(tok, 700, 0.5, "12345")
+    text = tok.decode(ids)
+    assert "The pass key is 12345" in text and text.endswith("The pass key is")
+    assert abs(len(ids) - 700) < len(passkey.FILLER) + 1
+    early, late = (tok.decode(passkey.build_prompt(tok, 700, d, "12345")).index("12345") for d in (0.0, 1.0))
+    assert early < late
+    methods = build_methods(["cepe", "truncated", "full", "streamingllm", "replug"], model, window=32,
+                            full_max_length=200, replug_chunk_tokens=32)
+    s = passkey.PasskeySettings(lengths=[150, 250], depths=[0.0, 1.0], trials=1, decoder_tokens=32, max_new_tokens=3)
+    out = passkey.run(methods, s, tok, progress=False)
+    for name, r in out["methods"].items():
+        grid = r["grid_depth_by_length"]
+        assert len(grid) == 2 and len(grid[0]) == 2
+        if name == "full":
+            assert math.isnan(grid[0][1])  # 250 tokens do not fit 200
+    header, rows = passkey.table(out)
+    assert header[-1] == "all" and len(rows) == 5
+
+
+def test_cepe_on_hf_encoder_uses_text(tok):
+    """With an HF encoder, CEPE decodes the context to text and re-tokenizes it with the encoder's
+    tokenizer (here the same character tokenizer)."""
+    from cepe.evaluation.methods import Cepe
+
+    model = tiny_cepe("llama", "bert", init="copy")
+    model.tokenizer, model.encoder_tokenizer = tok, tok
+    seen = []
+    cepe = Cepe(model)
+    original = model.tokenize_context
+    model.tokenize_context = lambda docs: (seen.extend(docs), original(docs))[1]
+    from cepe.evaluation.scoring import Request, score
+
+    ctx = tok("some context.", add_special_tokens=False)["input_ids"]
+    out = score(cepe, Request(tokens=random_ids(10, 3, high=70), context=[ctx], score_start=5))
+    assert seen == ["some context."] and torch.isfinite(out).all()
