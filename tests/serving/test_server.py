@@ -224,6 +224,9 @@ def test_bad_input_gets_4xx_json_and_server_keeps_serving(model, tmp_path):
         chunked = h.post("/v1/contexts", content=iter([b'{"text": "', b"y" * 40_000, b"y" * 40_000, b'"}']),
                          headers={"Content-Type": "application/json"})
         expect(413, chunked)  # no Content-Length: counted while read
+        chunked = h.post("/v1/completions", content=iter([b'{"model": "tiny", "prompt": "', b"y" * 60_000, b'"}']),
+                         headers={"Content-Type": "application/json"})
+        expect(413, chunked)
         expect(413, h.post("/v1/contexts", json={"text": "word " * 600}), "document_too_large")
         expect(413, h.post("/v1/completions", json={**ok, "context": ["word " * 600]}), "context_too_large")
         expect(413, h.post("/v1/contexts", files={"file": ("big.txt", b"z" * 60_000)}))

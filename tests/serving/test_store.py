@@ -80,3 +80,19 @@ def test_scan_skips_foreign_and_broken_files(tmp_path):
     assert (tmp_path / f"{foreign[4:]}.safetensors").exists()  # left alone
     with pytest.raises(ValueError, match="one document"):
         reopened.put(reopened.content_id("x"), ContextStates(torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool), FP))
+
+
+def test_recent_documents_stay_in_memory_with_their_cache(tmp_path):
+    one = 10 * 6 * 4 + 10  # hidden states + mask of a 10-token document
+    store = DocumentStore(tmp_path, FP, 2**20, memory_budget_bytes=2 * one + 10)
+    ids = [store.content_id(f"doc {i}") for i in range(3)]
+    for i, doc_id in enumerate(ids):
+        store.put(doc_id, states(10, seed=i))
+    a = store.get(ids[0])
+    assert store.get(ids[0]) is a  # the same object: what the model caches inside it is kept
+    a.cross_kv[0] = (torch.zeros(1, 1, 10, 6), torch.zeros(1, 1, 10, 6))  # as the model would
+    assert store.memory_bytes == one + 2 * 240
+    store.get(ids[1])  # the cached keys/values count: document 0 no longer fits beside document 1
+    assert store.get(ids[0]) is not a
+    cold = DocumentStore(tmp_path, FP, 2**20, memory_budget_bytes=0)
+    assert cold.get(ids[2]) is not cold.get(ids[2]) and cold.memory_bytes == 0

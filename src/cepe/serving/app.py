@@ -52,6 +52,7 @@ class ServeConfig:
     api_key: str | None = None
     store_dir: str = "~/.cache/cepe/store"
     store_budget_mb: float = 1024.0
+    memory_cache_mb: float = 1024.0  # recently used documents kept in memory, with their cross-attention keys/values
     max_queue: int = 64
     max_batch: int = 8
     max_tokens: int = 512
@@ -139,12 +140,15 @@ class Service:
         if self.tokenizer is None or self.encoder_tokenizer is None:
             raise ValueError("serving needs the decoder's and the encoder's tokenizers (model.tokenizer, model.encoder_tokenizer)")
         model.tokenizer, model.encoder_tokenizer = self.tokenizer, self.encoder_tokenizer
+        # documents are chunked before the encoder sees them: their length is not the encoder's limit
+        self.encoder_tokenizer.model_max_length = 10**12
         if config.kv_policy:
             model.config.kv_policy = config.kv_policy
         self.model = model.eval()
         self.metrics = Metrics()
         self.lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
-        self.store = DocumentStore(config.store_dir, model.encoder_fingerprint, int(config.store_budget_mb * 2**20))
+        self.store = DocumentStore(config.store_dir, model.encoder_fingerprint, int(config.store_budget_mb * 2**20),
+                                   int(config.memory_cache_mb * 2**20))
         self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue, config.max_batch, self.metrics)
         width = model.encoder.hidden_size
         self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
@@ -200,8 +204,9 @@ class Service:
         except ShuttingDown as e:
             raise ApiError(503, str(e), "server_error") from e
 
-    def _job_kw(self, sink) -> dict:
-        return {"sink": sink, "loop": asyncio.get_running_loop(), "deadline": time.monotonic() + self.config.timeout_s}
+    def _job_kw(self, sink, deadline: float | None = None) -> dict:
+        deadline = deadline if deadline is not None else time.monotonic() + self.config.timeout_s
+        return {"sink": sink, "loop": asyncio.get_running_loop(), "deadline": deadline}
 
     async def events(self, request: Request, jobs, sink: asyncio.Queue):
         """Yield (index, event) until every job is done. Stops early if the client goes away;
@@ -227,10 +232,10 @@ class Service:
             for j in jobs:
                 self.scheduler.cancel(j)
 
-    async def encode(self, request: Request, documents: list):
+    async def encode(self, request: Request, documents: list, deadline: float | None = None):
         """Run one `EncodeJob` through the queue; returns `ContextStates` (1, S, He)."""
         sink: asyncio.Queue = asyncio.Queue()
-        job = EncodeJob(documents, **self._job_kw(sink))
+        job = EncodeJob(documents, **self._job_kw(sink, deadline))
         self.submit([job])
         async with aclosing(self.events(request, [job], sink)) as events:
             async for _, event in events:
@@ -258,6 +263,7 @@ class Service:
             raise ApiError(400, "at most 4 stop sequences", param="stop")
 
     async def complete(self, request: Request, req, prompts: list[str], max_tokens: int, chat: bool):
+        deadline = time.monotonic() + self.config.timeout_s  # encoding raw context included
         prompt_ids = []
         for text in prompts:
             ids = await asyncio.to_thread(self.prompt_ids, text)
@@ -271,10 +277,10 @@ class Service:
         if req.context:
             contexts, raw = await asyncio.to_thread(self.resolve_context, req.context)
             if raw:  # encoded once for every choice of this request, never stored
-                contexts.append(await self.encode(request, raw))
+                contexts.append(await self.encode(request, raw, deadline))
         sampling = Sampling(max_tokens, req.temperature, req.top_p, tuple(req.stop_list()), req.ignore_eos, req.seed)
         sink: asyncio.Queue = asyncio.Queue()
-        kw = self._job_kw(sink)
+        kw = self._job_kw(sink, deadline)
         jobs = [GenerateJob(ids, sampling, contexts, index=i, **kw)
                 for i, ids in enumerate(ids for ids in prompt_ids for _ in range(req.n))]
         self.submit(jobs)
@@ -385,6 +391,7 @@ class Service:
         return {"queue_depth": self.scheduler.depth, "running_requests": self.scheduler.running,
                 "max_queue": self.config.max_queue, "store_documents": len(self.store),
                 "store_bytes": self.store.total_bytes, "store_budget_bytes": self.store.budget_bytes,
+                "store_memory_bytes": self.store.memory_bytes,
                 "store_evictions": self.store.evictions}
 
 

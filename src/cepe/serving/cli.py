@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--store", default="~/.cache/cepe/store", help="document store folder")
     s.add_argument("--store-budget-mb", type=float, default=1024.0, help="store size; least recently used documents go first")
+    s.add_argument("--memory-cache-mb", type=float, default=1024.0,
+                   help="recently used documents kept in memory with their cross-attention keys/values")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 429")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
@@ -71,14 +73,15 @@ def serve(args: argparse.Namespace) -> int:
     from .app import API_KEY_ENV, ServeConfig, create_app
     from .metrics import setup_json_logging
 
+    for flag in ("max_queue", "max_batch", "max_tokens", "max_context_tokens", "port", "timeout", "max_body_mb"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     setup_json_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for flag in ("max_queue", "max_batch", "max_tokens", "max_context_tokens", "port"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     config = ServeConfig(
         model_name=args.model_name or default_model_name(args), store_dir=args.store, store_budget_mb=args.store_budget_mb,
+        memory_cache_mb=args.memory_cache_mb,
         max_queue=args.max_queue, max_batch=args.max_batch, max_tokens=args.max_tokens,
         max_context_tokens=args.max_context_tokens, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
     )

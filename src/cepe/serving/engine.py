@@ -5,8 +5,8 @@ or one per document to encode), `submit` them, and read the job's events (text d
 `done` or `error`) from an asyncio queue. One worker thread takes jobs in arrival order and runs
 them; a full queue refuses new jobs at once (the handler answers 429).
 
-Batching (static): when the worker takes a generation job it also takes every waiting generation
-job in the same context-size bucket (no context, or the same power of two of context tokens), up
+Batching (static): when the worker takes a generation job (after a 10 ms window for requests that
+arrive together) it also takes every waiting generation job in the same context-size bucket (no context, or the same power of two of context tokens), up
 to `max_batch`. Prompts are left-padded into one batch and contexts right-padded into one
 `ContextStates`; each row keeps its own sampling settings, stop strings, token limit, deadline and
 cancellation, and is answered the moment it finishes. Requests that arrive while a batch runs
@@ -107,8 +107,9 @@ class GenerateJob(Job):
 class Scheduler:
     """A bounded FIFO of jobs served by one worker thread that calls `runner.run(batch)`."""
 
-    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics):
+    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.01):
         self.runner, self.max_queue, self.max_batch, self.metrics = runner, max_queue, max_batch, metrics
+        self.batch_window_s = batch_window_s
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -160,21 +161,27 @@ class Scheduler:
 
     def _take(self) -> list[Job] | None:
         with self._cv:
-            while not self._waiting and not self._stopping:
-                self._cv.wait()
-            if self._stopping:
-                return None
-            head = self._waiting.popleft()
-            batch, key = [head], head.batch_key()
-            if head.kind == "generate":
-                for job in list(self._waiting):
-                    if len(batch) >= self.max_batch:
-                        break
-                    if job.batch_key() == key:
-                        batch.append(job)
-                        self._waiting.remove(job)
+            while True:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return None
+                head = self._waiting[0]
+                # a short window lets requests that arrive together (clients whose previous answers
+                # finished in the same batch) share a batch instead of falling out of step
+                left = head.enqueued + self.batch_window_s - time.monotonic()
+                if head.kind != "generate" or left <= 0 or len(self._compatible(head)) >= self.max_batch:
+                    break
+                self._cv.wait(left)
+            batch = self._compatible(head)[: self.max_batch] if head.kind == "generate" else [head]
+            for job in batch:
+                self._waiting.remove(job)
             self.running = len(batch)
             return batch
+
+    def _compatible(self, head: Job) -> list[Job]:
+        key = head.batch_key()
+        return [job for job in self._waiting if job.batch_key() == key]
 
     def _loop(self) -> None:
         while True:
@@ -315,7 +322,13 @@ class Runner:
         return states
 
     def _batch_context(self, jobs: list[GenerateJob]) -> ContextStates | None:
-        """Each job's contexts joined, then right-padded into one (B, S_max, He) batch."""
+        """Each job's contexts joined, then right-padded into one (B, S_max, He) batch. When every
+        job reads the same single (stored) context, that very object is used: the model caches its
+        cross-attention keys/values inside it, for this batch and for later requests."""
+        first = jobs[0].contexts
+        if len(first) == 1 and all(len(j.contexts) == 1 and j.contexts[0] is first[0] for j in jobs):
+            shared = first[0]
+            return shared if shared.hidden_states.device == self.model.device else shared.to(self.model.device)
         per_job = [ContextStates.concat(job.contexts) if job.contexts else None for job in jobs]
         present = [c for c in per_job if c is not None]
         if not present:

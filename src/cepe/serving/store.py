@@ -8,6 +8,11 @@ client sends can name a path outside the store folder.
 
 Least-recently-used eviction keeps the folder under a byte budget. "Used" is recorded in the
 safetensors file's mtime, so the order survives a restart along with the documents.
+
+Recently used documents also stay in memory (a second, smaller LRU budget) as the very
+`ContextStates` objects the model ran on: the cross-attention keys/values the model caches inside
+them (`kv_policy` "cache"/"auto") then serve the next question too, so a hot document costs
+neither a disk read nor a key/value projection.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ..model.context import ContextStates
 
@@ -72,14 +79,16 @@ class DocumentStore:
     wrote into the same folder are left alone. Thread-safe.
     """
 
-    def __init__(self, root: str | os.PathLike, fingerprint: str, budget_bytes: int):
+    def __init__(self, root: str | os.PathLike, fingerprint: str, budget_bytes: int, memory_budget_bytes: int = 0):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         self.budget_bytes = int(budget_bytes)
+        self.memory_budget_bytes = int(memory_budget_bytes)
         self.evictions = 0
         self._lock = threading.RLock()
         self._docs: OrderedDict[str, DocumentInfo] = OrderedDict()  # least recently used first
+        self._hot: OrderedDict[str, ContextStates] = OrderedDict()  # in memory, least recently used first
         self._scan()
 
     # ------------------------------------------------------------------ paths and ids
@@ -143,21 +152,39 @@ class DocumentStore:
             return self._docs[hex_id]
 
     def get(self, doc_id: str) -> ContextStates:
-        """Load a document's encoded states (1, S, He) and mark it used."""
+        """A document's encoded states (1, S, He), from memory or disk; marks it used. The object
+        may be shared with other requests: treat it as read-only (the model's key/value cache aside)."""
         hex_id = parse_id(doc_id)
         with self._lock:
             info = self._docs.get(hex_id)
             if info is None:
                 raise KeyError(f"no stored context {doc_id}")
             states_path, _ = self._paths(hex_id)
-            states = ContextStates.load(states_path)
+            states = self._hot.get(hex_id)
+            if states is None:
+                states = ContextStates.load(states_path)
+                if states.fingerprint != self.fingerprint:
+                    raise ValueError(f"{states_path}: encoded by another encoder ({states.fingerprint})")
+            self._keep_hot(hex_id, states)
             now = time.time()
             os.utime(states_path, (now, now))
             info.last_used = now
             self._docs.move_to_end(hex_id)
-        if states.fingerprint != self.fingerprint:
-            raise ValueError(f"{states_path}: encoded by another encoder ({states.fingerprint})")
         return states
+
+    @property
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return sum(_nbytes(s) for s in self._hot.values())
+
+    def _keep_hot(self, hex_id: str, states: ContextStates) -> None:
+        if self.memory_budget_bytes <= 0:
+            return
+        self._hot[hex_id] = states
+        self._hot.move_to_end(hex_id)
+        # sizes are re-read each time: the model adds cached keys/values to these objects as it uses them
+        while len(self._hot) > 1 and sum(_nbytes(s) for s in self._hot.values()) > self.memory_budget_bytes:
+            self._hot.popitem(last=False)
 
     # ------------------------------------------------------------------ changes
     def put(self, doc_id: str, states: ContextStates, name: str | None = None) -> tuple[DocumentInfo, list[str]]:
@@ -179,6 +206,7 @@ class DocumentStore:
             info = DocumentInfo(doc_id, name, states.num_tokens, states_path.stat().st_size, now, now)
             self._docs[hex_id] = info
             self._docs.move_to_end(hex_id)
+            self._hot.pop(hex_id, None)  # the next get loads the padding-free copy just written
             evicted = []
             while sum(d.bytes for d in self._docs.values()) > self.budget_bytes and len(self._docs) > 1:
                 old = next(iter(self._docs))
@@ -199,5 +227,17 @@ class DocumentStore:
 
     def _remove(self, hex_id: str) -> None:
         self._docs.pop(hex_id, None)
+        self._hot.pop(hex_id, None)
         for p in self._paths(hex_id):
             p.unlink(missing_ok=True)
+
+
+def _nbytes(obj) -> int:
+    """Bytes held by a `ContextStates`, including whatever the model cached inside it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, ContextStates):
+        return _nbytes(obj.hidden_states) + _nbytes(obj.attention_mask) + _nbytes(list(obj.cross_kv.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(x) for x in obj)
+    return 0

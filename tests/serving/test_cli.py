@@ -1,0 +1,69 @@
+"""`cepe serve` on the command line; with the real assets, the real server process end to end."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from cepe import assets
+from cepe.cli import build_parser, main
+from cepe.serving.cli import default_model_name
+
+
+def test_parser_defaults_are_loopback_and_bounded():
+    args = build_parser().parse_args(["serve", "--adapter", "none"])
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.func.__name__ == "serve"
+    assert args.max_queue > 0 and args.max_tokens > 0 and args.timeout > 0
+    assert default_model_name(args) == "cepe-smollm2-135m-minilm-l6-zero"
+    assert default_model_name(build_parser().parse_args(["serve", "--adapter", "/x/my-adapter"])) == "my-adapter"
+
+
+def test_bad_flags_fail_before_loading_anything(capsys):
+    assert main(["serve", "--adapter", "none", "--max-queue", "0"]) == 2
+    assert "--max-queue must be positive" in capsys.readouterr().err
+    assert main(["serve", "--adapter", "/no/such/adapter"]) == 2
+
+
+@pytest.mark.real
+def test_real_server_process_answers_with_a_stored_document(tmp_path):
+    if not (assets.is_installed("smollm2-135m") and assets.is_installed("minilm-l6")):
+        pytest.skip("assets not installed: run `cepe assets`")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "cepe.cli", "serve", "--adapter", "none", "--init", "zero", "--port", str(port),
+           "--store", str(tmp_path / "store"), "--threads", "1", "--max-tokens", "8"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.5)
+        doc = httpx.post(f"{url}/v1/contexts", json={"text": "Emma Woodhouse, handsome, clever, and rich."}, timeout=60).json()
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        out = oa.chat.completions.create(model="cepe-smollm2-135m-minilm-l6-zero", max_tokens=4, temperature=0,
+                                         messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                         extra_body={"context": [doc["id"]]})
+        assert out.choices[0].message.content.strip() and out.usage.completion_tokens <= 4
+        with pytest.raises(openai.BadRequestError):
+            oa.completions.create(model="cepe-smollm2-135m-minilm-l6-zero", prompt="x", max_tokens=9)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    lines = (tmp_path / "server.log").read_text().splitlines()
+    assert any('"event": "request"' in line for line in lines)  # structured logs
