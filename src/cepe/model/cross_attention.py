@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class CrossAttention(nn.Module):
@@ -71,12 +73,12 @@ class CrossAttention(nn.Module):
         # grouped-query without copying keys/values: cross-attention has no causal order, so the
         # `group` query heads that share a key/value head are stacked along the query axis
         q = q.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, self.head_dim)
-        if key_mask is None:
-            out = F.scaled_dot_product_attention(q, key, value, scale=self.scaling)
-        else:
+        mask = None
+        if key_mask is not None:
             has_context = key_mask.any(dim=-1)  # (B,)
             # a row with no real key would softmax over nothing (NaN): let it attend anywhere, then zero it
             mask = (key_mask | ~has_context[:, None])[:, None, None, :]
+        with _decode_kernels() if q.is_cuda and q.shape[-2] <= 64 else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
         out = out.view(b, kv_heads, group, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = self.o_proj(out)
@@ -124,6 +126,17 @@ class CrossAttention(nn.Module):
         for p in block.parameters():
             p.requires_grad_(True)
         return block
+
+
+def _decode_kernels():
+    """SDPA kernel order for a few queries against many keys (a decoding step): FlashAttention
+    first, which splits the keys across the whole chip. PyTorch 2.11's own pick on an H100 (cuDNN)
+    reads them about 7x slower there (docs/bench/NOTES.md); long query blocks keep PyTorch's choice."""
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch < 2.6: no priority order; leave cuDNN out instead
+        return sdpa_kernel(order[:2] + order[3:])
 
 
 def layer_heads(attn: nn.Module, w_q: torch.Tensor) -> int:
