@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cross-kv-heads", type=int, help="cross-attention key/value heads (grouped-query)")
     g.add_argument("--device", default="cuda")
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    g.add_argument("--compile-encoder", action="store_true", help="torch.compile the context encoder")
     g.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient", "math"),
                    help="preferred scaled-dot-product-attention kernel")
     g = p.add_argument_group("what to measure")

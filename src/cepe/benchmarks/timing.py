@@ -39,19 +39,19 @@ class Timer:
         self.device = device
 
     def __call__(self, fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> tuple[list[float], object]:
+        """Seconds of each of `reps` calls after `warmup` untimed ones, and the last output."""
         out = None
         for _ in range(warmup):
             out = fn()
-            del out
+            sync(self.device)
         times = []
         for _ in range(reps):
+            out = None  # free the previous output before the next call
             sync(self.device)
             t0 = time.perf_counter()
             out = fn()
             sync(self.device)
             times.append(time.perf_counter() - t0)
-            if _ < reps - 1:
-                del out
         return times, out
 
 
