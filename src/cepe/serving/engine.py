@@ -5,12 +5,14 @@ or one per document to encode), `submit` them, and read the job's events (text d
 `done` or `error`) from an asyncio queue. One worker thread takes jobs in arrival order and runs
 them; a full queue refuses new jobs at once (the handler answers 429).
 
-Batching (static): when the worker takes a generation job (after a 10 ms window for requests that
-arrive together) it also takes every waiting generation job in the same context-size bucket (no context, or the same power of two of context tokens), up
+Batching (static): when the worker takes a generation job it also takes every waiting generation
+job in the same context-size bucket (no context, or the same power of two of context tokens), up
 to `max_batch`. Prompts are left-padded into one batch and contexts right-padded into one
 `ContextStates`; each row keeps its own sampling settings, stop strings, token limit, deadline and
 cancellation, and is answered the moment it finishes. Requests that arrive while a batch runs
-wait for the next one (no continuous batching). Encoding jobs run one at a time.
+wait for the next one (no continuous batching); after a batch, the worker waits up to 50 ms for
+its clients' next requests, so clients answered together keep sharing batches. Encoding jobs run
+one at a time.
 """
 
 from __future__ import annotations
@@ -107,9 +109,11 @@ class GenerateJob(Job):
 class Scheduler:
     """A bounded FIFO of jobs served by one worker thread that calls `runner.run(batch)`."""
 
-    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.01):
+    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05):
         self.runner, self.max_queue, self.max_batch, self.metrics = runner, max_queue, max_batch, metrics
         self.batch_window_s = batch_window_s
+        self._last_end = 0.0  # when the last generation batch finished
+        self._expected = 1  # jobs likely waiting by then: that batch's clients come back, plus those queued
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -167,10 +171,10 @@ class Scheduler:
                 if self._stopping:
                     return None
                 head = self._waiting[0]
-                # a short window lets requests that arrive together (clients whose previous answers
-                # finished in the same batch) share a batch instead of falling out of step
-                left = head.enqueued + self.batch_window_s - time.monotonic()
-                if head.kind != "generate" or left <= 0 or len(self._compatible(head)) >= self.max_batch:
+                # clients answered by the last batch usually ask again within milliseconds: give them
+                # a short window to join, or groups of clients fall out of step and never share a batch
+                left = self._last_end + self.batch_window_s - time.monotonic()
+                if head.kind != "generate" or left <= 0 or len(self._compatible(head)) >= self._expected:
                     break
                 self._cv.wait(left)
             batch = self._compatible(head)[: self.max_batch] if head.kind == "generate" else [head]
@@ -206,6 +210,10 @@ class Scheduler:
                     if not job.finished:
                         job.emit("error", 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
             finally:
+                if batch[0].kind == "generate":
+                    with self._cv:
+                        self._expected = min(self.max_batch, len(batch) + len(self._waiting))
+                        self._last_end = time.monotonic()
                 self.running = 0
 
 

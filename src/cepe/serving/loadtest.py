@@ -20,9 +20,11 @@ import glob
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,19 +72,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, out: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
+    """`cepe serve` in a subprocess, its store and log in `work`."""
     port = free_port()
     cmd = [sys.executable, "-m", "cepe.cli", "serve", "--decoder", args.decoder, "--encoder", args.encoder,
-           "--adapter", args.adapter, "--init", args.init, "--port", str(port), "--store", str(out / "store"),
+           "--adapter", args.adapter, "--init", args.init, "--port", str(port), "--store", str(work / "store"),
            "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", "256",
            "--max-context-tokens", str(max(65536, 2 * args.doc_tokens)), "--timeout", "900"]
-    log = open(out / "server.log", "w")
+    log = open(work / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: see {out / 'server.log'}")
+            raise RuntimeError(f"server exited with {proc.returncode}: see {work / 'server.log'}")
         try:
             if httpx.get(f"{url}/health", timeout=2, headers=_auth(args)).status_code == 200:
                 return proc, url
@@ -179,7 +182,7 @@ async def concurrency_level(http, model, clients: int, total: int, context: list
             "loadavg_1m_start": load0, "loadavg_1m_end": os.getloadavg()[0]}
 
 
-async def measure(args, url: str, out: Path) -> dict:
+async def measure(args, url: str) -> dict:
     passage, doc, book = document_slices(args)
     levels = [max(args.requests, 2 * c) for c in args.concurrency]
     total = sum(levels) + 2 * args.questions + 3 + 3
@@ -221,9 +224,11 @@ async def measure(args, url: str, out: Path) -> dict:
 
         # concurrency: everyone asks about one stored passage
         pid = (await http.post("/v1/contexts", json={"text": passage, "name": "passage"})).json()["id"]
-        for _ in range(3):  # warm-up: first use of the passage and a small batch
-            await ask(http, model, QUESTIONS[0], [pid], args.max_tokens)
-            bar.update(1)
+        # warm-up (not measured): the passage's first use, then one full batch (new batch shapes
+        # and the passage's keys/values for that batch size are computed once)
+        await ask(http, model, QUESTIONS[0], [pid], args.max_tokens)
+        await asyncio.gather(*(ask(http, model, QUESTIONS[0], [pid], args.max_tokens) for _ in range(args.max_batch)))
+        bar.update(3)
         rows = [await concurrency_level(http, model, c, n, [pid], args.max_tokens, bar) for c, n in zip(args.concurrency, levels)]
         bar.close()
         metrics = (await http.get("/metrics")).text
@@ -291,15 +296,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cond = conditions(args)
-    proc = None
+    proc, work = None, Path(tempfile.mkdtemp(prefix="cepe-loadtest-"))
     try:
         if args.url:
             url = args.url
         else:
             t0 = time.perf_counter()
-            proc, url = start_server(args, out)
+            proc, url = start_server(args, work)
             cond["server_start_s"] = time.perf_counter() - t0
-        result = asyncio.run(measure(args, url, out))
+        result = asyncio.run(measure(args, url))
     finally:
         if proc is not None:
             proc.terminate()
@@ -307,6 +312,8 @@ def main(argv=None) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(work / "store", ignore_errors=True)
+        print(f"server log: {work / 'server.log'}")
     cond["loadavg_after"] = os.getloadavg()
     result["conditions"] = cond
     (out / "load.json").write_text(json.dumps(result, indent=2))
