@@ -1,0 +1,271 @@
+"""Sample builders: what the encoder and the decoder read in one training example.
+
+A sample is a dict:
+    input_ids (D,), labels (D,)  decoder tokens; labels -100 where no loss is taken
+    context                      list of 1-D arrays of encoder token ids; each is chunked on its own
+    teacher_prefix (T,)          decoder tokens the online teacher reads before `input_ids` (the
+                                 tail of the same context, in the decoder's tokens)
+    kind, index                  builder name and global sample index
+
+Every sample is a pure function of (seed, split, index): the stream needs no state beyond its
+position, so resuming is exact and processes can share a global batch without communicating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..model.context import chunk_token_ids, pad_chunk_batch
+from .config import DataConfig
+from .synthetic import SyntheticConfig, make_example, value_ids
+from .token_store import TokenStore
+
+
+@dataclass
+class Corpus:
+    """Paired token stores (one corpus, two tokenizers; the same store twice when they agree)
+    and the documents of one split."""
+
+    decoder: TokenStore
+    encoder: TokenStore
+    docs: np.ndarray  # document indices of this split
+
+    def encoder_span(self, doc: int, char_lo: int, char_hi: int) -> np.ndarray:
+        """Encoder tokens of `doc` whose text ends in (char_lo, char_hi]."""
+        a = self.encoder.tokens_before(doc, char_lo)
+        b = self.encoder.tokens_before(doc, char_hi)
+        return np.asarray(self.encoder.doc_tokens(doc)[a:b], dtype=np.int64)
+
+
+class TooShort(ValueError):
+    """No document of a split is long enough for a builder."""
+
+
+class _WindowBuilder:
+    """Shared part of the text builders: pick a decoder window [p, p+D) uniformly among all
+    valid windows of all eligible documents (documents weighted by their number of windows)."""
+
+    kind = ""
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig, teacher_tokens: int = 0):
+        self.corpus, self.cfg, self.D, self.teacher_tokens = corpus, cfg, cfg.decoder_tokens, teacher_tokens
+        first = np.array([self.first_position(int(d)) for d in corpus.docs], dtype=np.int64)
+        lens = corpus.decoder.doc_lens()[corpus.docs] if len(corpus.docs) else np.zeros(0, np.int64)
+        windows = np.where(first >= 0, lens - self.D - first + 1, 0) if len(first) else first
+        ok = windows > 0
+        self.docs, self.first, self.cum = corpus.docs[ok], first[ok], np.cumsum(windows[ok])
+        self.skipped_short = int((~ok).sum())
+        self.longest = int(lens.max()) if len(lens) else 0
+        if not len(self.docs):
+            raise TooShort(
+                f"no document is long enough for the {self.kind} builder ({self.requirement()}); "
+                f"{self.skipped_short} of {len(corpus.docs)} documents skipped as too short "
+                f"(longest: {self.longest} decoder tokens)"
+            )
+
+    def requirement(self) -> str:
+        return f"needs {self.D} decoder tokens"
+
+    def first_position(self, doc: int) -> int:
+        """Earliest window start in `doc`, or -1 if the document cannot give a sample."""
+        return 0
+
+    def pick_window(self, rng: np.random.Generator) -> tuple[int, int]:
+        r = int(rng.integers(int(self.cum[-1])))
+        j = int(np.searchsorted(self.cum, r, side="right"))
+        offset = r - (int(self.cum[j - 1]) if j else 0)
+        return int(self.docs[j]), int(self.first[j]) + offset
+
+    def window(self, doc: int, p: int) -> dict[str, Any]:
+        ids = np.asarray(self.corpus.decoder.doc_tokens(doc)[p : p + self.D], dtype=np.int64)
+        return {"input_ids": ids, "labels": ids.copy()}
+
+    def teacher_prefix(self, doc: int, p: int) -> np.ndarray:
+        lo = max(0, p - self.teacher_tokens)
+        return np.asarray(self.corpus.decoder.doc_tokens(doc)[lo:p], dtype=np.int64)
+
+
+class WarmupBuilder(_WindowBuilder):
+    """The encoder reads the decoder's own tokens, in chunks: cross-attention learns to copy."""
+
+    kind = "warmup"
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        doc, p = self.pick_window(rng)
+        dec = self.corpus.decoder
+        c_lo, c_hi = dec.char_start(doc, p), dec.char_start(doc, p + self.D)
+        # the teacher reads the window as is: the "context" is the window itself
+        return {**self.window(doc, p), "context": [self.corpus.encoder_span(doc, c_lo, c_hi)], "teacher_prefix": np.zeros(0, np.int64)}
+
+
+class LongDocumentBuilder(_WindowBuilder):
+    """The encoder reads up to N tokens that precede the decoder window (at least
+    `min_context_tokens`); the decoder reads the next D tokens; loss on the decoder tokens."""
+
+    kind = "long_document"
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig, teacher_tokens: int = 0):
+        self.N = cfg.context_tokens
+        self.min_ctx = cfg.min_context_tokens if cfg.min_context_tokens is not None else cfg.context_tokens
+        if not 1 <= self.min_ctx <= self.N:
+            raise ValueError(f"data.min_context_tokens must be in [1, context_tokens={self.N}], got {self.min_ctx}")
+        super().__init__(corpus, cfg, teacher_tokens)
+
+    def requirement(self) -> str:
+        return f"needs {self.min_ctx} encoder tokens of context, then {self.D} decoder tokens"
+
+    def first_position(self, doc: int) -> int:
+        enc_ends = self.corpus.encoder.doc_ends(doc)
+        if len(enc_ends) < self.min_ctx:
+            return -1
+        # first decoder position whose preceding text holds min_ctx encoder tokens
+        c_min = int(enc_ends[self.min_ctx - 1])
+        return int(np.searchsorted(self.corpus.decoder.doc_ends(doc), c_min, side="left")) + 1
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        doc, p = self.pick_window(rng)
+        c = self.corpus.decoder.char_start(doc, p)
+        b = self.corpus.encoder.tokens_before(doc, c)
+        context = np.asarray(self.corpus.encoder.doc_tokens(doc)[max(0, b - self.N) : b], dtype=np.int64)
+        return {**self.window(doc, p), "context": [context], "teacher_prefix": self.teacher_prefix(doc, p)}
+
+
+class PassagePool:
+    """Passages of `passage_tokens` decoder tokens cut from the training documents, indexed by
+    BM25 (bm25s) over their text."""
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig, decode: Callable[[list[int]], str]):
+        import bm25s
+
+        size = cfg.retrieval.passage_tokens
+        spans = [(int(d), s) for d in corpus.docs for s in range(0, corpus.decoder.doc_len(int(d)) - size + 1, size)]
+        if not spans:
+            raise TooShort(f"no document holds a {size}-token passage for the retrieval pool")
+        rng = np.random.default_rng([cfg.seed, 7])
+        if len(spans) > cfg.retrieval.max_passages:
+            keep = np.sort(rng.choice(len(spans), size=cfg.retrieval.max_passages, replace=False))
+            spans = [spans[i] for i in keep]
+        self.corpus, self.size, self.decode = corpus, size, decode
+        self.spans = np.asarray(spans, dtype=np.int64)  # (P, 2): doc, first decoder token
+        texts = [decode(self.decoder_tokens(i).tolist()) for i in range(len(self.spans))]
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def decoder_tokens(self, i: int) -> np.ndarray:
+        doc, s = self.spans[i]
+        return np.asarray(self.corpus.decoder.doc_tokens(int(doc))[s : s + self.size], dtype=np.int64)
+
+    def encoder_tokens(self, i: int) -> np.ndarray:
+        doc, s = (int(x) for x in self.spans[i])
+        dec = self.corpus.decoder
+        return self.corpus.encoder_span(doc, dec.char_start(doc, s), dec.char_start(doc, s + self.size))
+
+    def search(self, query: str, k: int, exclude_doc: int) -> list[int]:
+        """Top-k passages for `query`, none from `exclude_doc` (that would leak the answer)."""
+        import bm25s
+
+        n = min(len(self), k + 16)
+        ids, _ = self.bm25.retrieve(bm25s.tokenize([query], stopwords="en", show_progress=False), k=n, show_progress=False)
+        return [int(i) for i in ids[0] if int(self.spans[int(i), 0]) != exclude_doc][:k]
+
+
+class RetrievalBuilder(_WindowBuilder):
+    """The encoder reads the k passages BM25 retrieves for the decoder's text (from other documents)."""
+
+    kind = "retrieval"
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig, pool: PassagePool, teacher_tokens: int = 0):
+        self.pool = pool
+        super().__init__(corpus, cfg, teacher_tokens)
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        doc, p = self.pick_window(rng)
+        out = self.window(doc, p)
+        hits = self.pool.search(self.pool.decode(out["input_ids"].tolist()), self.cfg.retrieval.k, exclude_doc=doc)
+        # the teacher reads the passages' text (its tail) before the window
+        prefix = np.concatenate([self.pool.decoder_tokens(i) for i in hits]) if hits else np.zeros(0, np.int64)
+        prefix = prefix[max(0, len(prefix) - self.teacher_tokens) :]
+        return {**out, "context": [self.pool.encoder_tokens(i) for i in hits], "teacher_prefix": prefix}
+
+
+class SyntheticBuilder:
+    """Key-value recall (`cepe.data.synthetic`): answers only in the context."""
+
+    kind = "synthetic"
+    skipped_short = 0
+
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+        self.candidates = value_ids(cfg)
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        ex = make_example(self.cfg, rng)
+        return {"input_ids": ex["input_ids"], "labels": ex["labels"], "context": [ex["context"]], "teacher_prefix": ex["context"]}
+
+
+class SampleStream(torch.utils.data.Dataset):
+    """Sample `i` of a split: builder chosen by the mixture weights, then built, then (optionally)
+    encoder tokens masked, all from one generator seeded by (seed, split, i)."""
+
+    def __init__(self, builders: dict[str, Any], weights: dict[str, float], seed: int, split: int,
+                 mask_prob: float = 0.0, mask_id: int | None = None, length: int = 2**62):
+        self.builders = builders
+        self.kinds = [k for k in builders if weights.get(k, 0) > 0]
+        w = np.array([weights[k] for k in self.kinds], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.seed, self.split, self.length = seed, split, length
+        self.mask_prob, self.mask_id = mask_prob, mask_id
+        if mask_prob > 0 and mask_id is None:
+            raise ValueError("data.encoder_mask_prob > 0 needs an encoder tokenizer with a mask (or unk) token")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.split, int(index)])
+        kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))] if len(self.kinds) > 1 else self.kinds[0]
+        sample = self.builders[kind].sample(rng)
+        if self.mask_prob > 0:
+            sample["context"] = [np.where(rng.random(len(c)) < self.mask_prob, self.mask_id, c) for c in sample["context"]]
+        sample["kind"], sample["index"] = kind, int(index)
+        return sample
+
+
+class Collator:
+    """Samples -> tensors: input_ids, labels (B, D); context_input_ids, context_attention_mask
+    (B, N, L); teacher_prefix_ids, teacher_prefix_mask (B, T) left-padded; index (B,)."""
+
+    def __init__(self, chunk_size: int, prefix: list[int], suffix: list[int], encoder_pad_id: int, decoder_pad_id: int = 0):
+        self.chunk_size, self.prefix, self.suffix = chunk_size, prefix, suffix
+        self.encoder_pad_id, self.decoder_pad_id = encoder_pad_id, decoder_pad_id
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        per_example = [
+            chunk_token_ids([c.tolist() for c in s["context"]], self.chunk_size, self.encoder_pad_id, self.prefix, self.suffix)
+            for s in samples
+        ]
+        ctx_ids, ctx_mask = pad_chunk_batch(per_example, self.encoder_pad_id)
+        t = max(len(s["teacher_prefix"]) for s in samples)
+        prefix_ids = torch.full((len(samples), t), self.decoder_pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(samples), t), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["teacher_prefix"])
+            if n:
+                prefix_ids[i, t - n :] = torch.as_tensor(s["teacher_prefix"], dtype=torch.long)
+                prefix_mask[i, t - n :] = 1
+        return {
+            "input_ids": torch.as_tensor(np.stack([s["input_ids"] for s in samples]), dtype=torch.long),
+            "labels": torch.as_tensor(np.stack([s["labels"] for s in samples]), dtype=torch.long),
+            "context_input_ids": ctx_ids,
+            "context_attention_mask": ctx_mask,
+            "teacher_prefix_ids": prefix_ids,
+            "teacher_prefix_mask": prefix_mask,
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        }

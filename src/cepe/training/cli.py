@@ -1,0 +1,50 @@
+"""`cepe train --config FILE [key=value ...]`: train a CEPE adapter from a YAML recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a CEPE adapter (warmup, long-document, distilled) from a YAML recipe",
+        description="Train a CEPE adapter. Overrides are dotted keys, e.g. output_dir=runs/x "
+        "train.max_steps=50 data.train=/path/to/texts (max_steps= is short for train.max_steps=). "
+        "Run under `accelerate launch --config_file configs/accelerate/ddp.yaml -m cepe.cli train ...` for several GPUs.",
+    )
+    p.add_argument("--config", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="build the model and the data, print their sizes, and exit")
+    p.add_argument("--write-teacher", metavar="FILE", help="precompute top-k teacher probabilities for distill.teacher=file, then exit")
+    p.add_argument("--teacher", help="with --write-teacher: a teacher decoder sharing the tokenizer (default: the base decoder)")
+    p.add_argument("--teacher-samples", type=int, help="with --write-teacher: number of samples (default: max_steps x batch x grad_accum)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    progress = not args.no_progress
+    if args.write_teacher:
+        from .trainer import write_teacher_file
+
+        path = write_teacher_file(cfg, args.write_teacher, teacher=args.teacher, samples=args.teacher_samples, progress=progress)
+        print(f"teacher top-{cfg.distill.topk} written to {path}")
+        return 0
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg, progress=progress)
+    if args.dry_run:
+        if trainer.acc.is_main_process:
+            print(json.dumps({"model": trainer.description, "data": trainer.data.report}, indent=1, default=str))
+        return 0
+    trainer.fit()
+    return 0

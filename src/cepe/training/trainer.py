@@ -1,0 +1,522 @@
+"""The training loop: one loop for a CPU smoke run, one GPU, or many GPUs under `accelerate launch`.
+
+Only the adapter trains (cross-attention, and the encoder unless `train.freeze_encoder`); the
+decoder stays frozen. Data is a stream of samples indexed by a global counter (see
+`cepe.data.samples`): process r of W at step s, micro-step a, reads samples
+s*G + (a*W + r)*B ... + B-1 (G = global batch), so the global batch does not depend on how it is
+split across processes and the data position of a checkpoint is just its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm.auto import tqdm
+
+from ..data.pipeline import build_data
+from ..data.samples import Collator
+from . import checkpoint as ckpt
+from .build import build_model, describe
+from .config import RunConfig, dump_yaml, fingerprint, to_dict
+from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+LOAD = StateDictOptions(full_state_dict=True, strict=False)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's micro-batches of global sample indices from `start_step` on."""
+
+    def __init__(self, start_step: int, max_steps: int, batch_size: int, grad_accum: int, world: int, rank: int):
+        self.start, self.stop = start_step, max_steps
+        self.b, self.accum, self.world, self.rank = batch_size, grad_accum, world, rank
+
+    @property
+    def global_batch(self) -> int:
+        return self.b * self.accum * self.world
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for a in range(self.accum):
+                base = step * self.global_batch + (a * self.world + self.rank) * self.b
+                yield list(range(base, base + self.b))
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
+    """Linear warmup, then cosine decay to `min_ratio` of the peak."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def data_fingerprint(cfg: RunConfig, teacher_tokens: int) -> str:
+    """What the samples depend on (a precomputed teacher file must match it)."""
+    import hashlib
+
+    view = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers", "cache_dir")}
+    view.update(decoder=cfg.model.decoder, teacher_tokens=teacher_tokens)
+    return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and TensorBoard, main process only."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.is_file():  # resuming: forget what was logged after the checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but the JSON log is what matters
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None, progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+        self.progress = progress and self.acc.is_main_process
+        self.run_dir = Path(cfg.output_dir)
+        t = cfg.train
+        if t.cpu_threads:
+            torch.set_num_threads(t.cpu_threads)
+        torch.manual_seed(t.seed)
+        model = build_model(cfg)
+        if t.freeze_encoder:
+            base = {id(p) for p in model.decoder.parameters()}
+            for p in model.encoder.parameters():
+                if id(p) not in base:
+                    p.requires_grad_(False)
+        self.params = model.adapter_parameters(include_encoder=not t.freeze_encoder)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.description = describe(model)
+        self.description["trainable_params"] = sum(p.numel() for p in self.params)
+
+        self.teacher_tokens = 0
+        self.teacher_file = None
+        if cfg.distilling and cfg.distill.teacher == "online":
+            window = getattr(model.decoder.config, "max_position_embeddings", 2048)
+            room = window - cfg.data.decoder_tokens
+            self.teacher_tokens = max(0, min(cfg.distill.teacher_context_tokens if cfg.distill.teacher_context_tokens is not None else room, room))
+        self.data = build_data(cfg.data, model.tokenizer, model.encoder_tokenizer, teacher_tokens=self.teacher_tokens,
+                               progress=self.progress, main_process_first=self.acc.main_process_first)
+        if cfg.distilling and cfg.distill.teacher == "file":
+            self.teacher_file = TeacherFile(cfg.distill.teacher_file, data_fingerprint(cfg, 0))
+        # the model knows which special tokens its encoder expects around each chunk
+        prefix, suffix, pad = model._chunk_specials()
+        self.collate = Collator(model.config.chunk_size, prefix, suffix, pad, model.decoder.config.pad_token_id or 0)
+        self.candidates = None if self.data.candidates is None else torch.as_tensor(self.data.candidates)
+
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=tuple(t.betas),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.step = 0
+        self.counters = {"samples": 0, "decoder_tokens": 0, "context_tokens": 0, "teacher_tokens": 0}
+        self._eval_no_context: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def _loader(self, start_step: int) -> torch.utils.data.DataLoader:
+        t = self.cfg.train
+        sampler = GlobalBatchSampler(start_step, t.max_steps, t.batch_size, t.grad_accum, self.acc.num_processes, self.acc.process_index)
+        return torch.utils.data.DataLoader(
+            self.data.train, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.acc.device.type == "cuda",
+        )
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """lm_coef * CE (+ kl_coef * KL(teacher || student) when distilling)."""
+        d = self.cfg.distill
+        out = self.model(
+            input_ids=batch["input_ids"], context_input_ids=batch["context_input_ids"],
+            context_attention_mask=batch["context_attention_mask"], use_cache=False,
+        )
+        ce, _ = cross_entropy(out.logits, batch["labels"])
+        parts = {"ce": ce.detach()}
+        loss = d.lm_coef * ce
+        if self.cfg.distilling:
+            if self.teacher_file is not None:
+                ids, probs = self.teacher_file.lookup(batch["index"].cpu())
+                kl = topk_kl_divergence(out.logits, ids.to(out.logits.device), probs.to(out.logits.device), batch["labels"], d.temperature)
+            else:
+                teacher = online_teacher_logits(self.model, batch)
+                kl = kl_divergence(out.logits, teacher, batch["labels"], d.temperature)
+            parts["kl"] = kl.detach()
+            loss = loss + d.kl_coef * kl
+        return loss, parts
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        acc = self.acc
+        tmp = ckpt.tmp_dir(self.run_dir, self.step)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        ckpt.write_rng(tmp, acc.process_index)
+        adapter = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
+        optim = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "counters": self.counters, "world_size": acc.num_processes,
+                     "fingerprint": fingerprint(self.cfg), "config": to_dict(self.cfg)}
+            final = ckpt.checkpoints_dir(self.run_dir) / f"{ckpt.PREFIX}{self.step:08d}"
+            ckpt.finalize(tmp, final, adapter, optim, self.scheduler.state_dict(), state, self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def _resume_from(self) -> Path | None:
+        mode = self.cfg.train.resume
+        found = ckpt.list_checkpoints(self.run_dir)
+        if mode == "none":
+            if found:
+                raise ValueError(f"{found[-1]}: output_dir already has checkpoints; use a new output_dir or train.resume=auto")
+            return None
+        if mode == "auto":
+            return found[-1] if found else None
+        path = Path(mode)
+        if not path.is_dir():
+            raise FileNotFoundError(f"train.resume: checkpoint folder {path} does not exist")
+        return path
+
+    def maybe_resume(self) -> None:
+        path = self._resume_from()
+        if path is None:
+            return
+        state = ckpt.verify(path)
+        ckpt.check_compatible(path, state, to_dict(self.cfg), self.acc.num_processes)
+        parts = ckpt.load(path, self.acc.process_index)
+        set_model_state_dict(self.model, parts["adapter"], options=LOAD)
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, parts["optimizer"], options=LOAD)
+        self.scheduler.load_state_dict(parts["scheduler"])
+        ckpt.set_rng_state(parts["rng"])
+        self.step = int(state["step"])
+        self.counters = dict(state["counters"])
+        if self.progress:
+            tqdm.write(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity and next-token accuracy, with the context and without it (the
+        frozen base decoder alone; computed once, it cannot change)."""
+        if self.data.heldout is None:
+            return {}
+        t = self.cfg.train
+        bs = t.eval_batch_size or t.batch_size
+        mine = list(range(self.acc.process_index, t.eval_samples, self.acc.num_processes))
+        self.model.eval()
+        results = {}
+        modes = (True,) if self._eval_no_context is not None else (True, False)
+        for with_context in modes:
+            sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, tokens, correct
+            for i in range(0, len(mine), bs):
+                batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
+                kwargs = {"context_input_ids": batch["context_input_ids"], "context_attention_mask": batch["context_attention_mask"]} if with_context else {}
+                logits = self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1].float()
+                labels = batch["labels"][:, 1:]
+                valid = labels != -100
+                sums[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").double()
+                sums[1] += valid.sum()
+                if self.candidates is not None:
+                    cand = self.candidates.to(logits.device)
+                    pred = cand[logits[..., cand].argmax(-1)]
+                else:
+                    pred = logits.argmax(-1)
+                sums[2] += ((pred == labels) & valid).sum()
+            sums = self.acc.reduce(sums, reduction="sum")
+            loss, n, correct = (float(x) for x in sums)
+            tag = "with_context" if with_context else "without_context"
+            results[f"loss_{tag}"] = loss / max(n, 1)
+            results[f"ppl_{tag}"] = math.exp(min(loss / max(n, 1), 50))
+            results[f"accuracy_{tag}"] = correct / max(n, 1)
+        self.model.train()
+        if self._eval_no_context is None:
+            self._eval_no_context = {k: v for k, v in results.items() if k.endswith("without_context")}
+        results.update(self._eval_no_context)
+        return results
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to `train.max_steps` (resuming if a checkpoint is there) and write the adapter,
+        `summary.json`, `metrics.jsonl` and a plot. `stop_after` ends the run early right after
+        that step's checkpoint, as a kill would (for tests)."""
+        cfg, t, acc = self.cfg, self.cfg.train, self.acc
+        main = acc.is_main_process
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        if main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / "split.json").write_text(json.dumps(self.data.split, indent=1))
+            (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report, indent=1, default=str))
+        log = MetricsLog(self.run_dir, self.step, main)
+        self.model.train()
+        loader = self._loader(self.step)
+        batches = iter(loader)
+        g = loader.batch_sampler.global_batch
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        start_time, start_step, start_tokens = time.time(), self.step, self.counters["decoder_tokens"]
+        last_time, last_tokens = start_time, start_tokens
+        history: list[dict] = []
+        while self.step < t.max_steps:
+            totals = torch.zeros(4, device=acc.device)  # loss, ce, kl, context tokens
+            for micro in range(t.grad_accum):
+                batch = self._to_device(next(batches))
+                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.model)
+                with sync:
+                    loss, parts = self.compute_loss(batch)
+                    acc.backward(loss / t.grad_accum)
+                totals += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros_like(parts["ce"])),
+                                       batch["context_attention_mask"].sum().float()])
+            grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            totals = acc.reduce(totals, reduction="sum")
+            n_micro = t.grad_accum * acc.num_processes
+            self.counters["samples"] += g
+            self.counters["decoder_tokens"] += g * batch["input_ids"].shape[1]
+            self.counters["context_tokens"] += int(totals[3])
+            values = {"loss": float(totals[0]) / n_micro, "ce": float(totals[1]) / n_micro, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+            if cfg.distilling:
+                values["kl"] = float(totals[2]) / n_micro
+            now = time.time()
+            values["tokens_per_s"] = (self.counters["decoder_tokens"] - last_tokens) / max(now - last_time, 1e-9)
+            last_time, last_tokens = now, self.counters["decoder_tokens"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                log.log(self.step, values)
+            history.append({"step": self.step, "loss": values["loss"]})
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                ev = self.evaluate()
+                if ev:
+                    log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
+                    bar.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
+                              f"{ev['ppl_without_context']:.3f} without")
+            if t.save_every and (self.step % t.save_every == 0 or self.step == t.max_steps):
+                self.save_checkpoint()
+            if stop_after is not None and self.step >= stop_after:
+                bar.close()
+                log.close()
+                return {"stopped_at": self.step}
+        bar.close()
+        elapsed = time.time() - start_time
+        ev = self.evaluate()
+        if ev:
+            log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
+        summary = self._finish(ev, elapsed, self.step - start_step, self.counters["decoder_tokens"] - start_tokens, history)
+        log.close()
+        return summary
+
+    def _finish(self, ev: dict, elapsed: float, steps_run: int, tokens_run: int, history: list[dict]) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.acc
+        adapter_dir = self.run_dir / "adapter"
+        if acc.distributed_type == DistributedType.FSDP:
+            # the live parameters are shards: gather them into a fresh CPU copy to save
+            full = get_model_state_dict(self.model, options=FULL)
+            if acc.is_main_process:
+                copy = build_model(cfg)
+                set_model_state_dict(copy, full, options=LOAD)
+                copy.save_pretrained(adapter_dir)
+        elif acc.is_main_process:
+            self.unwrapped.save_pretrained(adapter_dir)
+        acc.wait_for_everyone()
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "steps_this_run": steps_run,
+            "global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes,
+            "processes": acc.num_processes,
+            **self.counters,
+            "seconds": round(elapsed, 2),
+            "tokens_per_s": tokens_run / max(elapsed, 1e-9),
+            "final_loss": history[-1]["loss"] if history else None,
+            **ev,
+            "model": self.description,
+            "adapter": str(adapter_dir),
+            "config_fingerprint": fingerprint(cfg),
+            "data": {k: v for k, v in self.data.report.items() if k != "skipped_unreadable"},
+        }
+        if self.candidates is not None:
+            summary["chance"] = 1.0 / len(self.candidates)
+        flops = self._flops_per_step()
+        if flops and steps_run and elapsed > 0:
+            summary["model_tflops_per_s"] = flops * steps_run / elapsed / 1e12
+            if cfg.train.peak_tflops:
+                summary["mfu"] = summary["model_tflops_per_s"] / cfg.train.peak_tflops
+        if acc.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            self._plot()
+            print_table(summary)
+        return summary
+
+    def _flops_per_step(self) -> float:
+        """Matmul FLOPs of one optimizer step (attention scores left out; a lower bound):
+        frozen decoder forward + input-gradient backward 4N per token, trainable parts 6N,
+        a frozen encoder 2N per context token, the teacher's forward 2N per token it reads."""
+        d = self.description
+        cfg = self.cfg
+        steps = max(self.step, 1)
+        dec_tok = self.counters["decoder_tokens"] / steps
+        ctx_tok = self.counters["context_tokens"] / steps
+        xattn = d["cross_attn_params"]
+        enc_factor = 2 if cfg.train.freeze_encoder else 6
+        ckpt_extra = 2 if cfg.train.gradient_checkpointing else 0
+        teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if cfg.distilling and self.teacher_file is None else 0
+        return ((4 + ckpt_extra) * d["decoder_params"] * dec_tok + 6 * xattn * (dec_tok + ctx_tok) / 2
+                + enc_factor * d["encoder_params"] * ctx_tok + 2 * d["decoder_params"] * teacher_tok)
+
+    def _plot(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        evals = [(r["step"], r["eval/ppl_with_context"], r["eval/ppl_without_context"]) for r in rows if "eval/ppl_with_context" in r]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        if train:
+            axes[0].plot(*zip(*train), label="train loss")
+        axes[0].set_xlabel("step")
+        axes[0].set_title("training loss")
+        if evals:
+            s, w, wo = zip(*evals)
+            axes[1].plot(s, w, "o-", label="with context")
+            axes[1].plot(s, wo, "s--", label="without context")
+            axes[1].legend()
+        axes[1].set_xlabel("step")
+        axes[1].set_title("held-out perplexity")
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "metrics.png", dpi=100)
+        plt.close(fig)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    rows = [("steps", summary["steps"]), ("seconds", summary["seconds"]), ("decoder tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+            ("final train loss", _fmt(summary.get("final_loss")))]
+    for tag in ("with_context", "without_context"):
+        if f"ppl_{tag}" in summary:
+            rows.append((f"held-out ppl {tag.replace('_', ' ')}", _fmt(summary[f"ppl_{tag}"])))
+            rows.append((f"held-out accuracy {tag.replace('_', ' ')}", _fmt(summary[f"accuracy_{tag}"])))
+    if "chance" in summary:
+        rows.append(("chance accuracy", _fmt(summary["chance"])))
+    if "mfu" in summary:
+        rows.append(("MFU", f"{summary['mfu']:.1%}"))
+    rows.append(("adapter", summary["adapter"]))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build a trainer from `cfg` and run it."""
+    return Trainer(cfg, progress=progress).fit(stop_after=stop_after)
+
+
+@torch.no_grad()
+def write_teacher_file(cfg: RunConfig, path: str | Path, teacher: str | None = None, samples: int | None = None,
+                       batch_size: int | None = None, progress: bool = True) -> Path:
+    """Precompute a teacher's top-k next-token probabilities for training samples 0..samples-1
+    (default: every sample `train.max_steps` steps of one process read) into a safetensors file
+    for `distill.teacher=file`. `teacher`: another decoder (name or path) sharing the decoder's
+    tokenizer; default the base decoder itself."""
+    from safetensors.torch import save_file
+
+    from .losses import teacher_topk
+
+    cfg.distill.kl_coef = cfg.distill.kl_coef or 1.0
+    cfg.distill.teacher = "online"  # builds samples with the teacher's context prefix
+    trainer = Trainer(cfg, progress=progress)
+    model = trainer.unwrapped
+    if teacher is not None:
+        from ..model.loading import load_decoder
+
+        model = load_decoder(teacher, dtype=cfg.model.dtype)[0].to(trainer.acc.device)
+        if model.config.vocab_size != trainer.unwrapped.decoder.config.vocab_size:
+            raise ValueError(f"--teacher {teacher}: vocabulary {model.config.vocab_size} differs from the decoder's")
+    model.eval()
+    t = cfg.train
+    n = samples or t.max_steps * t.batch_size * t.grad_accum
+    bs = batch_size or t.eval_batch_size or t.batch_size
+    ids_out, probs_out = [], []
+    for start in tqdm(range(0, n, bs), desc="teacher", disable=not progress, dynamic_ncols=True):
+        batch = trainer._to_device(trainer.collate([trainer.data.train[i] for i in range(start, min(n, start + bs))]))
+        with trainer.acc.autocast():
+            ids, probs = teacher_topk(model, batch, cfg.distill.topk, cfg.distill.temperature)
+        ids_out.append(ids.cpu())
+        probs_out.append(probs.cpu())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": TeacherFile.FORMAT, "data": data_fingerprint(cfg, 0), "first_index": "0",
+            "k": str(cfg.distill.topk), "temperature": str(cfg.distill.temperature), "teacher": teacher or cfg.model.decoder}
+    save_file({"topk_ids": torch.cat(ids_out), "topk_probs": torch.cat(probs_out)}, str(path), metadata=meta)
+    return path
