@@ -123,6 +123,30 @@ def test_static_cache_decoding_matches_generate(bench_model, policy):
     assert full["tokens"] == decode_hf(model, "full", inputs.full_ids, None, None, 10)["tokens"]
 
 
+def test_graph_decoding_bookkeeping_with_replay_stand_in(monkeypatch):
+    """The CUDA-graph path (save, eager check, capture, restore, replays) on the CPU, with a
+    stand-in graph whose replay runs the step: it must still decode what `generate` decodes."""
+    import cepe.benchmarks.decoding as decoding
+
+    class Replay:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            self.step()
+
+    monkeypatch.setattr(decoding, "capture", lambda step, device: Replay(step))
+    monkeypatch.setattr(decoding, "is_cuda", lambda device: True)
+    model = build_model(get_spec("tiny"), "cpu", torch.float32)
+    inputs = make_inputs(model, total=64, score=16, device="cpu")
+    model.config.kv_policy = "cache"
+    out = decode_static(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 12, mode="graph")
+    ref = decode_hf(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 12)
+    assert out["mode"] == "graph" and out["tokens"] == ref["tokens"]
+    assert out["graph_matches_eager"] and out["graph_logits_rel_err"] == 0.0
+    assert out["eager_repeats_bitwise"] and out["graph_repeats_bitwise"]
+
+
 class _HostSyncs(TorchDispatchMode):
     """Records ops that hand a device value to the host (a CUDA graph cannot capture those)."""
 

@@ -93,7 +93,8 @@ class DecodeStep:
 
     def __call__(self) -> None:
         out = _forward(self.model, self.method, self.token, self.state.context, self.state.cache, self.kw)
-        nxt = out.logits[:, -1].argmax(-1)
+        self.logits = out.logits[:, -1]  # (1, V); in a graph, the buffer each replay rewrites
+        nxt = self.logits.argmax(-1)
         self.token.copy_(nxt.view(1, 1))
         self.tokens.index_copy_(0, self.step, nxt)
         self.step.add_(1)
@@ -159,6 +160,12 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
         return result
     # eager reference for the first few steps (also the eager static-cache speed)
     saved = step.save()
+    step()
+    eager_logits = step.logits.float().clone()
+    step.restore(saved)
+    step()
+    result["eager_repeats_bitwise"] = bool(torch.equal(step.logits.float(), eager_logits))
+    step.restore(saved)
     k = min(check_tokens, n_steps)
     dt = timed(device, lambda: [step() for _ in range(k)])
     result["eager_s_per_token"] = dt / max(k, 1)
@@ -176,6 +183,15 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
         return result
     sync(device)
     result["capture_s"] = time.perf_counter() - t0
+    # the first step's logits, replayed twice, against the eager step's (bf16: ~1e-3..1e-2 apart
+    # if the kernels differ; argmax over near-tied random-weight logits may then differ too)
+    graph.replay()
+    graph_logits = step.logits.float().clone()
+    step.restore(saved)
+    graph.replay()
+    result["graph_repeats_bitwise"] = bool(torch.equal(step.logits.float(), graph_logits))
+    result["graph_logits_rel_err"] = float((graph_logits - eager_logits).norm() / eager_logits.norm())
+    step.restore(saved)
     dt = timed(device, lambda: [graph.replay() for _ in range(n_steps)])
     result["mode"] = "graph"
     result["s_per_token"] = dt / max(n_steps, 1)

@@ -36,13 +36,14 @@ def decode_table(result: dict) -> str:
     if not rows:
         return ""
     lines = [f"{'method':<6} {'policy':<9} {'used':<9} {'mode':<6} {'length':>6} {'TTFT s':>7} {'ms/tok':>7} "
-             f"{'GB/s':>6} {'peak GB':>8}  status"]
+             f"{'GB/s':>6} {'peak GB':>8} {'graph~eager':>11}  status"]
     for r in rows:
         ok = r["status"] == "ok"
         lines.append(
             f"{r['method']:<6} {r['policy']:<9} {r.get('policy_used') or '-':<9} {r.get('mode') or '-':<6} "
             f"{_k(r['total_len']):>6} {_f(r.get('ttft_s'), '7.3f'):>7} {_f(r.get('ms_per_token'), '7.2f'):>7} "
-            f"{_f(r.get('gb_per_s'), '6.0f'):>6} {_f(r.get('peak_gb'), '8.1f'):>8}  "
+            f"{_f(r.get('gb_per_s'), '6.0f'):>6} {_f(r.get('peak_gb'), '8.1f'):>8} "
+            f"{_f(r.get('graph_logits_rel_err'), '11.1e'):>11}  "
             f"{'' if ok else r['status'] + ': ' + str(r.get('error'))[:60]}"
         )
     return "\n".join(lines)
