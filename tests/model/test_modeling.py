@@ -275,3 +275,15 @@ def test_frozen_encoder_embeddings_are_not_saved_and_load_from_base(tmp_path):
     torch.testing.assert_close(loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="frozen encoder"):
         CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=tiny_bert(seed=5))
+
+
+def test_shared_context_cached_keys_values_match_recompute():
+    m = tiny_cepe("llama", "bert")
+    ids = _ids(b=3, t=5)
+    ctx = m.encode(_ctx(b=1))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    m.config.kv_policy = "recompute"
+    a = m.generate(ids, context=ctx, **kw)
+    m.config.kv_policy = "cache"
+    b = m.generate(ids, context=ctx, **kw)
+    assert torch.equal(a, b)

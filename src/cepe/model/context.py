@@ -67,6 +67,7 @@ class ContextStates:
     attention_mask: torch.Tensor
     fingerprint: str | None = None
     cross_kv: dict = field(default_factory=dict, repr=False)
+    parent: "ContextStates | None" = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -93,6 +94,7 @@ class ContextStates:
             self.hidden_states.repeat_interleave(r, dim=0),
             self.attention_mask.repeat_interleave(r, dim=0),
             self.fingerprint,
+            parent=self,  # cached cross keys/values are computed once on the parent and repeated
         )
         return out
 

@@ -242,8 +242,17 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
         block = self.cross_attn[str(idx)]
-        if ctx.cross_kv is not None and idx in ctx.cross_kv:
+        if idx in ctx.cross_kv:
             k, v = ctx.cross_kv[idx]
+        elif ctx.parent is not None and self._use_kv_cache(ctx):
+            # an expanded context (beams, or one document shared by many prompts): project the
+            # parent's states once and repeat the keys/values, instead of projecting B copies
+            parent = ctx.parent
+            if idx not in parent.cross_kv:
+                parent.cross_kv[idx] = block.project_kv(parent.hidden_states)
+            r = ctx.batch_size // parent.batch_size
+            k, v = (t.repeat_interleave(r, dim=0) for t in parent.cross_kv[idx])
+            ctx.cross_kv[idx] = (k, v)
         else:
             k, v = block.project_kv(ctx.hidden_states)
             if self._use_kv_cache(ctx):
