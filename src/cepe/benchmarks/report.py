@@ -78,7 +78,7 @@ def summary(result: dict) -> str:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Scoring time and peak memory against total length (both methods), and decoding ms/token."""
+    """Scoring time and peak memory against total length (every method), and decoding ms/token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,10 +87,14 @@ def plot(result: dict, path: str | Path) -> None:
     rows = result["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     styles = {"cepe": dict(color="tab:blue", marker="o"), "full": dict(color="tab:red", marker="s")}
-    for method, style in styles.items():
+    names = {"cepe": "CEPE", "full": "full attention"}
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["task"] == "score"))
+    extra = iter(["tab:green", "tab:purple", "tab:olive", "tab:cyan"])
+    for method in methods:
+        style = styles.get(method) or dict(color=next(extra), marker="^")
+        label = names.get(method, method)
         rs = [r for r in rows if r["task"] == "score" and r["method"] == method]
         ok = [r for r in rs if r["status"] == "ok"]
-        label = "CEPE" if method == "cepe" else "full attention"
         axes[0].plot([r["total_len"] for r in ok], [r["time_s"] for r in ok], label=label, **style)
         mem = [r for r in ok if r.get("peak_gb") is not None]  # none on CPU
         axes[1].plot([r["total_len"] for r in mem], [r["peak_gb"] for r in mem], label=label, **style)
@@ -108,9 +112,17 @@ def plot(result: dict, path: str | Path) -> None:
         name = "full attention" if method == "full" else f"CEPE {policy}"
         axes[2].plot([r["total_len"] for r in rs], [r["ms_per_token"] for r in rs], marker="o" if method == "cepe" else "s",
                      ls="-" if mode == "graph" else "--", label=f"{name} ({mode})")
-    titles = ("scoring time (s)", "scoring peak memory (GB)", "decoding ms / token")
+    for r in rows:
+        if r["task"] == "decode" and r["status"] == "oom":
+            axes[2].annotate(f"{names.get(r['method'], r['method'])}: OOM", (r["total_len"], 0.95),
+                             xycoords=("data", "axes fraction"), ha="right", fontsize=8, color="tab:red")
+    titles = ("scoring time (s)", "scoring peak memory (GB)", "decoding ms / token (batch 1)")
+    lengths = sorted({r["total_len"] for r in rows if "total_len" in r})
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
+        if lengths:
+            ax.set_xticks(lengths, [_k(n) for n in lengths])
+            ax.minorticks_off()
         ax.set_xlabel("total tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
