@@ -191,6 +191,13 @@ def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, 
     return 0
 
 
+def _tag(em) -> str:
+    """Short model description for plot titles."""
+    d = em.description
+    cepe = f"adapter {Path(d['adapter']).name}" if d.get("adapter") else (f"{d['init']}-init CEPE" if d.get("init") else "")
+    return f"{d['decoder']}" + (f" + {cepe}" if cepe else "")
+
+
 def _check_paths(paths) -> None:
     """Fail on a missing input before the (slow) model load."""
     from .data import text_files
@@ -234,7 +241,7 @@ def cmd_ppl(args) -> int:
 
     def plot(path):
         series = {m: [(r["total_tokens"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
-        title = f"{em.description['decoder']}: last {settings.scored_tokens} of a {settings.decoder_tokens}-token window, {len(result['windows'])} windows"
+        title = f"{_tag(em)}: last {settings.scored_tokens} of a {settings.decoder_tokens}-token window, {len(result['windows'])} windows"
         return line_plot(path, series, "total tokens read (D + E)", "perplexity", title, logx=True)
 
     return _finish(args, "ppl", em, header, rows, result, data, timer, plot, note.rstrip())
@@ -264,7 +271,7 @@ def cmd_rag_lm(args) -> int:
 
     def plot(path):
         series = {m: [(r["k"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
-        title = f"{em.description['decoder']}: {args.retriever} top-k passages, last {settings.scored_tokens} of {settings.decoder_tokens} tokens"
+        title = f"{_tag(em)}: {args.retriever} top-k passages, last {settings.scored_tokens} of {settings.decoder_tokens} tokens"
         return line_plot(path, series, "retrieved passages k", "perplexity", title)
 
     return _finish(args, "rag-lm", em, header, rows, result, data, timer, plot)
@@ -329,7 +336,7 @@ def cmd_passkey(args) -> int:
     def plot(path):
         grids = {m: r["grid_depth_by_length"] for m, r in result["methods"].items()}
         return heatmaps(path, grids, settings.lengths, settings.depths, "prompt tokens", "needle depth",
-                        f"passkey accuracy, decoder window D={settings.decoder_tokens}")
+                        f"{_tag(em)}: passkey accuracy, decoder window D={settings.decoder_tokens}")
 
     return _finish(args, "passkey", em, header, rows, result, data, timer, plot)
 

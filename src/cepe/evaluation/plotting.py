@@ -11,16 +11,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_STYLES = ("-", "--", "-.", ":")
+
+
+def _short(x: float) -> str:
+    return f"{x / 1024:g}K" if x >= 1024 and x % 256 == 0 else f"{x:g}"
+
+
 def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
               title: str, logx: bool = False) -> Path:
-    """One line per series name; points are (x, y), missing y (None/NaN) skipped."""
+    """One line per series name; points are (x, y), missing y (None/NaN) skipped. Styles vary
+    (and earlier lines are drawn wider) so that coinciding methods stay visible."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, points in series.items():
+    xs = sorted({x for points in series.values() for x, _ in points})
+    for i, (name, points) in enumerate(series.items()):
         pts = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=_MARKERS[i % len(_MARKERS)],
+                    linestyle=_STYLES[i % len(_STYLES)], linewidth=max(1.0, 3.5 - 0.6 * i), zorder=10 - i)
     if logx:
         ax.set_xscale("log", base=2)
+    if xs and len(xs) <= 12:
+        ax.set_xticks(xs, [_short(x) for x in xs])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

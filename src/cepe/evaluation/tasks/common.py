@@ -17,11 +17,8 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 def stop_ids(tokenizer: Any, newline: bool = True) -> set[int]:
     """Tokens that end a short answer: end of sequence / turn, and a lone newline token."""
-    out = set()
-    for attr in ("eos_token_id",):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            out.add(v)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = {eos} if isinstance(eos, int) else set()
     for special in ("<|im_end|>", "<|endoftext|>"):
         ids = encode(tokenizer, special)
         if len(ids) == 1 and special in getattr(tokenizer, "all_special_tokens", []):
