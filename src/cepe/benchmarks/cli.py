@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .presets import PRESETS
+from .report import _k
 from .runner import DEFAULT_LENGTHS, POLICIES, BenchConfig, run_bench
 
 SMOKE = dict(preset="tiny", lengths=(16, 32, 64), score_tokens=16, new_tokens=8, device="cpu", dtype="float32",
@@ -97,10 +98,6 @@ def command_line(args: argparse.Namespace) -> str:
         else:
             parts.append(f"{flag} {value}")
     return " ".join(parts)
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
