@@ -6,6 +6,7 @@ A sample is a dict:
     teacher_prefix (T,)          decoder tokens the online teacher reads before `input_ids` (the
                                  tail of the same context, in the decoder's tokens)
     kind, index                  builder name and global sample index
+    doc, position                where the window comes from (text builders)
 
 Every sample is a pure function of (seed, split, index): the stream needs no state beyond its
 position, so resuming is exact and processes can share a global batch without communicating.
@@ -82,7 +83,7 @@ class _WindowBuilder:
 
     def window(self, doc: int, p: int) -> dict[str, Any]:
         ids = np.asarray(self.corpus.decoder.doc_tokens(doc)[p : p + self.D], dtype=np.int64)
-        return {"input_ids": ids, "labels": ids.copy()}
+        return {"input_ids": ids, "labels": ids.copy(), "doc": doc, "position": p}
 
     def teacher_prefix(self, doc: int, p: int) -> np.ndarray:
         lo = max(0, p - self.teacher_tokens)

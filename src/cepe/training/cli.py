@@ -15,19 +15,40 @@ def register(subparsers) -> None:
         "Run under `accelerate launch --config_file configs/accelerate/ddp.yaml -m cepe.cli train ...` for several GPUs.",
     )
     p.add_argument("--config", help="YAML recipe (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    # REMAINDER: options may also come after the overrides (`... max_steps=5 --no-progress`)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="config overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="build the model and the data, print their sizes, and exit")
     p.add_argument("--write-teacher", metavar="FILE", help="precompute top-k teacher probabilities for distill.teacher=file, then exit")
     p.add_argument("--teacher", help="with --write-teacher: a teacher decoder sharing the tokenizer (default: the base decoder)")
     p.add_argument("--teacher-samples", type=int, help="with --write-teacher: number of samples (default: max_steps x batch x grad_accum)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _train_parser=p)
+
+
+VALUE_OPTIONS = {"--config", "--write-teacher", "--teacher", "--teacher-samples"}
+
+
+def _split_trailing_options(args: argparse.Namespace) -> None:
+    """Options that followed an override landed in `overrides`: parse them as options."""
+    overrides, options = [], []
+    tokens = iter(args.overrides)
+    for tok in tokens:
+        if tok.startswith("--"):
+            options.append(tok)
+            if tok in VALUE_OPTIONS:
+                options.append(next(tokens, ""))
+        else:
+            overrides.append(tok)
+    if options:
+        args._train_parser.parse_args(options, namespace=args)
+    args.overrides = overrides
 
 
 def run(args: argparse.Namespace) -> int:
     from .config import dump_yaml, load_config
 
+    _split_trailing_options(args)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")

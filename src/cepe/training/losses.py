@@ -101,7 +101,7 @@ class TeacherFile:
         if bad:
             raise ValueError(
                 f"{self.path}: has samples {self.first}..{self.first + self.rows - 1}, training needs {bad[:3]}; "
-                "write more samples (--teacher-samples)"
+                "write more with --teacher-samples"
             )
         ids = torch.stack([self.ids[r] for r in rows])
         probs = torch.stack([self.probs[r] for r in rows])

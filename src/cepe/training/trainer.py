@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -122,7 +121,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None, progress: bool = True):
         cfg.validate()
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+        # cpu=True without a GPU: several CPU processes (torchrun) then join through gloo
+        self.acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+                                              cpu=not torch.cuda.is_available())
         self.progress = progress and self.acc.is_main_process
         self.run_dir = Path(cfg.output_dir)
         t = cfg.train
@@ -164,6 +165,11 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.teacher_file is not None:
+            needed = t.max_steps * t.batch_size * t.grad_accum * self.acc.num_processes
+            if self.teacher_file.first > 0 or self.teacher_file.rows < needed:
+                raise ValueError(f"{self.teacher_file.path}: holds {self.teacher_file.rows} samples, training reads {needed} "
+                                 "(max_steps x global batch); write more with --teacher-samples")
         self.step = 0
         self.counters = {"samples": 0, "decoder_tokens": 0, "context_tokens": 0, "teacher_tokens": 0}
         self._eval_no_context: dict[str, float] | None = None
@@ -179,6 +185,9 @@ class Trainer:
         return torch.utils.data.DataLoader(
             self.data.train, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
             pin_memory=self.acc.device.type == "cuda",
+            # its own generator: creating the iterator must not draw from the global RNG, or a
+            # resumed run's dropout would be one draw off
+            generator=torch.Generator().manual_seed(self.cfg.data.seed),
         )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -187,6 +196,10 @@ class Trainer:
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """lm_coef * CE (+ kl_coef * KL(teacher || student) when distilling)."""
         d = self.cfg.distill
+        # the teacher runs first: with gradient checkpointing the model keeps the student's
+        # context bound until backward recomputes its layers, and a forward without context
+        # in between would unbind it
+        teacher = online_teacher_logits(self.model, batch) if self.cfg.distilling and self.teacher_file is None else None
         out = self.model(
             input_ids=batch["input_ids"], context_input_ids=batch["context_input_ids"],
             context_attention_mask=batch["context_attention_mask"], use_cache=False,
@@ -195,11 +208,10 @@ class Trainer:
         parts = {"ce": ce.detach()}
         loss = d.lm_coef * ce
         if self.cfg.distilling:
-            if self.teacher_file is not None:
+            if teacher is None:
                 ids, probs = self.teacher_file.lookup(batch["index"].cpu())
                 kl = topk_kl_divergence(out.logits, ids.to(out.logits.device), probs.to(out.logits.device), batch["labels"], d.temperature)
             else:
-                teacher = online_teacher_logits(self.model, batch)
                 kl = kl_divergence(out.logits, teacher, batch["labels"], d.temperature)
             parts["kl"] = kl.detach()
             loss = loss + d.kl_coef * kl

@@ -1,0 +1,100 @@
+"""CE and CEPE-Distilled's KL(teacher || student): values, masking, where gradients go."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_cepe
+
+from cepe.training.losses import cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
+
+
+def _logits(seed: int, shape=(2, 6, 20)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_kl_is_zero_when_equal_and_positive_otherwise():
+    labels = torch.randint(0, 20, (2, 6))
+    s, t = _logits(0), _logits(1)
+    assert kl_divergence(s, s.clone(), labels).abs() < 1e-6
+    assert kl_divergence(s, t, labels) > 0.1
+    for temp in (0.5, 2.0):
+        assert kl_divergence(s, s.clone(), labels, temp).abs() < 1e-6
+        assert kl_divergence(s, t, labels, temp) > 0
+    # only positions that predict a labelled token count
+    labels[:, 1:4] = -100
+    t2 = t.clone()
+    t2[:, 0:3] = 100 * torch.randn(2, 3, 20)
+    torch.testing.assert_close(kl_divergence(s, t, labels), kl_divergence(s, t2, labels))
+    # KL(t || s) by hand at one position
+    p, q = t[0, 0].softmax(-1), s[0, 0].softmax(-1)
+    one = torch.full((1, 2), -100)
+    one[0, 1] = 3
+    torch.testing.assert_close(kl_divergence(s[:1, :2], t[:1, :2], one), (p * (p / q).log()).sum())
+
+
+def test_topk_kl_zero_when_student_matches_the_teacher():
+    labels = torch.randint(0, 20, (2, 6))
+    s = _logits(0)
+    probs, ids = s.softmax(-1).topk(5, dim=-1)
+    assert topk_kl_divergence(s, ids, probs.half().float(), labels).abs() < 1e-3
+    other = _logits(3).softmax(-1).topk(5, dim=-1)
+    assert topk_kl_divergence(s, other.indices, other.values, labels) > 0.1
+    # with every token kept it is the full KL
+    t = _logits(4)
+    full = t.softmax(-1).topk(20, dim=-1)
+    torch.testing.assert_close(topk_kl_divergence(s, full.indices, full.values, labels), kl_divergence(s, t, labels), rtol=1e-4, atol=1e-5)
+
+
+def test_cross_entropy_matches_the_decoder_loss():
+    m = tiny_cepe("llama", "bert")
+    ids = torch.randint(3, 90, (2, 9))
+    out = m.decoder(input_ids=ids, labels=ids)
+    ce, n = cross_entropy(out.logits, ids)
+    torch.testing.assert_close(ce, out.loss)
+    assert n == 2 * 8
+
+
+def _batch(b=2, d=7, t=5):
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 90, (b, t), generator=g)
+    mask = torch.ones_like(prefix)
+    mask[1, :2] = 0  # the second example's context tail is shorter: left padding
+    prefix[1, :2] = 0
+    return {
+        "input_ids": torch.randint(3, 90, (b, d), generator=g),
+        "labels": torch.randint(3, 90, (b, d), generator=g),
+        "context_input_ids": torch.randint(3, 60, (b, 2, 8), generator=g),
+        "context_attention_mask": torch.ones((b, 2, 8), dtype=torch.long),
+        "teacher_prefix_ids": prefix,
+        "teacher_prefix_mask": mask,
+    }
+
+
+def test_online_teacher_is_the_base_decoder_reading_the_context_tail():
+    m = tiny_cepe("llama", "bert")
+    batch = _batch()
+    teacher = online_teacher_logits(m, batch)
+    assert teacher.shape == (2, 7, m.decoder.config.vocab_size)
+    for i in range(2):
+        keep = batch["teacher_prefix_mask"][i].bool()
+        seq = torch.cat([batch["teacher_prefix_ids"][i][keep], batch["input_ids"][i]])[None]
+        ref = m.decoder(input_ids=seq).logits[0, -7:]
+        torch.testing.assert_close(teacher[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_gradients_reach_only_trainable_parameters():
+    m = tiny_cepe("llama", "bert").train()
+    batch = _batch()
+    teacher = online_teacher_logits(m, batch)
+    assert not teacher.requires_grad
+    out = m(batch["input_ids"], context_input_ids=batch["context_input_ids"], context_attention_mask=batch["context_attention_mask"])
+    ce, _ = cross_entropy(out.logits, batch["labels"])
+    (ce + 2.0 * kl_divergence(out.logits, teacher, batch["labels"])).backward()
+    trainable = {id(p) for p in m.adapter_parameters()}
+    for name, p in m.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    assert any(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith("cross_attn."))
+    assert all(p.grad is None for p in m.decoder.parameters())
