@@ -165,6 +165,8 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # FSDP replaces parameters by sharded ones: clip what the optimizer now holds
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.teacher_file is not None:
             needed = t.max_steps * t.batch_size * t.grad_accum * self.acc.num_processes
             if self.teacher_file.first > 0 or self.teacher_file.rows < needed:
@@ -275,7 +277,10 @@ class Trainer:
             return {}
         t = self.cfg.train
         bs = t.eval_batch_size or t.batch_size
-        mine = list(range(self.acc.process_index, t.eval_samples, self.acc.num_processes))
+        # every process runs the same number of batches (wrapped models may sync on each forward):
+        # eval_samples is rounded up to a multiple of the process count
+        world = self.acc.num_processes
+        mine = list(range(self.acc.process_index, -(-t.eval_samples // world) * world, world))
         self.model.eval()
         results = {}
         modes = (True,) if self._eval_no_context is not None else (True, False)
@@ -462,6 +467,7 @@ class Trainer:
             axes[1].plot(s, w, "o-", label="with context")
             axes[1].plot(s, wo, "s--", label="without context")
             axes[1].legend()
+            axes[1].set_yscale("log")
         axes[1].set_xlabel("step")
         axes[1].set_title("held-out perplexity")
         fig.tight_layout()
