@@ -143,3 +143,22 @@ def test_really_killed_process_resumes_exactly(tmp_path):
     full.fit()
     assert same(state(full.unwrapped.cross_attn), state(resumed.unwrapped.cross_attn))
     assert same(state(full.unwrapped.encoder), state(resumed.unwrapped.encoder))
+
+
+def test_precomputed_teacher_file(tmp_path):
+    from cepe.training.trainer import write_teacher_file
+
+    books = _books(tmp_path / "books")
+    base = [f"output_dir={tmp_path / 'run'}", f"data.train={books}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.decoder=tiny", "model.encoder=tiny", "model.chunk_size=32", "data.context_tokens=64",
+            "data.decoder_tokens=32", "distill.kl_coef=1.0", "distill.topk=8", "max_steps=2", "train.batch_size=2",
+            "train.log_every=1", "train.eval_samples=2"]
+    path = write_teacher_file(load_config(None, base), tmp_path / "teacher.safetensors", progress=False)
+    use = [f"distill.teacher_file={path}", "distill.teacher=file"]
+    Trainer(load_config(None, base + use), progress=False).fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
+    assert len(rows) == 2 and all(r["kl"] > 0 for r in rows)
+    with pytest.raises(ValueError, match=r"teacher\.safetensors: written for other data"):
+        Trainer(load_config(None, base + use + ["data.decoder_tokens=16", f"output_dir={tmp_path / 'r2'}"]), progress=False)
+    with pytest.raises(ValueError, match=r"teacher\.safetensors: holds 4 samples, training reads 6"):
+        Trainer(load_config(None, base + use + ["max_steps=3", f"output_dir={tmp_path / 'r3'}"]), progress=False)

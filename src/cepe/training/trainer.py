@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .build import build_model, describe
 from .config import RunConfig, dump_yaml, fingerprint, to_dict
 from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
+from .metrics import MetricsLog, plot_metrics, print_table
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 LOAD = StateDictOptions(full_state_dict=True, strict=False)
@@ -81,40 +82,6 @@ def data_fingerprint(cfg: RunConfig, teacher_tokens: int) -> str:
     view = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers", "cache_dir")}
     view.update(decoder=cfg.model.decoder, teacher_tokens=teacher_tokens)
     return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and TensorBoard, main process only."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.is_file():  # resuming: forget what was logged after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency, but the JSON log is what matters
-            self.tb = None
-
-    def log(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 class Trainer:
@@ -173,7 +140,7 @@ class Trainer:
                 raise ValueError(f"{self.teacher_file.path}: holds {self.teacher_file.rows} samples, training reads {needed} "
                                  "(max_steps x global batch); write more with --teacher-samples")
         self.step = 0
-        self.counters = {"samples": 0, "decoder_tokens": 0, "context_tokens": 0, "teacher_tokens": 0}
+        self.counters = {"samples": 0, "decoder_tokens": 0, "context_tokens": 0}
         self._eval_no_context: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -425,7 +392,7 @@ class Trainer:
                 summary["mfu"] = summary["model_tflops_per_s"] / cfg.train.peak_tflops
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-            self._plot()
+            plot_metrics(self.run_dir)
             print_table(summary)
         return summary
 
@@ -444,56 +411,6 @@ class Trainer:
         teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if cfg.distilling and self.teacher_file is None else 0
         return ((4 + ckpt_extra) * d["decoder_params"] * dec_tok + 6 * xattn * (dec_tok + ctx_tok) / 2
                 + enc_factor * d["encoder_params"] * ctx_tok + 2 * d["decoder_params"] * teacher_tok)
-
-    def _plot(self) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        evals = [(r["step"], r["eval/ppl_with_context"], r["eval/ppl_without_context"]) for r in rows if "eval/ppl_with_context" in r]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        if train:
-            axes[0].plot(*zip(*train), label="train loss")
-        axes[0].set_xlabel("step")
-        axes[0].set_title("training loss")
-        if evals:
-            s, w, wo = zip(*evals)
-            axes[1].plot(s, w, "o-", label="with context")
-            axes[1].plot(s, wo, "s--", label="without context")
-            axes[1].legend()
-            axes[1].set_yscale("log")
-        axes[1].set_xlabel("step")
-        axes[1].set_title("held-out perplexity")
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "metrics.png", dpi=100)
-        plt.close(fig)
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    rows = [("steps", summary["steps"]), ("seconds", summary["seconds"]), ("decoder tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-            ("final train loss", _fmt(summary.get("final_loss")))]
-    for tag in ("with_context", "without_context"):
-        if f"ppl_{tag}" in summary:
-            rows.append((f"held-out ppl {tag.replace('_', ' ')}", _fmt(summary[f"ppl_{tag}"])))
-            rows.append((f"held-out accuracy {tag.replace('_', ' ')}", _fmt(summary[f"accuracy_{tag}"])))
-    if "chance" in summary:
-        rows.append(("chance accuracy", _fmt(summary["chance"])))
-    if "mfu" in summary:
-        rows.append(("MFU", f"{summary['mfu']:.1%}"))
-    rows.append(("adapter", summary["adapter"]))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
 
 def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Build a trainer from `cfg` and run it."""

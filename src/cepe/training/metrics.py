@@ -1,0 +1,93 @@
+"""What a run reports: metrics.jsonl + TensorBoard while it runs, a plot and a table at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and TensorBoard, main process only."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.is_file():  # resuming: forget what was logged after the checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but the JSON log is what matters
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_metrics(run_dir: Path) -> None:
+    """metrics.png next to metrics.jsonl: training loss, held-out perplexity with and without context."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval/ppl_with_context"], r["eval/ppl_without_context"]) for r in rows if "eval/ppl_with_context" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if train:
+        axes[0].plot(*zip(*train), label="train loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training loss")
+    if evals:
+        s, w, wo = zip(*evals)
+        axes[1].plot(s, w, "o-", label="with context")
+        axes[1].plot(s, wo, "s--", label="without context")
+        axes[1].legend()
+        axes[1].set_yscale("log")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(run_dir / "metrics.png", dpi=100)
+    plt.close(fig)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    rows = [("steps", summary["steps"]), ("seconds", summary["seconds"]), ("decoder tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+            ("final train loss", _fmt(summary.get("final_loss")))]
+    for tag in ("with_context", "without_context"):
+        if f"ppl_{tag}" in summary:
+            rows.append((f"held-out ppl {tag.replace('_', ' ')}", _fmt(summary[f"ppl_{tag}"])))
+            rows.append((f"held-out accuracy {tag.replace('_', ' ')}", _fmt(summary[f"accuracy_{tag}"])))
+    if "chance" in summary:
+        rows.append(("chance accuracy", _fmt(summary["chance"])))
+    if "mfu" in summary:
+        rows.append(("MFU", f"{summary['mfu']:.1%}"))
+    rows.append(("adapter", summary["adapter"]))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
