@@ -29,3 +29,11 @@ def test_train_and_dry_run(capsys, tmp_path):
     assert main(["train", "--config", str(TINY), f"output_dir={tmp_path}", "max_steps=2", "train.eval_samples=16", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy with context" in out and (tmp_path / "adapter" / "config.json").is_file()
+
+
+def test_standalone_module_entry(capsys):
+    from cepe.training.cli import main as train_main
+
+    assert train_main(["--config", str(TINY), "max_steps=3", "--print-config"]) == 0
+    assert "max_steps: 3" in capsys.readouterr().out
+    assert train_main(["--config", str(TINY), "train.nope=1"]) == 2

@@ -69,3 +69,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     trainer.fit()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cepe.training.cli --config ...`: the same as `cepe train`, without importing the
+    other parts' command lines (and their optional dependencies, e.g. on a bare GPU machine)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m cepe.training.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"cepe train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
