@@ -60,12 +60,15 @@ def build_model(cfg: RunConfig) -> CepeForCausalLM:
         decoder, encoder, chunk_size=m.chunk_size, cross_attn_init=m.cross_attn_init,
         cross_attn_layers=m.cross_attn_layers, cross_attn_num_kv_heads=m.cross_attn_num_kv_heads,
         encoder_num_layers=m.encoder_num_layers, tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer,
+        encoder_frozen=m.encoder_frozen if m.encoder is not None else None,
     )
     if m.init_adapter:
         load_init_adapter(model, m.init_adapter)
     # trainable weights stay fp32 (AdamW on bf16 weights loses small updates); autocast does the rest
     for p in model.adapter_parameters():
         p.data = p.data.float()
+    if m.encoder is not None:
+        model.encoder.float()  # frozen encoder parts too: one dtype inside the (small) encoder
     return model
 
 

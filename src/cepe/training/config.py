@@ -47,6 +47,7 @@ class ModelConfig:
     cross_attn_layers: str | list[int] = "all"
     cross_attn_num_kv_heads: int | None = None
     encoder_num_layers: int = 4  # decoder-derived encoder depth
+    encoder_frozen: str | None = None  # "embeddings": keep the encoder's (large, generic) embeddings frozen and unsaved
     dtype: str = "fp32"  # decoder weights: fp32 or bf16 (bf16 needs train.precision=bf16)
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     init_adapter: str | None = None  # start from a trained adapter folder (e.g. the previous stage)
