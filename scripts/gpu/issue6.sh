@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The released SmolLM2 adapter, trained and evaluated on the lent H100 (see docs/results.md).
+# Run after scripts/gpu/bootstrap.sh on the same warm machine. One step per call:
+#   bash scripts/gpu/issue6.sh compare    # short long-document runs: MiniLM vs decoder-derived encoder
+#   bash scripts/gpu/issue6.sh train ENC  # warmup -> long documents with encoder ENC (minilm-l6 | null)
+#   bash scripts/gpu/issue6.sh distill ENC
+#   bash scripts/gpu/issue6.sh eval       # perplexity curves on held-out book and code
+# Outputs go to /root/runs (kept while the machine is warm) and the small files to $OUT.
+set -euo pipefail
+export CEPE_HOME=${CEPE_HOME:-/root/cepe_home}
+export PYTHONPATH=/root/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+OUT=${OUT:-/tmp/out}
+SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+STD=$(python3 -c 'import os; print(os.path.dirname(os.__file__))')
+BOOKS=/root/data/books/austen
+# training text: the six novels (persuasion.txt held out) + the GPU machine's site-packages code;
+# held-out code is the standard library's email/, json/, asyncio/, which is not in site-packages
+DATA="data.train=[$BOOKS,$SP] data.heldout=[persuasion.txt] data.num_workers=8"
+train() { python3 -m cepe.training.cli "$@" --no-progress; }
+keep() { local run=$1 tag=$2; for f in summary.json metrics.jsonl metrics.png; do cp "$run/$f" "$OUT/${tag}_$f" 2>/dev/null || true; done; }
+
+case "${1:-}" in
+  compare)
+    steps=${2:-300}
+    for enc in minilm-l6 null; do
+      tag=cmp_${enc//-/_}
+      train --config configs/smollm2_long.yaml $DATA model.encoder=$enc model.init_adapter=null \
+        "data.mixture={long_document: 0.8, warmup: 0.2}" train.max_steps=$steps train.eval_every=0 \
+        train.save_every=0 train.eval_samples=128 output_dir=/root/runs/$tag
+      keep /root/runs/$tag $tag
+    done
+    ;;
+  train)
+    enc=${2:-minilm-l6}; wsteps=${3:-300}; lsteps=${4:-1500}
+    train --config configs/smollm2_warmup.yaml $DATA model.encoder=$enc train.max_steps=$wsteps \
+      output_dir=/root/runs/warmup
+    keep /root/runs/warmup warmup
+    train --config configs/smollm2_long.yaml $DATA model.encoder=$enc train.max_steps=$lsteps \
+      model.init_adapter=/root/runs/warmup/adapter output_dir=/root/runs/long
+    keep /root/runs/long long
+    ;;
+  distill)
+    enc=${2:-minilm-l6}; steps=${3:-600}
+    train --config configs/smollm2_distill.yaml $DATA model.encoder=$enc train.max_steps=$steps \
+      model.init_adapter=/root/runs/long/adapter output_dir=/root/runs/distill
+    keep /root/runs/distill distill
+    ;;
+  pack)
+    # bf16 adapter shards (< 16 MiB each) for the trip back
+    for stage in long distill; do
+      python3 - "$stage" <<'PY'
+import sys, torch
+from cepe import CepeForCausalLM
+stage = sys.argv[1]
+m = CepeForCausalLM.from_pretrained(f"/root/runs/{stage}/adapter", decoder="smollm2-135m")
+m.save_pretrained(f"/root/release/{stage}", dtype=torch.bfloat16, max_shard_size=15 * 2**20)
+PY
+    done
+    ;;
+  eval)
+    adapter=${2:-/root/runs/long/adapter}; name=${3:-long}
+    # held-out code as one long document: every .py of the stdlib's email/, json/, asyncio/, sorted
+    find "$STD"/email "$STD"/json "$STD"/asyncio -name '*.py' | sort | xargs cat > /root/heldout_code.py
+    for corpus in book code; do
+      if [ $corpus = book ]; then data=$BOOKS/persuasion.txt; else data=/root/heldout_code.py; fi
+      python3 -m cepe.cli eval ppl --data $data --adapter "$adapter" --device cuda --dtype bfloat16 \
+        -D 512 -W 256 --context-tokens 0,512,1K,2K,4K,7680,16K,32K --windows-per-doc 8 --max-docs 1 \
+        --methods cepe,truncated,full,streamingllm,replug --out "$OUT" --name ppl_${corpus}_${name} --no-progress
+    done
+    ;;
+  *) echo "usage: $0 compare|train ENC|distill ENC|pack|eval [ADAPTER NAME]"; exit 2 ;;
+esac
