@@ -8,6 +8,7 @@ import pytest
 
 from cepe.evaluation.metrics import (
     accuracy,
+    clean_answer,
     exact_match,
     f1_score,
     first_integer,
@@ -57,3 +58,12 @@ def test_accuracy_and_first_integer():
         accuracy(["a"], [])
     assert first_integer(" 71432. Remember") == "71432"
     assert first_integer("no digits") is None
+
+
+def test_clean_answer():
+    assert clean_answer(" The answer is:\nMax von Sydow\nmore") == "Max von Sydow"
+    assert clean_answer("The answer to this question is: Ben .") == "Ben ."
+    assert clean_answer("Answer: Paris") == "Paris"
+    assert clean_answer("Jess Walton (born 1949) is") == "Jess Walton (born 1949) is"
+    assert clean_answer("The answer is:") == "" and clean_answer("") == ""
+    assert exact_match(clean_answer("The answer is: the Beatles."), ["Beatles"]) == 1.0

@@ -135,12 +135,15 @@ def test_icl_run(model, tok):
 
 
 def test_passkey_prompt_and_run(model, tok):
-    ids = passkey.build_prompt(tok, 700, 0.5, "12345")
-    text = tok.decode(ids)
+    intro, body = passkey.build_prompt(tok, 700, 0.5, "12345")
+    text = tok.decode(body)
+    assert tok.decode(intro) == passkey.INTRO
     assert "The pass key is 12345" in text and text.endswith("The pass key is")
-    assert abs(len(ids) - 700) < len(passkey.FILLER) + 1
-    early, late = (tok.decode(passkey.build_prompt(tok, 700, d, "12345")).index("12345") for d in (0.0, 1.0))
+    assert abs(len(intro) + len(body) - 700) < len(passkey.FILLER) + 1
+    early, late = (tok.decode(passkey.build_prompt(tok, 700, d, "12345")[1]).index("12345") for d in (0.0, 1.0))
     assert early < late
+    req = passkey.make_request(intro, body, passkey.PasskeySettings(decoder_tokens=64))
+    assert req.prefix == intro and req.tokens == body[-64:] and req.context == [body[:-64]]
     methods = build_methods(["cepe", "truncated", "full", "streamingllm", "replug"], model, window=32,
                             full_max_length=200, replug_chunk_tokens=32)
     s = passkey.PasskeySettings(lengths=[150, 250], depths=[0.0, 1.0], trials=1, decoder_tokens=32, max_new_tokens=3)

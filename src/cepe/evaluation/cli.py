@@ -119,7 +119,7 @@ def register(subparsers) -> None:
     t.add_argument("--decoder-passages", "-m", type=int, default=1, help="top-m passages in the decoder (default 1)")
     t.add_argument("--encoder-passages", "-k", type=int, default=10, help="the next k passages in the encoder, one per chunk (default 10)")
     t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder-only); default its trained window")
-    t.add_argument("--prompt", choices=["plain", "chat"], default="plain", help="prompt format (see docs/evaluation.md)")
+    t.add_argument("--prompt", choices=["chat", "plain"], default="chat", help="prompt format (default chat; see docs/evaluation.md)")
     t.add_argument("--max-new-tokens", type=int, default=16)
     t.add_argument("--max-examples", type=int, default=100)
     _common(t, "qa")

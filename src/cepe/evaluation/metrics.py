@@ -8,6 +8,7 @@ import string
 from collections import Counter
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_LEAD_IN = re.compile(r"^(the\s+)?(short\s+)?answer(\s+to\s+(this|the)\s+question)?(\s+is)?\s*:\s*", re.I)
 _PUNCT = set(string.punctuation)
 
 
@@ -23,6 +24,16 @@ def normalize_answer(text: str) -> str:
     text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+def clean_answer(generated: str) -> str:
+    """The answer in a generated continuation: its first non-empty line once a lead-in such as
+    'The answer is:' is dropped (small instruct models like to announce, then answer below)."""
+    for line in generated.strip().split("\n"):
+        line = _LEAD_IN.sub("", line.strip()).strip()
+        if line:
+            return line
+    return ""
 
 
 def exact_match(prediction: str, answers: list[str]) -> float:

@@ -1,9 +1,11 @@
 """Passkey retrieval: a random number hidden at a chosen depth of long filler text; the model must
 repeat it. Accuracy against prompt length and needle depth.
 
-The prompt is laid out like a `ppl` window: its last D tokens (which end with the question) are
-the decoder window, everything before is context (CEPE's encoder, REPLUG's passes, or the window
-of `full` / `streamingllm`); `truncated` sees the last D tokens only.
+The short instruction that opens the prompt is kept in every method's decoder (the request's
+prefix), so that what is measured is finding the key, not knowing the task. The rest is laid out
+like a `ppl` window: its last D tokens (which end with the question) are the decoder window,
+everything before is context (CEPE's encoder, REPLUG's passes, or the window of `full` /
+`streamingllm`); `truncated` sees the instruction and the last D tokens only.
 """
 
 from __future__ import annotations
@@ -43,21 +45,22 @@ class PasskeySettings:
             raise ValueError("trials must be >= 1")
 
 
-def build_prompt(tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER) -> list[int]:
-    """About `length` tokens: intro, filler units with the needle after round(depth * units), question."""
+def build_prompt(tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER) -> tuple[list[int], list[int]]:
+    """(instruction, body) of about `length` tokens in all: the body is filler units with the
+    needle after round(depth * units), then the question."""
     intro, needle, question = encode(tokenizer, INTRO), encode(tokenizer, NEEDLE.format(key=key)), encode(tokenizer, QUESTION)
     unit = encode(tokenizer, filler)
     if not unit:
         raise ValueError("empty filler text")
     units = max(0, (length - len(intro) - len(needle) - len(question)) // len(unit))
     at = round(depth * units)
-    return intro + unit * at + needle + unit * (units - at) + question
+    return intro, unit * at + needle + unit * (units - at) + question
 
 
-def make_request(ids: list[int], s: PasskeySettings) -> Request:
-    d = min(s.decoder_tokens, len(ids))
-    context = [ids[:-d]] if len(ids) > d else []
-    return Request(tokens=ids[-d:], context=context, score_start=1)
+def make_request(intro: list[int], body: list[int], s: PasskeySettings) -> Request:
+    d = min(s.decoder_tokens, len(body))
+    context = [body[:-d]] if len(body) > d else []
+    return Request(tokens=body[-d:], context=context, prefix=intro, score_start=1)
 
 
 def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: str = FILLER,
@@ -74,9 +77,9 @@ def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: 
         for depth in s.depths:
             for _ in range(s.trials):
                 key = str(rng.randint(10000, 99999))
-                ids = build_prompt(tokenizer, length, depth, key, filler)
-                prompt_tokens[length] = len(ids)
-                req = make_request(ids, s)
+                intro, body = build_prompt(tokenizer, length, depth, key, filler)
+                prompt_tokens[length] = len(intro) + len(body)
+                req = make_request(intro, body, s)
                 for name, method in methods.items():
                     bar.set_postfix_str(f"{name} L={length} depth={depth}")
                     try:

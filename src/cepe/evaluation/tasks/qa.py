@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..methods import Cepe, Method, Replug, Truncated
-from ..metrics import exact_match, f1_score, substring_match
+from ..metrics import clean_answer, exact_match, f1_score, substring_match
 from ..report import Timer
 from ..scoring import Request
 from .common import encode, fitting_prefix, in_window, mean, stop_ids, window_budget
@@ -31,7 +31,7 @@ _MARK = "\u0000DOCUMENTS\u0000"
 class QaSettings:
     decoder_passages: int = 1  # m
     encoder_passages: int = 10  # k
-    prompt: str = "plain"  # plain | chat
+    prompt: str = "chat"  # chat | plain
     max_new_tokens: int = 16
 
     def __post_init__(self):
@@ -50,6 +50,8 @@ def prompt_parts(tokenizer: Any, question: str, style: str) -> tuple[str, str]:
     chat: the tokenizer's chat template with the documents and question in the user turn."""
     if style == "plain":
         return "", f"Question: {question.strip()}\nAnswer:"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: use --prompt plain")
     user = f"{INSTRUCTION}\n\n{_MARK}Question: {question.strip()}"
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
     head, tail = text.split(_MARK)
@@ -77,7 +79,7 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
     """questions: {question, answers, gold_passage?}; passages: {id, text} (the retriever's pool, same order)."""
     timer = timer or Timer()
     n_ret = s.decoder_passages + s.encoder_passages
-    stops = stop_ids(tokenizer)
+    stops = stop_ids(tokenizer, newline=False)  # the answer may follow "The answer is:" on the next line
     formatted: dict[int, list[int]] = {}
     scores = {name: {"em": [], "f1": [], "substring": [], "passages_read": []} for name in methods}
     recall = {"decoder": [], "all": []}
@@ -101,8 +103,9 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
             req, n_read = make_request(method, head, tail, docs, [sc for _, sc in hits], s, s.max_new_tokens)
             with timer(name):
                 out = method.generate(req, s.max_new_tokens, stops)
-            answer = tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip()
-            row[name] = answer
+            generated = tokenizer.decode(out, skip_special_tokens=True)
+            answer = clean_answer(generated)
+            row[name], row[f"{name}_generated"] = answer, generated
             scores[name]["em"].append(exact_match(answer, q["answers"]))
             scores[name]["f1"].append(f1_score(answer, q["answers"]))
             scores[name]["substring"].append(substring_match(answer, q["answers"]))
