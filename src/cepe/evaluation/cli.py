@@ -264,7 +264,8 @@ def cmd_rag_lm(args) -> int:
     passages = rag_lm.make_passages(corpus, em.tokenizer, args.passage_tokens)
     with timer("index"):
         retriever = build_retriever(args.retriever, [p.text for p in passages],
-                                    **({"encoder": args.dense_encoder, "device": args.device} if args.retriever == "dense" else {}))
+                                    **({"encoder": args.dense_encoder, "device": args.device, "progress": not args.no_progress}
+                                       if args.retriever == "dense" else {}))
     result = rag_lm.run(methods, docs, passages, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
     header, rows = rag_lm.table(result, settings)
     data = {"documents": fingerprint(args.data), "corpus": fingerprint(args.corpus), "windows": len(result["windows"])}
@@ -293,8 +294,8 @@ def cmd_qa(args) -> int:
     timer = Timer()
     with timer("index"):
         retriever = build_retriever(args.retriever, [p["text"] for p in pool],
-                                    **({"encoder": args.dense_encoder, "device": args.device, "cache": args.dense_cache}
-                                       if args.retriever == "dense" else {}))
+                                    **({"encoder": args.dense_encoder, "device": args.device, "cache": args.dense_cache,
+                                        "progress": not args.no_progress} if args.retriever == "dense" else {}))
     result = qa.run(methods, questions, pool, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
     header, rows = qa.table(result)
     data = {"questions": fingerprint([args.questions]), "passages": fingerprint([args.passages]),

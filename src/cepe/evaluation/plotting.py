@@ -64,7 +64,7 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
                 if v is not None and math.isfinite(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
     axes[0][0].set_ylabel(ylabel, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.03)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     path = Path(path)

@@ -43,10 +43,11 @@ class DenseRetriever:
     """Cosine similarity of mean-pooled, L2-normalised encoder states (all-MiniLM-L6-v2 style).
 
     `encoder`: an asset name / folder (default `minilm-l6`) or an `(AutoModel, tokenizer)` pair.
-    `cache`: optional safetensors file keeping the passage embeddings (keyed by a hash of the texts)."""
+    `cache`: optional safetensors file keeping the passage embeddings (keyed by a hash of the texts,
+    the encoder's weights and the truncation length)."""
 
     def __init__(self, texts: list[str], encoder="minilm-l6", device: str = "cpu", batch_size: int = 64,
-                 max_length: int = 256, cache: str | Path | None = None):
+                 max_length: int = 256, cache: str | Path | None = None, progress: bool = True):
         if not texts:
             raise ValueError("empty retrieval corpus")
         if isinstance(encoder, (str, Path)):
@@ -57,7 +58,7 @@ class DenseRetriever:
         else:
             self.model, self.tokenizer = encoder
         self.model = self.model.to(device).eval()
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.device, self.batch_size, self.max_length, self.progress = device, batch_size, max_length, progress
         self.texts = texts
         self.embeddings = self._load_or_embed(texts, cache)
 
@@ -75,19 +76,21 @@ class DenseRetriever:
         return torch.cat(out)
 
     def _load_or_embed(self, texts: list[str], cache) -> torch.Tensor:
-        key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+        from ..model import weights_fingerprint
+
+        key = hashlib.sha256("\x00".join([weights_fingerprint(self.model), str(self.max_length), *texts]).encode()).hexdigest()
         if cache is not None and Path(cache).is_file():
             from safetensors import safe_open
 
             with safe_open(str(cache), framework="pt") as f:
-                if (f.metadata() or {}).get("texts_sha256") == key:
+                if (f.metadata() or {}).get("key") == key:
                     return f.get_tensor("embeddings")
-        emb = self.embed(texts, progress=True)
+        emb = self.embed(texts, progress=self.progress)
         if cache is not None:
             from safetensors.torch import save_file
 
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            save_file({"embeddings": emb.contiguous()}, str(cache), metadata={"texts_sha256": key})
+            save_file({"embeddings": emb.contiguous()}, str(cache), metadata={"key": key})
         return emb
 
     def search(self, query: str, k: int, exclude: set[int] | None = None) -> list[tuple[int, float]]:
