@@ -84,3 +84,20 @@ def test_cli_errors(files, tmp_path, capsys):
     bad.write_text('{"question": "q"}\n')
     assert main(["eval", "qa", "--questions", str(bad), "--passages", str(bad), *base]) == 2
     assert "bad.jsonl:1: missing field" in capsys.readouterr().err
+
+
+def test_cli_adapter(files, tmp_path):
+    """--adapter DIR loads a saved adapter onto its base decoder (recorded in the adapter, or --decoder)."""
+    from cepe import CepeForCausalLM
+
+    adapter = tmp_path / "adapter"
+    model = CepeForCausalLM.from_base(str(files / "decoder"), None, chunk_size=16, cross_attn_init="zero",
+                                      encoder_num_layers=2)
+    model.save_pretrained(adapter)
+    args = ["eval", "ppl", "--data", str(files / "books"), "-D", "32", "-W", "16", "--total-tokens", "32,64",
+            "--methods", "cepe,truncated", "--out", str(tmp_path), "--name", "a", "--no-progress", "--adapter", str(adapter)]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "a.json").read_text())
+    assert out["model"]["adapter"] == str(adapter) and out["model"]["decoder"] == str(files / "decoder")
+    assert out["results"]["checks"]["cepe_vs_truncated_max_abs_loglik_diff"] == 0
+    assert main(args + ["--init", "zero"]) == 2  # one or the other

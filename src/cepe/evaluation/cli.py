@@ -40,7 +40,7 @@ def _floats(text: str) -> list[float]:
 
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--decoder", default="smollm2-135m", help="base decoder: asset name or folder (default smollm2-135m)")
+    g.add_argument("--decoder", default=None, help="base decoder: asset name or folder (default smollm2-135m, or the one an --adapter records)")
     g.add_argument("--encoder", default="minilm-l6", help="context encoder for --init: asset name, folder, or 'decoder' (decoder-derived)")
     g.add_argument("--adapter", default=None, help="trained CEPE adapter folder, or 'released'")
     g.add_argument("--init", choices=["zero", "copy"], default=None, help="build an untrained CEPE model (zero: equals the base decoder)")

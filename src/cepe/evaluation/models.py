@@ -31,8 +31,11 @@ class EvalModel:
         return next(self.decoder.parameters()).device
 
 
+DEFAULT_DECODER = "smollm2-135m"
+
+
 def load_eval_model(
-    decoder: str = "smollm2-135m",
+    decoder: str | None = None,
     encoder: str | None = "minilm-l6",
     adapter: str | None = None,
     init: str | None = None,
@@ -41,31 +44,33 @@ def load_eval_model(
     dtype: str | None = None,
     encoder_layers: int = 4,
 ) -> EvalModel:
-    """`adapter`: a trained adapter folder (or `released`); `init`: `zero` | `copy` builds an
-    untrained CEPE model; neither: the base decoder alone. `encoder="decoder"`: the
+    """`adapter`: a trained adapter folder (or `released`), on `decoder` or else the base decoder
+    the adapter records; `init`: `zero` | `copy` builds an untrained CEPE model; neither: the base
+    decoder alone. `decoder` defaults to SmolLM2-135M-Instruct; `encoder="decoder"`: the
     decoder-derived encoder."""
     from ..model import CepeForCausalLM
     from ..model.loading import load_decoder
 
     if adapter is not None and init is not None:
         raise ValueError("give either --adapter (a trained adapter) or --init (an untrained model), not both")
-    desc = {"decoder": decoder, "encoder": encoder, "adapter": adapter, "init": init, "chunk_size": chunk_size,
-            "dtype": dtype or "float32"}
+    desc = {"decoder": decoder or DEFAULT_DECODER, "encoder": encoder, "adapter": adapter, "init": init,
+            "chunk_size": chunk_size, "dtype": dtype or "float32"}
     if adapter is not None:
         model = CepeForCausalLM.from_pretrained(adapter, decoder=decoder, dtype=dtype)
-        desc["chunk_size"] = model.config.chunk_size
+        cfg = model.config
+        desc.update(decoder=decoder or cfg.base_decoder, chunk_size=cfg.chunk_size,
+                    encoder=cfg.base_encoder if cfg.encoder_type == "hf" else "decoder")
     elif init is not None:
-        model = CepeForCausalLM.from_base(decoder, None if encoder in (None, "decoder") else encoder,
+        model = CepeForCausalLM.from_base(desc["decoder"], None if encoder in (None, "decoder") else encoder,
                                           chunk_size=chunk_size, cross_attn_init=init, dtype=dtype,
                                           encoder_num_layers=encoder_layers)
     else:
-        base, tok = load_decoder(decoder, dtype=dtype)
+        base, tok = load_decoder(desc["decoder"], dtype=dtype)
         if tok is None:
-            raise ValueError(f"{decoder}: no tokenizer found next to the decoder")
-        base = base.to(device).eval()
-        return EvalModel(base, tok, None, desc)
+            raise ValueError(f"{desc['decoder']}: no tokenizer found next to the decoder")
+        return EvalModel(base.to(device).eval(), tok, None, desc)
     if model.tokenizer is None:
-        raise ValueError(f"{decoder}: no tokenizer found next to the decoder")
+        raise ValueError(f"{desc['decoder']}: no tokenizer found next to the decoder")
     if dtype is not None:
         model = model.to(next(model.decoder.parameters()).dtype)
     model = model.to(device).eval()
