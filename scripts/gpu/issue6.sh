@@ -17,7 +17,7 @@ BOOKS=/root/data/books/austen
 # training text: the six novels (persuasion.txt held out) + the GPU machine's site-packages code;
 # held-out code is the standard library's email/, json/, asyncio/, which is not in site-packages
 DATA="data.train=[$BOOKS,$SP] data.heldout=[persuasion.txt] data.num_workers=8"
-train() { python3 -m cepe.training.cli "$@" --no-progress; }
+train() { python3 -m cepe.training.cli "$@" ${EXTRA:-} --no-progress; }
 keep() { local run=$1 tag=$2; for f in summary.json metrics.jsonl metrics.png; do cp "$run/$f" "$OUT/${tag}_$f" 2>/dev/null || true; done; }
 
 case "${1:-}" in
@@ -64,8 +64,8 @@ PY
     find "$STD"/email "$STD"/json "$STD"/asyncio -name '*.py' | sort | xargs cat > /root/heldout_code.py
     for corpus in book code; do
       if [ $corpus = book ]; then data=$BOOKS/persuasion.txt; else data=/root/heldout_code.py; fi
-      python3 -m cepe.cli eval ppl --data $data --adapter "$adapter" --device cuda --dtype bfloat16 \
-        -D 512 -W 256 --context-tokens 0,512,1K,2K,4K,7680,16K,32K --windows-per-doc 8 --max-docs 1 \
+      timeout ${EVAL_TIMEOUT:-900} python3 -m cepe.cli eval ppl --data $data --adapter "$adapter" --device cuda --dtype bfloat16 \
+        -D 512 -W 256 --context-tokens ${CTX:-0,512,1K,2K,4K,7680,16K,32K} --windows-per-doc ${WINDOWS:-8} --max-docs 1 \
         --methods cepe,truncated,full,streamingllm,replug --out "$OUT" --name ppl_${corpus}_${name} --no-progress
     done
     ;;

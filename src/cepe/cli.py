@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(part)
         except ModuleNotFoundError as e:
+            if e.name and not e.name.startswith("cepe"):
+                # a part whose optional dependency is missing (e.g. fastapi for `serve`) stays out
+                continue
             if e.name != part and not part.startswith(str(e.name)):
                 raise
             continue

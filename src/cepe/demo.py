@@ -1,6 +1,6 @@
 """`cepe demo`: the README's main job on a real document, in a couple of minutes on a laptop CPU.
 
-Loads SmolLM2-135M-Instruct + all-MiniLM-L6-v2 + the released CEPE adapter, reads a long document
+Loads SmolLM2-135M-Instruct + the released CEPE adapter (its encoder included), reads a long document
 (bundled: the first three chapters of Jane Austen's *Persuasion*, public domain; or your own file),
 prints the perplexity of its last part with the decoder alone and with the rest of the document
 read by the encoder, then answers a question about the document.
@@ -33,19 +33,18 @@ def load_model(adapter: str, decoder: str = "smollm2-135m", encoder: str = "mini
     return CepeForCausalLM.from_pretrained(adapter, decoder=decoder).eval(), str(adapter)
 
 
-@torch.no_grad()
 def window_perplexity(model, ids: torch.Tensor, window: int, scored: int, context_tokens: int) -> float:
     """Perplexity of the last `scored` tokens of a decoder window of `window` tokens ending the
-    document; the encoder reads up to `context_tokens` tokens preceding the window (0: none)."""
-    x = ids[-window:][None]
-    labels = x.clone()
-    labels[:, : window - scored] = -100
-    context = None
-    if context_tokens:
-        # the encoder reads the same text, re-tokenized with its own tokenizer
-        text = model.tokenizer.decode(ids[-window - context_tokens : -window])
-        context = model.encode_context([text])
-    return math.exp(model(x, context=context, labels=labels).loss.item())
+    document; the encoder reads up to `context_tokens` tokens preceding the window (0: none).
+    Goes through the evaluation harness's one scoring function, as every method there does."""
+    from cepe.evaluation.methods import Cepe
+    from cepe.evaluation.scoring import Request, score
+
+    ids = ids.tolist()
+    tokens = ids[-window:]
+    context = [ids[-window - context_tokens : -window]] if context_tokens else []
+    loglik = score(Cepe(model), Request(tokens=tokens, context=context, score_start=window - scored))
+    return math.exp(-loglik.mean().item())
 
 
 def answer(model, question: str, context) -> str:
@@ -75,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if ids.numel() < args.window + 256:
         raise ValueError(f"document has {ids.numel()} tokens; the demo needs at least {args.window + 256}")
     ctx_tokens = min(args.max_context, ids.numel() - args.window)
-    print(f"[cepe demo] model: SmolLM2-135M-Instruct + MiniLM-L6 + adapter {label}")
+    encoder = "decoder-derived encoder" if model.config.encoder_type == "decoder" else f"encoder {model.config.base_encoder}"
+    print(f"[cepe demo] model: SmolLM2-135M-Instruct + {encoder} + adapter {label}")
     print(f"[cepe demo] document: {args.file or 'bundled Persuasion ch. 1-3'} ({ids.numel():,} tokens)")
     ppl_alone = window_perplexity(model, ids, args.window, args.scored, 0)
     ppl_ctx = window_perplexity(model, ids, args.window, args.scored, ctx_tokens)

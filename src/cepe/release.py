@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-RELEASED_NAME = "cepe-smollm2-135m-minilm"
+RELEASED_NAME = "cepe-smollm2-135m"
 
 
 def released_adapter_path() -> Path:
