@@ -287,3 +287,21 @@ def test_shared_context_cached_keys_values_match_recompute():
     m.config.kv_policy = "cache"
     b = m.generate(ids, context=ctx, **kw)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "mpnet"])
+def test_other_hf_encoders(kind):
+    from transformers import MPNetConfig, MPNetModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(2)
+    common = dict(vocab_size=80, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=48, max_position_embeddings=40, pad_token_id=1)
+    enc = (RobertaModel(RobertaConfig(**common), add_pooling_layer=False) if kind == "roberta"
+           else MPNetModel(MPNetConfig(**common), add_pooling_layer=False)).eval()
+    m = CepeForCausalLM.from_base(tiny_decoder(), enc, chunk_size=8, cross_attn_init="zero").eval()
+    assert m.encoder.max_positions == 40 - 2  # position ids start after the padding index
+    ids = _ids()
+    ctx = torch.randint(3, 60, (2, 2, 10))
+    torch.testing.assert_close(m(ids, context_input_ids=ctx).logits, m.decoder(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="positions"):
+        m(ids, context_input_ids=torch.randint(3, 60, (2, 1, 39)))
