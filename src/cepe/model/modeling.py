@@ -178,10 +178,10 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 p.requires_grad_(False)
         self.config.encoder_frozen = part
 
-    def _saved_keys(self) -> set[str]:
-        """Adapter keys written by `save_pretrained`: frozen encoder weights come from the base."""
+    def _saved_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors `save_pretrained` writes: frozen encoder weights come from the base."""
         frozen = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if not p.requires_grad}
-        return {k for k in self.adapter_state_dict() if k not in frozen}
+        return {k: v for k, v in self.adapter_state_dict().items() if k not in frozen}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters CEPE adds: encoder and cross-attention (shared decoder tensors excluded)."""
@@ -454,11 +454,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         the encoder tokenizer. The base decoder's weights are never written."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        keep = self._saved_keys()
         sd = {
             k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
-            for k, v in self.adapter_state_dict().items()
-            if k in keep
+            for k, v in self._saved_state_dict().items()
         }
         self.config.base_encoder_fingerprint = self._frozen_encoder_fingerprint()
         for old in list(out.glob("model*.safetensors")) + [out / ADAPTER_INDEX]:
@@ -570,7 +568,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                         loaded[k] = f.get_tensor(k)
             except (SafetensorError, OSError, ValueError) as e:
                 raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
-        expected = {k: v for k, v in self.adapter_state_dict().items() if k in self._saved_keys()}
+        expected = self._saved_state_dict()
         if self.config.encoder_frozen and getattr(self.config, "base_encoder_fingerprint", None):
             if self._frozen_encoder_fingerprint() != self.config.base_encoder_fingerprint:
                 raise ValueError(
@@ -589,21 +587,24 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def _params_fingerprint(params: list[tuple[str, torch.Tensor]]) -> str:
-    holder = nn.Module()
-    for i, (name, p) in enumerate(params):
-        holder.register_parameter(f"p{i}", nn.Parameter(p.detach(), requires_grad=False))
-    return weights_fingerprint(holder, extra=",".join(n for n, _ in params))
+    """Fingerprint of a list of named tensors (e.g. the frozen part of an encoder)."""
+    return _hash_tensors([(f"p{i}", p) for i, (_, p) in enumerate(params)], extra=",".join(n for n, _ in params))
 
 
 def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
     """A cheap, dtype-independent hash of a module's weights: shapes plus a strided sample of
     values rounded to bfloat16 (so fp32 and bf16 loads of the same checkpoint agree)."""
-    h = hashlib.sha256(extra.encode())
-    seen = set()
+    seen, named = set(), []
     for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+        if id(p) not in seen:  # a tied or shared tensor counts once
+            seen.add(id(p))
+            named.append((name, p))
+    return _hash_tensors(named, extra)
+
+
+def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for name, p in named:
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].float().to(torch.bfloat16).view(torch.int16).cpu()
