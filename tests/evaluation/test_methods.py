@@ -175,6 +175,30 @@ def test_cached_generation_equals_greedy_loop():
     assert len(greedy_generate(methods["truncated"], req, 6, stop)) <= 2
 
 
+@pytest.mark.parametrize("encoder", ["decoder", "bert"])
+def test_batched_generation_equals_one_at_a_time(encoder):
+    """Left-padded batches (rows of different lengths, different numbers of context documents,
+    one row with none) give each row the tokens it gets alone."""
+    model = tiny_cepe("llama", encoder, init="copy")
+    methods = build_methods(["cepe", "truncated", "full", "replug"], model, to_encoder=(lambda ids: [t % 70 for t in ids]) if encoder == "bert" else None)
+    reqs = [
+        Request(tokens=random_ids(10, 30), context=[random_ids(7, 31), random_ids(4, 32)], weights=[0.2, 0.9]),
+        Request(tokens=random_ids(4, 33), context=[random_ids(12, 34)], prefix=[5, 6], weights=[1.0]),
+        Request(tokens=random_ids(7, 35)),
+        Request(tokens=random_ids(60, 41), context=[random_ids(6, 42)]),  # pads the others by 50+
+        Request(tokens=random_ids(13, 36), context=[random_ids(3, 37), random_ids(9, 38), random_ids(5, 39)]),
+    ]
+    for name, m in methods.items():
+        alone = [m.generate(r, 5) for r in reqs]
+        assert m.generate_batch(reqs, 5) == alone, name
+        stop = {alone[0][1], alone[3][0]}
+        assert m.generate_batch(reqs, 5, stop) == [m.generate(r, 5, stop) for r in reqs], name
+    # CEPE reads the context in a batch too: a copy-init model's answer depends on it
+    cepe = methods["cepe"]
+    swapped = [reqs[0], Request(tokens=reqs[1].tokens, context=[random_ids(40, 40)], prefix=[5, 6])]
+    assert cepe.generate_batch(swapped, 5)[1] == cepe.generate(swapped[1], 5)
+
+
 def test_label_log_likelihoods(dec):
     prompt = Request(tokens=random_ids(10, 26))
     cands = [[5], [6, 7]]

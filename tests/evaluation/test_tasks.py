@@ -111,6 +111,35 @@ def test_qa_run(model, tok, style):
     assert len(out["examples"]) == 2
 
 
+def test_qa_batched_sweep_equals_single_runs(model, tok):
+    """A k sweep answered 3 questions per batch gives each k what a one-at-a-time run gives;
+    the decoder-only `truncated` is answered once and reused; the comparison names the best
+    decoder-only setting and a bootstrap interval around CEPE's difference from it."""
+    questions, passages = _qa_data()
+    questions = questions * 3  # 6 questions: two batches of 3
+    retriever = BM25Retriever([p["text"] for p in passages])
+    methods = build_methods(["cepe", "truncated", "full", "replug"], model, full_max_length=200)
+    s = qa.QaSettings(decoder_passages=1, encoder_passages=0, prompt="plain", max_new_tokens=4)
+    sweep = qa.run_sweep(methods, questions, passages, retriever, s, [1, 3], tok, progress=False, batch_size=3,
+                         keep_examples=2)
+    for k in (1, 3):
+        single = qa.run(methods, questions, passages, retriever, qa.QaSettings(1, k, "plain", 4), tok, progress=False)
+        got = sweep["k"][str(k)]
+        assert got["methods"] == single["methods"]
+        assert len(got["examples"]) == 2 and got["examples"] == single["examples"][:2]
+        assert len(got["methods"]["cepe"]["substring_hits"]) == 6
+    cmp = sweep["comparison"]
+    assert cmp["best_decoder_only"]["setting"].split("@")[0] in ("truncated", "full")
+    diff, lo, hi = cmp["cepe@k=3"]["minus_best"], *cmp["cepe@k=3"]["ci95"]
+    assert lo <= diff <= hi
+
+
+def test_paired_difference():
+    diff, lo, hi = qa.paired_difference("1111100000", "0000000000")
+    assert diff == 0.5 and 0.1 <= lo <= 0.5 <= hi <= 0.9
+    assert qa.paired_difference("1010", "1010") == (0.0, 0.0, 0.0)
+
+
 def test_qa_prompt_parts(tok):
     head, tail = qa.prompt_parts(tok, "why?", "chat")
     assert head.startswith("<user>") and tail.endswith("</user>\n<assistant>") and "Question: why?" in tail

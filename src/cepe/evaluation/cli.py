@@ -117,11 +117,14 @@ def register(subparsers) -> None:
     t.add_argument("--dense-cache", default=None, help="safetensors file to keep passage embeddings between runs")
     t.add_argument("--max-passages", type=int, default=None, help="use only the first N passages of the pool (plus gold ones): a smoke-test knob")
     t.add_argument("--decoder-passages", "-m", type=int, default=1, help="top-m passages in the decoder (default 1)")
-    t.add_argument("--encoder-passages", "-k", type=int, default=10, help="the next k passages in the encoder, one per chunk (default 10)")
+    t.add_argument("--encoder-passages", "-k", type=_ints, default=[10],
+                   help="the next k passages in the encoder, one per chunk; a list (1,5,10,20) runs a sweep (default 10)")
     t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder-only); default its trained window")
     t.add_argument("--prompt", choices=["chat", "plain"], default="chat", help="prompt format (default chat; see docs/evaluation.md)")
     t.add_argument("--max-new-tokens", type=int, default=16)
     t.add_argument("--max-examples", type=int, default=100)
+    t.add_argument("--gen-batch", type=int, default=8, help="questions answered per generate call (default 8)")
+    t.add_argument("--keep-examples", type=int, default=50, help="per-question rows kept in the JSON per k (default 50; -1: all)")
     _common(t, "qa")
     t.set_defaults(func=cmd_qa)
 
@@ -280,11 +283,15 @@ def cmd_rag_lm(args) -> int:
 
 def cmd_qa(args) -> int:
     from .data import fingerprint, read_jsonl
+    from .plotting import line_plot
     from .report import Timer
     from .retrieval import build_retriever
     from .tasks import qa
 
-    settings = qa.QaSettings(args.decoder_passages, args.encoder_passages, args.prompt, args.max_new_tokens)
+    ks = args.encoder_passages
+    settings = qa.QaSettings(args.decoder_passages, ks[0], args.prompt, args.max_new_tokens)
+    for k in ks:
+        qa.QaSettings(args.decoder_passages, k)  # validate every k before the model load
     questions = read_jsonl(args.questions, ("question", "answers"))[: args.max_examples]
     pool = read_jsonl(args.passages, ("id", "text"))
     if args.max_passages:
@@ -296,12 +303,30 @@ def cmd_qa(args) -> int:
         retriever = build_retriever(args.retriever, [p["text"] for p in pool],
                                     **({"encoder": args.dense_encoder, "device": args.device, "cache": args.dense_cache,
                                         "progress": not args.no_progress} if args.retriever == "dense" else {}))
-    result = qa.run(methods, questions, pool, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
-    header, rows = qa.table(result)
+    keep = None if args.keep_examples < 0 else args.keep_examples
+    common = dict(timer=timer, progress=not args.no_progress, batch_size=args.gen_batch, keep_examples=keep)
     data = {"questions": fingerprint([args.questions]), "passages": fingerprint([args.passages]),
             "examples": len(questions), "pool": len(pool)}
-    note = "retrieval recall: " + ", ".join(f"{k} {v:.3f}" for k, v in result["retrieval_recall"].items())
-    return _finish(args, "qa", em, header, rows, result, data, timer, note=note)
+    if len(ks) == 1:
+        result = qa.run(methods, questions, pool, retriever, settings, em.tokenizer, **common)
+        header, rows = qa.table(result)
+        note = "retrieval recall: " + ", ".join(f"{k} {v:.3f}" for k, v in result["retrieval_recall"].items())
+        return _finish(args, "qa", em, header, rows, result, data, timer, note=note)
+    result = qa.run_sweep(methods, questions, pool, retriever, settings, ks, em.tokenizer, **common)
+    header, rows = qa.table(result)
+    cmp = result["comparison"]
+    note = "\n".join(
+        [f"best decoder-only: {cmp['best_decoder_only']['setting']} ({cmp['best_decoder_only']['substring']:.3f})"]
+        + [f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
+           for key, v in cmp.items() if key != "best_decoder_only"])
+
+    def plot(path):
+        series = {m: [(int(k), res["methods"][m]["substring"]) for k, res in result["k"].items()]
+                  for m in next(iter(result["k"].values()))["methods"]}
+        title = f"{_tag(em)}: NQ-style QA, top {args.decoder_passages} in the decoder + k more, {len(questions)} questions"
+        return line_plot(path, series, "passages k beyond the decoder's", "answer substring match", title)
+
+    return _finish(args, "qa", em, header, rows, result, data, timer, plot, note=note)
 
 
 def cmd_icl(args) -> int:

@@ -64,6 +64,20 @@ def _hf_greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids, 
     return _cut(out, stop_ids)
 
 
+def _hf_greedy_batch(model: nn.Module, rows: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+                     logits_processor=None, **kwargs) -> list[list[int]]:
+    """Greedy continuations of several prompts in one `generate` call: rows left-padded (positions
+    restart at each row's first real token), finished rows padded until the longest is done."""
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id
+    )
+    ids, mask = left_pad(rows, pad_id)
+    dev = _device(model)
+    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), generation_config=cfg,
+                         **({"logits_processor": logits_processor} if logits_processor is not None else {}), **kwargs)
+    return [_cut(r, stop_ids) for r in out[:, ids.shape[1] :].tolist()]
+
+
 def _cut(tokens: list[int], stop_ids) -> list[int]:
     for i, t in enumerate(tokens):
         if t in stop_ids:
@@ -84,6 +98,11 @@ class Method:
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         """Greedy continuation of `request.tokens` (same tokens as `scoring.greedy_generate`)."""
         return greedy_generate(self, request, max_new_tokens, stop_ids)
+
+    def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
+        """`generate` for several requests; methods with a batched path run them in one call
+        (same tokens as one at a time, up to the float rounding that padding may change)."""
+        return [self.generate(r, max_new_tokens, stop_ids) for r in requests]
 
     def decoder_length(self, request: Request) -> int:
         """Longest sequence the decoder runs on for this request."""
@@ -107,6 +126,10 @@ class Truncated(Method):
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         return _hf_greedy(self.decoder, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id)
+
+    def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
+        rows = [r.prefix + r.tokens for r in requests]
+        return _hf_greedy_batch(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
 
 
 class Full(Method):
@@ -147,6 +170,12 @@ class Full(Method):
         with scaled_rope(self.decoder, self.rope, self.factor(len(ids) + max_new_tokens)):
             return _hf_greedy(self.decoder, ids, max_new_tokens, stop_ids, self.pad_id)
 
+    def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
+        if self.rope is not None:  # the scaling factor depends on each request's length
+            return super().generate_batch(requests, max_new_tokens, stop_ids)
+        rows = [self.ids(r) for r in requests]
+        return _hf_greedy_batch(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
+
 
 class StreamingLLM(Method):
     """`prefix + context + tokens` read with `num_sinks` attention sinks and the most recent
@@ -168,15 +197,18 @@ class StreamingLLM(Method):
 
 
 class _MixtureProcessor(LogitsProcessor):
-    """Replace every row's next-token scores by the weighted mixture of all rows' distributions
-    (REPLUG), so greedy decoding appends the same token to every pass."""
+    """Replace every row's next-token scores by the weighted mixture of the distributions of its
+    group's rows (REPLUG: one group of passes per request), so greedy decoding appends the same
+    token to every pass of a request. `sizes`: rows per group, consecutive (default: one group)."""
 
-    def __init__(self, log_weights: torch.Tensor):
+    def __init__(self, log_weights: torch.Tensor, sizes: list[int] | None = None):
         self.log_weights = log_weights
+        self.sizes = sizes or [len(log_weights)]
 
     def __call__(self, input_ids, scores):
-        mix = torch.logsumexp(scores.float().log_softmax(-1) + self.log_weights.to(scores.device)[:, None], dim=0)
-        return mix[None].expand_as(scores).to(scores.dtype)
+        lp = scores.float().log_softmax(-1) + self.log_weights.to(scores.device)[:, None]
+        mixed = [torch.logsumexp(part, dim=0, keepdim=True).expand_as(part) for part in lp.split(self.sizes)]
+        return torch.cat(mixed).to(scores.dtype)
 
 
 class Replug(Method):
@@ -226,13 +258,18 @@ class Replug(Method):
         return mix
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
-        ids, mask = left_pad(self.passes(request), self.pad_id)
-        dev = _device(self.decoder)
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=sorted(stop_ids) or None, pad_token_id=self.pad_id)
-        procs = LogitsProcessorList([_MixtureProcessor(self.log_weights(request))])
-        out = self.decoder.generate(ids.to(dev), attention_mask=mask.to(dev), generation_config=cfg, logits_processor=procs)
-        return _cut(out[0, ids.shape[1] :].tolist(), stop_ids)
+        return self.generate_batch([request], max_new_tokens, stop_ids)[0]
+
+    def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
+        """All passes of all requests in one `generate` call; each request's passes are mixed
+        among themselves only (they stay in step: every pass appends the mixture's token)."""
+        passes = [self.passes(r) for r in requests]
+        rows = [p for group in passes for p in group]
+        procs = LogitsProcessorList([_MixtureProcessor(torch.cat([self.log_weights(r) for r in requests]),
+                                                       [len(g) for g in passes])])
+        out = _hf_greedy_batch(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id, logits_processor=procs)
+        firsts = [sum(len(g) for g in passes[:i]) for i in range(len(passes))]
+        return [out[i] for i in firsts]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +322,23 @@ class Cepe(Method):
         ctx = self.context(request)
         return _hf_greedy(self.model, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id,
                           **({"context": ctx} if ctx is not None else {}))
+
+    def batch_context(self, requests: list[Request]):
+        """Encoded contexts of several requests as one batch: every request's chunks go through
+        the encoder together; requests with fewer chunks are padded with empty chunks (masked;
+        a request with no context at all gets a zero cross-attention delta)."""
+        if not any(len(d) for r in requests for d in r.context):
+            return None
+        ids, mask = self.model.tokenize_context_batch(
+            [[self.to_encoder(list(d)) for d in r.context if len(d)] for r in requests])
+        dev = _device(self.model)
+        return self.model.encode(ids.to(dev), mask.to(dev))
+
+    def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
+        ctx = self.batch_context(requests)
+        rows = [r.prefix + r.tokens for r in requests]
+        return _hf_greedy_batch(self.model, rows, max_new_tokens, stop_ids, self.pad_id,
+                                **({"context": ctx} if ctx is not None else {}))
 
 
 METHODS = ("cepe", "truncated", "full", "full-linear", "full-dynamic", "full-yarn", "streamingllm", "replug")

@@ -327,6 +327,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if not contexts:
             raise ValueError("empty context: pass at least one document")
         batch = contexts if isinstance(contexts[0], (list, tuple)) and contexts[0] and not isinstance(contexts[0][0], int) else [contexts]
+        return self.tokenize_context_batch(batch)
+
+    def tokenize_context_batch(self, batch: list[list[str] | list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One list of documents per example (an example may have none) -> chunk tensors (B, N, L);
+        examples with fewer chunks are padded with empty chunks, which the encoder skips."""
         prefix, suffix, pad_id = self._chunk_specials()
         per_example = []
         for docs in batch:
@@ -338,7 +343,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                     token_docs.append(self.encoder_tokenizer(doc, add_special_tokens=False)["input_ids"])
                 else:
                     token_docs.append([int(t) for t in doc])
-            per_example.append(chunk_token_ids(token_docs, self.config.chunk_size, pad_id, prefix, suffix))
+            per_example.append(chunk_token_ids([d for d in token_docs if d], self.config.chunk_size, pad_id, prefix, suffix))
         return pad_chunk_batch(per_example, pad_id)
 
     def _chunk_specials(self) -> tuple[list[int], list[int], int]:
@@ -364,6 +369,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         context_input_ids: torch.LongTensor | None = None,
         context_attention_mask: torch.Tensor | None = None,
         context: ContextStates | None = None,
@@ -371,8 +377,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
-        """input_ids (B, T); context as chunk ids (B, N, L) or `ContextStates`. Any other keyword
-        (cache, position ids, ...) goes to the decoder unchanged. Returns the decoder's output."""
+        """input_ids (B, T); context as chunk ids (B, N, L) or `ContextStates`. `position_ids` and
+        any other keyword (cache, ...) go to the decoder unchanged; `position_ids` is named so that
+        `generate` derives it from a left-padded attention mask. Returns the decoder's output."""
         if context is None and context_input_ids is not None:
             context = self.encode(context_input_ids, context_attention_mask)
         if context is not None:
@@ -381,7 +388,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         self._pending.clear()
         try:
             return self.decoder(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, logits_to_keep=logits_to_keep, **kwargs
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                logits_to_keep=logits_to_keep, **kwargs
             )
         finally:
             # gradient checkpointing re-runs layers during backward: they must still see the context

@@ -12,9 +12,10 @@ Layouts (passages best first, each formatted as `Document: <text>` + blank line)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..methods import Cepe, Method, Replug, Truncated
@@ -75,51 +76,134 @@ def make_request(method: Method, head: list[int], tail: list[int], passages: lis
 
 
 def run(methods: dict[str, Method], questions: list[dict], passages: list[dict], retriever, s: QaSettings,
-        tokenizer: Any, timer: Timer | None = None, progress: bool = True) -> dict:
-    """questions: {question, answers, gold_passage?}; passages: {id, text} (the retriever's pool, same order)."""
+        tokenizer: Any, timer: Timer | None = None, progress: bool = True, batch_size: int = 1,
+        keep_examples: int | None = None, reuse: dict | None = None) -> dict:
+    """questions: {question, answers, gold_passage?}; passages: {id, text} (the retriever's pool, same order).
+
+    Each method answers `batch_size` questions per `generate_batch` call (questions sorted by
+    length, so a batch pads little). `keep_examples`: how many per-question rows go in the result
+    (None: all). `reuse`: answers of methods that ignore the encoder context and so do not depend
+    on k, shared between runs of a k sweep (`{name: [tokens, ...]}`, filled here)."""
     timer = timer or Timer()
     n_ret = s.decoder_passages + s.encoder_passages
     stops = stop_ids(tokenizer, newline=False)  # the answer may follow "The answer is:" on the next line
     formatted: dict[int, list[int]] = {}
-    scores = {name: {"em": [], "f1": [], "substring": [], "passages_read": []} for name in methods}
     recall = {"decoder": [], "all": []}
-    examples = []
-    for q in tqdm(questions, desc="qa", disable=not progress):
+    prepared = []  # (head, tail, docs, scores) per question
+    for q in tqdm(questions, desc=f"qa: retrieve top {n_ret}", disable=not progress):
         with timer("retrieval"):
             hits = retriever.search(q["question"], n_ret) if n_ret else []
         for i, _ in hits:
             if i not in formatted:
                 formatted[i] = encode(tokenizer, format_passage(passages[i]["text"]))
-        docs = [formatted[i] for i, _ in hits]
         gold = q.get("gold_passage")
         if gold is not None:
             ids = [passages[i]["id"] for i, _ in hits]
             recall["decoder"].append(float(gold in ids[: s.decoder_passages]))
             recall["all"].append(float(gold in ids))
         head_text, tail_text = prompt_parts(tokenizer, q["question"], s.prompt)
-        head, tail = encode(tokenizer, head_text), encode(tokenizer, tail_text)
-        row = {"question": q["question"], "answers": q["answers"], "retrieved": [passages[i]["id"] for i, _ in hits]}
-        for name, method in methods.items():
-            req, n_read = make_request(method, head, tail, docs, [sc for _, sc in hits], s, s.max_new_tokens)
-            with timer(name):
-                out = method.generate(req, s.max_new_tokens, stops)
+        prepared.append((encode(tokenizer, head_text), encode(tokenizer, tail_text), [formatted[i] for i, _ in hits],
+                         [sc for _, sc in hits], [passages[i]["id"] for i, _ in hits]))
+    examples = [{"question": q["question"], "answers": q["answers"], "retrieved": p[4]} for q, p in zip(questions, prepared)]
+    results = {}
+    for name, method in methods.items():
+        made = [make_request(method, head, tail, docs, scores, s, s.max_new_tokens) for head, tail, docs, scores, _ in prepared]
+        cached = reuse.get(name) if reuse is not None and not method.reads_context else None
+        if cached is not None and len(cached) == len(made):
+            outs = cached
+        else:
+            outs = _generate_all(method, [r for r, _ in made], s.max_new_tokens, stops, batch_size, timer, progress)
+            if reuse is not None and not method.reads_context:
+                reuse[name] = outs
+        sc = {"em": [], "f1": [], "substring": [], "passages_read": []}
+        for q, row, out, (_, n_read) in zip(questions, examples, outs, made):
             generated = tokenizer.decode(out, skip_special_tokens=True)
             answer = clean_answer(generated)
             row[name], row[f"{name}_generated"] = answer, generated
-            scores[name]["em"].append(exact_match(answer, q["answers"]))
-            scores[name]["f1"].append(f1_score(answer, q["answers"]))
-            scores[name]["substring"].append(substring_match(answer, q["answers"]))
-            scores[name]["passages_read"].append(n_read)
-        examples.append(row)
-    results = {name: {k: mean(v) for k, v in sc.items()} for name, sc in scores.items()}
+            sc["em"].append(exact_match(answer, q["answers"]))
+            sc["f1"].append(f1_score(answer, q["answers"]))
+            sc["substring"].append(substring_match(answer, q["answers"]))
+            sc["passages_read"].append(n_read)
+        results[name] = {k: mean(v) for k, v in sc.items()}
+        # per-question hits, for paired comparisons between methods
+        results[name]["substring_hits"] = "".join("1" if h else "0" for h in sc["substring"])
     return {
         "methods": results,
         "retrieval_recall": {f"gold@{s.decoder_passages}": mean(recall["decoder"]), f"gold@{n_ret}": mean(recall["all"])},
-        "examples": examples,
+        "examples": examples if keep_examples is None else examples[:keep_examples],
     }
 
 
+def _generate_all(method: Method, requests: list[Request], max_new_tokens: int, stops, batch_size: int,
+                  timer: Timer, progress: bool) -> list[list[int]]:
+    """Every request's answer, `batch_size` at a time, longest first; returned in input order."""
+    order = sorted(range(len(requests)), key=lambda i: -method.decoder_length(requests[i]))
+    outs: list[list[int] | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc=f"qa: {method.name}", disable=not progress)
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start : start + max(1, batch_size)]
+        with timer(method.name):
+            for i, out in zip(idx, method.generate_batch([requests[i] for i in idx], max_new_tokens, stops)):
+                outs[i] = out
+        bar.update(len(idx))
+    bar.close()
+    return outs
+
+
+def run_sweep(methods: dict[str, Method], questions: list[dict], passages: list[dict], retriever, s: QaSettings,
+              ks: list[int], tokenizer: Any, timer: Timer | None = None, progress: bool = True, batch_size: int = 1,
+              keep_examples: int | None = None) -> dict:
+    """`run` for each number of encoder passages k in `ks` (m fixed); methods that ignore the
+    context answer once. Returns {"k": {k: run's result}, "best_decoder_only": ...}."""
+    reuse: dict = {}
+    by_k = {}
+    for k in ks:
+        by_k[str(k)] = run(methods, questions, passages, retriever, replace(s, encoder_passages=k), tokenizer, timer,
+                           progress, batch_size, keep_examples, reuse)
+    return {"k": by_k, "comparison": compare(by_k)}
+
+
+DECODER_ONLY = ("truncated", "full", "streamingllm")
+
+
+def compare(by_k: dict) -> dict:
+    """CEPE (and any other encoder method) against the best decoder-only setting over every k
+    (substring match), with a paired bootstrap 95% interval of the difference."""
+    best, best_hits, best_at = None, None, None
+    for k, res in by_k.items():
+        for name, r in res["methods"].items():
+            if name.split("-")[0] in DECODER_ONLY and (best is None or r["substring"] > best):
+                best, best_hits, best_at = r["substring"], r["substring_hits"], f"{name}@k={k}"
+    out = {"best_decoder_only": {"setting": best_at, "substring": best}}
+    if best_hits is None:
+        return out
+    for k, res in by_k.items():
+        for name, r in res["methods"].items():
+            if name.split("-")[0] in DECODER_ONLY:
+                continue
+            diff, lo, hi = paired_difference(r["substring_hits"], best_hits)
+            out[f"{name}@k={k}"] = {"substring": r["substring"], "minus_best": diff, "ci95": [lo, hi]}
+    return out
+
+
+def paired_difference(a: str, b: str, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over paired 0/1 outcomes (strings of '0'/'1', one per question) and a
+    bootstrap 95% interval (questions resampled with replacement)."""
+    x = torch.tensor([int(i) - int(j) for i, j in zip(a, b)], dtype=torch.float64)
+    if not len(x):
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (samples, len(x)), generator=g)].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(x.mean()), lo, hi
+
+
 def table(result: dict) -> tuple[list[str], list[list]]:
+    """One row per method, or per (k, method) for a sweep."""
     header = ["method", "EM", "F1", "substring", "passages read"]
+    if "k" in result:
+        rows = [[k, n, r["em"], r["f1"], r["substring"], r["passages_read"]]
+                for k, res in result["k"].items() for n, r in res["methods"].items()]
+        return ["k", *header], rows
     rows = [[n, r["em"], r["f1"], r["substring"], r["passages_read"]] for n, r in result["methods"].items()]
     return header, rows
