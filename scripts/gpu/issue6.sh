@@ -5,6 +5,9 @@
 #   bash scripts/gpu/issue6.sh train ENC  # warmup -> long documents with encoder ENC (minilm-l6 | null)
 #   bash scripts/gpu/issue6.sh distill ENC
 #   bash scripts/gpu/issue6.sh eval       # perplexity curves on held-out book and code
+#   bash scripts/gpu/issue6.sh ceped-released STEPS  # CEPED from the released adapter (weights/)
+#   bash scripts/gpu/issue6.sh qa         # NQ, 1,000 questions, k = 1,5,10,20: CEPE, CEPED, baselines
+#   bash scripts/gpu/issue6.sh icl N      # intent_recognition with N demonstrations
 # Outputs go to /root/runs (kept while the machine is warm) and the small files to $OUT.
 set -euo pipefail
 export CEPE_HOME=${CEPE_HOME:-/root/cepe_home}
@@ -14,6 +17,9 @@ OUT=${OUT:-/tmp/out}
 SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 STD=$(python3 -c 'import os; print(os.path.dirname(os.__file__))')
 BOOKS=/root/data/books/austen
+NQ=/root/data/nq
+RELEASED=$PWD/weights/cepe-smollm2-135m
+CEPED=${CEPED:-/root/runs/ceped/adapter}
 # training text: the six novels (persuasion.txt held out) + the GPU machine's site-packages code;
 # held-out code is the standard library's email/, json/, asyncio/, which is not in site-packages
 DATA="data.train=[$BOOKS,$SP] data.heldout=[persuasion.txt] data.num_workers=8"
@@ -69,5 +75,25 @@ PY
         --methods cepe,truncated,full,streamingllm,replug --out "$OUT" --name ppl_${corpus}_${name} --no-progress
     done
     ;;
-  *) echo "usage: $0 compare|train ENC|distill ENC|pack|eval [ADAPTER NAME]"; exit 2 ;;
+  ceped-released)
+    steps=${2:-300}
+    train --config configs/smollm2_distill.yaml $DATA model.encoder=null train.max_steps=$steps \
+      model.init_adapter=$RELEASED output_dir=/root/runs/ceped
+    keep /root/runs/ceped ceped
+    ;;
+  qa)
+    # BM25 over the 13,833 passages; m = 1 passage in the decoder, the next k in the encoder
+    python3 -m cepe.cli eval qa --questions $NQ/questions.jsonl --passages $NQ/passages.jsonl \
+      -m ${M:-1} -k ${KS:-1,5,10,20} --max-examples ${QUESTIONS:-1000} --adapter "$RELEASED" \
+      $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) --device cuda --dtype bfloat16 \
+      --methods cepe,truncated,full,replug --gen-batch ${GEN_BATCH:-32} --batch-size 32 \
+      --out "$OUT" --name qa_nq_m${M:-1} --no-progress
+    ;;
+  icl)
+    n=${2:-32}
+    python3 -m cepe.cli eval icl --data /root/data/intent_recognition.jsonl --demos $n --decoder-demos 2 \
+      --max-examples ${EXAMPLES:-300} --adapter "$RELEASED" $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) \
+      --device cuda --dtype bfloat16 --methods cepe,truncated,full --out "$OUT" --name icl_intent_n$n --no-progress
+    ;;
+  *) echo "usage: $0 compare|train ENC|distill ENC|ceped-released [STEPS]|pack|eval [ADAPTER NAME]|qa|icl [N]"; exit 2 ;;
 esac

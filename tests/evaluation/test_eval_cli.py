@@ -101,3 +101,35 @@ def test_cli_adapter(files, tmp_path):
     assert out["model"]["adapter"] == str(adapter) and out["model"]["decoder"] == str(files / "decoder")
     assert out["results"]["checks"]["cepe_vs_truncated_max_abs_loglik_diff"] == 0
     assert main(args + ["--init", "zero"]) == 2  # one or the other
+
+
+def test_cli_compare_adapter(files, tmp_path):
+    """--compare-adapter NAME=DIR runs a second adapter on the same decoder instance: each
+    adapter scores exactly what it scores alone (the other's hooks stay out of its way)."""
+    import torch
+
+    from cepe import CepeForCausalLM
+
+    folders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = CepeForCausalLM.from_base(str(files / "decoder"), None, chunk_size=16, cross_attn_init="copy",
+                                          encoder_num_layers=2)
+        with torch.no_grad():
+            for p in model.adapter_parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        folders.append(tmp_path / f"adapter{seed}")
+        model.save_pretrained(folders[-1])
+    base = ["eval", "ppl", "--data", str(files / "books"), "-D", "32", "-W", "16", "--total-tokens", "32,64",
+            "--methods", "cepe", "--out", str(tmp_path), "--no-progress"]
+    assert main(base + ["--name", "both", "--adapter", str(folders[0]), "--compare-adapter", f"other={folders[1]}"]) == 0
+    assert main(base + ["--name", "one", "--adapter", str(folders[0])]) == 0
+    assert main(base + ["--name", "two", "--adapter", str(folders[1])]) == 0
+    res = {n: json.loads((tmp_path / f"{n}.json").read_text())["results"]["methods"] for n in ("both", "one", "two")}
+    assert list(res["both"]) == ["cepe", "other"]
+    assert res["both"]["cepe"]["32"]["ppl"] == res["both"]["other"]["32"]["ppl"]  # no context: the decoder alone
+    assert res["both"]["cepe"]["32"]["ppl"] == res["one"]["cepe"]["32"]["ppl"]
+    assert res["both"]["cepe"]["64"]["ppl"] == res["one"]["cepe"]["64"]["ppl"]
+    assert res["both"]["other"]["64"]["ppl"] == res["two"]["cepe"]["64"]["ppl"]
+    assert res["one"]["cepe"]["64"]["ppl"] != res["two"]["cepe"]["64"]["ppl"]
+    assert main(base + ["--name", "x", "--adapter", str(folders[0]), "--compare-adapter", "nodir"]) == 2

@@ -305,3 +305,35 @@ def test_other_hf_encoders(kind):
     torch.testing.assert_close(m(ids, context_input_ids=ctx).logits, m.decoder(input_ids=ids).logits)
     with pytest.raises(ValueError, match="positions"):
         m(ids, context_input_ids=torch.randint(3, 60, (2, 1, 39)))
+
+
+def test_length_scaling_multiplies_logits_beyond_trained_length():
+    """cross_attn_length_scaling=L: nothing changes for rows with <= L context tokens; a longer
+    row equals the unscaled model with every block's softmax scale times log(L)/log(n); in a
+    batch each row gets its own factor."""
+    import math
+
+    m = tiny_cepe("llama", "bert", chunk_size=8)
+    ids = _ids(b=2)
+    long_ctx, short_ctx = _ctx(b=1, n=4, length=10, seed=5), _ctx(b=1, n=1, length=10, seed=6)  # 40 / 10 real tokens
+    ref_long, ref_short = m(ids[:1], context_input_ids=long_ctx).logits, m(ids[1:], context_input_ids=short_ctx).logits
+    m.config.cross_attn_length_scaling = 16
+    torch.testing.assert_close(m(ids[1:], context_input_ids=short_ctx).logits, ref_short)  # 10 <= 16: untouched
+    scaled_long = m(ids[:1], context_input_ids=long_ctx).logits
+    assert (scaled_long - ref_long).abs().max() > 1e-4
+    m.config.cross_attn_length_scaling = None
+    for block in m.cross_attn.values():
+        block.scaling *= math.log(16) / math.log(40)
+    torch.testing.assert_close(m(ids[:1], context_input_ids=long_ctx).logits, scaled_long, rtol=1e-5, atol=1e-5)
+    for block in m.cross_attn.values():
+        block.scaling /= math.log(16) / math.log(40)
+    m.config.cross_attn_length_scaling = 16
+    batch = torch.zeros((2, 4, 10), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0], mask[0] = long_ctx[0], 1
+    batch[1, :1], mask[1, :1] = short_ctx[0], 1
+    out = m(ids, context_input_ids=batch, context_attention_mask=mask).logits
+    torch.testing.assert_close(out[:1], scaled_long, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:], ref_short, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cross_attn_length_scaling"):
+        CepeConfig(text_config=m.config.text_config, cross_attn_length_scaling=1)

@@ -43,6 +43,10 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--decoder", default=None, help="base decoder: asset name or folder (default smollm2-135m, or the one an --adapter records)")
     g.add_argument("--encoder", default="minilm-l6", help="context encoder for --init: asset name, folder, or 'decoder' (decoder-derived)")
     g.add_argument("--adapter", default=None, help="trained CEPE adapter folder, or 'released'")
+    g.add_argument("--length-scaling", default=None, metavar="L|off",
+                   help="cross-attention length scaling for every CEPE model: logits x log(L)/log(n) beyond L context tokens (default: the adapter's config)")
+    g.add_argument("--compare-adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="another adapter on the same decoder, run as method NAME (e.g. ceped=runs/distill/adapter); repeatable")
     g.add_argument("--init", choices=["zero", "copy"], default=None, help="build an untrained CEPE model (zero: equals the base decoder)")
     g.add_argument("--chunk-size", type=int, default=256, help="encoder chunk size for --init (default 256)")
     g.add_argument("--encoder-layers", type=int, default=4, help="depth of the decoder-derived encoder for --init (default 4)")
@@ -152,8 +156,8 @@ def register(subparsers) -> None:
 def _setup(args):
     import torch
 
-    from .methods import build_methods
-    from .models import load_eval_model
+    from .methods import Cepe, build_methods
+    from .models import add_adapter, load_eval_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,6 +166,12 @@ def _setup(args):
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise ValueError("--methods: give at least one method")
+    extra = []
+    for spec in args.compare_adapter:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--compare-adapter wants NAME=DIR, got {spec!r}")
+        extra.append((name, folder))
     em = load_eval_model(args.decoder, args.encoder, args.adapter, args.init, args.chunk_size, args.device, args.dtype,
                          encoder_layers=args.encoder_layers)
     window = args.stream_window or getattr(args, "decoder_tokens", None) or 512
@@ -172,6 +182,21 @@ def _setup(args):
         full_max_length=getattr(args, "full_window", None), replug_weighting=args.replug_weighting,
         replug_chunk_tokens=replug_chunk, replug_batch_size=args.batch_size, pad_id=em.pad_id,
     )
+    for name, folder in extra:
+        if name in methods:
+            raise ValueError(f"--compare-adapter name {name!r} is already a method")
+        add_adapter(em, name, folder)
+        methods[name] = Cepe(em.others[name], pad_id=em.pad_id, name=name)
+    if args.length_scaling is not None:
+        value = None if args.length_scaling.lower() in ("off", "none", "0") else _size(args.length_scaling)
+        for model in [em.cepe, *em.others.values()]:
+            if model is not None:
+                type(model.config)(**{**model.config.to_dict(), "cross_attn_length_scaling": value})  # validate
+                model.config.cross_attn_length_scaling = value
+        em.description["length_scaling"] = value
+    if extra and "cepe" in methods:  # the adapters side by side in every table
+        order = ["cepe", *(n for n, _ in extra)]
+        methods = {**{n: methods[n] for n in order}, **{n: m for n, m in methods.items() if n not in order}}
     return em, methods
 
 

@@ -290,8 +290,9 @@ class Cepe(Method):
     encoder's input (default: decode to text with `model.tokenizer`, which `tokenize_context`
     re-tokenizes with `model.encoder_tokenizer`; the decoder-derived encoder takes the ids)."""
 
-    def __init__(self, model: Any, to_encoder: Callable[[list[int]], Any] | None = None, pad_id: int = 0):
-        self.model, self.pad_id, self.name = model, pad_id, "cepe"
+    def __init__(self, model: Any, to_encoder: Callable[[list[int]], Any] | None = None, pad_id: int = 0,
+                 name: str = "cepe"):
+        self.model, self.pad_id, self.name = model, pad_id, name
         if to_encoder is None:
             if model.config.encoder_type == "decoder":
                 to_encoder = list

@@ -17,6 +17,7 @@ class EvalModel:
     tokenizer: Any
     cepe: Any = None
     description: dict = field(default_factory=dict)
+    others: dict = field(default_factory=dict)  # name -> more CEPE models on the same decoder
 
     @property
     def pad_id(self) -> int:
@@ -75,3 +76,16 @@ def load_eval_model(
         model = model.to(next(model.decoder.parameters()).dtype)
     model = model.to(device).eval()
     return EvalModel(model.decoder, model.tokenizer, model, desc)
+
+
+def add_adapter(em: EvalModel, name: str, adapter: str) -> None:
+    """Load another trained adapter onto `em`'s very decoder (no second copy: each CEPE model
+    hooks the shared layers and acts only while it holds a context), as method `name`."""
+    from ..model import CepeForCausalLM
+
+    if name in em.others or name == "cepe":
+        raise ValueError(f"adapter name {name!r} is taken")
+    dtype = next(em.decoder.parameters()).dtype
+    model = CepeForCausalLM.from_pretrained(adapter, decoder=em.decoder, tokenizer=em.tokenizer)
+    em.others[name] = model.to(device=em.device, dtype=dtype).eval()
+    em.description.setdefault("compare_adapters", {})[name] = adapter

@@ -42,6 +42,10 @@ class CepeConfig(PretrainedConfig):
             (output projection zero: the model starts exactly as the base decoder).
         kv_policy: cross-attention keys/values during generation: `"recompute"` every step (the
             paper), `"cache"` once per call, or `"auto"` (cache when it fits the memory budget).
+        cross_attn_length_scaling: `None` (off) or the context length L (tokens) the adapter was
+            trained on: a row with n > L real context tokens has its cross-attention logits multiplied
+            by log(L) / log(n), so attention spreads over a longer context as it did over L tokens
+            instead of sharpening onto a few of them (measured in docs/results.md; no retraining).
         encoder_frozen: `None`, `"embeddings"` or `"all"`: encoder parts kept frozen in training; they
             are not saved with the adapter and load from the base encoder.
         base_fingerprint: hash of the base decoder's weights this adapter was trained on.
@@ -64,6 +68,7 @@ class CepeConfig(PretrainedConfig):
         cross_attn_init: str = "copy",
         kv_policy: str = "recompute",
         kv_cache_budget_bytes: int = 8 * 2**30,
+        cross_attn_length_scaling: int | None = None,
         encoder_frozen: str | None = None,
         base_fingerprint: str | None = None,
         base_encoder_fingerprint: str | None = None,
@@ -79,6 +84,8 @@ class CepeConfig(PretrainedConfig):
             raise ValueError(f"cross_attn_init must be one of {CROSS_ATTN_INITS}, got {cross_attn_init!r}")
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+        if cross_attn_length_scaling is not None and int(cross_attn_length_scaling) < 2:
+            raise ValueError(f"cross_attn_length_scaling must be None or a context length >= 2, got {cross_attn_length_scaling}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.encoder_type = encoder_type
@@ -89,6 +96,7 @@ class CepeConfig(PretrainedConfig):
         self.cross_attn_init = cross_attn_init
         self.kv_policy = kv_policy
         self.kv_cache_budget_bytes = kv_cache_budget_bytes
+        self.cross_attn_length_scaling = None if cross_attn_length_scaling is None else int(cross_attn_length_scaling)
         self.encoder_frozen = encoder_frozen
         self.base_fingerprint = base_fingerprint
         self.base_encoder_fingerprint = base_encoder_fingerprint

@@ -60,9 +60,11 @@ class CrossAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_mask: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, T, H); key/value (B, Hkv, S, d); key_mask (B, S) bool, True = real token,
-        or None when no key is padding (SDPA can then take its fused flash kernel).
+        or None when no key is padding (SDPA can then take its fused flash kernel); logit_scale
+        (B,): per-row factor on the attention logits (length scaling), None for 1.
 
         Returns the delta (B, T, H) to add to the residual stream. Rows whose context is entirely
         padding get a zero delta (as if they had no context)."""
@@ -73,6 +75,8 @@ class CrossAttention(nn.Module):
         # grouped-query without copying keys/values: cross-attention has no causal order, so the
         # `group` query heads that share a key/value head are stacked along the query axis
         q = q.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, self.head_dim)
+        if logit_scale is not None:  # scaling the queries scales q.k and leaves the kernel choice alone
+            q = q * logit_scale.to(q.dtype).view(b, 1, 1, 1)
         mask = None
         if key_mask is not None:
             has_context = key_mask.any(dim=-1)  # (B,)

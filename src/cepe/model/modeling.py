@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,19 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             k, v = block.project_kv(ctx.hidden_states)
             if self._use_kv_cache(ctx):
                 ctx.cross_kv[idx] = (k, v)
-        return block(h, k, v, self._key_mask(ctx))
+        return block(h, k, v, self._key_mask(ctx), self._logit_scale(ctx))
+
+    def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
+        """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
+        length scaling is off or no row is longer than L (decided once per context)."""
+        trained = self.config.cross_attn_length_scaling
+        if trained is None:
+            return None
+        if "logit_scale" not in ctx.cross_kv:
+            n = ctx.attention_mask.sum(-1).float()
+            scale = (math.log(trained) / n.clamp(min=2).log()).clamp(max=1.0)
+            ctx.cross_kv["logit_scale"] = scale if bool((n > trained).any()) else None
+        return ctx.cross_kv["logit_scale"]
 
     @staticmethod
     def _key_mask(ctx: ContextStates) -> torch.Tensor | None:
@@ -516,7 +529,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
         config = CepeConfig.from_pretrained(str(folder))
-        for k in ("kv_policy", "kv_cache_budget_bytes"):
+        for k in ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling"):
             if k in kwargs:
                 setattr(config, k, kwargs.pop(k))
         if decoder is None:
