@@ -8,6 +8,7 @@
 #   bash scripts/gpu/issue6.sh ceped-released STEPS  # CEPED from the released adapter (weights/)
 #   bash scripts/gpu/issue6.sh qa         # NQ, 1,000 questions, k = 1,5,10,20: CEPE, CEPED, baselines
 #   bash scripts/gpu/issue6.sh icl N      # intent_recognition with N demonstrations
+#   bash scripts/gpu/issue6.sh scaling    # perplexity with and without cross-attention length scaling
 # Outputs go to /root/runs (kept while the machine is warm) and the small files to $OUT.
 set -euo pipefail
 export CEPE_HOME=${CEPE_HOME:-/root/cepe_home}
@@ -70,7 +71,7 @@ PY
     find "$STD"/email "$STD"/json "$STD"/asyncio -name '*.py' | sort | xargs cat > /root/heldout_code.py
     for corpus in book code; do
       if [ $corpus = book ]; then data=$BOOKS/persuasion.txt; else data=/root/heldout_code.py; fi
-      timeout ${EVAL_TIMEOUT:-900} python3 -m cepe.cli eval ppl --data $data --adapter "$adapter" --device cuda --dtype bfloat16 \
+      timeout ${EVAL_TIMEOUT:-900} python3 -m cepe.cli eval ppl --data $data --adapter "$adapter" --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} \
         -D 512 -W 256 --context-tokens ${CTX:-0,512,1K,2K,4K,7680,16K,32K} --windows-per-doc ${WINDOWS:-8} --max-docs 1 \
         --methods cepe,truncated,full,streamingllm,replug --out "$OUT" --name ppl_${corpus}_${name} --no-progress
     done
@@ -85,7 +86,7 @@ PY
     # BM25 over the 13,833 passages; m = 1 passage in the decoder, the next k in the encoder
     python3 -m cepe.cli eval qa --questions $NQ/questions.jsonl --passages $NQ/passages.jsonl \
       -m ${M:-1} -k ${KS:-1,5,10,20} --max-examples ${QUESTIONS:-1000} --adapter "$RELEASED" \
-      $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) --device cuda --dtype bfloat16 \
+      $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} \
       --methods cepe,truncated,full,replug --gen-batch ${GEN_BATCH:-32} --batch-size 32 \
       --out "$OUT" --name qa_nq_m${M:-1} --no-progress
     ;;
@@ -93,7 +94,19 @@ PY
     n=${2:-32}
     python3 -m cepe.cli eval icl --data /root/data/intent_recognition.jsonl --demos $n --decoder-demos 2 \
       --max-examples ${EXAMPLES:-300} --adapter "$RELEASED" $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) \
-      --device cuda --dtype bfloat16 --methods cepe,truncated,full --out "$OUT" --name icl_intent_n$n --no-progress
+      --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --methods cepe,truncated,full --out "$OUT" --name icl_intent_n$n --no-progress
     ;;
-  *) echo "usage: $0 compare|train ENC|distill ENC|ceped-released [STEPS]|pack|eval [ADAPTER NAME]|qa|icl [N]"; exit 2 ;;
+  scaling)
+    # the released adapter with and without cross-attention length scaling (L = 2,048, its training context)
+    find "$STD"/email "$STD"/json "$STD"/asyncio -name '*.py' | sort | xargs cat > /root/heldout_code.py
+    for corpus in book code; do
+      if [ $corpus = book ]; then data=$BOOKS/persuasion.txt; else data=/root/heldout_code.py; fi
+      for ls in off 2048; do
+        python3 -m cepe.cli eval ppl --data $data --adapter "$RELEASED" --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} -D 512 -W 256 \
+          --context-tokens ${CTX:-0,512,1K,2K,4K,7680,16K,32K} --windows-per-doc ${WINDOWS:-4} --max-docs 1 \
+          --methods cepe,truncated --length-scaling $ls --out "$OUT" --name ppl_${corpus}_ls$ls --no-progress
+      done
+    done
+    ;;
+  *) echo "usage: $0 compare|train ENC|distill ENC|ceped-released [STEPS]|pack|eval [ADAPTER NAME]|qa|icl [N]|scaling"; exit 2 ;;
 esac
