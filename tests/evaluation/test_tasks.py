@@ -134,6 +134,17 @@ def test_qa_batched_sweep_equals_single_runs(model, tok):
     assert lo <= diff <= hi
 
 
+def test_batches_respect_count_and_token_budget():
+    lengths, rows = [10, 50, 20, 40, 30], [1, 1, 4, 1, 1]
+    assert qa.batches(lengths, rows, 2, None) == [[1, 3], [4, 2], [0]]  # longest first, 2 a batch
+    # 100 padded tokens: 50 and 40 -> 2 x 50 fits, a third row would make 3 x 50; then 30 + the
+    # 4-row (REPLUG-like) request would be 5 x 30; that request + the 10-token one is 5 x 20
+    assert qa.batches(lengths, rows, 8, 100) == [[1, 3], [4], [2, 0]]
+    assert qa.batches([500], [1], 8, 100) == [[0]]  # over budget on its own: still answered
+    every = [i for b in qa.batches(lengths, rows, 3, 120) for i in b]
+    assert sorted(every) == list(range(5))
+
+
 def test_paired_difference():
     diff, lo, hi = qa.paired_difference("1111100000", "0000000000")
     assert diff == 0.5 and 0.1 <= lo <= 0.5 <= hi <= 0.9

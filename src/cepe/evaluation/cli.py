@@ -128,6 +128,8 @@ def register(subparsers) -> None:
     t.add_argument("--max-new-tokens", type=int, default=16)
     t.add_argument("--max-examples", type=int, default=100)
     t.add_argument("--gen-batch", type=int, default=8, help="questions answered per generate call (default 8)")
+    t.add_argument("--gen-batch-tokens", type=_size, default=128 * 1024,
+                   help="at most this many padded decoder tokens per generate call, REPLUG's passes counted (default 128K)")
     t.add_argument("--keep-examples", type=int, default=50, help="per-question rows kept in the JSON per k (default 50; -1: all)")
     _common(t, "qa")
     t.set_defaults(func=cmd_qa)
@@ -329,7 +331,8 @@ def cmd_qa(args) -> int:
                                     **({"encoder": args.dense_encoder, "device": args.device, "cache": args.dense_cache,
                                         "progress": not args.no_progress} if args.retriever == "dense" else {}))
     keep = None if args.keep_examples < 0 else args.keep_examples
-    common = dict(timer=timer, progress=not args.no_progress, batch_size=args.gen_batch, keep_examples=keep)
+    common = dict(timer=timer, progress=not args.no_progress, batch_size=args.gen_batch, keep_examples=keep,
+                  max_batch_tokens=args.gen_batch_tokens)
     data = {"questions": fingerprint([args.questions]), "passages": fingerprint([args.passages]),
             "examples": len(questions), "pool": len(pool)}
     if len(ks) == 1:

@@ -108,6 +108,10 @@ class Method:
         """Longest sequence the decoder runs on for this request."""
         return len(request.prefix) + len(request.tokens)
 
+    def decoder_rows(self, request: Request) -> int:
+        """Decoder sequences one request takes in a batch (REPLUG: one per pass)."""
+        return 1
+
     def __repr__(self) -> str:
         return f"<{self.name}>"
 
@@ -246,6 +250,9 @@ class Replug(Method):
 
     def decoder_length(self, request: Request) -> int:
         return max(len(p) for p in self.passes(request))
+
+    def decoder_rows(self, request: Request) -> int:
+        return len(self.passes(request))
 
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
         passes, logw = self.passes(request), self.log_weights(request)

@@ -77,10 +77,11 @@ def make_request(method: Method, head: list[int], tail: list[int], passages: lis
 
 def run(methods: dict[str, Method], questions: list[dict], passages: list[dict], retriever, s: QaSettings,
         tokenizer: Any, timer: Timer | None = None, progress: bool = True, batch_size: int = 1,
-        keep_examples: int | None = None, reuse: dict | None = None) -> dict:
+        keep_examples: int | None = None, reuse: dict | None = None, max_batch_tokens: int | None = None) -> dict:
     """questions: {question, answers, gold_passage?}; passages: {id, text} (the retriever's pool, same order).
 
-    Each method answers `batch_size` questions per `generate_batch` call (questions sorted by
+    Each method answers up to `batch_size` questions per `generate_batch` call, and at most
+    `max_batch_tokens` padded decoder tokens (REPLUG counts every pass; questions sorted by
     length, so a batch pads little). `keep_examples`: how many per-question rows go in the result
     (None: all). `reuse`: answers of methods that ignore the encoder context and so do not depend
     on k, shared between runs of a k sweep (`{name: [tokens, ...]}`, filled here)."""
@@ -112,7 +113,8 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
         if cached is not None and len(cached) == len(made):
             outs = cached
         else:
-            outs = _generate_all(method, [r for r, _ in made], s.max_new_tokens, stops, batch_size, timer, progress)
+            outs = _generate_all(method, [r for r, _ in made], s.max_new_tokens, stops, batch_size, timer, progress,
+                                 max_batch_tokens)
             if reuse is not None and not method.reads_context:
                 reuse[name] = outs
         sc = {"em": [], "f1": [], "substring": [], "passages_read": []}
@@ -134,14 +136,35 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
     }
 
 
+def batches(lengths: list[int], rows: list[int], max_count: int, max_tokens: int | None) -> list[list[int]]:
+    """Indices grouped into batches, longest first: at most `max_count` requests and (when
+    given) at most `max_tokens` padded decoder tokens (rows in the batch x its longest row) per
+    batch; a request over the budget on its own gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    cur_rows = 0
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]  # sorted: the first is the longest
+        fits = len(cur) < max(1, max_count) and (max_tokens is None or (cur_rows + rows[i]) * longest <= max_tokens)
+        if cur and not fits:
+            out.append(cur)
+            cur, cur_rows = [], 0
+        cur.append(i)
+        cur_rows += rows[i]
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _generate_all(method: Method, requests: list[Request], max_new_tokens: int, stops, batch_size: int,
-                  timer: Timer, progress: bool) -> list[list[int]]:
-    """Every request's answer, `batch_size` at a time, longest first; returned in input order."""
-    order = sorted(range(len(requests)), key=lambda i: -method.decoder_length(requests[i]))
+                  timer: Timer, progress: bool, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Every request's answer, in batches from `batches` (longest first); returned in input order."""
+    lengths = [method.decoder_length(r) + max_new_tokens for r in requests]
+    groups = batches(lengths, [method.decoder_rows(r) for r in requests], batch_size, max_batch_tokens)
     outs: list[list[int] | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc=f"qa: {method.name}", disable=not progress)
-    for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start : start + max(1, batch_size)]
+    for idx in groups:
         with timer(method.name):
             for i, out in zip(idx, method.generate_batch([requests[i] for i in idx], max_new_tokens, stops)):
                 outs[i] = out
@@ -152,14 +175,14 @@ def _generate_all(method: Method, requests: list[Request], max_new_tokens: int, 
 
 def run_sweep(methods: dict[str, Method], questions: list[dict], passages: list[dict], retriever, s: QaSettings,
               ks: list[int], tokenizer: Any, timer: Timer | None = None, progress: bool = True, batch_size: int = 1,
-              keep_examples: int | None = None) -> dict:
+              keep_examples: int | None = None, max_batch_tokens: int | None = None) -> dict:
     """`run` for each number of encoder passages k in `ks` (m fixed); methods that ignore the
     context answer once. Returns {"k": {k: run's result}, "best_decoder_only": ...}."""
     reuse: dict = {}
     by_k = {}
     for k in ks:
         by_k[str(k)] = run(methods, questions, passages, retriever, replace(s, encoder_passages=k), tokenizer, timer,
-                           progress, batch_size, keep_examples, reuse)
+                           progress, batch_size, keep_examples, reuse, max_batch_tokens)
     return {"k": by_k, "comparison": compare(by_k)}
 
 
