@@ -48,18 +48,27 @@ def load_decoder(name_or_path: str, gguf_file: str | None = None, dtype=None) ->
         model.hf_quantizer = None
     model.name_or_path = str(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), **({"gguf_file": gguf_file} if gguf_file else {}))
-        tok.model_max_length = 10**12  # long documents are the point; windows are cut by the caller
+        tok = load_tokenizer(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError):
         tok = None
     return model.eval(), tok
 
 
+def unbounded(tokenizer: Any) -> Any:
+    """Lift the tokenizer's length warning/limit: documents are tokenized whole, then cut into
+    windows or chunks by the caller, so the model's position limit applies per window or chunk."""
+    tokenizer.model_max_length = 10**12
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs) -> Any:
+    """`AutoTokenizer.from_pretrained`, unbounded (see `unbounded`)."""
+    return unbounded(AutoTokenizer.from_pretrained(str(path), **kwargs))
+
+
 def load_encoder(name_or_path: str, tokenizer_only: bool = False, dtype=None) -> tuple[HFEncoder | None, Any]:
     path = resolve_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    # documents are tokenized whole and then chunked: the encoder's length limit applies per chunk
-    tok.model_max_length = 10**12
+    tok = load_tokenizer(path)
     if tokenizer_only:
         return None, tok
     AutoConfig.from_pretrained(str(path))  # fails clearly on a folder that is no HF model

@@ -523,7 +523,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> "CepeForCausalLM":
         """Load an adapter folder onto its base decoder (instance, path, or the provenance
         recorded in the config). Refuses a decoder whose weights differ from the one trained on."""
-        from .loading import load_decoder, load_encoder, resolve_adapter
+        from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
 
         folder = resolve_adapter(pretrained_model_name_or_path)
         if not (folder / "config.json").is_file():
@@ -556,10 +556,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 enc_module = encoder if isinstance(encoder, ContextEncoder) else HFEncoder(encoder)
             tok_dir = folder / ENCODER_TOKENIZER_DIR
             if tok_dir.is_dir():
-                from transformers import AutoTokenizer
-
-                enc_tok = AutoTokenizer.from_pretrained(str(tok_dir))
-                enc_tok.model_max_length = 10**12
+                enc_tok = load_tokenizer(tok_dir)
             elif enc_tok is None and config.base_encoder:
                 _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
         else:

@@ -140,8 +140,9 @@ class Service:
         if self.tokenizer is None or self.encoder_tokenizer is None:
             raise ValueError("serving needs the decoder's and the encoder's tokenizers (model.tokenizer, model.encoder_tokenizer)")
         model.tokenizer, model.encoder_tokenizer = self.tokenizer, self.encoder_tokenizer
-        # documents are chunked before the encoder sees them: their length is not the encoder's limit
-        self.encoder_tokenizer.model_max_length = 10**12
+        from ..model.loading import unbounded
+
+        unbounded(self.encoder_tokenizer)  # documents are chunked before the encoder sees them
         if config.kv_policy:
             model.config.kv_policy = config.kv_policy
         self.model = model.eval()

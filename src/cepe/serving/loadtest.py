@@ -104,16 +104,13 @@ def _auth(args) -> dict:
 def document_slices(args) -> tuple[str, str, str]:
     """(passage of --passage-tokens, document of --doc-tokens, book name), cut at token boundaries
     of the encoder's tokenizer, from the middle of the book (past any front matter)."""
-    from transformers import AutoTokenizer
-
-    from ..model.loading import resolve_path
+    from ..model.loading import load_tokenizer, resolve_path
 
     book = args.book or (sorted(glob.glob(BOOKS)) or [None])[0]
     if book is None or not Path(book).is_file():
         raise FileNotFoundError(f"no book found ({BOOKS}); pass --book FILE")
     text = Path(book).read_text(encoding="utf-8", errors="replace")
-    tok = AutoTokenizer.from_pretrained(str(resolve_path(args.encoder)))
-    tok.model_max_length = 10**12  # a whole book, only sliced here
+    tok = load_tokenizer(resolve_path(args.encoder))  # a whole book, only sliced here
     start = len(text) // 5
     enc = tok(text[start:], add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
