@@ -208,6 +208,46 @@ def test_label_log_likelihoods(dec):
         assert ll == pytest.approx(float(direct(dec, prompt.tokens + c, 10).sum()), abs=1e-5)
 
 
+@pytest.mark.parametrize("encoder", ["decoder", "bert"])
+def test_batched_candidate_scoring_equals_one_at_a_time(encoder):
+    """label_log_likelihoods scores all candidates in one left-padded batch; each equals the
+    candidate scored alone through `score`, for every method (CEPE's shared context encoded once)."""
+    from dataclasses import replace
+
+    model = tiny_cepe("llama", encoder, init="copy")
+    names = ["cepe", "truncated", "full", "full-linear", "replug", "streamingllm"]
+    methods = build_methods(names, model, window=16, to_encoder=(lambda ids: [t % 70 for t in ids]) if encoder == "bert" else None)
+    prompt = Request(tokens=random_ids(9, 50), context=[random_ids(11, 51), random_ids(5, 52)], prefix=[7, 8])
+    cands = [[5], [6, 7, 8], [9, 10]]
+    for name, m in methods.items():
+        got = label_log_likelihoods(m, prompt, cands)
+        for (ll, n), c in zip(got, cands):
+            alone = score(m, replace(prompt, tokens=prompt.tokens + c, score_start=len(prompt.tokens)))
+            assert n == len(c)
+            assert ll == pytest.approx(float(alone.sum()), abs=1e-4), name
+    with pytest.raises(ValueError, match="empty candidate"):
+        label_log_likelihoods(methods["truncated"], prompt, [[5], []])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_full_reuses_shared_context_keys_values(family):
+    """`full` keeps the keys/values of a long shared prefix + context (ICL's demonstrations) and runs
+    only each row's tokens: same log-likelihoods as the whole sequence, for a second prompt too
+    (gemma3: past its sliding window of 64)."""
+    from dataclasses import replace
+
+    m = Full(tiny_decoder(family))
+    ctx = [random_ids(50, 60), random_ids(30, 61)]
+    cands = [[5], [6, 7, 8], [9, 10]]
+    for seed in (62, 63):
+        prompt = Request(tokens=random_ids(9, seed), context=ctx, prefix=[5, 6])
+        got = label_log_likelihoods(m, prompt, cands)
+        for (ll, _), c in zip(got, cands):
+            alone = score(m, replace(prompt, tokens=prompt.tokens + c, score_start=len(prompt.tokens)))
+            assert ll == pytest.approx(float(alone.sum()), abs=1e-4)
+        assert m._prefix.key == tuple([5, 6] + ctx[0] + ctx[1])
+
+
 def test_build_methods_errors(dec):
     with pytest.raises(ValueError, match="needs a CEPE model"):
         build_methods(["cepe"], None, dec)

@@ -337,3 +337,16 @@ def test_length_scaling_multiplies_logits_beyond_trained_length():
     torch.testing.assert_close(out[1:], ref_short, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cross_attn_length_scaling"):
         CepeConfig(text_config=m.config.text_config, cross_attn_length_scaling=1)
+
+
+def test_shared_context_projected_once_equals_repeated_context():
+    """One context for B prompts (expanded, keys/values projected once on the parent) gives the
+    logits of the same context repeated B times, under the per-step `recompute` policy too."""
+    m = tiny_cepe("llama", "bert")
+    ids = _ids(b=3, t=6)
+    ctx = m.encode(_ctx(b=1))
+    repeated = ContextStates(ctx.hidden_states.repeat(3, 1, 1), ctx.attention_mask.repeat(3, 1), ctx.fingerprint)
+    for policy in ("recompute", "cache"):
+        m.config.kv_policy = policy
+        fresh = ContextStates(ctx.hidden_states, ctx.attention_mask, ctx.fingerprint)
+        torch.testing.assert_close(m(ids, context=fresh).logits, m(ids, context=repeated).logits, rtol=1e-5, atol=1e-5)

@@ -95,6 +95,11 @@ class Method:
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def log_probs_batch(self, requests: list[Request], last: int) -> torch.Tensor:
+        """(B, last, V): `log_probs` of several requests; methods with a batched path run them
+        as one left-padded forward."""
+        return torch.stack([self.log_probs(r, last) for r in requests])
+
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         """Greedy continuation of `request.tokens` (same tokens as `scoring.greedy_generate`)."""
         return greedy_generate(self, request, max_new_tokens, stop_ids)
@@ -128,6 +133,9 @@ class Truncated(Method):
         ids = torch.tensor([request.prefix + request.tokens])
         return decoder_log_probs(self.decoder, ids, last)[0]
 
+    def log_probs_batch(self, requests: list[Request], last: int) -> torch.Tensor:
+        return _padded_log_probs(self.decoder, [r.prefix + r.tokens for r in requests], last, self.pad_id)
+
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         return _hf_greedy(self.decoder, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id)
 
@@ -150,6 +158,7 @@ class Full(Method):
         self.decoder, self.rope, self.rope_factor, self.pad_id = decoder, rope, rope_factor, pad_id
         self.window = native_window(decoder)
         self.max_length = max_length or (self.window if rope is None else math.inf)
+        self._prefix = SharedPrefix()
         self.name = "full" if rope is None else f"full-{rope}"
 
     def ids(self, request: Request) -> list[int]:
@@ -168,6 +177,17 @@ class Full(Method):
         ids = self.ids(request)
         with scaled_rope(self.decoder, self.rope, self.factor(len(ids))):
             return decoder_log_probs(self.decoder, torch.tensor([ids]), last)[0]
+
+    def log_probs_batch(self, requests: list[Request], last: int) -> torch.Tensor:
+        if self.rope is not None:  # the scaling factor depends on each request's length
+            return super().log_probs_batch(requests, last)
+        rows = [self.ids(r) for r in requests]
+        shared = requests[0].prefix + requests[0].context_ids()
+        if len(shared) >= 64 and all(r.prefix + r.context_ids() == shared and len(r.tokens) >= last for r in requests):
+            # candidates of one prompt (and, in ICL, every prompt) share the long context: its
+            # keys/values are computed once and kept, only each row's own tokens run
+            return self._prefix.log_probs(self.decoder, shared, [r.tokens for r in requests], last)
+        return _padded_log_probs(self.decoder, rows, last, self.pad_id)
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         ids = self.ids(request)
@@ -279,6 +299,51 @@ class Replug(Method):
         return [out[i] for i in firsts]
 
 
+class SharedPrefix:
+    """Keys/values of the last shared prefix a decoder read (`transformers` `DynamicCache`), so
+    that rows continuing it run only their own tokens. The kept cache is never written to: each
+    call works on a copy, repeated over the batch."""
+
+    def __init__(self):
+        self.key: tuple[int, ...] | None = None
+        self.cache = None
+
+    def log_probs(self, decoder: nn.Module, shared: list[int], suffixes: list[list[int]], last: int) -> torch.Tensor:
+        """(B, last, V): log-probs after the last `last` tokens of each `shared + suffixes[i]`;
+        every suffix has at least `last` tokens."""
+        import copy
+
+        from transformers import DynamicCache
+
+        dev = _device(decoder)
+        cache_kw = _cache_keyword(decoder)
+        if self.key != tuple(shared):
+            cache = DynamicCache(config=decoder.config)
+            decoder(input_ids=torch.tensor([shared], device=dev), use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+            self.key, self.cache = tuple(shared), cache
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(suffixes))
+        width = max(len(x) for x in suffixes)
+        # right padding: causal attention keeps every real token blind to the pads after it
+        ids = torch.tensor([x + [x[-1]] * (width - len(x)) for x in suffixes], device=dev)
+        logits = decoder(input_ids=ids, use_cache=True, **{cache_kw: cache}).logits
+        rows = [logits[i, len(x) - last : len(x)] for i, x in enumerate(suffixes)]
+        return torch.stack(rows).float().log_softmax(-1)
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    """The decoder forward's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _padded_log_probs(model: nn.Module, rows: list[list[int]], last: int, pad_id: int, **kwargs) -> torch.Tensor:
+    """(B, last, V) log-probs after the last `last` tokens of each row, rows left-padded."""
+    ids, mask = left_pad(rows, pad_id)
+    return decoder_log_probs(model, ids, last, attention_mask=mask if mask.eq(0).any() else None, **kwargs)
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ids -> (B, T) ids and mask, padded on the left so every row ends at T."""
     width = max(len(r) for r in rows)
@@ -325,6 +390,13 @@ class Cepe(Method):
         ids = torch.tensor([request.prefix + request.tokens], device=_device(self.model))
         out = self.model(input_ids=ids, context=self.context(request), logits_to_keep=last, use_cache=False)
         return out.logits[0, -last:].float().log_softmax(-1)
+
+    def log_probs_batch(self, requests: list[Request], last: int) -> torch.Tensor:
+        same = all(r.context == requests[0].context for r in requests)
+        # one shared context (label candidates of one prompt) is encoded once and expanded
+        ctx = self.context(requests[0]) if same else self.batch_context(requests)
+        return _padded_log_probs(self.model, [r.prefix + r.tokens for r in requests], last, self.pad_id,
+                                 **({"context": ctx} if ctx is not None else {}))
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         ctx = self.context(request)

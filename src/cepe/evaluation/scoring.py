@@ -85,11 +85,21 @@ def greedy_generate(method: "Method", request: Request, max_new_tokens: int, sto
 
 
 def label_log_likelihoods(method: "Method", prompt: Request, candidates: list[list[int]]) -> list[tuple[float, int]]:
-    """(sum of log-likelihood, number of tokens) of each candidate continuation of `prompt.tokens`."""
+    """(sum of log-likelihood, number of tokens) of each candidate continuation of `prompt.tokens`,
+    all candidates in one batch (`Method.log_probs_batch`, left-padded so that every row ends
+    with its candidate); equal to scoring each candidate on its own."""
+    if any(not cand for cand in candidates):
+        raise ValueError("empty candidate continuation")
+    if not candidates:
+        return []
+    reqs = [replace(prompt, tokens=list(prompt.tokens) + list(c), score_start=len(prompt.tokens)) for c in candidates]
+    last = max(len(c) for c in candidates) + 1
+    with torch.no_grad():
+        logp = method.log_probs_batch(reqs, last)  # (C, last, V)
     out = []
-    for cand in candidates:
-        if not cand:
-            raise ValueError("empty candidate continuation")
-        req = replace(prompt, tokens=list(prompt.tokens) + list(cand), score_start=len(prompt.tokens))
-        out.append((float(score(method, req).sum()), len(cand)))
+    for row, cand in zip(logp, candidates):
+        # the position before the candidate's first token, up to the one before its last
+        lp = row[-len(cand) - 1 : -1]
+        ll = lp.gather(-1, torch.tensor(cand, device=lp.device)[:, None]).sum()
+        out.append((float(ll), len(cand)))
     return out

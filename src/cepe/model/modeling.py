@@ -245,15 +245,18 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         block = self.cross_attn[str(idx)]
         if idx in ctx.cross_kv:
             k, v = ctx.cross_kv[idx]
-        elif ctx.parent is not None and self._use_kv_cache(ctx):
-            # an expanded context (beams, or one document shared by many prompts): project the
-            # parent's states once and repeat the keys/values, instead of projecting B copies
-            parent = ctx.parent
-            if idx not in parent.cross_kv:
-                parent.cross_kv[idx] = block.project_kv(parent.hidden_states)
+        elif ctx.parent is not None:
+            # an expanded context (beams, label candidates, one document shared by many prompts):
+            # project the parent's states once and repeat the keys/values, instead of projecting
+            # B copies (under every policy; `cache` also keeps them for the next steps)
+            parent, keep = ctx.parent, self._use_kv_cache(ctx)
+            pk, pv = parent.cross_kv[idx] if idx in parent.cross_kv else block.project_kv(parent.hidden_states)
+            if keep:
+                parent.cross_kv[idx] = (pk, pv)
             r = ctx.batch_size // parent.batch_size
-            k, v = (t.repeat_interleave(r, dim=0) for t in parent.cross_kv[idx])
-            ctx.cross_kv[idx] = (k, v)
+            k, v = (t.repeat_interleave(r, dim=0) for t in (pk, pv))
+            if keep:
+                ctx.cross_kv[idx] = (k, v)
         else:
             k, v = block.project_kv(ctx.hidden_states)
             if self._use_kv_cache(ctx):
