@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     rows = [
         ("decoder alone", args.window, f"{ppl_alone:.2f}"),
-        (f"+ encoder context", args.window + ctx_tokens, f"{ppl_ctx:.2f}"),
+        ("+ encoder context", args.window + ctx_tokens, f"{ppl_ctx:.2f}"),
     ]
     print(f"\nPerplexity of the last {args.scored} tokens (decoder window {args.window} tokens):")
     print(f"{'method':<20}{'tokens read':>12}{'perplexity':>12}")

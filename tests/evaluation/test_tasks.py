@@ -174,6 +174,19 @@ def test_icl_run(model, tok):
     assert icl.format_demo({"text": "a  b", "label": "x_y"}) == "Input: a b\nLabel: x y\n\n"
 
 
+def test_icl_encoder_layouts(model):
+    """packed: CEPE's encoder demonstrations as one running text; per-demo: one document each;
+    both count every demonstration as read, and the decoder's part is the same."""
+    cepe = build_methods(["cepe"], model)["cepe"]
+    demos, query = [[3, 4], [5, 6, 7], [8], [9, 10]], [11, 12]
+    packed, n_packed = icl.make_request(cepe, demos, query, icl.IclSettings(demos=4, decoder_demos=1), 2)
+    each, n_each = icl.make_request(cepe, demos, query, icl.IclSettings(4, 1, encoder_layout="per-demo"), 2)
+    assert packed.context == [[3, 4, 5, 6, 7, 8]] and each.context == [[3, 4], [5, 6, 7], [8]]
+    assert packed.tokens == each.tokens == [9, 10, 11, 12] and n_packed == n_each == 4
+    with pytest.raises(ValueError, match="encoder_layout"):
+        icl.IclSettings(encoder_layout="nope")
+
+
 def test_passkey_prompt_and_run(model, tok):
     intro, body = passkey.build_prompt(tok, 700, 0.5, "12345")
     text = tok.decode(body)

@@ -138,6 +138,8 @@ def register(subparsers) -> None:
     t.add_argument("--data", required=True, help="jsonl {text, label}")
     t.add_argument("--demos", type=int, default=32, help="demonstrations in all (default 32)")
     t.add_argument("--decoder-demos", type=int, default=2, help="of which in the decoder (default 2); CEPE's encoder gets the rest")
+    t.add_argument("--encoder-layout", choices=["packed", "per-demo"], default="packed",
+                   help="CEPE's demonstrations: laid end to end and cut into chunks (default), or one per chunk")
     t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder alone); default its trained window")
     t.add_argument("--max-examples", type=int, default=100)
     _common(t, "icl")
@@ -362,7 +364,7 @@ def cmd_icl(args) -> int:
     from .report import Timer
     from .tasks import icl
 
-    settings = icl.IclSettings(args.demos, args.decoder_demos, args.seed)
+    settings = icl.IclSettings(args.demos, args.decoder_demos, args.seed, args.encoder_layout)
     rows = read_jsonl(args.data, ("text", "label"))
     em, methods = _setup(args)
     timer = Timer()

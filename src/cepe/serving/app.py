@@ -16,10 +16,8 @@ import logging
 import os
 import threading
 import time
-import uuid
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -1,10 +1,11 @@
 """In-context classification: N demonstrations, the last few in the decoder's prompt and the rest
-in CEPE's encoder (one demonstration per chunk); the label is the candidate with the highest
+in CEPE's encoder; the label is the candidate with the highest
 log-likelihood, raw (sum) or length-normalised (mean per token).
 
 Demonstrations are sampled once per seed from the examples not under test, so every test example
 and method sees the same ones. Layouts:
-- `cepe`: encoder gets demos[:N-n], decoder demos[N-n:] + the query;
+- `cepe`: encoder gets demos[:N-n] (default packed: laid end to end and cut into chunks; or one
+  demonstration per chunk), decoder demos[N-n:] + the query;
 - `truncated`: the decoder's n demos + the query only;
 - `full` (decoder alone): as many of the N demos as fit its window (the last ones), + the query;
 - `replug`: one pass per encoder demo, the decoder demos + query after it;
@@ -31,8 +32,11 @@ class IclSettings:
     demos: int = 32  # N
     decoder_demos: int = 2  # n
     seed: int = 0
+    encoder_layout: str = "packed"  # packed: the N - n demos as one text, cut into chunks | per-demo: a chunk each
 
     def __post_init__(self):
+        if self.encoder_layout not in ("packed", "per-demo"):
+            raise ValueError(f"encoder_layout must be 'packed' or 'per-demo', got {self.encoder_layout!r}")
         if not 0 <= self.decoder_demos <= self.demos:
             raise ValueError(f"decoder demos ({self.decoder_demos}) must be within [0, demos={self.demos}]")
 
@@ -68,7 +72,12 @@ def make_request(method: Method, demos: list[list[int]], query: list[int], s: Ic
     in_decoder = [t for d in demos[n_enc:] for t in d]
     if isinstance(method, (Cepe, Truncated, Replug)):
         context = demos[:n_enc] if not isinstance(method, Truncated) else []
-        return Request(tokens=in_decoder + query, context=context, score_start=1), len(context) + s.decoder_demos
+        read = len(context) + s.decoder_demos
+        if isinstance(method, Cepe) and s.encoder_layout == "packed" and context:
+            # one running text, as the adapter saw in training (full chunks of continuous text),
+            # instead of one short demonstration padded to a whole chunk
+            context = [[t for d in context for t in d]]
+        return Request(tokens=in_decoder + query, context=context, score_start=1), read
     if in_window(method):
         # the demonstrations nearest the query are kept first
         kept = fitting_prefix(demos[::-1], window_budget(method, len(query) + longest_label))[::-1]
