@@ -7,6 +7,8 @@
 #   bash scripts/gpu/issue6.sh eval       # perplexity curves on held-out book and code
 #   bash scripts/gpu/issue6.sh ceped-released STEPS  # CEPED from the released adapter (weights/)
 #   bash scripts/gpu/issue6.sh qa         # NQ, 1,000 questions, k = 1,5,10,20: CEPE, CEPED, baselines
+#                                         # (needs bm25s there: here `python3 -m pip download --no-deps -d .whl
+#                                         # bm25s==0.3.16`, and carry .whl; about 17 min for 1,000: KS=1,5 then KS=10,20)
 #   bash scripts/gpu/issue6.sh icl N      # intent_recognition with N demonstrations
 #   bash scripts/gpu/issue6.sh scaling    # perplexity with and without cross-attention length scaling
 # Outputs go to /root/runs (kept while the machine is warm) and the small files to $OUT.
@@ -83,6 +85,9 @@ PY
     keep /root/runs/ceped ceped
     ;;
   qa)
+    if ! python3 -c 'import bm25s' 2>/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --target /root/site .whl/bm25s-*.whl
+    fi
     # BM25 over the 13,833 passages; m = 1 passage in the decoder, the next k in the encoder
     python3 -m cepe.cli eval qa --questions $NQ/questions.jsonl --passages $NQ/passages.jsonl \
       -m ${M:-1} -k ${KS:-1,5,10,20} --max-examples ${QUESTIONS:-1000} --adapter "$RELEASED" \
