@@ -174,6 +174,22 @@ def test_icl_run(model, tok):
     assert icl.format_demo({"text": "a  b", "label": "x_y"}) == "Input: a b\nLabel: x y\n\n"
 
 
+def test_icl_sweep_uses_one_test_set_and_nested_demos(model, tok):
+    rows = [{"text": sentence_text(4, 80 + i), "label": "pos_thing" if i % 3 else "neg"} for i in range(30)]
+    methods = build_methods(["cepe", "truncated"], model)
+    s = icl.IclSettings(demos=4, decoder_demos=2, seed=3)
+    out = icl.run_sweep(methods, rows, s, [6, 4], tok, max_examples=30, progress=False)
+    assert list(out["demos"]) == ["4", "6"]
+    assert out["demos"]["4"]["gold"] == out["demos"]["6"]["gold"] and len(out["demos"]["4"]["gold"]) == 24
+    single = icl.run(methods, rows, s, tok, max_examples=30, progress=False, reserve=6)
+    assert single["methods"] == out["demos"]["4"]["methods"]
+    t4, d4 = icl.split(rows, s, 30, reserve=6)
+    t6, d6 = icl.split(rows, icl.IclSettings(6, 2, 3), 30, reserve=6)
+    assert t4 == t6 and d6[:4] == d4
+    header, table_rows = icl.table(out)
+    assert header[0] == "N" and len(table_rows) == 4
+
+
 def test_icl_encoder_layouts(model):
     """packed: CEPE's encoder demonstrations as one running text; per-demo: one document each;
     both count every demonstration as read, and the decoder's part is the same."""

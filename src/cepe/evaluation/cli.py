@@ -136,7 +136,7 @@ def register(subparsers) -> None:
 
     t = sub.add_parser("icl", help="in-context classification: demonstrations in encoder + decoder; label by log-likelihood")
     t.add_argument("--data", required=True, help="jsonl {text, label}")
-    t.add_argument("--demos", type=int, default=32, help="demonstrations in all (default 32)")
+    t.add_argument("--demos", type=_ints, default=[32], help="demonstrations in all (default 32); a list (8,32,64) runs a sweep on one test set")
     t.add_argument("--decoder-demos", type=int, default=2, help="of which in the decoder (default 2); CEPE's encoder gets the rest")
     t.add_argument("--encoder-layout", choices=["packed", "per-demo"], default="packed",
                    help="CEPE's demonstrations: laid end to end and cut into chunks (default), or one per chunk")
@@ -361,18 +361,33 @@ def cmd_qa(args) -> int:
 
 def cmd_icl(args) -> int:
     from .data import fingerprint, read_jsonl
+    from .plotting import line_plot
     from .report import Timer
     from .tasks import icl
 
-    settings = icl.IclSettings(args.demos, args.decoder_demos, args.seed, args.encoder_layout)
+    for n in args.demos:  # validate every N before the model load
+        icl.IclSettings(n, args.decoder_demos, args.seed, args.encoder_layout)
+    settings = icl.IclSettings(args.demos[0], args.decoder_demos, args.seed, args.encoder_layout)
     rows = read_jsonl(args.data, ("text", "label"))
     em, methods = _setup(args)
     timer = Timer()
-    result = icl.run(methods, rows, settings, em.tokenizer, args.max_examples, timer, progress=not args.no_progress)
+    common = dict(max_examples=args.max_examples, timer=timer, progress=not args.no_progress)
+    if len(args.demos) == 1:
+        result = icl.run(methods, rows, settings, em.tokenizer, **common)
+        first, plot = result, None
+    else:
+        result = icl.run_sweep(methods, rows, settings, args.demos, em.tokenizer, **common)
+        first = next(iter(result["demos"].values()))
+
+        def plot(path):
+            series = {m: [(int(n), r["methods"][m]["accuracy_raw"]) for n, r in result["demos"].items()] for m in methods}
+            series["majority class"] = [(int(n), r["majority_baseline"]) for n, r in result["demos"].items()]
+            title = f"{_tag(em)}: {Path(args.data).stem}, {first['test_examples']} examples, {args.decoder_demos} in the decoder"
+            return line_plot(path, series, "demonstrations N", "accuracy (raw log-likelihood)", title)
     header, table_rows = icl.table(result)
-    data = {**fingerprint([args.data]), "examples": result["test_examples"]}
-    note = f"labels: {len(result['labels'])}, majority-class accuracy {result['majority_baseline']:.3f}"
-    return _finish(args, "icl", em, header, table_rows, result, data, timer, note=note)
+    data = {**fingerprint([args.data]), "examples": first["test_examples"]}
+    note = f"labels: {len(first['labels'])}, majority-class accuracy {first['majority_baseline']:.3f}"
+    return _finish(args, "icl", em, header, table_rows, result, data, timer, plot, note=note)
 
 
 def cmd_passkey(args) -> int:

@@ -15,7 +15,7 @@ and method sees the same ones. Layouts:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -53,11 +53,13 @@ def format_demo(row: dict) -> str:
     return f"{format_query(row['text'])} {verbalize(row['label'])}\n\n"
 
 
-def split(rows: list[dict], s: IclSettings, max_examples: int | None) -> tuple[list[dict], list[dict]]:
-    """(test examples, demonstrations), both from one seeded shuffle."""
+def split(rows: list[dict], s: IclSettings, max_examples: int | None, reserve: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(test examples, demonstrations), both from one seeded shuffle. `reserve` (>= demos): keep
+    that many examples out of the test set, so a sweep over N tests the same examples for every N
+    and its demonstration sets are nested."""
     order = list(range(len(rows)))
     random.Random(s.seed).shuffle(order)
-    n_test = min(max_examples or len(rows), len(rows) - s.demos)
+    n_test = min(max_examples or len(rows), len(rows) - max(s.demos, reserve or 0))
     if n_test < 1:
         raise ValueError(f"{len(rows)} examples cannot give {s.demos} demonstrations and a test set")
     test = [rows[i] for i in order[:n_test]]
@@ -86,13 +88,13 @@ def make_request(method: Method, demos: list[list[int]], query: list[int], s: Ic
 
 
 def run(methods: dict[str, Method], rows: list[dict], s: IclSettings, tokenizer: Any, max_examples: int | None = None,
-        timer: Timer | None = None, progress: bool = True) -> dict:
-    """rows: {text, label}."""
+        timer: Timer | None = None, progress: bool = True, reserve: int | None = None) -> dict:
+    """rows: {text, label}. `reserve`: see `split`."""
     timer = timer or Timer()
     labels = sorted({str(r["label"]) for r in rows})
     if len(labels) < 2:
         raise ValueError(f"need at least two labels, found {labels}")
-    test, demos = split(rows, s, max_examples)
+    test, demos = split(rows, s, max_examples, reserve)
     demo_ids = [encode(tokenizer, format_demo(d)) for d in demos]
     candidates = [encode(tokenizer, " " + verbalize(label)) for label in labels]
     longest = max(len(c) for c in candidates)
@@ -127,7 +129,22 @@ def run(methods: dict[str, Method], rows: list[dict], s: IclSettings, tokenizer:
     }
 
 
+def run_sweep(methods: dict[str, Method], rows: list[dict], s: IclSettings, demos: list[int], tokenizer: Any,
+              max_examples: int | None = None, timer: Timer | None = None, progress: bool = True) -> dict:
+    """`run` for each number of demonstrations N in `demos` (n in the decoder fixed), on one test
+    set: {"demos": {N: run's result}}."""
+    out = {}
+    for n in sorted(set(demos)):
+        out[str(n)] = run(methods, rows, replace(s, demos=n), tokenizer, max_examples, timer, progress, reserve=max(demos))
+    return {"demos": out}
+
+
 def table(result: dict) -> tuple[list[str], list[list]]:
+    """One row per method, or per (N, method) for a sweep."""
     header = ["method", "acc (raw)", "acc (length-norm.)", "demos read"]
+    if "demos" in result:
+        rows = [[n, m, r["accuracy_raw"], r["accuracy_normalized"], r["demos_read"]]
+                for n, res in result["demos"].items() for m, r in res["methods"].items()]
+        return ["N", *header], rows
     rows = [[n, r["accuracy_raw"], r["accuracy_normalized"], r["demos_read"]] for n, r in result["methods"].items()]
     return header, rows
