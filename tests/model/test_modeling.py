@@ -350,3 +350,13 @@ def test_shared_context_projected_once_equals_repeated_context():
         m.config.kv_policy = policy
         fresh = ContextStates(ctx.hidden_states, ctx.attention_mask, ctx.fingerprint)
         torch.testing.assert_close(m(ids, context=fresh).logits, m(ids, context=repeated).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_length_scaling_override_on_load_is_validated(tmp_path):
+    m = tiny_cepe("llama", "bert")
+    m.save_pretrained(tmp_path / "a")
+    dec = m.decoder
+    loaded = CepeForCausalLM.from_pretrained(tmp_path / "a", decoder=dec, encoder=tiny_bert(), cross_attn_length_scaling="64")
+    assert loaded.config.cross_attn_length_scaling == 64
+    with pytest.raises(ValueError, match="cross_attn_length_scaling"):
+        CepeForCausalLM.from_pretrained(tmp_path / "a", decoder=dec, encoder=tiny_bert(), cross_attn_length_scaling=1)

@@ -192,10 +192,11 @@ def _setup(args):
         add_adapter(em, name, folder)
         methods[name] = Cepe(em.others[name], pad_id=em.pad_id, name=name)
     if args.length_scaling is not None:
-        value = None if args.length_scaling.lower() in ("off", "none", "0") else _size(args.length_scaling)
+        from ..model.configuration import length_scaling
+
+        value = length_scaling(None if args.length_scaling.lower() in ("off", "none", "0") else _size(args.length_scaling))
         for model in [em.cepe, *em.others.values()]:
             if model is not None:
-                type(model.config)(**{**model.config.to_dict(), "cross_attn_length_scaling": value})  # validate
                 model.config.cross_attn_length_scaling = value
         em.description["length_scaling"] = value
     if extra and "cepe" in methods:  # the adapters side by side in every table

@@ -181,7 +181,7 @@ class Full(Method):
     def log_probs_batch(self, requests: list[Request], last: int) -> torch.Tensor:
         if self.rope is not None:  # the scaling factor depends on each request's length
             return super().log_probs_batch(requests, last)
-        rows = [self.ids(r) for r in requests]
+        rows = [self.ids(r) for r in requests]  # also refuses a request over the window (DoesNotFit)
         shared = requests[0].prefix + requests[0].context_ids()
         if len(shared) >= 64 and all(r.prefix + r.context_ids() == shared and len(r.tokens) >= last for r in requests):
             # candidates of one prompt (and, in ICL, every prompt) share the long context: its
@@ -409,8 +409,8 @@ class Cepe(Method):
         a request with no context at all gets a zero cross-attention delta)."""
         if not any(len(d) for r in requests for d in r.context):
             return None
-        ids, mask = self.model.tokenize_context_batch(
-            [[self.to_encoder(list(d)) for d in r.context if len(d)] for r in requests])
+        # tokenize_context_batch drops empty documents itself
+        ids, mask = self.model.tokenize_context_batch([[self.to_encoder(list(d)) for d in r.context] for r in requests])
         dev = _device(self.model)
         return self.model.encode(ids.to(dev), mask.to(dev))
 

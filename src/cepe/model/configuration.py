@@ -11,6 +11,15 @@ KV_POLICIES = ("recompute", "cache", "auto")
 ENCODER_TYPES = ("hf", "decoder")
 
 
+def length_scaling(value: Any) -> int | None:
+    """A valid `cross_attn_length_scaling`: None (off) or a context length L >= 2, as int."""
+    if value is None:
+        return None
+    if int(value) < 2:
+        raise ValueError(f"cross_attn_length_scaling must be None or a context length >= 2, got {value}")
+    return int(value)
+
+
 def _as_config(value: Any) -> PretrainedConfig | None:
     if value is None or isinstance(value, PretrainedConfig):
         return value
@@ -84,8 +93,6 @@ class CepeConfig(PretrainedConfig):
             raise ValueError(f"cross_attn_init must be one of {CROSS_ATTN_INITS}, got {cross_attn_init!r}")
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
-        if cross_attn_length_scaling is not None and int(cross_attn_length_scaling) < 2:
-            raise ValueError(f"cross_attn_length_scaling must be None or a context length >= 2, got {cross_attn_length_scaling}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.encoder_type = encoder_type
@@ -96,7 +103,7 @@ class CepeConfig(PretrainedConfig):
         self.cross_attn_init = cross_attn_init
         self.kv_policy = kv_policy
         self.kv_cache_budget_bytes = kv_cache_budget_bytes
-        self.cross_attn_length_scaling = None if cross_attn_length_scaling is None else int(cross_attn_length_scaling)
+        self.cross_attn_length_scaling = length_scaling(cross_attn_length_scaling)
         self.encoder_frozen = encoder_frozen
         self.base_fingerprint = base_fingerprint
         self.base_encoder_fingerprint = base_encoder_fingerprint

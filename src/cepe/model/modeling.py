@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from .configuration import CepeConfig
+from .configuration import CepeConfig, length_scaling
 from .context import ContextStates, chunk_token_ids, pad_chunk_batch
 from .cross_attention import CrossAttention
 from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
@@ -269,11 +269,12 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         trained = self.config.cross_attn_length_scaling
         if trained is None:
             return None
-        if "logit_scale" not in ctx.cross_kv:
+        key = ("logit_scale", trained)  # keyed by L: a config change is not served a stale factor
+        if key not in ctx.cross_kv:
             n = ctx.attention_mask.sum(-1).float()
             scale = (math.log(trained) / n.clamp(min=2).log()).clamp(max=1.0)
-            ctx.cross_kv["logit_scale"] = scale if bool((n > trained).any()) else None
-        return ctx.cross_kv["logit_scale"]
+            ctx.cross_kv[key] = scale if bool((n > trained).any()) else None
+        return ctx.cross_kv[key]
 
     @staticmethod
     def _key_mask(ctx: ContextStates) -> torch.Tensor | None:
@@ -532,9 +533,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
         config = CepeConfig.from_pretrained(str(folder))
-        for k in ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling"):
+        for k in ("kv_policy", "kv_cache_budget_bytes"):
             if k in kwargs:
                 setattr(config, k, kwargs.pop(k))
+        if "cross_attn_length_scaling" in kwargs:
+            config.cross_attn_length_scaling = length_scaling(kwargs.pop("cross_attn_length_scaling"))
         if decoder is None:
             decoder = config.base_decoder
             if decoder is None:

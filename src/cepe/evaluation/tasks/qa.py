@@ -90,7 +90,7 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
     stops = stop_ids(tokenizer, newline=False)  # the answer may follow "The answer is:" on the next line
     formatted: dict[int, list[int]] = {}
     recall = {"decoder": [], "all": []}
-    prepared = []  # (head, tail, docs, scores) per question
+    prepared = []  # (head, tail, docs, scores, passage ids) per question
     for q in tqdm(questions, desc=f"qa: retrieve top {n_ret}", disable=not progress):
         with timer("retrieval"):
             hits = retriever.search(q["question"], n_ret) if n_ret else []
