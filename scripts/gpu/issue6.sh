@@ -8,7 +8,8 @@
 #   bash scripts/gpu/issue6.sh ceped-released STEPS  # CEPED from the released adapter (weights/)
 #   bash scripts/gpu/issue6.sh qa         # NQ, 1,000 questions, k = 1,5,10,20: CEPE, CEPED, baselines
 #                                         # (needs bm25s there: here `python3 -m pip download --no-deps -d .whl
-#                                         # bm25s==0.3.16`, and carry .whl; about 17 min for 1,000: KS=1,5 then KS=10,20)
+#                                         # bm25s==0.3.16`, and carry .whl; for 1,000 split the sweep, KS=1,5 then
+#                                         # KS=10,20, and join them here with `cepe eval qa-merge`)
 #   bash scripts/gpu/issue6.sh icl N      # intent_recognition with N demonstrations
 #   bash scripts/gpu/issue6.sh scaling    # perplexity with and without cross-attention length scaling
 # Outputs go to /root/runs (kept while the machine is warm) and the small files to $OUT.
@@ -92,8 +93,8 @@ PY
     python3 -m cepe.cli eval qa --questions $NQ/questions.jsonl --passages $NQ/passages.jsonl \
       -m ${M:-1} -k ${KS:-1,5,10,20} --max-examples ${QUESTIONS:-1000} --adapter "$RELEASED" \
       $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} \
-      --methods cepe,truncated,full,replug --gen-batch ${GEN_BATCH:-32} --batch-size 32 \
-      --out "$OUT" --name qa_nq_m${M:-1} --no-progress
+      --methods cepe,truncated,full,replug --gen-batch ${GEN_BATCH:-64} --batch-size 32 \
+      --out "$OUT" --name qa_nq_m${M:-1}_k$(echo ${KS:-1,5,10,20} | tr , _) --no-progress
     ;;
   icl)
     n=${2:-32}

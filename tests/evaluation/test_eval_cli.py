@@ -77,6 +77,54 @@ def test_cli_qa_icl_passkey(files, tmp_path):
     assert (tmp_path / "r.png").is_file() and len(out["results"]["methods"]["cepe"]["grid_depth_by_length"]) == 2
 
 
+def test_cli_qa_merge(files, tmp_path, capsys):
+    """Sweeps run apart (k = 1,2 then k = 3) merge into what one sweep over k = 1,2,3 gives."""
+    qa = ["--questions", str(files / "questions.jsonl"), "--passages", str(files / "passages.jsonl"), "-m", "1",
+          "--max-new-tokens", "3", "--max-examples", "2"]
+    whole = _run(files, tmp_path / "whole", "qa", *qa, "-k", "1,2,3")
+    _run(files, tmp_path / "a", "qa", *qa, "-k", "1,2")
+    _run(files, tmp_path / "b", "qa", *qa, "-k", "3,2", "--max-new-tokens", "3")
+    # overlapping k's are refused
+    args = ["eval", "qa-merge", str(tmp_path / "a" / "r.json"), str(tmp_path / "b" / "r.json"), "--out", str(tmp_path)]
+    assert main(args) == 2 and "k = 2 is in more than one" in capsys.readouterr().err
+    _run(files, tmp_path / "b", "qa", *qa, "-k", "3")
+    assert main([*args, "--name", "m"]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert list(merged["results"]["k"]) == ["1", "2", "3"] and (tmp_path / "m.png").stat().st_size > 1000
+    assert merged["results"]["k"] == whole["results"]["k"]
+    assert merged["results"]["comparison"] == whole["results"]["comparison"]
+    assert merged["config"]["encoder_passages"] == [1, 2, 3] and len(merged["config"]["merged_from"]) == 2
+    assert "best decoder-only" in capsys.readouterr().out
+    # different questions are refused, naming what differs
+    _run(files, tmp_path / "c", "qa", *qa[:-1], "1", "-k", "5,6")
+    assert main(["eval", "qa-merge", str(tmp_path / "a" / "r.json"), str(tmp_path / "c" / "r.json"), "--out", str(tmp_path)]) == 2
+    assert "number of questions" in capsys.readouterr().err
+
+
+def test_cli_qa_partial(files, tmp_path, monkeypatch):
+    """A sweep that stops part way leaves the k's it finished in its JSON, marked partial."""
+    from cepe.evaluation.tasks import qa
+
+    calls = []
+    real = qa.run
+
+    def stop_at_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(qa, "run", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", "qa", "--questions", str(files / "questions.jsonl"), "--passages", str(files / "passages.jsonl"),
+              "-k", "1,2,3", "--max-new-tokens", "3", "--max-examples", "2", "--decoder", str(files / "decoder"),
+              "--encoder", "decoder", "--init", "zero", "--chunk-size", "16", "--encoder-layers", "2", "--device", "cpu",
+              "--out", str(tmp_path), "--name", "r", "--no-progress"])
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["data"]["partial"] is True and list(out["results"]["k"]) == ["1", "2"]
+    assert "best_decoder_only" in out["results"]["comparison"]
+
+
 def test_cli_errors(files, tmp_path, capsys):
     base = ["--decoder", str(files / "decoder"), "--out", str(tmp_path), "--no-progress"]
     assert main(["eval", "ppl", "--data", str(tmp_path / "missing"), *base]) == 2

@@ -6,6 +6,7 @@ Task logic lives in `cepe.evaluation.tasks.*`; this module only wires files, mod
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -133,6 +134,12 @@ def register(subparsers) -> None:
     t.add_argument("--keep-examples", type=int, default=50, help="per-question rows kept in the JSON per k (default 50; -1: all)")
     _common(t, "qa")
     t.set_defaults(func=cmd_qa)
+
+    t = sub.add_parser("qa-merge", help="merge QA sweeps run apart (e.g. k = 1,5 and k = 10,20) into one table and plot")
+    t.add_argument("files", nargs="+", help="results JSON of `cepe eval qa -k ...` over the same questions")
+    t.add_argument("--out", default="results", help="output folder (default results)")
+    t.add_argument("--name", default="qa_merged", help="output name (default qa_merged)")
+    t.set_defaults(func=cmd_qa_merge)
 
     t = sub.add_parser("icl", help="in-context classification: demonstrations in encoder + decoder; label by log-likelihood")
     t.add_argument("--data", required=True, help="jsonl {text, label}")
@@ -313,8 +320,7 @@ def cmd_rag_lm(args) -> int:
 
 def cmd_qa(args) -> int:
     from .data import fingerprint, read_jsonl
-    from .plotting import line_plot
-    from .report import Timer
+    from .report import Timer, environment, write_results
     from .retrieval import build_retriever
     from .tasks import qa
 
@@ -343,21 +349,84 @@ def cmd_qa(args) -> int:
         header, rows = qa.table(result)
         note = "retrieval recall: " + ", ".join(f"{k} {v:.3f}" for k, v in result["retrieval_recall"].items())
         return _finish(args, "qa", em, header, rows, result, data, timer, note=note)
-    result = qa.run_sweep(methods, questions, pool, retriever, settings, ks, em.tokenizer, **common)
+    def save_partial(so_far: dict) -> None:
+        # a sweep can be long: what is done survives a crash or a time limit (merge with `qa-merge`)
+        write_results(args.out, args.name, "qa", _config(args), {**data, "partial": True}, so_far, timer.summary(),
+                      environment(em.device), {"model": em.description})
+
+    result = qa.run_sweep(methods, questions, pool, retriever, settings, ks, em.tokenizer, after_k=save_partial, **common)
     header, rows = qa.table(result)
+    title = f"{_tag(em)}: NQ-style QA, top {args.decoder_passages} in the decoder + k more, {len(questions)} questions"
+    return _finish(args, "qa", em, header, rows, result, data, timer, _qa_sweep_plot(result, title),
+                   note=_qa_sweep_note(result))
+
+
+def _qa_sweep_note(result: dict) -> str:
     cmp = result["comparison"]
-    note = "\n".join(
-        [f"best decoder-only: {cmp['best_decoder_only']['setting']} ({cmp['best_decoder_only']['substring']:.3f})"]
-        + [f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
-           for key, v in cmp.items() if key != "best_decoder_only"])
+    best = cmp["best_decoder_only"]
+    head = f"best decoder-only: {best['setting']} ({best['substring']:.3f})" if best["setting"] else "no decoder-only method"
+    return "\n".join([head] + [f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
+                               for key, v in cmp.items() if key != "best_decoder_only"])
+
+
+def _qa_sweep_plot(result: dict, title: str):
+    from .plotting import line_plot
 
     def plot(path):
-        series = {m: [(int(k), res["methods"][m]["substring"]) for k, res in result["k"].items()]
-                  for m in next(iter(result["k"].values()))["methods"]}
-        title = f"{_tag(em)}: NQ-style QA, top {args.decoder_passages} in the decoder + k more, {len(questions)} questions"
+        names = dict.fromkeys(m for res in result["k"].values() for m in res["methods"])
+        series = {m: [(int(k), res["methods"][m]["substring"]) for k, res in result["k"].items() if m in res["methods"]]
+                  for m in names}
         return line_plot(path, series, "passages k beyond the decoder's", "answer substring match", title)
 
-    return _finish(args, "qa", em, header, rows, result, data, timer, plot, note=note)
+    return plot
+
+
+def cmd_qa_merge(args) -> int:
+    """Sweeps of one QA setting run apart (different k) into one result: JSON, table, plot."""
+    from .report import format_table, write_results
+    from .tasks import qa
+
+    runs = []
+    for f in args.files:
+        try:
+            runs.append(json.loads(Path(f).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: not a readable results file ({e})") from None
+        if runs[-1].get("task") != "qa":
+            raise ValueError(f"{f}: not a QA result (task {runs[-1].get('task')!r})")
+    first = runs[0]
+    same = {"questions": lambda r: r["data"]["questions"]["sha256"], "passages": lambda r: r["data"]["passages"]["sha256"],
+            "number of questions": lambda r: r["data"]["examples"], "model": lambda r: r.get("model"),
+            **{key: (lambda r, key=key: r["config"].get(key))
+               for key in ("decoder_passages", "prompt", "max_new_tokens", "retriever", "max_passages", "full_window")}}
+    for what, get in same.items():
+        for f, r in zip(args.files[1:], runs[1:]):
+            if get(r) != get(first):
+                raise ValueError(f"{f} and {args.files[0]} differ in {what}: {get(r)!r} vs {get(first)!r}")
+    # a one-k run's results are one entry of a sweep
+    result = qa.merge([r["results"] if "k" in r["results"] else {"k": {str(r["config"]["encoder_passages"][0]): r["results"]}}
+                       for r in runs])
+    partial = [f for f, r in zip(args.files, runs) if r["data"].get("partial")]
+    timings: dict = {}
+    for r in runs:
+        for k, v in r["timings"].items():
+            timings[k] = round(timings.get(k, 0.0) + v, 2)
+    config = {**first["config"], "encoder_passages": [int(k) for k in result["k"]], "merged_from": list(args.files)}
+    data = {**{k: v for k, v in first["data"].items() if k != "partial"}, **({"partial_inputs": partial} if partial else {})}
+    path = write_results(args.out, args.name, "qa", config, data, result, timings, first["environment"],
+                         {"model": first.get("model")})
+    header, rows = qa.table(result)
+    print(format_table(header, rows))
+    print(_qa_sweep_note(result))
+    if partial:
+        print(f"note: partial inputs (a sweep that stopped early): {', '.join(partial)}")
+    print(f"results: {path}")
+    model = first.get("model") or {}
+    tag = model.get("decoder", "?") + (f" + adapter {Path(model['adapter']).name}" if model.get("adapter") else "")
+    title = (f"{tag}: NQ-style QA, top {first['config'].get('decoder_passages')} in the decoder + k more, "
+             f"{first['data']['examples']} questions")
+    print(f"plot:    {_qa_sweep_plot(result, title)(Path(args.out) / f'{args.name}.png')}")
+    return 0
 
 
 def cmd_icl(args) -> int:

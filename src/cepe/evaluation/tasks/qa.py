@@ -12,6 +12,7 @@ Layouts (passages best first, each formatted as `Document: <text>` + blank line)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -175,14 +176,34 @@ def _generate_all(method: Method, requests: list[Request], max_new_tokens: int, 
 
 def run_sweep(methods: dict[str, Method], questions: list[dict], passages: list[dict], retriever, s: QaSettings,
               ks: list[int], tokenizer: Any, timer: Timer | None = None, progress: bool = True, batch_size: int = 1,
-              keep_examples: int | None = None, max_batch_tokens: int | None = None) -> dict:
+              keep_examples: int | None = None, max_batch_tokens: int | None = None,
+              after_k: Callable[[dict], None] | None = None) -> dict:
     """`run` for each number of encoder passages k in `ks` (m fixed); methods that ignore the
-    context answer once. Returns {"k": {k: run's result}, "best_decoder_only": ...}."""
+    context answer once. Returns {"k": {k: run's result}, "comparison": `compare`'s}.
+    `after_k`, if given, gets the sweep so far after every k (to save partial results)."""
     reuse: dict = {}
     by_k = {}
     for k in ks:
         by_k[str(k)] = run(methods, questions, passages, retriever, replace(s, encoder_passages=k), tokenizer, timer,
                            progress, batch_size, keep_examples, reuse, max_batch_tokens)
+        if after_k is not None and len(by_k) < len(ks):
+            after_k({"k": dict(by_k), "comparison": compare(by_k)})
+    return {"k": by_k, "comparison": compare(by_k)}
+
+
+def merge(sweeps: list[dict]) -> dict:
+    """One sweep from several sweeps' results over the same questions (e.g. k = 1,5 and k = 10,20
+    run apart): their k's must not overlap; the comparison is recomputed over all of them. Sorted by k."""
+    by_k: dict = {}
+    for sweep in sweeps:
+        for k, res in sweep["k"].items():
+            if k in by_k:
+                raise ValueError(f"k = {k} is in more than one of the sweeps")
+            by_k[k] = res
+    sizes = {len(r["substring_hits"]) for res in by_k.values() for r in res["methods"].values()}
+    if len(sizes) > 1:
+        raise ValueError(f"the sweeps are over different numbers of questions: {sorted(sizes)}")
+    by_k = dict(sorted(by_k.items(), key=lambda kv: int(kv[0])))
     return {"k": by_k, "comparison": compare(by_k)}
 
 
