@@ -100,7 +100,7 @@ PY
     n=${2:-32}
     python3 -m cepe.cli eval icl --data /root/data/intent_recognition.jsonl --demos $n --decoder-demos 2 \
       --max-examples ${EXAMPLES:-300} --adapter "$RELEASED" $( [ -d "$CEPED" ] && echo --compare-adapter ceped=$CEPED ) \
-      --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --methods cepe,truncated,full --out "$OUT" --name icl_intent_n$n --no-progress
+      --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --methods cepe,truncated,full --out "$OUT" --name icl_intent_n$(echo $n | tr , _) --no-progress
     ;;
   scaling)
     # the released adapter with and without cross-attention length scaling (L = 2,048, its training context)

@@ -92,6 +92,31 @@ def test_chunk_independence(encoder):
     assert not torch.allclose(sa[:, 10:], sb[:, 10:])
 
 
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_encoder_slices_give_the_same_states_and_gradients(encoder):
+    """encoder_chunks_per_pass bounds memory only: slicing the live chunks (padding chunks skipped)
+    changes neither the states nor the gradients."""
+    m = tiny_cepe("llama", encoder)  # eval: no dropout, gradients all the same
+    ctx = _ctx(b=3, n=3, seed=7)
+    mask = torch.ones_like(ctx)
+    mask[1, 2] = 0  # one all-padding chunk among the live ones
+    ids = _ids(b=3)
+    outs = []
+    for per_pass in (None, 2, 1):
+        m.config.encoder_chunks_per_pass = per_pass
+        m.zero_grad()
+        states = m.encode(ctx, mask).hidden_states
+        m(ids, context_input_ids=ctx, context_attention_mask=mask, labels=ids).loss.backward()
+        outs.append((states.detach(), [p.grad.clone() for p in m.encoder.parameters() if p.grad is not None]))
+    assert outs[0][1]
+    for states, grads in outs[1:]:
+        torch.testing.assert_close(states, outs[0][0], rtol=1e-5, atol=1e-6)
+        for g, g0 in zip(grads, outs[0][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="encoder_chunks_per_pass"):
+        CepeConfig(text_config=m.config.text_config, encoder_chunks_per_pass=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_incremental_decoding_matches_full_forward(family):
     m = tiny_cepe(family, "bert")

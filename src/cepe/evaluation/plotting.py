@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -37,7 +38,7 @@ def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], xl
         ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)  # long titles wrap instead of running off the figure
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -64,7 +65,7 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
                 if v is not None and math.isfinite(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
     axes[0][0].set_ylabel(ylabel, fontsize=8)
-    fig.suptitle(title, fontsize=10, y=1.03)
+    fig.suptitle(textwrap.fill(title, 35 * n + 10), fontsize=10, y=1.03)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     path = Path(path)

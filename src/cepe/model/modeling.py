@@ -300,7 +300,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ context
     def encode(self, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None = None) -> ContextStates:
-        """Run the encoder over every chunk of the batch in one pass.
+        """Run the encoder over every chunk of the batch in one pass (or in slices of
+        `config.encoder_chunks_per_pass` chunks, which bounds memory and gives the same states).
 
         context_input_ids, context_attention_mask: (B, N, L). Returns `ContextStates` with
         hidden_states (B, N*L, He). Chunks that are all padding are not run at all."""
@@ -331,7 +332,10 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         out = torch.zeros((b * n, length, self.encoder.hidden_size), dtype=enc_param.dtype, device=enc_param.device)
         if live.any():
             ids = flat_ids[live].to(enc_param.device)
-            states = self.encoder(ids, flat_mask[live].long().to(enc_param.device))
+            live_mask = flat_mask[live].long().to(enc_param.device)
+            # chunks are independent: encoding them in slices bounds activation memory, same result
+            step = self.config.encoder_chunks_per_pass or len(ids)
+            states = torch.cat([self.encoder(ids[i : i + step], live_mask[i : i + step]) for i in range(0, len(ids), step)])
             out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
         return ContextStates(
             out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device), self.encoder_fingerprint
