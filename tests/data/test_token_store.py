@@ -42,6 +42,9 @@ def test_bad_inputs_name_the_file(tmp_path):
     report = CorpusReport()
     assert [d.name for d in iter_documents([str(bad)], on_unreadable="skip", report=report)] == ["bad/ok.txt"]
     assert report.skipped_unreadable == [str(bad / "latin1.txt")]
+    assert [d.text for d in iter_documents([str(bad)], on_unreadable="replace")] == ["caf\ufffd", "fine"]
+    with pytest.raises(ValueError, match="on_unreadable must be one of"):
+        list(iter_documents([str(bad)], on_unreadable="ignore"))
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(ValueError, match=r"rows\.jsonl:2: no 'text' field \(found \['body'\]\)"):

@@ -12,20 +12,30 @@ from cepe.evaluation.report import format_table, write_results
 
 
 def test_documents_from_folders_files_and_jsonl(tmp_path):
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "b.txt").write_text("bee")
-    (tmp_path / "sub" / "a.py").write_text("print(1)")
-    (tmp_path / "skip.bin").write_text("x")
+    """The training reader's names and order: paths from the folder's parent, `file.jsonl:line`;
+    hidden folders left out; bytes that are not UTF-8 replaced (evaluation reads what it is given)."""
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    (root / "b.txt").write_text("bee")
+    (root / "sub" / "a.py").write_text("print(1)")
+    (root / ".hidden" / "c.txt").write_text("no")
+    (root / "skip.bin").write_text("x")
+    (root / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"body": "one"}\n\n{"body": "two"}\n')
-    docs = load_documents([tmp_path, rows], text_key="body")
-    assert [d.name for d in docs] == ["b.txt", "a.py", "rows.jsonl:0", "rows.jsonl:1"]
-    assert [d.text for d in docs] == ["bee", "print(1)", "one", "two"]
-    assert len(load_documents([tmp_path], max_docs=1)) == 1
-    with pytest.raises(ValueError, match=r"rows.jsonl:1: missing field"):
+    docs = load_documents([root, rows], text_key="body")
+    assert [d.name for d in docs] == ["docs/b.txt", "docs/latin1.md", "docs/sub/a.py", "rows.jsonl:1", "rows.jsonl:3"]
+    assert [d.text for d in docs] == ["bee", "caf\ufffd", "print(1)", "one", "two"]
+    assert len(load_documents([root], max_docs=1)) == 1
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: no 'text' field \(found \['body'\]\); set --text-key"):
         load_documents([rows], text_key="text")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nope: no such file"):
         load_documents([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt/.py/.md files"):
+        load_documents([tmp_path / "empty"])
+    assert fingerprint([root])["files"] == 3  # the files that are read, no more
 
 
 def test_fingerprint_follows_the_bytes(tmp_path):

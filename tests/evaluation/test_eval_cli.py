@@ -57,6 +57,11 @@ def test_cli_rag_lm(files, tmp_path):
                "-D", "32", "-W", "16", "--k", "0,2", "--passage-tokens", "40")
     assert (tmp_path / "r.png").is_file()
     assert out["results"]["methods"]["cepe"]["2"]["passages_read"] == 2
+    # the scored book is in the corpus folder too: its own passages are never retrieved for it
+    windows = out["results"]["windows"]
+    assert windows and all(w["document"] == "book0.txt" for w in windows)
+    sources = {src for w in windows for _, _, src in w["passages"]}
+    assert sources and "book0.txt" not in sources and sources <= {"books/book1.txt", "books/book2.txt"}
 
 
 def test_cli_qa_icl_passkey(files, tmp_path):

@@ -78,7 +78,7 @@ def test_rag_lm_run(model, tok):
     assert res["full"]["3"]["passages_read"] == 2  # only two 50-token passages fit its budget
     assert res["truncated"]["3"]["passages_read"] == 0
     # the scored document's own passages are never retrieved
-    assert all(passages[i].source != "c0" for w in out["windows"] for i, _ in w["passages"])
+    assert all(src == passages[i].source != "c0" for w in out["windows"] for i, _, src in w["passages"])
     assert res["cepe"]["3"]["ppl"] == pytest.approx(res["truncated"]["3"]["ppl"], rel=1e-6)  # zero init
     for k in ("0", "1", "3"):
         assert res["full"][k]["tokens"] == 16

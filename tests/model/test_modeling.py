@@ -385,3 +385,25 @@ def test_length_scaling_override_on_load_is_validated(tmp_path):
     assert loaded.config.cross_attn_length_scaling == 64
     with pytest.raises(ValueError, match="cross_attn_length_scaling"):
         CepeForCausalLM.from_pretrained(tmp_path / "a", decoder=dec, encoder=tiny_bert(), cross_attn_length_scaling=1)
+
+
+def test_run_time_overrides_on_load_and_auto_class(tmp_path):
+    """from_pretrained takes run-time settings (validated), refuses any other keyword, and the
+    Auto class loads an adapter folder to the same model."""
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_cepe("llama", "decoder")
+    m.save_pretrained(tmp_path)
+    dec = m.decoder
+    loaded = CepeForCausalLM.from_pretrained(tmp_path, decoder=dec, kv_policy="cache", encoder_chunks_per_pass="2")
+    assert loaded.config.kv_policy == "cache" and loaded.config.encoder_chunks_per_pass == 2
+    for bad, err in [({"kv_policy": "cach"}, ValueError), ({"encoder_chunks_per_pass": 0}, ValueError),
+                     ({"kv_cache_budget_bytes": -1}, ValueError), ({"kv_polcy": "cache"}, TypeError)]:
+        with pytest.raises(err, match=next(iter(bad))):
+            CepeForCausalLM.from_pretrained(tmp_path, decoder=dec, **bad)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path, decoder=dec, kv_policy="auto")
+    assert isinstance(auto, CepeForCausalLM) and auto.config.kv_policy == "auto"
+    ids, ctx = _ids(), _ctx(vocab=90)
+    torch.testing.assert_close(auto.eval()(ids, context_input_ids=ctx).logits, loaded.eval()(ids, context_input_ids=ctx).logits)
+    with pytest.raises(ValueError, match="kv_policy"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, decoder=dec, kv_policy="cach")

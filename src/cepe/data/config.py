@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .corpus import ON_UNREADABLE
 from .synthetic import SyntheticConfig
 
 BUILDERS = ("warmup", "long_document", "retrieval")
@@ -32,7 +33,7 @@ class DataConfig:
     extensions: list[str] = field(default_factory=lambda: [".txt", ".py", ".md"])
     max_files: int | None = None
     max_tokens: int | None = None  # stop tokenizing after this many decoder tokens
-    on_unreadable: str = "error"  # "error" or "skip" (skipped files are listed in the run folder)
+    on_unreadable: str = "error"  # "error", "skip" (skipped files are listed in the run folder) or "replace" (bad bytes -> U+FFFD)
     # held-out split, by document: names matching `heldout` patterns ("persuasion.txt", "email/",
     # globs) plus a random `heldout_fraction` of the rest, fixed by `seed`
     heldout: list[str] = field(default_factory=list)
@@ -57,8 +58,8 @@ class DataConfig:
             raise ValueError(f"data.mixture: unknown builder(s) {unknown}; known: {list(BUILDERS)}")
         if not self.mixture or any(w < 0 for w in self.mixture.values()) or sum(self.mixture.values()) <= 0:
             raise ValueError(f"data.mixture: weights must be non-negative with a positive sum, got {self.mixture}")
-        if self.on_unreadable not in ("error", "skip"):
-            raise ValueError(f"data.on_unreadable must be 'error' or 'skip', got {self.on_unreadable!r}")
+        if self.on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f"data.on_unreadable must be one of {ON_UNREADABLE}, got {self.on_unreadable!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if not 0.0 <= self.encoder_mask_prob < 1.0:

@@ -1,7 +1,8 @@
 """Read documents from the inputs a user has: folders of text or code, `.jsonl`, saved `datasets`.
 
 Every document gets a stable name (its path relative to the input's parent folder, or
-`file.jsonl:line`, or `dataset:row`), used for held-out splits and error messages.
+`file.jsonl:line`, or `dataset:row`), used for held-out splits, result files and error messages.
+Training (`data.train`) and evaluation (`cepe eval --data`) both read documents here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 class Document:
     name: str
     text: str
+    # the same document however it was reached (a file, or a folder above it): resolved path [:line]
+    source: str = ""
 
 
 @dataclass
@@ -44,20 +47,35 @@ def list_files(source: Path, extensions: list[str]) -> list[Path]:
     return out
 
 
-def _read_text(path: Path, on_unreadable: str, report: CorpusReport) -> str | None:
+ON_UNREADABLE = ("error", "skip", "replace")
+
+
+@dataclass
+class _Options:
+    """How to read, and what to call the user's options in messages (training and evaluation
+    name them differently)."""
+
+    text_field: str = "text"
+    on_unreadable: str = "error"  # error | skip | replace (bytes that are not UTF-8 become U+FFFD)
+    field_option: str = "data.text_field"
+    unreadable_hint: str = "set data.on_unreadable=skip"
+
+
+def _read_text(path: Path, opt: _Options, report: CorpusReport) -> str | None:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8", errors="replace" if opt.on_unreadable == "replace" else "strict")
     except (UnicodeDecodeError, OSError) as e:
-        if on_unreadable == "skip":
+        if opt.on_unreadable == "skip":
             report.skipped_unreadable.append(str(path))
             return None
         reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or str(e)
-        raise ValueError(f"{path}: unreadable ({reason}); fix or remove it, or set data.on_unreadable=skip") from e
+        raise ValueError(f"{path}: unreadable ({reason}); fix or remove it, or {opt.unreadable_hint}") from e
 
 
-def _iter_jsonl(path: Path, text_field: str, on_unreadable: str, report: CorpusReport) -> Iterator[Document]:
+def _iter_jsonl(path: Path, opt: _Options, report: CorpusReport) -> Iterator[Document]:
+    text_field, on_unreadable = opt.text_field, opt.on_unreadable
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open(encoding="utf-8", errors="replace" if on_unreadable == "replace" else "strict")
     except OSError as e:
         if on_unreadable == "skip":
             report.skipped_unreadable.append(str(path))
@@ -74,16 +92,17 @@ def _iter_jsonl(path: Path, text_field: str, on_unreadable: str, report: CorpusR
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
                 if not isinstance(row, dict) or text_field not in row:
                     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise ValueError(f"{path}:{lineno}: no {text_field!r} field (found {keys}); set data.text_field")
-                yield Document(f"{path.name}:{lineno}", str(row[text_field]))
+                    raise ValueError(f"{path}:{lineno}: no {text_field!r} field (found {keys}); set {opt.field_option}")
+                yield Document(f"{path.name}:{lineno}", str(row[text_field]), f"{path.resolve()}:{lineno}")
         except UnicodeDecodeError as e:
             if on_unreadable == "skip":
                 report.skipped_unreadable.append(str(path))
                 return
-            raise ValueError(f"{path}: unreadable (not UTF-8 text); fix it or set data.on_unreadable=skip") from e
+            raise ValueError(f"{path}: unreadable (not UTF-8 text); fix it or {opt.unreadable_hint}") from e
 
 
-def _iter_dataset(path: Path, text_field: str) -> Iterator[Document]:
+def _iter_dataset(path: Path, opt: _Options) -> Iterator[Document]:
+    text_field = opt.text_field
     try:
         import datasets
     except ImportError:
@@ -97,9 +116,9 @@ def _iter_dataset(path: Path, text_field: str) -> Iterator[Document]:
             raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
         ds = ds["train"]
     if text_field not in ds.column_names:
-        raise ValueError(f"{path}: no {text_field!r} column (columns: {ds.column_names}); set data.text_field")
+        raise ValueError(f"{path}: no {text_field!r} column (columns: {ds.column_names}); set {opt.field_option}")
     for i, row in enumerate(ds):
-        yield Document(f"{path.name}:{i}", str(row[text_field]))
+        yield Document(f"{path.name}:{i}", str(row[text_field]), f"{path.resolve()}:{i}")
 
 
 def iter_documents(
@@ -109,16 +128,25 @@ def iter_documents(
     max_files: int | None = None,
     on_unreadable: str = "error",
     report: CorpusReport | None = None,
+    *,
+    source_option: str = "data.train",
+    field_option: str = "data.text_field",
+    unreadable_hint: str = "set data.on_unreadable=skip",
 ) -> Iterator[Document]:
-    """Yield every document of every source, in a fixed order (sorted paths, file order)."""
+    """Yield every document of every source, in a fixed order (sorted paths, file order).
+    `on_unreadable`: "error", "skip" (listed in `report`) or "replace" (undecodable bytes become
+    U+FFFD). The `*_option` / `*_hint` strings name the caller's options in error messages."""
+    if on_unreadable not in ON_UNREADABLE:
+        raise ValueError(f"on_unreadable must be one of {ON_UNREADABLE}, got {on_unreadable!r}")
+    opt = _Options(text_field, on_unreadable, field_option, unreadable_hint)
     report = report if report is not None else CorpusReport()
     for src in sources:
         path = Path(src).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"data.train: {src} does not exist")
+            raise FileNotFoundError(f"{source_option}: {src} does not exist")
         if is_saved_dataset(path):
             report.files += 1
-            for doc in _iter_dataset(path, text_field):
+            for doc in _iter_dataset(path, opt):
                 report.documents += 1
                 yield doc
             continue
@@ -131,14 +159,14 @@ def iter_documents(
                 return
             report.files += 1
             if f.suffix.lower() == ".jsonl":
-                for doc in _iter_jsonl(f, text_field, on_unreadable, report):
+                for doc in _iter_jsonl(f, opt, report):
                     report.documents += 1
                     yield doc
                 continue
-            text = _read_text(f, on_unreadable, report)
+            text = _read_text(f, opt, report)
             if text is not None:
                 report.documents += 1
-                yield Document(f.relative_to(base).as_posix(), text)
+                yield Document(f.relative_to(base).as_posix(), text, str(f.resolve()))
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -246,11 +246,20 @@ def _check_paths(paths) -> None:
         text_files(p)
 
 
-def _tokenized_docs(paths, text_key, tokenizer, max_docs):
+def _tokenized_docs(paths, text_key, tokenizer, max_docs, same_as=None):
+    """(name, ids) per document. `same_as`: documents already read (e.g. rag-lm's scored ones); a
+    document here that is one of them, reached through another path, takes its name, and one that
+    only shares a name gets its full path, so that names mean "the same file" (rag-lm leaves a
+    scored document's own passages out by name)."""
     from .data import load_documents
     from .tasks.common import encode
 
-    return [(d.name, encode(tokenizer, d.text)) for d in load_documents(paths, text_key, max_docs)]
+    docs = load_documents(paths, text_key, max_docs)
+    if same_as:
+        by_source = {d.source: d.name for d in same_as}
+        for d in docs:
+            d.name = by_source.get(d.source) or (d.source if d.name in by_source.values() else d.name)
+    return [(d.name, encode(tokenizer, d.text)) for d in docs]
 
 
 # ---------------------------------------------------------------------------------- tasks
@@ -288,7 +297,8 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_rag_lm(args) -> int:
-    from .data import fingerprint
+    from .data import fingerprint, load_documents
+    from .tasks.common import encode
     from .plotting import line_plot
     from .report import Timer
     from .retrieval import build_retriever
@@ -299,8 +309,9 @@ def cmd_rag_lm(args) -> int:
     _check_paths(args.data + args.corpus)
     em, methods = _setup(args)
     timer = Timer()
-    docs = _tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
-    corpus = _tokenized_docs(args.corpus, args.text_key, em.tokenizer, None)
+    scored = load_documents(args.data, args.text_key, args.max_docs)
+    docs = [(d.name, encode(em.tokenizer, d.text)) for d in scored]
+    corpus = _tokenized_docs(args.corpus, args.text_key, em.tokenizer, None, same_as=scored)
     passages = rag_lm.make_passages(corpus, em.tokenizer, args.passage_tokens)
     with timer("index"):
         retriever = build_retriever(args.retriever, [p.text for p in passages],

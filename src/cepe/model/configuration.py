@@ -20,6 +20,35 @@ def length_scaling(value: Any) -> int | None:
     return int(value)
 
 
+def chunks_per_pass(value: Any) -> int | None:
+    """A valid `encoder_chunks_per_pass`: None (all chunks at once) or a positive int."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"encoder_chunks_per_pass must be None or a positive number of chunks, got {value!r}")
+    return int(value)
+
+
+# settings that change how a trained adapter runs, not what was trained: `from_pretrained` may override them
+RUNTIME_SETTINGS = ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling", "encoder_chunks_per_pass")
+
+
+def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> None:
+    """Set `RUNTIME_SETTINGS` from `overrides` on a loaded config, each validated as the
+    constructor would; any other key is refused (a misspelt setting must not pass silently)."""
+    unknown = sorted(set(overrides) - set(RUNTIME_SETTINGS))
+    if unknown:
+        raise TypeError(f"unknown keyword(s) {unknown}; settings a loaded adapter can override: {list(RUNTIME_SETTINGS)}")
+    for key, value in overrides.items():
+        if key == "kv_policy" and value not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {value!r}")
+        if key == "kv_cache_budget_bytes" and (isinstance(value, bool) or int(value) < 0):
+            raise ValueError(f"kv_cache_budget_bytes must be a number of bytes >= 0, got {value!r}")
+        value = {"cross_attn_length_scaling": length_scaling, "encoder_chunks_per_pass": chunks_per_pass,
+                 "kv_cache_budget_bytes": int}.get(key, lambda v: v)(value)
+        setattr(config, key, value)
+
+
 def _as_config(value: Any) -> PretrainedConfig | None:
     if value is None or isinstance(value, PretrainedConfig):
         return value
@@ -100,8 +129,6 @@ class CepeConfig(PretrainedConfig):
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        if encoder_chunks_per_pass is not None and (isinstance(encoder_chunks_per_pass, bool) or int(encoder_chunks_per_pass) < 1):
-            raise ValueError(f"encoder_chunks_per_pass must be None or a positive number of chunks, got {encoder_chunks_per_pass!r}")
         self.encoder_type = encoder_type
         self.encoder_num_layers = encoder_num_layers
         self.chunk_size = chunk_size
@@ -111,7 +138,7 @@ class CepeConfig(PretrainedConfig):
         self.kv_policy = kv_policy
         self.kv_cache_budget_bytes = kv_cache_budget_bytes
         self.cross_attn_length_scaling = length_scaling(cross_attn_length_scaling)
-        self.encoder_chunks_per_pass = None if encoder_chunks_per_pass is None else int(encoder_chunks_per_pass)
+        self.encoder_chunks_per_pass = chunks_per_pass(encoder_chunks_per_pass)
         self.encoder_frozen = encoder_frozen
         self.base_fingerprint = base_fingerprint
         self.base_encoder_fingerprint = base_encoder_fingerprint

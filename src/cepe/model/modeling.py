@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from .configuration import CepeConfig, length_scaling
+from .configuration import RUNTIME_SETTINGS, CepeConfig, apply_runtime_settings
 from .context import ContextStates, chunk_token_ids, pad_chunk_batch
 from .cross_attention import CrossAttention
 from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
@@ -25,6 +25,11 @@ from .families import decoder_layers, family_of
 ADAPTER_FILE = "model.safetensors"
 ADAPTER_INDEX = "model.safetensors.index.json"
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+
+
+# what `AutoModelForCausalLM.from_pretrained` forwards for the Hub; a local adapter folder ignores it
+_HUB_KWARGS = {"revision", "trust_remote_code", "adapter_kwargs", "cache_dir", "force_download", "local_files_only",
+               "token", "proxies", "subfolder", "code_revision", "_from_auto", "_commit_hash"}
 
 
 class CepeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -530,18 +535,24 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> "CepeForCausalLM":
         """Load an adapter folder onto its base decoder (instance, path, or the provenance
-        recorded in the config). Refuses a decoder whose weights differ from the one trained on."""
+        recorded in the config). Refuses a decoder whose weights differ from the one trained on.
+        Keyword arguments override the run-time settings (`RUNTIME_SETTINGS`: `kv_policy`,
+        `kv_cache_budget_bytes`, `cross_attn_length_scaling`, `encoder_chunks_per_pass`), validated;
+        any other keyword is an error."""
         from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
 
         folder = resolve_adapter(pretrained_model_name_or_path)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
-        config = CepeConfig.from_pretrained(str(folder))
-        for k in ("kv_policy", "kv_cache_budget_bytes"):
-            if k in kwargs:
-                setattr(config, k, kwargs.pop(k))
-        if "cross_attn_length_scaling" in kwargs:
-            config.cross_attn_length_scaling = length_scaling(kwargs.pop("cross_attn_length_scaling"))
+        given = kwargs.pop("config", None)  # `AutoModelForCausalLM.from_pretrained` passes the config it read
+        for key in _HUB_KWARGS & set(kwargs):  # Hub download options: nothing to fetch from a local folder
+            kwargs.pop(key)
+        if isinstance(given, CepeConfig):
+            config = given
+            apply_runtime_settings(config, {k: getattr(config, k) for k in RUNTIME_SETTINGS})  # as validated
+        else:
+            config = CepeConfig.from_pretrained(str(folder))
+        apply_runtime_settings(config, kwargs)
         if decoder is None:
             decoder = config.base_decoder
             if decoder is None:
