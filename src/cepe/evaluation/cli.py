@@ -216,11 +216,18 @@ def _config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
-def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, plot=None, note: str = "") -> int:
-    from .report import environment, format_table, write_results
+def _write(args, task: str, em, result: dict, data: dict, timer) -> Path:
+    """`<out>/<name>.json` of a run (also a sweep's partial results)."""
+    from .report import environment, write_results
 
-    path = write_results(args.out, args.name, task, _config(args), data, result, timer.summary(),
+    return write_results(args.out, args.name, task, _config(args), data, result, timer.summary(),
                          environment(em.device), {"model": em.description})
+
+
+def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, plot=None, note: str = "") -> int:
+    from .report import format_table
+
+    path = _write(args, task, em, result, data, timer)
     print()
     print(format_table(header, rows))
     if note:
@@ -233,7 +240,11 @@ def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, 
 
 def _tag(em) -> str:
     """Short model description for plot titles."""
-    d = em.description
+    return _tag_of(em.description)
+
+
+def _tag_of(d: dict) -> str:
+    """`_tag` from a model description (`EvalModel.description`, the results JSON's `model`)."""
     cepe = f"adapter {Path(d['adapter']).name}" if d.get("adapter") else (f"{d['init']}-init CEPE" if d.get("init") else "")
     return f"{d['decoder']}" + (f" + {cepe}" if cepe else "")
 
@@ -331,7 +342,7 @@ def cmd_rag_lm(args) -> int:
 
 def cmd_qa(args) -> int:
     from .data import fingerprint, read_jsonl
-    from .report import Timer, environment, write_results
+    from .report import Timer
     from .retrieval import build_retriever
     from .tasks import qa
 
@@ -362,14 +373,12 @@ def cmd_qa(args) -> int:
         return _finish(args, "qa", em, header, rows, result, data, timer, note=note)
     def save_partial(so_far: dict) -> None:
         # a sweep can be long: what is done survives a crash or a time limit (merge with `qa-merge`)
-        write_results(args.out, args.name, "qa", _config(args), {**data, "partial": True}, so_far, timer.summary(),
-                      environment(em.device), {"model": em.description})
+        _write(args, "qa", em, so_far, {**data, "partial": True}, timer)
 
     result = qa.run_sweep(methods, questions, pool, retriever, settings, ks, em.tokenizer, after_k=save_partial, **common)
     header, rows = qa.table(result)
-    title = f"{_tag(em)}: NQ-style QA, top {args.decoder_passages} in the decoder + k more, {len(questions)} questions"
-    return _finish(args, "qa", em, header, rows, result, data, timer, _qa_sweep_plot(result, title),
-                   note=_qa_sweep_note(result))
+    plot = _qa_sweep_plot(result, _tag(em), args.decoder_passages, len(questions))
+    return _finish(args, "qa", em, header, rows, result, data, timer, plot, note=_qa_sweep_note(result))
 
 
 def _qa_sweep_note(result: dict) -> str:
@@ -380,8 +389,10 @@ def _qa_sweep_note(result: dict) -> str:
                                for key, v in cmp.items() if key != "best_decoder_only"])
 
 
-def _qa_sweep_plot(result: dict, title: str):
+def _qa_sweep_plot(result: dict, tag: str, decoder_passages: int, questions: int):
     from .plotting import line_plot
+
+    title = f"{tag}: NQ-style QA, top {decoder_passages} in the decoder + k more, {questions} questions"
 
     def plot(path):
         names = dict.fromkeys(m for res in result["k"].values() for m in res["methods"])
@@ -432,11 +443,8 @@ def cmd_qa_merge(args) -> int:
     if partial:
         print(f"note: partial inputs (a sweep that stopped early): {', '.join(partial)}")
     print(f"results: {path}")
-    model = first.get("model") or {}
-    tag = model.get("decoder", "?") + (f" + adapter {Path(model['adapter']).name}" if model.get("adapter") else "")
-    title = (f"{tag}: NQ-style QA, top {first['config'].get('decoder_passages')} in the decoder + k more, "
-             f"{first['data']['examples']} questions")
-    print(f"plot:    {_qa_sweep_plot(result, title)(Path(args.out) / f'{args.name}.png')}")
+    plot = _qa_sweep_plot(result, _tag_of(first["model"]), first["config"]["decoder_passages"], first["data"]["examples"])
+    print(f"plot:    {plot(Path(args.out) / f'{args.name}.png')}")
     return 0
 
 

@@ -142,7 +142,9 @@ class Service:
 
         unbounded(self.encoder_tokenizer)  # documents are chunked before the encoder sees them
         if config.kv_policy:
-            model.config.kv_policy = config.kv_policy
+            from ..model.configuration import apply_runtime_settings
+
+            apply_runtime_settings(model.config, {"kv_policy": config.kv_policy})  # validated as on load
         self.model = model.eval()
         self.metrics = Metrics()
         self.lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
