@@ -1,0 +1,45 @@
+"""Pinned logits of the released adapter on CPU fp32, taken before the code-health refactor (#13).
+
+Any change to the context path (binding, cross-attention cache, loading) must leave these values
+unchanged. The context (2,560 tokens) is longer than the adapter's length-scaling L = 2,048, so the
+scaled-logit path is pinned too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cepe import CepeForCausalLM, assets
+from cepe.demo import bundled_document
+from cepe.release import released_adapter_path
+
+pytestmark = pytest.mark.real
+
+# (position, token id, CEPE logit, decoder-alone logit), measured 2026-12-01 at commit c3153b7
+PINNED = [
+    (0, 0, 12.502927780151367, 16.595703125),
+    (0, 5000, 10.292391777038574, 17.32735252380371),
+    (31, 100, 14.805353164672852, 16.14277458190918),
+    (31, 457, 22.855792999267578, 23.732444763183594),
+    (63, 100, 2.5282936096191406, 4.808642864227295),
+    (63, 2736, 1.1989662647247314, 3.2356770038604736),
+]
+PINNED_ABS_MEAN = 6.969249567276631
+
+
+def test_released_adapter_logits_are_pinned():
+    if not assets.is_installed("smollm2-135m"):
+        pytest.skip("assets not installed: run `cepe assets`")
+    torch.manual_seed(0)
+    model = CepeForCausalLM.from_pretrained(released_adapter_path(), decoder="smollm2-135m").eval()
+    ids = model.tokenizer(bundled_document(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    context = model.encode_context([model.tokenizer.decode(ids[:2560])])
+    x = ids[2560:2624][None]
+    with torch.no_grad():
+        cepe = model(x, context=context).logits[0]
+        alone = model.decoder(x).logits[0]
+    for pos, tok, want_cepe, want_alone in PINNED:
+        assert float(cepe[pos, tok]) == pytest.approx(want_cepe, abs=2e-4), (pos, tok)
+        assert float(alone[pos, tok]) == pytest.approx(want_alone, abs=2e-4), (pos, tok)
+    assert float(cepe.double().abs().mean()) == pytest.approx(PINNED_ABS_MEAN, abs=1e-5)
