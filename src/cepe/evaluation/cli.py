@@ -6,9 +6,9 @@ Task logic lives in `cepe.evaluation.tasks.*`; this module only wires files, mod
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 DEFAULT_METHODS = {
@@ -240,13 +240,9 @@ def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, 
 
 def _tag(em) -> str:
     """Short model description for plot titles."""
-    return _tag_of(em.description)
+    from .plotting import model_tag
 
-
-def _tag_of(d: dict) -> str:
-    """`_tag` from a model description (`EvalModel.description`, the results JSON's `model`)."""
-    cepe = f"adapter {Path(d['adapter']).name}" if d.get("adapter") else (f"{d['init']}-init CEPE" if d.get("init") else "")
-    return f"{d['decoder']}" + (f" + {cepe}" if cepe else "")
+    return model_tag(em.description)
 
 
 def _check_paths(paths) -> None:
@@ -257,28 +253,13 @@ def _check_paths(paths) -> None:
         text_files(p)
 
 
-def _tokenized_docs(paths, text_key, tokenizer, max_docs, same_as=None):
-    """(name, ids) per document. `same_as`: documents already read (e.g. rag-lm's scored ones); a
-    document here that is one of them, reached through another path, takes its name, and one that
-    only shares a name gets its full path, so that names mean "the same file" (rag-lm leaves a
-    scored document's own passages out by name)."""
-    from .data import load_documents
-    from .tasks.common import encode
-
-    docs = load_documents(paths, text_key, max_docs)
-    if same_as:
-        by_source = {d.source: d.name for d in same_as}
-        for d in docs:
-            d.name = by_source.get(d.source) or (d.source if d.name in by_source.values() else d.name)
-    return [(d.name, encode(tokenizer, d.text)) for d in docs]
-
-
 # ---------------------------------------------------------------------------------- tasks
 def cmd_ppl(args) -> int:
     from .data import fingerprint
-    from .plotting import line_plot
+    from .plotting import ppl_plot
     from .report import Timer
     from .tasks import ppl
+    from .tasks.common import tokenized_docs
 
     if args.context_tokens is not None:
         contexts = args.context_tokens
@@ -291,29 +272,25 @@ def cmd_ppl(args) -> int:
     _check_paths(args.data)
     em, methods = _setup(args)
     timer = Timer()
-    docs = _tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
+    docs = tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
     result = ppl.run(methods, docs, settings, timer, progress=not args.no_progress)
     header, rows = ppl.table(result, settings)
     data = {**fingerprint(args.data), "documents": len(docs), "windows": len(result["windows"])}
     checks = result["checks"]
     note = "".join(f"check {k}: {v:.3g}\n" for k, v in checks.items()) + (
         f"does not fit (skipped): {result['does_not_fit']}" if result["does_not_fit"] else "")
-
-    def plot(path):
-        series = {m: [(r["total_tokens"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
-        title = f"{_tag(em)}: last {settings.scored_tokens} of a {settings.decoder_tokens}-token window, {len(result['windows'])} windows"
-        return line_plot(path, series, "total tokens read (D + E)", "perplexity", title, logx=True)
-
+    plot = partial(ppl_plot, result=result, scored_tokens=settings.scored_tokens,
+                   decoder_tokens=settings.decoder_tokens, tag=_tag(em))
     return _finish(args, "ppl", em, header, rows, result, data, timer, plot, note.rstrip())
 
 
 def cmd_rag_lm(args) -> int:
     from .data import fingerprint, load_documents
-    from .tasks.common import encode
-    from .plotting import line_plot
+    from .plotting import rag_lm_plot
     from .report import Timer
     from .retrieval import build_retriever
     from .tasks import rag_lm
+    from .tasks.common import encode, tokenized_docs
 
     settings = rag_lm.RagSettings(args.decoder_tokens, args.scored_tokens, args.k, args.windows_per_doc,
                                   not args.keep_same_source)
@@ -322,7 +299,7 @@ def cmd_rag_lm(args) -> int:
     timer = Timer()
     scored = load_documents(args.data, args.text_key, args.max_docs)
     docs = [(d.name, encode(em.tokenizer, d.text)) for d in scored]
-    corpus = _tokenized_docs(args.corpus, args.text_key, em.tokenizer, None, same_as=scored)
+    corpus = tokenized_docs(args.corpus, args.text_key, em.tokenizer, None, same_as=scored)
     passages = rag_lm.make_passages(corpus, em.tokenizer, args.passage_tokens)
     with timer("index"):
         retriever = build_retriever(args.retriever, [p.text for p in passages],
@@ -331,17 +308,14 @@ def cmd_rag_lm(args) -> int:
     result = rag_lm.run(methods, docs, passages, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
     header, rows = rag_lm.table(result, settings)
     data = {"documents": fingerprint(args.data), "corpus": fingerprint(args.corpus), "windows": len(result["windows"])}
-
-    def plot(path):
-        series = {m: [(r["k"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
-        title = f"{_tag(em)}: {args.retriever} top-k passages, last {settings.scored_tokens} of {settings.decoder_tokens} tokens"
-        return line_plot(path, series, "retrieved passages k", "perplexity", title)
-
+    plot = partial(rag_lm_plot, result=result, retriever=args.retriever, scored_tokens=settings.scored_tokens,
+                   decoder_tokens=settings.decoder_tokens, tag=_tag(em))
     return _finish(args, "rag-lm", em, header, rows, result, data, timer, plot)
 
 
 def cmd_qa(args) -> int:
     from .data import fingerprint, read_jsonl
+    from .plotting import qa_sweep_plot
     from .report import Timer
     from .retrieval import build_retriever
     from .tasks import qa
@@ -377,80 +351,35 @@ def cmd_qa(args) -> int:
 
     result = qa.run_sweep(methods, questions, pool, retriever, settings, ks, em.tokenizer, after_k=save_partial, **common)
     header, rows = qa.table(result)
-    plot = _qa_sweep_plot(result, _tag(em), args.decoder_passages, len(questions))
-    return _finish(args, "qa", em, header, rows, result, data, timer, plot, note=_qa_sweep_note(result))
-
-
-def _qa_sweep_note(result: dict) -> str:
-    cmp = result["comparison"]
-    best = cmp["best_decoder_only"]
-    head = f"best decoder-only: {best['setting']} ({best['substring']:.3f})" if best["setting"] else "no decoder-only method"
-    return "\n".join([head] + [f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
-                               for key, v in cmp.items() if key != "best_decoder_only"])
-
-
-def _qa_sweep_plot(result: dict, tag: str, decoder_passages: int, questions: int):
-    from .plotting import line_plot
-
-    title = f"{tag}: NQ-style QA, top {decoder_passages} in the decoder + k more, {questions} questions"
-
-    def plot(path):
-        names = dict.fromkeys(m for res in result["k"].values() for m in res["methods"])
-        series = {m: [(int(k), res["methods"][m]["substring"]) for k, res in result["k"].items() if m in res["methods"]]
-                  for m in names}
-        return line_plot(path, series, "passages k beyond the decoder's", "answer substring match", title)
-
-    return plot
+    plot = partial(qa_sweep_plot, result=result, tag=_tag(em), decoder_passages=args.decoder_passages,
+                   questions=len(questions))
+    return _finish(args, "qa", em, header, rows, result, data, timer, plot, note=qa.sweep_note(result))
 
 
 def cmd_qa_merge(args) -> int:
     """Sweeps of one QA setting run apart (different k) into one result: JSON, table, plot."""
+    from .plotting import model_tag, qa_sweep_plot
     from .report import format_table, write_results
     from .tasks import qa
 
-    runs = []
-    for f in args.files:
-        try:
-            runs.append(json.loads(Path(f).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: not a readable results file ({e})") from None
-        if runs[-1].get("task") != "qa":
-            raise ValueError(f"{f}: not a QA result (task {runs[-1].get('task')!r})")
-    first = runs[0]
-    same = {"questions": lambda r: r["data"]["questions"]["sha256"], "passages": lambda r: r["data"]["passages"]["sha256"],
-            "number of questions": lambda r: r["data"]["examples"], "model": lambda r: r.get("model"),
-            **{key: (lambda r, key=key: r["config"].get(key))
-               for key in ("decoder_passages", "prompt", "max_new_tokens", "retriever", "max_passages", "full_window")}}
-    for what, get in same.items():
-        for f, r in zip(args.files[1:], runs[1:]):
-            if get(r) != get(first):
-                raise ValueError(f"{f} and {args.files[0]} differ in {what}: {get(r)!r} vs {get(first)!r}")
-    # a one-k run's results are one entry of a sweep
-    result = qa.merge([r["results"] if "k" in r["results"] else {"k": {str(r["config"]["encoder_passages"][0]): r["results"]}}
-                       for r in runs])
-    partial = [f for f, r in zip(args.files, runs) if r["data"].get("partial")]
-    timings: dict = {}
-    for r in runs:
-        for k, v in r["timings"].items():
-            timings[k] = round(timings.get(k, 0.0) + v, 2)
-    config = {**first["config"], "encoder_passages": [int(k) for k in result["k"]], "merged_from": list(args.files)}
-    data = {**{k: v for k, v in first["data"].items() if k != "partial"}, **({"partial_inputs": partial} if partial else {})}
-    path = write_results(args.out, args.name, "qa", config, data, result, timings, first["environment"],
-                         {"model": first.get("model")})
-    header, rows = qa.table(result)
+    m = qa.merge_files(args.files)
+    path = write_results(args.out, args.name, "qa", m["config"], m["data"], m["results"], m["timings"], m["environment"],
+                         {"model": m["model"]})
+    header, rows = qa.table(m["results"])
     print(format_table(header, rows))
-    print(_qa_sweep_note(result))
-    if partial:
-        print(f"note: partial inputs (a sweep that stopped early): {', '.join(partial)}")
+    print(qa.sweep_note(m["results"]))
+    if m["partial"]:
+        print(f"note: partial inputs (a sweep that stopped early): {', '.join(m['partial'])}")
     print(f"results: {path}")
-    plot = _qa_sweep_plot(result, _tag_of(first["model"]), first["config"]["decoder_passages"], first["data"]["examples"])
-    print(f"plot:    {plot(Path(args.out) / f'{args.name}.png')}")
+    plot = qa_sweep_plot(Path(args.out) / f"{args.name}.png", m["results"], model_tag(m["model"]),
+                         m["config"]["decoder_passages"], m["data"]["examples"])
+    print(f"plot:    {plot}")
     return 0
 
 
 def cmd_icl(args) -> int:
     from .data import fingerprint, read_jsonl
-    from .plotting import line_plot
+    from .plotting import icl_sweep_plot
     from .report import Timer
     from .tasks import icl
 
@@ -467,12 +396,8 @@ def cmd_icl(args) -> int:
     else:
         result = icl.run_sweep(methods, rows, settings, args.demos, em.tokenizer, **common)
         first = next(iter(result["demos"].values()))
-
-        def plot(path):
-            series = {m: [(int(n), r["methods"][m]["accuracy_raw"]) for n, r in result["demos"].items()] for m in methods}
-            series["majority class"] = [(int(n), r["majority_baseline"]) for n, r in result["demos"].items()]
-            title = f"{_tag(em)}: {Path(args.data).stem}, {first['test_examples']} examples, {args.decoder_demos} in the decoder"
-            return line_plot(path, series, "demonstrations N", "accuracy (raw log-likelihood)", title)
+        plot = partial(icl_sweep_plot, result=result, methods=methods, tag=_tag(em), data_name=Path(args.data).stem,
+                       decoder_demos=args.decoder_demos)
     header, table_rows = icl.table(result)
     data = {**fingerprint([args.data]), "examples": first["test_examples"]}
     note = f"labels: {len(first['labels'])}, majority-class accuracy {first['majority_baseline']:.3f}"
@@ -481,7 +406,7 @@ def cmd_icl(args) -> int:
 
 def cmd_passkey(args) -> int:
     from .data import fingerprint
-    from .plotting import heatmaps
+    from .plotting import passkey_plot
     from .report import Timer
     from .tasks import passkey
 
@@ -492,12 +417,7 @@ def cmd_passkey(args) -> int:
     result = passkey.run(methods, settings, em.tokenizer, filler, timer, progress=not args.no_progress)
     header, rows = passkey.table(result)
     data = fingerprint([args.filler]) if args.filler else {"filler": "built-in"}
-
-    def plot(path):
-        grids = {m: r["grid_depth_by_length"] for m, r in result["methods"].items()}
-        return heatmaps(path, grids, settings.lengths, settings.depths, "prompt tokens", "needle depth",
-                        f"{_tag(em)}: passkey accuracy, decoder window D={settings.decoder_tokens}")
-
+    plot = partial(passkey_plot, result=result, decoder_tokens=settings.decoder_tokens, tag=_tag(em))
     return _finish(args, "passkey", em, header, rows, result, data, timer, plot)
 
 

@@ -1,4 +1,5 @@
-"""PNG plots (matplotlib, Agg backend: no display needed)."""
+"""PNG plots (matplotlib, Agg backend: no display needed): the generic line plot and heatmaps,
+and each task's figure built from its result dict."""
 
 from __future__ import annotations
 
@@ -49,13 +50,13 @@ def line_plot(path: str | Path, series: dict[str, list[tuple[float, float]]], xl
 
 
 def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list, yticks: list,
-             xlabel: str, ylabel: str, title: str) -> Path:
-    """One heatmap (values in [0, 1]) per name, side by side; grids are [row=y][col=x]."""
+             xlabel: str, ylabel: str, title: str, vmax: float = 1.0) -> Path:
+    """One heatmap (values in [0, vmax]) per name, side by side; grids are [row=y][col=x]."""
     n = len(grids)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 3.2), squeeze=False)
     im = None
     for ax, (name, grid) in zip(axes[0], grids.items()):
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        im = ax.imshow(grid, vmin=0, vmax=vmax, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(xticks)), [str(x) for x in xticks], rotation=45, fontsize=7)
         ax.set_yticks(range(len(yticks)), [str(y) for y in yticks], fontsize=7)
         ax.set_title(name, fontsize=9)
@@ -63,7 +64,7 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v is not None and math.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 * vmax else "k")
     axes[0][0].set_ylabel(ylabel, fontsize=8)
     fig.suptitle(textwrap.fill(title, 35 * n + 10), fontsize=10, y=1.03)
     if im is not None:
@@ -72,3 +73,45 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------- per task
+def model_tag(description: dict) -> str:
+    """Short model description for plot titles, from `EvalModel.description` (the results JSON's `model`)."""
+    d = description
+    cepe = f"adapter {Path(d['adapter']).name}" if d.get("adapter") else (f"{d['init']}-init CEPE" if d.get("init") else "")
+    return f"{d['decoder']}" + (f" + {cepe}" if cepe else "")
+
+
+def ppl_plot(path, result: dict, scored_tokens: int, decoder_tokens: int, tag: str) -> Path:
+    series = {m: [(r["total_tokens"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
+    title = f"{tag}: last {scored_tokens} of a {decoder_tokens}-token window, {len(result['windows'])} windows"
+    return line_plot(path, series, "total tokens read (D + E)", "perplexity", title, logx=True)
+
+
+def rag_lm_plot(path, result: dict, retriever: str, scored_tokens: int, decoder_tokens: int, tag: str) -> Path:
+    series = {m: [(r["k"], r["ppl"]) for r in result["methods"][m].values()] for m in result["methods"]}
+    title = f"{tag}: {retriever} top-k passages, last {scored_tokens} of {decoder_tokens} tokens"
+    return line_plot(path, series, "retrieved passages k", "perplexity", title)
+
+
+def qa_sweep_plot(path, result: dict, tag: str, decoder_passages: int, questions: int) -> Path:
+    title = f"{tag}: NQ-style QA, top {decoder_passages} in the decoder + k more, {questions} questions"
+    names = dict.fromkeys(m for res in result["k"].values() for m in res["methods"])
+    series = {m: [(int(k), res["methods"][m]["substring"]) for k, res in result["k"].items() if m in res["methods"]]
+              for m in names}
+    return line_plot(path, series, "passages k beyond the decoder's", "answer substring match", title)
+
+
+def icl_sweep_plot(path, result: dict, methods, tag: str, data_name: str, decoder_demos: int) -> Path:
+    first = next(iter(result["demos"].values()))
+    series = {m: [(int(n), r["methods"][m]["accuracy_raw"]) for n, r in result["demos"].items()] for m in methods}
+    series["majority class"] = [(int(n), r["majority_baseline"]) for n, r in result["demos"].items()]
+    title = f"{tag}: {data_name}, {first['test_examples']} examples, {decoder_demos} in the decoder"
+    return line_plot(path, series, "demonstrations N", "accuracy (raw log-likelihood)", title)
+
+
+def passkey_plot(path, result: dict, decoder_tokens: int, tag: str) -> Path:
+    grids = {m: r["grid_depth_by_length"] for m, r in result["methods"].items()}
+    return heatmaps(path, grids, result["lengths"], result["depths"], "prompt tokens", "needle depth",
+                    f"{tag}: passkey accuracy, decoder window D={decoder_tokens}")

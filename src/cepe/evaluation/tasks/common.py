@@ -94,3 +94,18 @@ def score_window(name: str, method: Method, request, done: dict, timer, not_fit:
         not_fit.setdefault(name, []).append(setting)
         return None
     return done[name]
+
+
+def tokenized_docs(paths, text_key, tokenizer, max_docs, same_as=None) -> list[tuple[str, list[int]]]:
+    """(name, ids) per document. `same_as`: documents already read (e.g. rag-lm's scored ones); a
+    document here that is one of them, reached through another path, takes its name, and one that
+    only shares a name gets its full path, so that names mean "the same file" (rag-lm leaves a
+    scored document's own passages out by name)."""
+    from ..data import load_documents
+
+    docs = load_documents(paths, text_key, max_docs)
+    if same_as:
+        by_source = {d.source: d.name for d in same_as}
+        for d in docs:
+            d.name = by_source.get(d.source) or (d.source if d.name in by_source.values() else d.name)
+    return [(d.name, encode(tokenizer, d.text)) for d in docs]

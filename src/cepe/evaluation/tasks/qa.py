@@ -12,8 +12,10 @@ Layouts (passages best first, each formatted as `Document: <text>` + blank line)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,6 +207,50 @@ def merge(sweeps: list[dict]) -> dict:
         raise ValueError(f"the sweeps are over different numbers of questions: {sorted(sizes)}")
     by_k = dict(sorted(by_k.items(), key=lambda kv: int(kv[0])))
     return {"k": by_k, "comparison": compare(by_k)}
+
+
+def merge_files(files: list[str]) -> dict:
+    """`cepe eval qa-merge`: the results files of QA runs of one setting over the same questions
+    (sweeps run apart, or one-k runs) joined into one sweep. Returns the merged file's parts:
+    {config, data, results, timings, environment, model, partial (the inputs marked partial)}."""
+    runs = []
+    for f in files:
+        try:
+            runs.append(json.loads(Path(f).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: not a readable results file ({e})") from None
+        if runs[-1].get("task") != "qa":
+            raise ValueError(f"{f}: not a QA result (task {runs[-1].get('task')!r})")
+    first = runs[0]
+    same = {"questions": lambda r: r["data"]["questions"]["sha256"], "passages": lambda r: r["data"]["passages"]["sha256"],
+            "number of questions": lambda r: r["data"]["examples"], "model": lambda r: r.get("model"),
+            **{key: (lambda r, key=key: r["config"].get(key))
+               for key in ("decoder_passages", "prompt", "max_new_tokens", "retriever", "max_passages", "full_window")}}
+    for what, get in same.items():
+        for f, r in zip(files[1:], runs[1:]):
+            if get(r) != get(first):
+                raise ValueError(f"{f} and {files[0]} differ in {what}: {get(r)!r} vs {get(first)!r}")
+    # a one-k run's results are one entry of a sweep
+    result = merge([r["results"] if "k" in r["results"] else {"k": {str(r["config"]["encoder_passages"][0]): r["results"]}}
+                    for r in runs])
+    partial = [f for f, r in zip(files, runs) if r["data"].get("partial")]
+    timings: dict = {}
+    for r in runs:
+        for k, v in r["timings"].items():
+            timings[k] = round(timings.get(k, 0.0) + v, 2)
+    config = {**first["config"], "encoder_passages": [int(k) for k in result["k"]], "merged_from": list(files)}
+    data = {**{k: v for k, v in first["data"].items() if k != "partial"}, **({"partial_inputs": partial} if partial else {})}
+    return {"config": config, "data": data, "results": result, "timings": timings, "environment": first["environment"],
+            "model": first.get("model"), "partial": partial}
+
+
+def sweep_note(result: dict) -> str:
+    """Lines under a sweep's table: the best decoder-only setting and each encoder method against it."""
+    cmp = result["comparison"]
+    best = cmp["best_decoder_only"]
+    head = f"best decoder-only: {best['setting']} ({best['substring']:.3f})" if best["setting"] else "no decoder-only method"
+    return "\n".join([head] + [f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
+                               for key, v in cmp.items() if key != "best_decoder_only"])
 
 
 DECODER_ONLY = ("truncated", "full", "streamingllm")
