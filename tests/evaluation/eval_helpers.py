@@ -8,6 +8,7 @@ import string
 import torch
 
 CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase + " .,:;?!'-\n"  # ids 3..74
+MORE_CHARS = "()="  # ids 76..78 (RULER's prompts)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -20,6 +21,8 @@ def char_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}, "<unk>": 3 + len(CHARS)}
+    # characters added later go after <unk>, so that the ids above stay as they were
+    vocab.update({c: 4 + len(CHARS) + i for i, c in enumerate(MORE_CHARS)})
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -192,3 +192,22 @@ def test_cli_compare_adapter(files, tmp_path):
     assert res["both"]["other"]["64"]["ppl"] == res["two"]["cepe"]["64"]["ppl"]
     assert res["one"]["cepe"]["64"]["ppl"] != res["two"]["cepe"]["64"]["ppl"]
     assert main(base + ["--name", "x", "--adapter", str(folders[0]), "--compare-adapter", "nodir"]) == 2
+
+
+def test_cli_ruler(files, tmp_path, capsys):
+    """`cepe eval ruler`: every method, scores per task and length, a heatmap, effective lengths;
+    `full` (a 512-token decoder) fits only the shortest prompt; --haystack takes a text file."""
+    out = _run(files, tmp_path, "ruler", "--tasks", "niah_single,fwe", "--lengths", "700,1000", "--samples", "1",
+               "-D", "64", "--max-new-tokens", "4", "--haystack", str(files / "books" / "book0.txt"))
+    res = out["results"]
+    assert (tmp_path / "r.png").stat().st_size > 1000 and out["data"]["files"] == 1
+    assert set(res["methods"]) == {"cepe", "truncated", "full", "streamingllm", "replug"} and res["haystack"] == "book0.txt"
+    assert res["methods"]["full"]["average"] == {"700": None, "1000": None}
+    assert res["does_not_fit"]["full"] == ["niah_single@1000", "fwe@700", "fwe@1000"]
+    cepe, truncated = res["methods"]["cepe"], res["methods"]["truncated"]
+    assert cepe["scores"] == truncated["scores"]  # zero init: CEPE is the truncated decoder
+    assert all(0 <= v <= 100 for t in ("niah_single", "fwe") for v in cepe["scores"][t].values())
+    assert res["max_new_tokens"] == {"niah_single": 4, "fwe": 4} and 600 < res["prompt_tokens"]["fwe"]["1000"] <= 950
+    printed = capsys.readouterr().out
+    assert "effective length" in printed and "full - (did not fit)" in printed and "average" in printed
+    assert main(["eval", "ruler", "--tasks", "nope", "--decoder", str(files / "decoder"), "--out", str(tmp_path)]) == 2

@@ -1,4 +1,4 @@
-"""`cepe eval ppl|rag-lm|qa|icl|passkey`: argument parsing and the run -> JSON/table/plot flow.
+"""`cepe eval ppl|rag-lm|qa|icl|passkey|ruler`: argument parsing and the run -> JSON/table/plot flow.
 
 Task logic lives in `cepe.evaluation.tasks.*`; this module only wires files, models and methods.
 """
@@ -17,6 +17,7 @@ DEFAULT_METHODS = {
     "qa": "cepe,truncated,full,replug",
     "icl": "cepe,truncated,full",
     "passkey": "cepe,truncated,full,streamingllm,replug",
+    "ruler": "cepe,truncated,full,streamingllm,replug",
 }
 
 
@@ -79,7 +80,7 @@ def _cuda() -> bool:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate long-context use: ppl, rag-lm, qa, icl, passkey",
+    p = subparsers.add_parser("eval", help="evaluate long-context use: ppl, rag-lm, qa, icl, passkey, ruler",
                               description="Evaluate CEPE and its baselines on identical scored tokens.")
     sub = p.add_subparsers(dest="task", required=True)
 
@@ -162,6 +163,20 @@ def register(subparsers) -> None:
     _common(t, "passkey")
     t.set_defaults(func=cmd_passkey)
 
+    t = sub.add_parser("ruler", help="RULER's synthetic tasks (needles, variable tracking, common/frequent words) vs. length")
+    t.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe",
+                   help="comma-separated (default: the seven below); also niah_single_uuid, niah_multikey_needles, niah_multikey_uuid")
+    t.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384, 32768, 65536, 131072],
+                   help="prompt + generation budget in decoder tokens (default 4K,8K,16K,32K,64K,128K)")
+    t.add_argument("--samples", type=int, default=4, help="samples per task and length (default 4)")
+    t.add_argument("--haystack", default=None, help="text file to hide needles in (default: RULER's noise sentences)")
+    t.add_argument("--decoder-tokens", "-D", type=int, default=512, help="decoder window D of cepe/truncated (default 512)")
+    t.add_argument("--max-new-tokens", type=int, default=None, help="cap on RULER's per-task answer budget (prompts unchanged)")
+    t.add_argument("--gen-batch", type=int, default=4, help="prompts answered per generate call (default 4)")
+    t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
+    _common(t, "ruler")
+    t.set_defaults(func=cmd_ruler)
+
 
 # ---------------------------------------------------------------------------------- plumbing
 def _setup(args):
@@ -212,29 +227,21 @@ def _setup(args):
     return em, methods
 
 
-def _config(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k != "func"}
-
-
 def _write(args, task: str, em, result: dict, data: dict, timer) -> Path:
     """`<out>/<name>.json` of a run (also a sweep's partial results)."""
     from .report import environment, write_results
 
-    return write_results(args.out, args.name, task, _config(args), data, result, timer.summary(),
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    return write_results(args.out, args.name, task, config, data, result, timer.summary(),
                          environment(em.device), {"model": em.description})
 
 
 def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, plot=None, note: str = "") -> int:
-    from .report import format_table
+    from .report import print_summary
 
     path = _write(args, task, em, result, data, timer)
     print()
-    print(format_table(header, rows))
-    if note:
-        print(note)
-    print(f"results: {path}")
-    if plot is not None:
-        print(f"plot:    {plot(Path(args.out) / f'{args.name}.png')}")
+    print_summary(header, rows, path, note, plot and (lambda: plot(Path(args.out) / f"{args.name}.png")))
     return 0
 
 
@@ -245,21 +252,13 @@ def _tag(em) -> str:
     return model_tag(em.description)
 
 
-def _check_paths(paths) -> None:
-    """Fail on a missing input before the (slow) model load."""
-    from .data import text_files
-
-    for p in paths:
-        text_files(p)
-
-
 # ---------------------------------------------------------------------------------- tasks
 def cmd_ppl(args) -> int:
     from .data import fingerprint
     from .plotting import ppl_plot
     from .report import Timer
     from .tasks import ppl
-    from .tasks.common import tokenized_docs
+    from .tasks.common import check_paths, tokenized_docs
 
     if args.context_tokens is not None:
         contexts = args.context_tokens
@@ -269,7 +268,7 @@ def cmd_ppl(args) -> int:
             raise ValueError(f"--total-tokens {min(totals)} is shorter than the decoder window D={args.decoder_tokens}")
         contexts = [t - args.decoder_tokens for t in totals]
     settings = ppl.PplSettings(args.decoder_tokens, args.scored_tokens, contexts, args.windows_per_doc)
-    _check_paths(args.data)
+    check_paths(args.data)  # a missing input fails before the (slow) model load
     em, methods = _setup(args)
     timer = Timer()
     docs = tokenized_docs(args.data, args.text_key, em.tokenizer, args.max_docs)
@@ -290,11 +289,11 @@ def cmd_rag_lm(args) -> int:
     from .report import Timer
     from .retrieval import build_retriever
     from .tasks import rag_lm
-    from .tasks.common import encode, tokenized_docs
+    from .tasks.common import check_paths, encode, tokenized_docs
 
     settings = rag_lm.RagSettings(args.decoder_tokens, args.scored_tokens, args.k, args.windows_per_doc,
                                   not args.keep_same_source)
-    _check_paths(args.data + args.corpus)
+    check_paths(args.data + args.corpus)
     em, methods = _setup(args)
     timer = Timer()
     scored = load_documents(args.data, args.text_key, args.max_docs)
@@ -359,21 +358,16 @@ def cmd_qa(args) -> int:
 def cmd_qa_merge(args) -> int:
     """Sweeps of one QA setting run apart (different k) into one result: JSON, table, plot."""
     from .plotting import model_tag, qa_sweep_plot
-    from .report import format_table, write_results
+    from .report import print_summary, write_results
     from .tasks import qa
 
     m = qa.merge_files(args.files)
     path = write_results(args.out, args.name, "qa", m["config"], m["data"], m["results"], m["timings"], m["environment"],
                          {"model": m["model"]})
-    header, rows = qa.table(m["results"])
-    print(format_table(header, rows))
-    print(qa.sweep_note(m["results"]))
-    if m["partial"]:
-        print(f"note: partial inputs (a sweep that stopped early): {', '.join(m['partial'])}")
-    print(f"results: {path}")
-    plot = qa_sweep_plot(Path(args.out) / f"{args.name}.png", m["results"], model_tag(m["model"]),
-                         m["config"]["decoder_passages"], m["data"]["examples"])
-    print(f"plot:    {plot}")
+    partial = f"\nnote: partial inputs (a sweep that stopped early): {', '.join(m['partial'])}" if m["partial"] else ""
+    print_summary(*qa.table(m["results"]), path, qa.sweep_note(m["results"]) + partial,
+                  lambda: qa_sweep_plot(Path(args.out) / f"{args.name}.png", m["results"], model_tag(m["model"]),
+                                        m["config"]["decoder_passages"], m["data"]["examples"]))
     return 0
 
 
@@ -419,6 +413,25 @@ def cmd_passkey(args) -> int:
     data = fingerprint([args.filler]) if args.filler else {"filler": "built-in"}
     plot = partial(passkey_plot, result=result, decoder_tokens=settings.decoder_tokens, tag=_tag(em))
     return _finish(args, "passkey", em, header, rows, result, data, timer, plot)
+
+
+def cmd_ruler(args) -> int:
+    from .data import fingerprint
+    from .plotting import ruler_plot
+    from .report import Timer
+    from .tasks import ruler
+    from .tasks.ruler_data import Haystack
+
+    settings = ruler.RulerSettings([t.strip() for t in args.tasks.split(",") if t.strip()], args.lengths, args.samples,
+                                   args.decoder_tokens, args.seed, args.max_new_tokens, args.gen_batch)
+    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+    em, methods = _setup(args)
+    timer = Timer()
+    result = ruler.run(methods, settings, em.tokenizer, haystack, timer=timer, progress=not args.no_progress)
+    header, rows = ruler.table(result)
+    data = fingerprint([args.haystack]) if args.haystack else {"haystack": "RULER noise (built-in)"}
+    plot = partial(ruler_plot, result=result, tag=_tag(em))
+    return _finish(args, "ruler", em, header, rows, result, data, timer, plot, note=ruler.note(result))
 
 
 def main(argv=None) -> int:  # `python -m cepe.evaluation.cli ppl ...`

@@ -64,7 +64,7 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v is not None and math.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 * vmax else "k")
+                    ax.text(j, i, f"{v:.2f}" if vmax <= 1 else f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 * vmax else "k")
     axes[0][0].set_ylabel(ylabel, fontsize=8)
     fig.suptitle(textwrap.fill(title, 35 * n + 10), fontsize=10, y=1.03)
     if im is not None:
@@ -115,3 +115,14 @@ def passkey_plot(path, result: dict, decoder_tokens: int, tag: str) -> Path:
     grids = {m: r["grid_depth_by_length"] for m, r in result["methods"].items()}
     return heatmaps(path, grids, result["lengths"], result["depths"], "prompt tokens", "needle depth",
                     f"{tag}: passkey accuracy, decoder window D={decoder_tokens}")
+
+
+def ruler_plot(path, result: dict, tag: str) -> Path:
+    """A heatmap per method: RULER score (0-100) by task and length."""
+    grids = {m: [[r["scores"][t][str(n)] for n in result["lengths"]] for t in result["tasks"]]
+             for m, r in result["methods"].items()}
+    grids = {m: [[float("nan") if v is None else v for v in row] for row in g] for m, g in grids.items()}
+    lengths = [_short(n) for n in result["lengths"]]
+    title = (f"{tag}: RULER score (0-100), {result['samples_per_cell']} samples per cell, "
+             f"decoder window D={result['decoder_tokens']}")
+    return heatmaps(path, grids, lengths, result["tasks"], "prompt tokens", "task", title, vmax=100)

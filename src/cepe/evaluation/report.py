@@ -118,3 +118,14 @@ def format_table(header: list[str], rows: list[list]) -> str:
     for r in cells:
         lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     return "\n".join(lines)
+
+
+def print_summary(header: list[str], rows: list[list], results_path: Path, note: str = "", plot=None) -> None:
+    """The end of a run: its table, a note, where the results went, and the plot (`plot()` draws
+    it and returns its path) once the results are safe on disk."""
+    print(format_table(header, rows))
+    if note:
+        print(note)
+    print(f"results: {results_path}")
+    if plot is not None:
+        print(f"plot:    {plot()}")

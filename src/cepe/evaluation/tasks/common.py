@@ -8,6 +8,7 @@ import torch
 
 from ..methods import Full, Method, StreamingLLM
 from ..metrics import perplexity
+from ..scoring import Request
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -28,6 +29,15 @@ def stop_ids(tokenizer: Any, newline: bool = True) -> set[int]:
         if len(ids) == 1:
             out.add(ids[0])
     return out
+
+
+def window_request(prefix: list[int], body: list[int], decoder_tokens: int) -> Request:
+    """A long prompt laid out like a `ppl` window: the last D tokens of `body` (they end with the
+    question) in the decoder, everything before them as one context document; `prefix` (the
+    instruction) stays in every method's decoder."""
+    d = min(decoder_tokens, len(body))
+    context = [body[:-d]] if len(body) > d else []
+    return Request(tokens=body[-d:], context=context, prefix=prefix, score_start=1)
 
 
 def fitting_prefix(docs: list[list[int]], budget: float) -> list[list[int]]:
@@ -109,3 +119,11 @@ def tokenized_docs(paths, text_key, tokenizer, max_docs, same_as=None) -> list[t
         for d in docs:
             d.name = by_source.get(d.source) or (d.source if d.name in by_source.values() else d.name)
     return [(d.name, encode(tokenizer, d.text)) for d in docs]
+
+
+def check_paths(paths) -> None:
+    """Raise on a missing or empty input (before a slow model load)."""
+    from ..data import text_files
+
+    for p in paths:
+        text_files(p)

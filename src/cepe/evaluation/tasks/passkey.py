@@ -20,7 +20,7 @@ from ..methods import DoesNotFit, Method
 from ..metrics import first_integer
 from ..report import Timer
 from ..scoring import Request
-from .common import encode, mean, stop_ids
+from .common import encode, mean, stop_ids, window_request
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
@@ -58,9 +58,7 @@ def build_prompt(tokenizer: Any, length: int, depth: float, key: str, filler: st
 
 
 def make_request(intro: list[int], body: list[int], s: PasskeySettings) -> Request:
-    d = min(s.decoder_tokens, len(body))
-    context = [body[:-d]] if len(body) > d else []
-    return Request(tokens=body[-d:], context=context, prefix=intro, score_start=1)
+    return window_request(intro, body, s.decoder_tokens)
 
 
 def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: str = FILLER,
