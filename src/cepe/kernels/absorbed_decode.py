@@ -38,7 +38,7 @@ def _partials_kernel(
     pid_dv = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_br = tl.program_id(2)
-    b = pid_br // n_row_blocks
+    b = (pid_br // n_row_blocks).to(tl.int64)  # 64-bit offsets: 2 x 1M tokens x 1,024 overflows int32
     rows = (pid_br % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     row_ok = rows < R
@@ -52,12 +52,13 @@ def _partials_kernel(
     for s0 in range(start, end, BLOCK_S):
         toks = s0 + tl.arange(0, BLOCK_S)
         tok_ok = toks < end
+        tok_off = toks.to(tl.int64)[:, None] * se_s
         scores = tl.zeros([BLOCK_R, BLOCK_S], tl.float32)
         for e0 in range(0, HE, BLOCK_E):
             dims = e0 + tl.arange(0, BLOCK_E)
             dim_ok = dims < HE
             q = tl.load(q_base + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            e = tl.load(e_base + toks[:, None] * se_s + dims[None, :], mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+            e = tl.load(e_base + tok_off + dims[None, :], mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
             if DOT_F32:
                 q, e = q.to(tl.float32), e.to(tl.float32)
             scores += tl.dot(q, tl.trans(e))
@@ -71,7 +72,7 @@ def _partials_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        ev = tl.load(e_base + toks[:, None] * se_s + cols[None, :], mask=tok_ok[:, None] & (cols[None, :] < HE), other=0.0)
+        ev = tl.load(e_base + tok_off + cols[None, :], mask=tok_ok[:, None] & (cols[None, :] < HE), other=0.0)
         if DOT_F32:
             acc = acc * alpha[:, None] + tl.dot(p, ev.to(tl.float32))
         else:
