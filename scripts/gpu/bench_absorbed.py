@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from cepe.model.absorbed import absorb, absorbed_cross_attention, attend
 from cepe.model.cross_attention import CrossAttention
+from cepe.model.stored_states import quantize_states
 
 FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, encoder_hidden=1024, layers=32,
             contexts=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024], check_context=128 * 1024)
@@ -128,6 +129,15 @@ def check(blocks, shape, device, dtype, configs, kernels) -> dict:
         del ref, exact
     q = torch.randn(2, shape["heads"], shape["encoder_hidden"], device=device, dtype=dtype, generator=g) * 0.05
     base = attend(q, states, mask, kernel="matmul")
+    if "triton" in kernels:  # 8-bit states: the kernel against two matmuls over the dequantized values
+        from cepe.kernels.absorbed_decode import attend_states
+
+        for fmt in ("int8", "fp8") if torch.device(device).type == "cuda" else ("int8",):
+            packed = quantize_states(states, fmt)
+            deq = attend(q, packed.dequantize(), mask, kernel="matmul")
+            got = attend_states(q, packed.data, mask, state_scale=packed.scale)
+            out[f"{fmt}_kernel_rel_err_vs_dequantized"] = rel_err(got, deq)
+            out[f"{fmt}_rounding_rel_err_vs_bf16"] = rel_err(deq, base)  # what 8 bits cost, attention alone
     out["kernel_configs_rel_err_vs_matmul"] = {}
     for cfg in configs:
         try:
@@ -139,6 +149,7 @@ def check(blocks, shape, device, dtype, configs, kernels) -> dict:
     # absorbed bf16 must be as close to the float32 truth as the cache path's bf16, up to rounding
     errs = [out[k] for k in out if k.startswith("layer")]
     out["ok"] = all(isinstance(e[k], float) and e[k] <= 2 * e["cache"] + 1e-2 for e in errs for k in kernels)
+    out["ok"] &= all(v < 2e-2 for k, v in out.items() if k.endswith("_kernel_rel_err_vs_dequantized"))
     return out
 
 
@@ -171,16 +182,19 @@ class Methods:
     def __init__(self, blocks, weights, states, kernel_cfg):
         self.blocks, self.weights, self.states, self.cfg = blocks, weights, states, kernel_cfg
         self.kv: list | None = None
+        self.packed: dict = {}
 
     def delta(self, method: str, i: int, h: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[i]
         if method == "cache":
             return blk(h, *self.kv[i])
-        if method == "triton":
+        if method.startswith("triton"):  # triton, triton-int8, triton-fp8 (8-bit states + a scale per token)
             from cepe.kernels import absorbed_decode
 
             q = _queries(blk, self.weights[i], h)
-            mixed = absorbed_decode.attend_states(q, self.states, None, **self.cfg)
+            packed = self.packed.get(method)
+            data, scale = (self.states, None) if packed is None else (packed.data, packed.scale)
+            mixed = absorbed_decode.attend_states(q, data, None, state_scale=scale, **self.cfg)
             return _output(blk, self.weights[i], mixed, h.shape[1])
         return absorbed_cross_attention(blk, h, self.states, None, None, weights=self.weights[i], kernel=method)
 
@@ -215,6 +229,8 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline) -
         states = torch.randn(1, s, shape["encoder_hidden"], device=device, dtype=dtype)
         m = Methods(blocks, weights, states, kernel_cfg)
         for method in methods:
+            if method.startswith("triton-"):  # packed after the cache rows: they need the memory more
+                m.packed = {method: quantize_states(states, method.split("-")[1])}
             for layers in (1, shape["layers"]):
                 row = dict(context=s, method=method, layers=layers, status="ok")
                 if time.perf_counter() > deadline:
@@ -232,9 +248,11 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline) -
                 except torch.OutOfMemoryError as e:
                     row.update(status="oom", error=str(e).splitlines()[0][:160])
                 m.kv = None
-                per_layer = s * (2 * shape["kv_heads"] * shape["head_dim"] if method == "cache" else shape["encoder_hidden"]) * 2
-                row["bytes_read_floor"] = per_layer * layers  # keys+values per layer, or the states once per layer
-                row["held_context_gb"] = (per_layer * layers if method == "cache" else s * shape["encoder_hidden"] * 2) / GB
+                he = shape["encoder_hidden"]
+                per_token = {"cache": 2 * shape["kv_heads"] * shape["head_dim"] * 2, "triton-int8": he + 4,
+                             "triton-fp8": he + 4}.get(method, he * 2)
+                row["bytes_read_floor"] = s * per_token * layers  # keys+values per layer, or the states once per layer
+                row["held_context_gb"] = s * per_token * (layers if method == "cache" else 1) / GB
                 if row["status"] == "ok":
                     row["gb_per_s"] = row["bytes_read_floor"] / (row["ms"] / 1e3) / GB
                 rows.append(row)
@@ -243,12 +261,12 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline) -
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'context':>8} {'layers':>6} {'method':<7} {'ms/step':>9} {'spread':>7} {'GB/s':>7} {'peak GB':>8} "
+    lines = [f"{'context':>8} {'layers':>6} {'method':<11} {'ms/step':>9} {'spread':>7} {'GB/s':>7} {'peak GB':>8} "
              f"{'held GB':>8}  status"]
     for r in rows:
         k = f"{r['context'] // 1024}K" if r["context"] >= 1024 else str(r["context"])
         f = lambda key, fmt: "-" if r.get(key) is None else format(r[key], fmt)  # noqa: E731
-        lines.append(f"{k:>8} {r['layers']:>6} {r['method']:<7} {f('ms', '9.3f')} {f('spread', '7.1%')} "
+        lines.append(f"{k:>8} {r['layers']:>6} {r['method']:<11} {f('ms', '9.3f')} {f('spread', '7.1%')} "
                      f"{f('gb_per_s', '7.0f')} {f('peak_gb', '8.1f')} {f('held_context_gb', '8.2f')}  "
                      f"{'' if r['status'] == 'ok' else r['status']}")
     return "\n".join(lines)
@@ -263,7 +281,7 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     layers = max(r["layers"] for r in result["rows"])
-    for method, style in (("cache", "s-"), ("matmul", "o--"), ("triton", "o-")):
+    for method, style in (("cache", "s-"), ("matmul", "o--"), ("triton", "o-"), ("triton-int8", "^-"), ("triton-fp8", "v-")):
         for ax, n in ((axes[0], 1), (axes[1], layers)):
             rs = [r for r in rows if r["method"] == method and r["layers"] == n]
             ax.plot([r["context"] for r in rs], [r["ms"] for r in rs], style, label=method)
@@ -318,7 +336,9 @@ def main(argv=None) -> int:
         cfg, result["kernel_config_ms"] = pick_config(shape, device, dtype, configs, args.reps)
         print("kernel configurations (ms, attention alone):", json.dumps(result["kernel_config_ms"]))
     result["kernel_config"] = cfg
-    methods = ("cache", "matmul", "triton") if triton_ok else ("cache", "matmul")
+    methods = ("cache", "matmul", "triton", "triton-int8", "triton-fp8") if triton_ok else ("cache", "matmul")
+    if device != "cuda":  # Triton's CPU interpreter has no float8
+        methods = tuple(x for x in methods if x != "triton-fp8")
     deadline = t_start + args.time_budget
     result["rows"] = measure(blocks, shape, device, dtype, cfg, args.reps, methods, deadline)
     result["wall_s"] = time.perf_counter() - t_start

@@ -129,6 +129,43 @@ def test_bfloat16_absorbed_is_as_close_to_the_truth_as_the_cache_path(kernel):
     assert err_cache < 0.05 and err_abs < 2 * err_cache + 5e-3, (err_abs, err_cache)
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "chunked", TRITON])
+def test_8bit_states_give_the_delta_of_their_dequantized_values(kernel):
+    """The kernel reads int8 data and folds each token's scale into its logit and its weight;
+    the PyTorch paths dequantize. Either way: the cache path's delta over the dequantized states."""
+    block = _blocks("llama", 2)[0]
+    h, states, mask, scale = _inputs(block, t=1, s=150)
+    packed = quantize_states(states, "int8")
+    with torch.no_grad():
+        ref = _cache_path(block, h, packed.dequantize(), mask, scale)
+        out = absorbed_cross_attention(block, h, packed, mask, scale, kernel=kernel)
+        plain = _cache_path(block, h, states, mask, scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ref, plain, rtol=1e-4, atol=1e-5)  # the 8-bit rounding is really there
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "chunked"])
+def test_absorbed_step_never_hands_a_value_to_the_host(kernel):
+    """A decoding step must be capturable as a CUDA graph: no op may read a device value on the
+    host (padding and empty rows are handled without a data-dependent branch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in {"_local_scalar_dense", "is_nonzero", "equal", "item"}:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    block = _blocks("qwen2", 2)[0]
+    h, states, mask, scale = _inputs(block, t=1)
+    weights = absorb(block)
+    with torch.no_grad(), Syncs() as mode:
+        absorbed_cross_attention(block, h, states, mask, scale, weights=weights, kernel=kernel)
+    assert mode.seen == []
+
+
 def _to(block, dtype):
     import copy
 

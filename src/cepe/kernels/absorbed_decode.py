@@ -29,10 +29,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _partials_kernel(
-    q_ptr, e_ptr, mask_ptr, acc_ptr, m_ptr, l_ptr,
+    q_ptr, e_ptr, mask_ptr, scale_ptr, acc_ptr, m_ptr, l_ptr,
     R, S, HE, tokens_per_split, n_row_blocks,
-    sq_b, sq_r, se_b, se_s, sm_b, sa_b, sa_p, sa_r, sml_b, sml_p,
-    HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+    sq_b, sq_r, se_b, se_s, sm_b, ss_b, sa_b, sa_p, sa_r, sml_b, sml_p,
+    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_dv = tl.program_id(0)
@@ -61,7 +61,12 @@ def _partials_kernel(
             e = tl.load(e_base + tok_off + dims[None, :], mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
             if DOT_F32:
                 q, e = q.to(tl.float32), e.to(tl.float32)
+            else:  # 8-bit states are widened in registers: the bytes read are what they save
+                e = e.to(q.dtype)
             scores += tl.dot(q, tl.trans(e))
+        if HAS_SCALE:  # states = data x per-token scale: the scale factors out of every product
+            sc = tl.load(scale_ptr + b * ss_b + toks, mask=tok_ok, other=0.0)
+            scores = scores * sc[None, :]
         valid = tok_ok
         if HAS_MASK:
             real = tl.load(mask_ptr + b * sm_b + toks, mask=tok_ok, other=0)
@@ -73,10 +78,14 @@ def _partials_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         ev = tl.load(e_base + tok_off + cols[None, :], mask=tok_ok[:, None] & (cols[None, :] < HE), other=0.0)
+        pw = p
+        if HAS_SCALE:
+            pw = p * sc[None, :]
         if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, ev.to(tl.float32))
+            acc = acc * alpha[:, None] + tl.dot(pw, ev.to(tl.float32))
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(ev.dtype), ev)
+            cdt = q_ptr.dtype.element_ty
+            acc = acc * alpha[:, None] + tl.dot(pw.to(cdt), ev.to(cdt))
         m_i = m_new
     out = acc_ptr + b * sa_b + pid_split * sa_p + rows[:, None] * sa_r + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & (cols[None, :] < HE))
@@ -103,10 +112,11 @@ def _programs() -> int:
 
 
 def attend_states(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None, *,
-                  block_r: int = 32, block_s: int = 64, block_e: int = 128, block_dv: int = 256,
+                  state_scale: torch.Tensor | None = None, block_r: int = 32, block_s: int = 64, block_e: int = 128, block_dv: int = 256,
                   splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """softmax(q states^T) states: q (B, R, He) pre-scaled, states (B, S, He), key_mask (B, S) bool
-    or None. Returns (B, R, He) in q's dtype.
+    or None. Returns (B, R, He) in q's dtype. 8-bit states: `states` int8 or float8_e4m3fn data
+    and `state_scale` (B, S) or (B, S, 1) float32, one scale per token (`quantize_states`).
 
     splits: context slices per (row block, column block); default: enough programs for two waves
     over the device's SMs, each slice a whole number of BLOCK_S tokens."""
@@ -115,7 +125,12 @@ def attend_states(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor 
     if states.stride(-1) != 1:
         states = states.contiguous()
     out_dtype = q.dtype
-    q = q.to(states.dtype).contiguous()
+    if state_scale is None:
+        q = q.to(states.dtype)
+    elif q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"queries must be a float type, got {q.dtype}")
+    q = q.contiguous()
+    scale = state_scale.reshape(b, s).float().contiguous() if state_scale is not None else q
     block_r = max(16, min(block_r, triton.next_power_of_2(r)))
     block_dv = max(16, min(block_dv, triton.next_power_of_2(he)))
     block_e = max(16, min(block_e, triton.next_power_of_2(he)))
@@ -130,12 +145,12 @@ def attend_states(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor 
     l = torch.empty_like(m)
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q  # any pointer when unused
     _partials_kernel[(n_dv, splits, b * n_rb)](
-        q, states, mask, acc, m, l,
+        q, states, mask, scale, acc, m, l,
         r, s, he, per_split, n_rb,
         q.stride(0), q.stride(1), states.stride(0), states.stride(1),
-        mask.stride(0) if key_mask is not None else 0,
+        mask.stride(0) if key_mask is not None else 0, scale.stride(0) if state_scale is not None else 0,
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        DOT_F32=_INTERPRETED, HAS_MASK=key_mask is not None, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_DV=block_dv,
+        DOT_F32=_INTERPRETED, HAS_MASK=key_mask is not None, HAS_SCALE=state_scale is not None, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_DV=block_dv,
         num_warps=num_warps, num_stages=num_stages,
     )
     return combine(acc, m, l).to(out_dtype)

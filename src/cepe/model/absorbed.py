@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .cross_attention import CrossAttention
+from .stored_states import QuantizedStates
 
 KERNELS = ("auto", "matmul", "chunked", "triton")
 
@@ -125,7 +126,7 @@ def absorbed_output(block: CrossAttention, weights: AbsorbedWeights, mixed: torc
 def absorbed_cross_attention(
     block: CrossAttention,
     hidden_states: torch.Tensor,
-    encoder_states: torch.Tensor,
+    encoder_states: torch.Tensor | QuantizedStates,
     key_mask: torch.Tensor | None = None,
     logit_scale: torch.Tensor | None = None,
     *,
@@ -135,13 +136,18 @@ def absorbed_cross_attention(
     """The delta `block(h, *block.project_kv(s), key_mask, logit_scale)` returns, up to float
     rounding, computed from the encoder states without per-layer keys/values.
 
-    hidden_states (B, T, H); encoder_states (B, S, He); key_mask (B, S) bool (True = real token) or
+    hidden_states (B, T, H); encoder_states (B, S, He), or 8-bit `QuantizedStates` (the Triton
+    kernel reads the 8-bit data; the PyTorch paths dequantize first); key_mask (B, S) bool (True = real token) or
     None; logit_scale (B,) or None; weights: `absorb(block)` (computed here when None: pass them in
     when decoding). Returns (B, T, H); rows whose context is all padding get a zero delta."""
     weights = weights if weights is not None else absorb(block)
-    states = encoder_states.to(block.k_proj.weight.dtype)
+    scale = None
+    if isinstance(encoder_states, QuantizedStates):
+        states, scale = encoder_states.data, encoder_states.scale
+    else:
+        states = encoder_states.to(block.k_proj.weight.dtype)
     q = absorbed_queries(block, weights, hidden_states, logit_scale)
-    mixed = attend(q, states, key_mask, kernel=kernel)
+    mixed = attend(q, states, key_mask, kernel=kernel, state_scale=scale)
     out = absorbed_output(block, weights, mixed, hidden_states.shape[1])
     if key_mask is None:
         return out
@@ -150,9 +156,10 @@ def absorbed_cross_attention(
 
 # ---------------------------------------------------------------------- attention over states
 def attend(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None, kernel: str = "auto",
-           chunk: int = 16384) -> torch.Tensor:
+           chunk: int = 16384, state_scale: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q states^T) states per row: q (B, R, He) pre-scaled, states (B, S, He), key_mask
     (B, S) bool or None. Returns (B, R, He) in q's dtype; rows with no real key give zeros.
+    state_scale (B, S, 1): `states` are 8-bit data, one scale per token.
 
     kernel "auto": the Triton kernel on CUDA when Triton imports, else the two matmuls."""
     if kernel not in KERNELS:
@@ -162,7 +169,9 @@ def attend(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None 
     if kernel == "triton":
         from ..kernels.absorbed_decode import attend_states
 
-        return attend_states(q, states, key_mask)
+        return attend_states(q, states, key_mask, state_scale=state_scale)
+    if state_scale is not None:
+        states = (states.float() * state_scale.view(*states.shape[:2], 1)).to(q.dtype)
     if kernel == "chunked":
         return attend_chunked(q, states, key_mask, chunk)
     return attend_matmul(q, states, key_mask)
