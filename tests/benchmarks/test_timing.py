@@ -116,8 +116,12 @@ def test_ttft_reads_stored_states_without_running_the_encoder(monkeypatch, tmp_p
         assert r["load_s"] > 0 and len(r["times_s"]) >= 2 and r["time_min_s"] <= r["time_s"] <= r["time_max_s"]
     assert rows[("full", 16)]["status"] == "ok"
     assert rows[("full", 40)]["status"] == "skipped" and "beyond 16" in rows[("full", 40)]["error"]
+    per_token = result["model"]["bytes_per_context_token"]  # tiny preset: 2 layers x 1 kv head x 8, encoder 16
+    assert per_token["states"] == 16 * 4 and per_token["cross_kv_cache"] == 2 * 2 * 1 * 8 * 4
+    assert per_token["full_attention_kv"] == 2 * 2 * 2 * 8 * 4
     text = summary(json.loads((tmp_path / "bench_tiny.json").read_text()))
     assert "time to first token, 8-token question" in text and "CEPE TTFT speed-up" in text
+    assert "encoder states 64 B | cross-attention keys/values 128 B (2x)" in text
     assert (tmp_path / "bench_tiny.png").stat().st_size > 10_000
 
 

@@ -115,6 +115,12 @@ def summary(result: dict) -> str:
             f"{env['dtype']} | {env['attention']}")
     if c.get("matmul_tflops"):
         head += f" | ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s"
+    acc = result["model"].get("bytes_per_context_token")
+    if acc:
+        head += (f"\nkept per context token: encoder states {acc['states']:,} B | cross-attention keys/values "
+                 f"{acc['cross_kv_cache']:,} B ({acc['cache_over_states']:.0f}x)")
+        if acc.get("full_attention_kv"):
+            head += f" | full attention's KV cache {acc['full_attention_kv']:,} B ({acc['full_over_states']:.0f}x)"
     tables = (head, kernel_table(result), score_table(result), decode_table(result), ttft_table(result))
     return "\n".join(x for x in tables if x)
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import CepeForCausalLM
+from ..model.stored_states import storage_per_token
 from . import flops as F
 from .decoding import decode_hf, decode_static
 from .presets import ModelSpec, build_model, get_spec, parameter_bytes, parameter_count
@@ -100,6 +101,9 @@ class Bench:
                 "params": {"decoder": parameter_count(m.decoder), "encoder": parameter_count(m.encoder) - _shared(m),
                            "cross_attention": parameter_count(m.cross_attn)},
                 "weights_gb": {"full": self.full_weight_bytes / GB, "cepe": self.cepe_weight_bytes / GB},
+                # stored states vs the cache policy's keys/values vs full attention's KV cache
+                "bytes_per_context_token": storage_per_token(m.cross_attn.values(), cfg.dtype, self.dtype.itemsize,
+                                                             m.decoder.config),
                 "build_s": build_s,
             },
             "ceilings": self.ceilings,
