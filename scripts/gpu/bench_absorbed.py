@@ -220,7 +220,7 @@ def _output(blk, w, mixed, t):
 
 
 @torch.no_grad()
-def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline) -> list[dict]:
+def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline, save=None) -> list[dict]:
     rows = []
     weights = [absorb(b) for b in blocks]
     cuda = torch.device(device).type == "cuda"
@@ -247,6 +247,9 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline) -
                         row["peak_gb"] = torch.cuda.max_memory_allocated(device) / GB
                 except torch.OutOfMemoryError as e:
                     row.update(status="oom", error=str(e).splitlines()[0][:160])
+                except Exception as e:  # a failed row is a result; the sweep goes on
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    row.update(status="oom" if "out of memory" in msg.lower() else "error", error=msg)
                 m.kv = None
                 he = shape["encoder_hidden"]
                 per_token = {"cache": 2 * shape["kv_heads"] * shape["head_dim"] * 2, "triton-int8": he + 4,
@@ -256,6 +259,8 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline) -
                 if row["status"] == "ok":
                     row["gb_per_s"] = row["bytes_read_floor"] / (row["ms"] / 1e3) / GB
                 rows.append(row)
+                if save is not None:
+                    save(rows)  # a run stopped by the command's time limit keeps what it measured
         del states, m
     return rows
 
@@ -340,11 +345,15 @@ def main(argv=None) -> int:
     if device != "cuda":  # Triton's CPU interpreter has no float8
         methods = tuple(x for x in methods if x != "triton-fp8")
     deadline = t_start + args.time_budget
-    result["rows"] = measure(blocks, shape, device, dtype, cfg, args.reps, methods, deadline)
-    result["wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_absorbed.json").write_text(json.dumps(result, indent=1, default=str))
+
+    def save(rows):
+        result["rows"] = rows
+        result["wall_s"] = time.perf_counter() - t_start
+        (out / "bench_absorbed.json").write_text(json.dumps(result, indent=1, default=str))
+
+    save(measure(blocks, shape, device, dtype, cfg, args.reps, methods, deadline, save))
     plot(result, out / "bench_absorbed.png")
     print(table(result["rows"]))
     print(f"correct: {result['check']['ok']} | kernel config {cfg} | {result['wall_s']:.0f} s | {out}")
