@@ -168,7 +168,7 @@ def pick_config(shape, device, dtype, configs, reps) -> tuple[dict, dict]:
     times = {}
     for cfg in configs:
         try:
-            times[_name(cfg)] = time_step(lambda: attend_states(q, states, None, **cfg), device, reps)["ms"]
+            times[_name(cfg)] = time_step(lambda cfg=cfg: attend_states(q, states, None, **cfg), device, reps)["ms"]
         except Exception as e:
             times[_name(cfg)] = f"{type(e).__name__}: {str(e)[:200]}"
     ok = {k: v for k, v in times.items() if isinstance(v, float)}

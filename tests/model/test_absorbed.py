@@ -9,11 +9,15 @@ import os
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_cepe, tiny_decoder_config
 
 from cepe.model.absorbed import absorb, absorbed_cross_attention, absorbed_weight_reads, attend
 from cepe.model.cross_attention import CrossAttention
-from cepe.model.stored_states import quantize_states, state_bytes_per_token, storage_per_token
-from conftest import FAMILIES, tiny_cepe, tiny_decoder_config
+from cepe.model.stored_states import (
+    quantize_states,
+    state_bytes_per_token,
+    storage_per_token,
+)
 
 
 def _triton_interpreter() -> bool:
@@ -151,7 +155,9 @@ def test_absorbed_step_never_hands_a_value_to_the_host(kernel):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Syncs(TorchDispatchMode):
-        seen: list = []
+        def __init__(self):
+            super().__init__()
+            self.seen = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket.__name__ in {"_local_scalar_dense", "is_nonzero", "equal", "item"}:
