@@ -98,7 +98,7 @@ def test_task_definitions():
     s = generate("vt", Random(1), 40, 4096, Haystack())
     assert len(s.answers) == 5 and all(re.fullmatch(r"[A-Z]{5}", a) for a in s.answers)
     assert f"VAR {s.answers[1]} = VAR {s.answers[0]}" in s.context
-    assert len(re.findall(r"^VAR ", s.intro, re.M)) == 5  # the worked example
+    assert len(re.findall(r"^VAR ", s.intro, re.MULTILINE)) == 5  # the worked example
     s = generate("cwe", Random(1), 60, 8192, Haystack())
     counts = Counter(re.findall(r"\d+\. ([\w-]+)", s.context))
     assert all(counts[a] == 30 for a in s.answers) and len(counts) == 60 and max(counts.values()) == 30

@@ -241,7 +241,8 @@ def _finish(args, task: str, em, header, rows, result: dict, data: dict, timer, 
 
     path = _write(args, task, em, result, data, timer)
     print()
-    print_summary(header, rows, path, note, plot and (lambda: plot(Path(args.out) / f"{args.name}.png")))
+    draw = (lambda: plot(Path(args.out) / f"{args.name}.png")) if plot is not None else None
+    print_summary(header, rows, path, note, draw)
     return 0
 
 
