@@ -417,22 +417,25 @@ def cmd_passkey(args) -> int:
 
 
 def cmd_ruler(args) -> int:
+    from ..model.configuration import apply_runtime_settings
     from .data import fingerprint
     from .plotting import ruler_plot
     from .report import Timer
     from .tasks import ruler
-    from .tasks.ruler_data import Haystack
 
-    settings = ruler.RulerSettings([t.strip() for t in args.tasks.split(",") if t.strip()], args.lengths, args.samples,
-                                   args.decoder_tokens, args.seed, args.max_new_tokens, args.gen_batch)
-    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+    settings = ruler.RulerSettings(args.tasks.split(","), args.lengths, args.samples, args.decoder_tokens, args.seed,
+                                   args.max_new_tokens, args.gen_batch)
+    haystack = ruler.Haystack.from_file(args.haystack) if args.haystack else None  # a bad path fails before the load
     em, methods = _setup(args)
+    for model in filter(None, [em.cepe, *em.others.values()]):  # cross K/V once per answer, not per token: same tokens
+        apply_runtime_settings(model.config, {"kv_policy": "auto"})
+    em.description["kv_policy"] = "auto"
     timer = Timer()
-    result = ruler.run(methods, settings, em.tokenizer, haystack, timer=timer, progress=not args.no_progress)
-    header, rows = ruler.table(result)
     data = fingerprint([args.haystack]) if args.haystack else {"haystack": "RULER noise (built-in)"}
+    save_partial = partial(_write, args, "ruler", em, data={**data, "partial": True}, timer=timer)  # each (task, length)
+    result = ruler.run(methods, settings, em.tokenizer, haystack, timer, not args.no_progress, save_partial)
     plot = partial(ruler_plot, result=result, tag=_tag(em))
-    return _finish(args, "ruler", em, header, rows, result, data, timer, plot, note=ruler.note(result))
+    return _finish(args, "ruler", em, *ruler.table(result), result, data, timer, plot, note=ruler.note(result))
 
 
 def main(argv=None) -> int:  # `python -m cepe.evaluation.cli ppl ...`

@@ -14,6 +14,7 @@ does: the fraction of the expected strings found (`string_match_all`), or whethe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -41,6 +42,7 @@ class RulerSettings:
     threshold: float = THRESHOLD
 
     def __post_init__(self):
+        self.tasks = [t.strip() for t in self.tasks if t.strip()]
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"unknown RULER task(s) {unknown or self.tasks} (known: {', '.join(TASKS)})")
@@ -149,7 +151,10 @@ def _generate(method: Method, requests, max_new_tokens: int, stops, batch_size: 
 
 
 def run(methods: dict[str, Method], s: RulerSettings, tokenizer: Any, haystack: Haystack | None = None,
-        words: Words | None = None, timer: Timer | None = None, progress: bool = True) -> dict:
+        timer: Timer | None = None, progress: bool = True, after_cell: Callable[[dict], None] | None = None,
+        words: Words | None = None) -> dict:
+    """Every method on `s.samples` prompts per task and length. `after_cell`, if given, gets the
+    result so far (cells not run yet are None) after each (task, length), to save partial results."""
     timer = timer or Timer()
     builder = PromptBuilder(tokenizer, haystack, words, s.seed)
     stops = stop_ids(tokenizer, newline=False)  # RULER stops on end of sequence only
@@ -181,14 +186,22 @@ def run(methods: dict[str, Method], s: RulerSettings, tokenizer: Any, haystack: 
                     not_fit.setdefault(name, []).append(f"{task}@{length}")
                 scores[name][task][str(length)] = mean(cell) if cell else None
                 bar.update(len(prompts))
+            if after_cell is not None:
+                after_cell(_summary(scores, s, builder, prompt_tokens, not_fit, samples))
     bar.close()
+    return _summary(scores, s, builder, prompt_tokens, not_fit, samples)
+
+
+def _summary(scores: dict, s: RulerSettings, builder: PromptBuilder, prompt_tokens: dict, not_fit: dict,
+             samples: list) -> dict:
     results = {}
-    for name in methods:
+    for name in scores:
         average = {}
         for length in s.lengths:
-            cells = [scores[name][t][str(length)] for t in s.tasks]
+            cells = [scores[name][t].get(str(length)) for t in s.tasks]
             average[length] = None if any(v is None for v in cells) else mean(cells)
-        results[name] = {"scores": scores[name], "average": {str(k): v for k, v in average.items()},
+        full = {t: {str(n): scores[name][t].get(str(n)) for n in s.lengths} for t in s.tasks}
+        results[name] = {"scores": full, "average": {str(k): v for k, v in average.items()},
                          "effective_length": effective_length(average, s.threshold)}
     return {"methods": results, "tasks": s.tasks, "lengths": s.lengths, "threshold": s.threshold,
             "decoder_tokens": s.decoder_tokens, "samples_per_cell": s.samples,
