@@ -60,7 +60,7 @@ def build_model(cfg: RunConfig) -> CepeForCausalLM:
         decoder, encoder, chunk_size=m.chunk_size, cross_attn_init=m.cross_attn_init,
         cross_attn_layers=m.cross_attn_layers, cross_attn_num_kv_heads=m.cross_attn_num_kv_heads,
         encoder_num_layers=m.encoder_num_layers, tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer,
-        encoder_frozen=m.encoder_frozen if m.encoder is not None else None,
+        encoder_frozen=m.encoder_frozen,
     )
     if m.init_adapter:
         load_init_adapter(model, m.init_adapter)

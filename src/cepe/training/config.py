@@ -9,6 +9,7 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ class ModelConfig:
     cross_attn_layers: str | list[int] = "all"
     cross_attn_num_kv_heads: int | None = None
     encoder_num_layers: int = 4  # decoder-derived encoder depth
-    encoder_frozen: str | None = None  # "embeddings": keep the encoder's (large, generic) embeddings frozen and unsaved
+    # "embeddings": keep the encoder's (large, generic) embeddings frozen and unsaved; "all": train only the
+    # cross-attention. Frozen parts load from the base encoder; the adapter's config records the setting.
+    encoder_frozen: str | None = None
     dtype: str = "fp32"  # decoder weights: fp32 or bf16 (bf16 needs train.precision=bf16)
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     init_adapter: str | None = None  # start from a trained adapter folder (e.g. the previous stage)
@@ -67,7 +70,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 or bf16 (autocast; trainable weights stay fp32)
     gradient_checkpointing: bool = False
-    freeze_encoder: bool = False  # train only the cross-attention
+    freeze_encoder: bool = False  # deprecated: model.encoder_frozen=all
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
@@ -108,6 +111,12 @@ class RunConfig:
             raise ValueError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
         if m.dtype not in ("fp32", "bf16"):
             raise ValueError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
+        if t.freeze_encoder:
+            # the model owns encoder trainability (recorded in the adapter's config); the old key maps onto it
+            warnings.warn("train.freeze_encoder is deprecated: use model.encoder_frozen=all", FutureWarning, stacklevel=2)
+            m.encoder_frozen, t.freeze_encoder = "all", False
+        if m.encoder_frozen not in (None, "embeddings", "all"):
+            raise ValueError(f"model.encoder_frozen must be null, embeddings or all, got {m.encoder_frozen!r}")
         if m.dtype == "bf16" and t.precision != "bf16":
             raise ValueError("model.dtype=bf16 needs train.precision=bf16")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_samples"):

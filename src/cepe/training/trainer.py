@@ -1,6 +1,6 @@
 """The training loop: one loop for a CPU smoke run, one GPU, or many GPUs under `accelerate launch`.
 
-Only the adapter trains (cross-attention, and the encoder unless `train.freeze_encoder`); the
+Only the adapter trains (cross-attention, and the encoder unless `model.encoder_frozen=all`); the
 decoder stays frozen. Data is a stream of samples indexed by a global counter (see
 `cepe.data.samples`): process r of W at step s, micro-step a, reads samples
 s*G + (a*W + r)*B ... + B-1 (G = global batch), so the global batch does not depend on how it is
@@ -97,13 +97,8 @@ class Trainer:
         if t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         torch.manual_seed(t.seed)
-        model = build_model(cfg)
-        if t.freeze_encoder:
-            base = {id(p) for p in model.decoder.parameters()}
-            for p in model.encoder.parameters():
-                if id(p) not in base:
-                    p.requires_grad_(False)
-        self.params = model.adapter_parameters(include_encoder=not t.freeze_encoder)
+        model = build_model(cfg)  # frozen encoder parts (`model.encoder_frozen`) are frozen by the model itself
+        self.params = model.adapter_parameters()
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.description = describe(model)
@@ -406,7 +401,7 @@ class Trainer:
         dec_tok = self.counters["decoder_tokens"] / steps
         ctx_tok = self.counters["context_tokens"] / steps
         xattn = d["cross_attn_params"]
-        enc_factor = 2 if cfg.train.freeze_encoder else 6
+        enc_factor = 2 if cfg.model.encoder_frozen == "all" else 6
         ckpt_extra = 2 if cfg.train.gradient_checkpointing else 0
         teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if cfg.distilling and self.teacher_file is None else 0
         return ((4 + ckpt_extra) * d["decoder_params"] * dec_tok + 6 * xattn * (dec_tok + ctx_tok) / 2
