@@ -10,6 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cross_cache import CrossAttentionCache
+
 
 def chunk_token_ids(
     documents: list[list[int]],
@@ -60,13 +62,15 @@ class ContextStates:
     attention_mask: (B, S) bool, True for real tokens.
     fingerprint: identifies the encoder weights that produced the states; a model refuses
         states from another encoder.
-    cross_kv: per-layer (key, value) cache filled under the `cache` policy (not saved).
+    cross_cache: what cross-attention derived from these states (`CrossAttentionCache`: keys/values
+        under the `cache` policy, key mask, logit scale); not saved.
+    parent: the context this one repeats (`expand_to`): its keys/values are projected once there.
     """
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor
     fingerprint: str | None = None
-    cross_kv: dict = field(default_factory=dict, repr=False)
+    cross_cache: CrossAttentionCache = field(default_factory=CrossAttentionCache, repr=False, compare=False)
     parent: "ContextStates | None" = field(default=None, repr=False, compare=False)
 
     @property
@@ -76,6 +80,18 @@ class ContextStates:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def nbytes(self) -> int:
+        """Bytes held: states, mask, and whatever the model cached for them (`cross_cache`)."""
+        own = sum(t.numel() * t.element_size() for t in (self.hidden_states, self.attention_mask))
+        return own + self.cross_cache.nbytes()
+
+    def expanded(self, batch_size: int) -> "ContextStates":
+        """`expand_to(batch_size)`, kept in `cross_cache`: the expansion's cached keys/values
+        survive from one decoding step to the next."""
+        if batch_size == self.batch_size:
+            return self
+        return self.cross_cache.expansion(batch_size, lambda: self.expand_to(batch_size))
 
     def to(self, *args, **kwargs) -> "ContextStates":
         h = self.hidden_states.to(*args, **kwargs)

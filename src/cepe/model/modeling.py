@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -248,46 +247,35 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
         block = self.cross_attn[str(idx)]
-        if idx in ctx.cross_kv:
-            k, v = ctx.cross_kv[idx]
-        elif ctx.parent is not None:
-            # an expanded context (beams, label candidates, one document shared by many prompts):
-            # project the parent's states once and repeat the keys/values, instead of projecting
-            # B copies (under every policy; `cache` also keeps them for the next steps)
-            parent, keep = ctx.parent, self._use_kv_cache(ctx)
-            pk, pv = parent.cross_kv[idx] if idx in parent.cross_kv else block.project_kv(parent.hidden_states)
+        kv = ctx.cross_cache.keys_values(idx)
+        if kv is None:
+            keep = self._use_kv_cache(ctx)
+            if ctx.parent is not None:
+                # an expanded context (beams, label candidates, one document shared by many prompts):
+                # project the parent's states once and repeat the keys/values, instead of projecting
+                # B copies (under every policy; `cache` also keeps them for the next steps)
+                parent = ctx.parent
+                pkv = parent.cross_cache.keys_values(idx) or block.project_kv(parent.hidden_states)
+                if keep:
+                    parent.cross_cache.store(idx, *pkv, policy=self.config.kv_policy)
+                r = ctx.batch_size // parent.batch_size
+                kv = tuple(t.repeat_interleave(r, dim=0) for t in pkv)
+            else:
+                kv = block.project_kv(ctx.hidden_states)
             if keep:
-                parent.cross_kv[idx] = (pk, pv)
-            r = ctx.batch_size // parent.batch_size
-            k, v = (t.repeat_interleave(r, dim=0) for t in (pk, pv))
-            if keep:
-                ctx.cross_kv[idx] = (k, v)
-        else:
-            k, v = block.project_kv(ctx.hidden_states)
-            if self._use_kv_cache(ctx):
-                ctx.cross_kv[idx] = (k, v)
-        return block(h, k, v, self._key_mask(ctx), self._logit_scale(ctx))
+                ctx.cross_cache.store(idx, *kv, policy=self.config.kv_policy)
+        return block(h, *kv, self._key_mask(ctx), self._logit_scale(ctx))
 
     def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
         """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
         length scaling is off or no row is longer than L (decided once per context)."""
         trained = self.config.cross_attn_length_scaling
-        if trained is None:
-            return None
-        key = ("logit_scale", trained)  # keyed by L: a config change is not served a stale factor
-        if key not in ctx.cross_kv:
-            n = ctx.attention_mask.sum(-1).float()
-            scale = (math.log(trained) / n.clamp(min=2).log()).clamp(max=1.0)
-            ctx.cross_kv[key] = scale if bool((n > trained).any()) else None
-        return ctx.cross_kv[key]
+        return None if trained is None else ctx.cross_cache.logit_scale(ctx.attention_mask, trained)
 
     @staticmethod
     def _key_mask(ctx: ContextStates) -> torch.Tensor | None:
-        """The context's padding mask, or None when nothing is padding (decided once per context:
-        a mask-free SDPA call can use the fused flash kernel, and decoding steps need no sync)."""
-        if "key_mask" not in ctx.cross_kv:
-            ctx.cross_kv["key_mask"] = None if bool(ctx.attention_mask.all()) else ctx.attention_mask
-        return ctx.cross_kv["key_mask"]
+        """The context's padding mask, or None when nothing is padding (decided once per context)."""
+        return ctx.cross_cache.key_mask(ctx.attention_mask)
 
     def _use_kv_cache(self, ctx: ContextStates) -> bool:
         if torch.is_grad_enabled() and self.training:
@@ -426,25 +414,19 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_context(self, ctx: ContextStates, inputs: torch.Tensor | None) -> ContextStates:
         # hashing the encoder's weights costs hundreds of small device reads: check a context once
         # per model, not at every decoding step
-        if ctx.fingerprint is not None and not self.training and ctx.cross_kv.get("checked_by") != id(self):
+        if ctx.fingerprint is not None and not self.training and ctx.cross_cache.verified_by != id(self):
             if ctx.fingerprint != self.encoder_fingerprint:
                 raise ValueError(
                     f"context was encoded by another encoder ({ctx.fingerprint}, this model: {self.encoder_fingerprint})"
                 )
-            ctx.cross_kv["checked_by"] = id(self)
+            ctx.cross_cache.verified_by = id(self)
         if ctx.hidden_states.shape[-1] != self.encoder.hidden_size:
             raise ValueError(f"context width {ctx.hidden_states.shape[-1]} != encoder width {self.encoder.hidden_size}")
         dev = next(iter(self.cross_attn.values())).q_proj.weight.device
         if ctx.hidden_states.device != dev:
             ctx = ctx.to(dev)
         if inputs is not None and inputs.shape[0] != ctx.batch_size:
-            # cache the expansion on the original so cached cross keys/values survive decoding steps
-            key = ("expanded", inputs.shape[0])
-            cached = ctx.cross_kv.get(key)
-            if cached is None:
-                cached = ctx.expand_to(inputs.shape[0])
-                ctx.cross_kv[key] = cached
-            ctx = cached
+            ctx = ctx.expanded(inputs.shape[0])  # kept on the original: cached keys/values survive decoding steps
         return ctx
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
