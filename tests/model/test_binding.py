@@ -18,6 +18,7 @@ def _batch(seed=0):
 def _grads(m, teacher_between: bool):
     ids, ctx = _batch()
     m.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same encoder dropout in both runs
     loss = m(ids, context_input_ids=ctx, labels=ids).loss
     if teacher_between:  # the decoder alone, as distillation's online teacher runs it
         with torch.no_grad():

@@ -20,6 +20,7 @@ from .context import ContextStates, chunk_token_ids, pad_chunk_batch
 from .cross_attention import CrossAttention
 from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
 from .families import decoder_layers, family_of
+from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
 
 ADAPTER_FILE = "model.safetensors"
 ADAPTER_INDEX = "model.safetensors.index.json"
@@ -89,9 +90,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         )
         self.encoder_tokenizer = encoder_tokenizer
         self.tokenizer = tokenizer
-        self._bound: ContextStates | None = None
-        self._pending: dict[int, torch.Tensor] = {}
-        self._install_hooks(layers)
+        install_cross_attention_hooks(self, layers, config.selected_layers(), self.family, self._cross_delta)
         self.freeze_base()
         if getattr(decoder, "generation_config", None) is not None:
             self.generation_config = decoder.generation_config
@@ -217,34 +216,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.decoder.get_decoder()
 
-    # ------------------------------------------------------------------ hooks
-    def _install_hooks(self, layers: nn.ModuleList) -> None:
-        for i in self.config.selected_layers():
-            layer = layers[i]
-            getattr(layer, self.family.pre_mlp_norm).register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True)
-            getattr(layer, self.family.mlp_out).register_forward_hook(self._make_post_hook(i))
-
-    def _make_pre_hook(self, idx: int):
-        def pre_hook(module, args, kwargs):
-            ctx = self._bound
-            if ctx is None:
-                return None
-            h = args[0] if args else kwargs["hidden_states"]
-            delta = self._cross_delta(idx, h, ctx)
-            self._pending[idx] = delta
-            if args:
-                return (h + delta, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": h + delta}
-
-        return pre_hook
-
-    def _make_post_hook(self, idx: int):
-        def post_hook(module, args, output):
-            delta = self._pending.pop(idx, None)
-            return None if delta is None else output + delta
-
-        return post_hook
-
+    # ------------------------------------------------------------------ cross-attention
     def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
         block = self.cross_attn[str(idx)]
         kv = ctx.cross_cache.keys_values(idx)
@@ -398,18 +370,13 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             context = self.encode(context_input_ids, context_attention_mask)
         if context is not None:
             context = self._prepare_context(context, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
-        self._bound = context
-        self._pending.clear()
-        try:
-            return self.decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                logits_to_keep=logits_to_keep, **kwargs
-            )
-        finally:
-            # gradient checkpointing re-runs layers during backward: they must still see the context
-            if not (self.training and self.is_gradient_checkpointing):
-                self._bound = None
-            self._pending.clear()
+            # an argument of this call only: each decoder layer hands it to its cross-attention
+            # (`layer_hooks`), and a checkpointed layer recomputed in backward gets it again
+            kwargs[CONTEXT_KWARG] = BoundContext(self, context)
+        return self.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+            logits_to_keep=logits_to_keep, **kwargs
+        )
 
     def _prepare_context(self, ctx: ContextStates, inputs: torch.Tensor | None) -> ContextStates:
         # hashing the encoder's weights costs hundreds of small device reads: check a context once

