@@ -54,6 +54,36 @@ def pad_chunk_batch(
     return ids_out, mask_out
 
 
+def chunk_specials(tokenizer, encoder_type: str) -> tuple[list[int], list[int], int]:
+    """What an encoder expects around each chunk: prefix ids, suffix ids, padding id. A Hugging
+    Face encoder with [CLS] / [SEP] gets them; the decoder-derived encoder gets none."""
+    tok = tokenizer
+    if encoder_type == "hf" and tok is not None and tok.cls_token_id is not None and tok.sep_token_id is not None:
+        return [tok.cls_token_id], [tok.sep_token_id], tok.pad_token_id or 0
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    return [], [], pad if pad is not None else 0
+
+
+def tokenize_documents(batch: list[list[str] | list[list[int]]], tokenizer, chunk_size: int,
+                       specials: tuple[list[int], list[int], int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One list of documents per example -> chunk ids and mask (B, N, L). Documents are strings
+    (tokenized with the encoder's `tokenizer`) or lists of token ids; each is chunked on its own,
+    empty ones are dropped, and examples with fewer chunks are padded with empty chunks."""
+    prefix, suffix, pad_id = specials
+    per_example = []
+    for docs in batch:
+        token_docs = []
+        for doc in docs:
+            if isinstance(doc, str):
+                if tokenizer is None:
+                    raise ValueError("string context needs an encoder tokenizer (pass encoder_tokenizer=)")
+                token_docs.append(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            else:
+                token_docs.append([int(t) for t in doc])
+        per_example.append(chunk_token_ids([d for d in token_docs if d], chunk_size, pad_id, prefix, suffix))
+    return pad_chunk_batch(per_example, pad_id)
+
+
 @dataclass
 class ContextStates:
     """Encoder outputs for a batch of contexts, ready for cross-attention.

@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from .configuration import RUNTIME_SETTINGS, CepeConfig, apply_runtime_settings
-from .context import ContextStates, chunk_token_ids, pad_chunk_batch
+from .adapter_io import (  # noqa: F401 (names importable from here, as before the split)
+    ADAPTER_FILE,
+    ADAPTER_INDEX,
+    ENCODER_TOKENIZER_DIR,
+    load_adapter_weights,
+    load_pretrained,
+    save_adapter,
+    weights_fingerprint,
+)
+from .configuration import CepeConfig
+from .context import ContextStates, chunk_specials, tokenize_documents
 from .cross_attention import CrossAttention
 from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
 from .families import decoder_layers, family_of
 from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
-
-ADAPTER_FILE = "model.safetensors"
-ADAPTER_INDEX = "model.safetensors.index.json"
-ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
-
-
-# what `AutoModelForCausalLM.from_pretrained` forwards for the Hub; a local adapter folder ignores it
-_HUB_KWARGS = {"revision", "trust_remote_code", "adapter_kwargs", "cache_dir", "force_download", "local_files_only",
-               "token", "proxies", "subfolder", "code_revision", "_from_auto", "_commit_hash"}
 
 
 class CepeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -182,11 +177,6 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 p.requires_grad_(False)
         self.config.encoder_frozen = part
 
-    def _saved_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors `save_pretrained` writes: frozen encoder weights come from the base."""
-        frozen = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if not p.requires_grad}
-        return {k: v for k, v in self.adapter_state_dict().items() if k not in frozen}
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters CEPE adds: encoder and cross-attention (shared decoder tensors excluded)."""
         base_ids = {id(p) for p in self.decoder.parameters()}
@@ -318,26 +308,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def tokenize_context_batch(self, batch: list[list[str] | list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One list of documents per example (an example may have none) -> chunk tensors (B, N, L);
         examples with fewer chunks are padded with empty chunks, which the encoder skips."""
-        prefix, suffix, pad_id = self._chunk_specials()
-        per_example = []
-        for docs in batch:
-            token_docs = []
-            for doc in docs:
-                if isinstance(doc, str):
-                    if self.encoder_tokenizer is None:
-                        raise ValueError("string context needs an encoder tokenizer (pass encoder_tokenizer=)")
-                    token_docs.append(self.encoder_tokenizer(doc, add_special_tokens=False)["input_ids"])
-                else:
-                    token_docs.append([int(t) for t in doc])
-            per_example.append(chunk_token_ids([d for d in token_docs if d], self.config.chunk_size, pad_id, prefix, suffix))
-        return pad_chunk_batch(per_example, pad_id)
+        return tokenize_documents(batch, self.encoder_tokenizer, self.config.chunk_size, self._chunk_specials())
 
     def _chunk_specials(self) -> tuple[list[int], list[int], int]:
-        tok = self.encoder_tokenizer
-        if self.config.encoder_type == "hf" and tok is not None and tok.cls_token_id is not None and tok.sep_token_id is not None:
-            return [tok.cls_token_id], [tok.sep_token_id], tok.pad_token_id or 0
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        return [], [], pad if pad is not None else 0
+        """Tokens around each chunk (e.g. BERT's [CLS] / [SEP]) and the padding id."""
+        return chunk_specials(self.encoder_tokenizer, self.config.encoder_type)
 
     @torch.no_grad()
     def encode_context(self, contexts) -> ContextStates:
@@ -427,48 +402,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs["context"] = context
         return super().generate(input_ids, **kwargs)
 
-    def _frozen_encoder_fingerprint(self) -> str | None:
-        frozen = [(n, p) for n, p in self.encoder.named_parameters() if not p.requires_grad]
-        return _params_fingerprint(frozen) if frozen else None
-
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20, dtype: torch.dtype | None = None, **_: Any) -> None:
         """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
         the encoder tokenizer. The base decoder's weights are never written."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        sd = {
-            k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
-            for k, v in self._saved_state_dict().items()
-        }
-        self.config.base_encoder_fingerprint = self._frozen_encoder_fingerprint()
-        for old in list(out.glob("model*.safetensors")) + [out / ADAPTER_INDEX]:
-            if old.exists():
-                old.unlink()
-        meta = {"format": "pt", "cepe_base_fingerprint": self.config.base_fingerprint or ""}
-        shards, current, size = [], {}, 0
-        for k in sorted(sd):
-            nbytes = sd[k].numel() * sd[k].element_size()
-            if current and size + nbytes > max_shard_size:
-                shards.append(current)
-                current, size = {}, 0
-            current[k] = sd[k]
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], str(out / ADAPTER_FILE), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(out / name), metadata=meta)
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            (out / ADAPTER_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        self.config.architectures = [type(self).__name__]
-        self.config.save_pretrained(out)
-        if self.encoder_tokenizer is not None and self.config.encoder_type == "hf":
-            self.encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
+        save_adapter(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
 
     @classmethod
     def from_pretrained(
@@ -488,114 +426,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         Keyword arguments override the run-time settings (`RUNTIME_SETTINGS`: `kv_policy`,
         `kv_cache_budget_bytes`, `cross_attn_length_scaling`, `encoder_chunks_per_pass`), validated;
         any other keyword is an error."""
-        from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
-
-        folder = resolve_adapter(pretrained_model_name_or_path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
-        given = kwargs.pop("config", None)  # `AutoModelForCausalLM.from_pretrained` passes the config it read
-        for key in _HUB_KWARGS & set(kwargs):  # Hub download options: nothing to fetch from a local folder
-            kwargs.pop(key)
-        if isinstance(given, CepeConfig):
-            config = given
-            apply_runtime_settings(config, {k: getattr(config, k) for k in RUNTIME_SETTINGS})  # as validated
-        else:
-            config = CepeConfig.from_pretrained(str(folder))
-        apply_runtime_settings(config, kwargs)
-        if decoder is None:
-            decoder = config.base_decoder
-            if decoder is None:
-                raise ValueError("no decoder given and the adapter records none: pass decoder=")
-        if isinstance(decoder, (str, os.PathLike)):
-            decoder, tok = load_decoder(str(decoder), gguf_file=gguf_file, dtype=dtype)
-            tokenizer = tokenizer or tok
-        if check_base and config.base_fingerprint and weights_fingerprint(decoder) != config.base_fingerprint:
-            raise ValueError(
-                f"{folder}: adapter was trained on another base decoder (fingerprint {config.base_fingerprint}, "
-                f"given {weights_fingerprint(decoder)}); pass check_base=False to override"
-            )
-        enc_module, enc_tok = None, None
-        if config.encoder_type == "hf":
-            if encoder is None and config.encoder_frozen:
-                if not config.base_encoder:
-                    raise ValueError("adapter keeps base-encoder weights frozen and unsaved: pass encoder=")
-                encoder = config.base_encoder
-            if isinstance(encoder, (str, os.PathLike)):
-                enc_module, enc_tok = load_encoder(str(encoder))
-            elif encoder is not None:
-                enc_module = encoder if isinstance(encoder, ContextEncoder) else HFEncoder(encoder)
-            tok_dir = folder / ENCODER_TOKENIZER_DIR
-            if tok_dir.is_dir():
-                enc_tok = load_tokenizer(tok_dir)
-            elif enc_tok is None and config.base_encoder:
-                _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
-        else:
-            enc_tok = tokenizer
-        model = cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=enc_tok, tokenizer=tokenizer)
-        model.load_adapter_weights(folder)
-        return model
+        return load_pretrained(cls, pretrained_model_name_or_path, decoder=decoder, encoder=encoder, dtype=dtype,
+                               gguf_file=gguf_file, tokenizer=tokenizer, check_base=check_base, **kwargs)
 
     def load_adapter_weights(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        index = folder / ADAPTER_INDEX
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: corrupted shard index ({e})") from e
-        else:
-            files = [ADAPTER_FILE]
-        loaded: dict[str, torch.Tensor] = {}
-        for name in files:
-            path = folder / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: adapter weight file missing")
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for k in f.keys():
-                        loaded[k] = f.get_tensor(k)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
-        expected = self._saved_state_dict()
-        if self.config.encoder_frozen and getattr(self.config, "base_encoder_fingerprint", None):
-            if self._frozen_encoder_fingerprint() != self.config.base_encoder_fingerprint:
-                raise ValueError(
-                    f"{folder}: the frozen encoder weights ({self.config.encoder_frozen}) differ from the base encoder "
-                    "the adapter was trained with: pass encoder= the same base encoder"
-                )
-        missing = sorted(set(expected) - set(loaded))
-        unexpected = sorted(set(loaded) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{folder}: adapter does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        with torch.no_grad():
-            for k, t in expected.items():
-                if t.shape != loaded[k].shape:
-                    raise ValueError(f"{folder}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(t.shape)}")
-                t.copy_(loaded[k].to(dtype=t.dtype, device=t.device))
-
-
-def _params_fingerprint(params: list[tuple[str, torch.Tensor]]) -> str:
-    """Fingerprint of a list of named tensors (e.g. the frozen part of an encoder)."""
-    return _hash_tensors([(f"p{i}", p) for i, (_, p) in enumerate(params)], extra=",".join(n for n, _ in params))
-
-
-def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
-    """A cheap, dtype-independent hash of a module's weights: shapes plus a strided sample of
-    values rounded to bfloat16 (so fp32 and bf16 loads of the same checkpoint agree)."""
-    seen, named = set(), []
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:  # a tied or shared tensor counts once
-            seen.add(id(p))
-            named.append((name, p))
-    return _hash_tensors(named, extra)
-
-
-def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for name, p in named:
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].float().to(torch.bfloat16).view(torch.int16).cpu()
-        h.update(f"{name}:{tuple(p.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+        """Copy an adapter folder's tensors into this model (checked: names, shapes, frozen base)."""
+        load_adapter_weights(self, folder)
