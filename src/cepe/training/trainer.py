@@ -2,7 +2,7 @@
 
 Only the adapter trains (cross-attention, and the encoder unless `model.encoder_frozen=all`); the
 decoder stays frozen. Data is a stream of samples indexed by a global counter (see
-`cepe.data.samples`): process r of W at step s, micro-step a, reads samples
+`cepe.data.samples`, `schedule.GlobalBatchSampler`): process r of W at step s, micro-step a, reads samples
 s*G + (a*W + r)*B ... + B-1 (G = global batch), so the global batch does not depend on how it is
 split across processes and the data position of a checkpoint is just its step.
 """
@@ -37,51 +37,47 @@ from .build import build_model, describe
 from .config import RunConfig, dump_yaml, fingerprint, to_dict
 from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
 from .metrics import MetricsLog, plot_metrics, print_table
+from .schedule import GlobalBatchSampler, lr_lambda
+from .teacher import data_fingerprint, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 LOAD = StateDictOptions(full_state_dict=True, strict=False)
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's micro-batches of global sample indices from `start_step` on."""
+class _Meter:
+    """Progress bar and throughput of a run (decoder tokens per second, since the last step and
+    since the run started or resumed), and its last loss."""
 
-    def __init__(self, start_step: int, max_steps: int, batch_size: int, grad_accum: int, world: int, rank: int):
-        self.start, self.stop = start_step, max_steps
-        self.b, self.accum, self.world, self.rank = batch_size, grad_accum, world, rank
+    def __init__(self, step: int, max_steps: int, counters: dict[str, int], enabled: bool):
+        self.bar = tqdm(total=max_steps, initial=step, desc="train", disable=not enabled, dynamic_ncols=True)
+        self.start_time, self.start_step, self.start_tokens = time.time(), step, counters["decoder_tokens"]
+        self.last_time, self.last_tokens = self.start_time, self.start_tokens
+        self.last_loss: float | None = None
+        self.end_time: float | None = None
 
-    @property
-    def global_batch(self) -> int:
-        return self.b * self.accum * self.world
+    def update(self, step: int, values: dict[str, float], counters: dict[str, int]) -> None:
+        """Add `tokens_per_s` to this step's `values` and show them."""
+        now = time.time()
+        values["tokens_per_s"] = (counters["decoder_tokens"] - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens, self.last_loss = now, counters["decoder_tokens"], values["loss"]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
 
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            for a in range(self.accum):
-                base = step * self.global_batch + (a * self.world + self.rank) * self.b
-                yield list(range(base, base + self.b))
+    def write(self, text: str) -> None:
+        self.bar.write(text)
 
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.accum
+    def close(self) -> None:
+        self.bar.close()
+        self.end_time = time.time()
 
+    def elapsed(self) -> float:
+        return (self.end_time or time.time()) - self.start_time
 
-def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
-    """Linear warmup, then cosine decay to `min_ratio` of the peak."""
+    def steps_run(self, step: int) -> int:
+        return step - self.start_step
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def data_fingerprint(cfg: RunConfig, teacher_tokens: int) -> str:
-    """What the samples depend on (a precomputed teacher file must match it)."""
-    import hashlib
-
-    view = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers", "cache_dir")}
-    view.update(decoder=cfg.model.decoder, teacher_tokens=teacher_tokens)
-    return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def tokens_run(self, counters: dict[str, int]) -> int:
+        return counters["decoder_tokens"] - self.start_tokens
 
 
 class Trainer:
@@ -277,79 +273,83 @@ class Trainer:
         """Train to `train.max_steps` (resuming if a checkpoint is there) and write the adapter,
         `summary.json`, `metrics.jsonl` and a plot. `stop_after` ends the run early right after
         that step's checkpoint, as a kill would (for tests)."""
-        cfg, t, acc = self.cfg, self.cfg.train, self.acc
-        main = acc.is_main_process
+        t = self.cfg.train
+        self._start_run()
+        log = MetricsLog(self.run_dir, self.step, self.acc.is_main_process)
+        meter = _Meter(self.step, t.max_steps, self.counters, self.progress)
+        batches = iter(self._loader(self.step))
+        self.model.train()
+        while self.step < t.max_steps:
+            values = self.train_step(batches)
+            meter.update(self.step, values, self.counters)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                log.log(self.step, values)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                self._evaluate_and_log(log, meter)
+            if t.save_every and (self.step % t.save_every == 0 or self.step == t.max_steps):
+                self.save_checkpoint()
+            if stop_after is not None and self.step >= stop_after:
+                meter.close()
+                log.close()
+                return {"stopped_at": self.step}
+        meter.close()
+        summary = self._finish(self._evaluate_and_log(log), meter)
+        log.close()
+        return summary
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches (gradients synced on the last one):
+        the step's mean loss and ce (and kl), the learning rate and the gradient norm."""
+        t, acc = self.cfg.train, self.acc
+        totals = torch.zeros(4, device=acc.device)  # loss, ce, kl, context tokens
+        for micro in range(t.grad_accum):
+            batch = self._to_device(next(batches))
+            with contextlib.nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.model):
+                loss, parts = self.compute_loss(batch)
+                acc.backward(loss / t.grad_accum)
+            totals += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros_like(parts["ce"])),
+                                   batch["context_attention_mask"].sum().float()])
+        grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals = acc.reduce(totals, reduction="sum")
+        n_micro, g = t.grad_accum * acc.num_processes, t.batch_size * t.grad_accum * acc.num_processes
+        self.counters["samples"] += g
+        self.counters["decoder_tokens"] += g * batch["input_ids"].shape[1]
+        self.counters["context_tokens"] += int(totals[3])
+        values = {"loss": float(totals[0]) / n_micro, "ce": float(totals[1]) / n_micro,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if self.cfg.distilling:
+            values["kl"] = float(totals[2]) / n_micro
+        return values
+
+    def _start_run(self) -> None:
+        """Resume if a checkpoint is there; write the run's config, data split and data report."""
+        main = self.acc.is_main_process
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
         if main:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
             (self.run_dir / "split.json").write_text(json.dumps(self.data.split, indent=1))
             (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report, indent=1, default=str))
-        log = MetricsLog(self.run_dir, self.step, main)
-        self.model.train()
-        loader = self._loader(self.step)
-        batches = iter(loader)
-        g = loader.batch_sampler.global_batch
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        start_time, start_step, start_tokens = time.time(), self.step, self.counters["decoder_tokens"]
-        last_time, last_tokens = start_time, start_tokens
-        history: list[dict] = []
-        while self.step < t.max_steps:
-            totals = torch.zeros(4, device=acc.device)  # loss, ce, kl, context tokens
-            for micro in range(t.grad_accum):
-                batch = self._to_device(next(batches))
-                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.model)
-                with sync:
-                    loss, parts = self.compute_loss(batch)
-                    acc.backward(loss / t.grad_accum)
-                totals += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros_like(parts["ce"])),
-                                       batch["context_attention_mask"].sum().float()])
-            grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            totals = acc.reduce(totals, reduction="sum")
-            n_micro = t.grad_accum * acc.num_processes
-            self.counters["samples"] += g
-            self.counters["decoder_tokens"] += g * batch["input_ids"].shape[1]
-            self.counters["context_tokens"] += int(totals[3])
-            values = {"loss": float(totals[0]) / n_micro, "ce": float(totals[1]) / n_micro, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-            if cfg.distilling:
-                values["kl"] = float(totals[2]) / n_micro
-            now = time.time()
-            values["tokens_per_s"] = (self.counters["decoder_tokens"] - last_tokens) / max(now - last_time, 1e-9)
-            last_time, last_tokens = now, self.counters["decoder_tokens"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                log.log(self.step, values)
-            history.append({"step": self.step, "loss": values["loss"]})
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                ev = self.evaluate()
-                if ev:
-                    log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
-                    bar.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
-                              f"{ev['ppl_without_context']:.3f} without")
-            if t.save_every and (self.step % t.save_every == 0 or self.step == t.max_steps):
-                self.save_checkpoint()
-            if stop_after is not None and self.step >= stop_after:
-                bar.close()
-                log.close()
-                return {"stopped_at": self.step}
-        bar.close()
-        elapsed = time.time() - start_time
+
+    def _evaluate_and_log(self, log: MetricsLog, meter: _Meter | None = None) -> dict[str, float]:
         ev = self.evaluate()
         if ev:
             log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
-        summary = self._finish(ev, elapsed, self.step - start_step, self.counters["decoder_tokens"] - start_tokens, history)
-        log.close()
-        return summary
+            if meter is not None:
+                meter.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
+                            f"{ev['ppl_without_context']:.3f} without")
+        return ev
 
-    def _finish(self, ev: dict, elapsed: float, steps_run: int, tokens_run: int, history: list[dict]) -> dict[str, Any]:
+    def _finish(self, ev: dict, meter: _Meter) -> dict[str, Any]:
+        """Save the adapter; write and print the run's summary."""
         cfg, acc = self.cfg, self.acc
+        elapsed, steps_run, tokens_run = meter.elapsed(), meter.steps_run(self.step), meter.tokens_run(self.counters)
         adapter_dir = self.run_dir / "adapter"
         if acc.distributed_type == DistributedType.FSDP:
             # the live parameters are shards: gather them into a fresh CPU copy to save
@@ -369,7 +369,7 @@ class Trainer:
             **self.counters,
             "seconds": round(elapsed, 2),
             "tokens_per_s": tokens_run / max(elapsed, 1e-9),
-            "final_loss": history[-1]["loss"] if history else None,
+            "final_loss": meter.last_loss,
             **ev,
             "model": self.description,
             "adapter": str(adapter_dir),
@@ -408,43 +408,3 @@ class Trainer:
 def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Build a trainer from `cfg` and run it."""
     return Trainer(cfg, progress=progress).fit(stop_after=stop_after)
-
-
-@torch.no_grad()
-def write_teacher_file(cfg: RunConfig, path: str | Path, teacher: str | None = None, samples: int | None = None,
-                       batch_size: int | None = None, progress: bool = True) -> Path:
-    """Precompute a teacher's top-k next-token probabilities for training samples 0..samples-1
-    (default: every sample `train.max_steps` steps of one process read) into a safetensors file
-    for `distill.teacher=file`. `teacher`: another decoder (name or path) sharing the decoder's
-    tokenizer; default the base decoder itself."""
-    from safetensors.torch import save_file
-
-    from .losses import teacher_topk
-
-    cfg.distill.kl_coef = cfg.distill.kl_coef or 1.0
-    cfg.distill.teacher = "online"  # builds samples with the teacher's context prefix
-    trainer = Trainer(cfg, progress=progress)
-    model = trainer.unwrapped
-    if teacher is not None:
-        from ..model.loading import load_decoder
-
-        model = load_decoder(teacher, dtype=cfg.model.dtype)[0].to(trainer.acc.device)
-        if model.config.vocab_size != trainer.unwrapped.decoder.config.vocab_size:
-            raise ValueError(f"--teacher {teacher}: vocabulary {model.config.vocab_size} differs from the decoder's")
-    model.eval()
-    t = cfg.train
-    n = samples or t.max_steps * t.batch_size * t.grad_accum
-    bs = batch_size or t.eval_batch_size or t.batch_size
-    ids_out, probs_out = [], []
-    for start in tqdm(range(0, n, bs), desc="teacher", disable=not progress, dynamic_ncols=True):
-        batch = trainer._to_device(trainer.collate([trainer.data.train[i] for i in range(start, min(n, start + bs))]))
-        with trainer.acc.autocast():
-            ids, probs = teacher_topk(model, batch, cfg.distill.topk, cfg.distill.temperature)
-        ids_out.append(ids.cpu())
-        probs_out.append(probs.cpu())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": TeacherFile.FORMAT, "data": data_fingerprint(cfg, 0), "first_index": "0",
-            "k": str(cfg.distill.topk), "temperature": str(cfg.distill.temperature), "teacher": teacher or cfg.model.decoder}
-    save_file({"topk_ids": torch.cat(ids_out), "topk_probs": torch.cat(probs_out)}, str(path), metadata=meta)
-    return path
