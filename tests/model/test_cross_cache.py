@@ -67,4 +67,4 @@ def test_a_moved_or_fresh_context_starts_with_an_empty_cache():
         m(torch.tensor([[5, 6, 7]]), context=ctx)
     assert ctx.cross_cache.filled
     assert not ctx.to("cpu").cross_cache.filled
-    assert not ContextStates(ctx.hidden_states, ctx.attention_mask, ctx.fingerprint).cross_cache.filled
+    assert not ContextStates(ctx.hidden_states, ctx.attention_mask, ctx.encoder_hash).cross_cache.filled

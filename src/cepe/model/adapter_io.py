@@ -40,7 +40,7 @@ def save_adapter(model: CepeForCausalLM, save_directory: str | os.PathLike, max_
         k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in saved_tensors(model).items()
     }
-    model.config.base_encoder_fingerprint = frozen_encoder_fingerprint(model)
+    model.config.base_encoder_fingerprint = frozen_encoder_weights_hash(model)
     write_tensors(out, sd, {"format": "pt", "cepe_base_fingerprint": model.config.base_fingerprint or ""}, max_shard_size)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
@@ -74,10 +74,10 @@ def load_pretrained(cls: type[CepeForCausalLM], pretrained_model_name_or_path: s
     if isinstance(decoder, (str, os.PathLike)):
         decoder, tok = load_decoder(str(decoder), gguf_file=gguf_file, dtype=dtype)
         tokenizer = tokenizer or tok
-    if check_base and config.base_fingerprint and weights_fingerprint(decoder) != config.base_fingerprint:
+    if check_base and config.base_fingerprint and sampled_weights_hash(decoder) != config.base_fingerprint:
         raise ValueError(
             f"{folder}: adapter was trained on another base decoder (fingerprint {config.base_fingerprint}, "
-            f"given {weights_fingerprint(decoder)}); pass check_base=False to override"
+            f"given {sampled_weights_hash(decoder)}); pass check_base=False to override"
         )
     enc_module, enc_tok = None, None
     if config.encoder_type == "hf":
@@ -107,7 +107,7 @@ def load_adapter_weights(model: CepeForCausalLM, folder: str | os.PathLike) -> N
     loaded = read_tensors(folder)
     expected = saved_tensors(model)
     if model.config.encoder_frozen and getattr(model.config, "base_encoder_fingerprint", None):
-        if frozen_encoder_fingerprint(model) != model.config.base_encoder_fingerprint:
+        if frozen_encoder_weights_hash(model) != model.config.base_encoder_fingerprint:
             raise ValueError(
                 f"{folder}: the frozen encoder weights ({model.config.encoder_frozen}) differ from the base encoder "
                 "the adapter was trained with: pass encoder= the same base encoder"
@@ -129,9 +129,9 @@ def saved_tensors(model: CepeForCausalLM) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.adapter_state_dict().items() if k not in frozen}
 
 
-def frozen_encoder_fingerprint(model: CepeForCausalLM) -> str | None:
+def frozen_encoder_weights_hash(model: CepeForCausalLM) -> str | None:
     frozen = [(n, p) for n, p in model.encoder.named_parameters() if not p.requires_grad]
-    return _params_fingerprint(frozen) if frozen else None
+    return _named_tensors_hash(frozen) if frozen else None
 
 
 def write_tensors(out: Path, sd: dict[str, torch.Tensor], meta: dict[str, str], max_shard_size: int) -> None:
@@ -185,12 +185,12 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _params_fingerprint(params: list[tuple[str, torch.Tensor]]) -> str:
+def _named_tensors_hash(params: list[tuple[str, torch.Tensor]]) -> str:
     """Fingerprint of a list of named tensors (e.g. the frozen part of an encoder)."""
     return _hash_tensors([(f"p{i}", p) for i, (_, p) in enumerate(params)], extra=",".join(n for n, _ in params))
 
 
-def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
+def sampled_weights_hash(module: nn.Module, extra: str = "") -> str:
     """A cheap, dtype-independent hash of a module's weights: shapes plus a strided sample of
     values rounded to bfloat16 (so fp32 and bf16 loads of the same checkpoint agree)."""
     seen, named = set(), []
@@ -210,3 +210,6 @@ def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str
         h.update(f"{name}:{tuple(p.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+weights_fingerprint = sampled_weights_hash  # the old name, still exported

@@ -90,7 +90,9 @@ class ContextStates:
 
     hidden_states: (B, S, He) with S = n_chunks * chunk_len (chunks laid end to end).
     attention_mask: (B, S) bool, True for real tokens.
-    fingerprint: identifies the encoder weights that produced the states; a model refuses
+    encoder_hash: hash of the encoder (weights, type, chunk size) that produced the states
+        (`CepeForCausalLM.encoder_hash`); a model refuses states from another encoder. Saved as
+        the context file's `fingerprint` metadata.
         states from another encoder.
     cross_cache: what cross-attention derived from these states (`CrossAttentionCache`: keys/values
         under the `cache` policy, key mask, logit scale); not saved.
@@ -99,7 +101,7 @@ class ContextStates:
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor
-    fingerprint: str | None = None
+    encoder_hash: str | None = None
     cross_cache: CrossAttentionCache = field(default_factory=CrossAttentionCache, repr=False, compare=False)
     parent: "ContextStates | None" = field(default=None, repr=False, compare=False)
 
@@ -110,6 +112,11 @@ class ContextStates:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Old name of `encoder_hash`."""
+        return self.encoder_hash
 
     def nbytes(self) -> int:
         """Bytes held: states, mask, and whatever the model cached for them (`cross_cache`)."""
@@ -125,7 +132,7 @@ class ContextStates:
 
     def to(self, *args, **kwargs) -> "ContextStates":
         h = self.hidden_states.to(*args, **kwargs)
-        return ContextStates(h, self.attention_mask.to(h.device), self.fingerprint)
+        return ContextStates(h, self.attention_mask.to(h.device), self.encoder_hash)
 
     def expand_to(self, batch_size: int) -> "ContextStates":
         """Repeat each example's context for `batch_size // B` consecutive rows (beams, samples,
@@ -139,7 +146,7 @@ class ContextStates:
         out = ContextStates(
             self.hidden_states.repeat_interleave(r, dim=0),
             self.attention_mask.repeat_interleave(r, dim=0),
-            self.fingerprint,
+            self.encoder_hash,
             parent=self,  # cached cross keys/values are computed once on the parent and repeated
         )
         return out
@@ -149,7 +156,7 @@ class ContextStates:
         """Join several single-example contexts (e.g. stored documents) into one example's context."""
         if not parts:
             raise ValueError("no context to concatenate")
-        fps = {p.fingerprint for p in parts}
+        fps = {p.encoder_hash for p in parts}
         if len(fps) > 1:
             raise ValueError(f"contexts come from different encoders: {sorted(map(str, fps))}")
         if any(p.batch_size != 1 for p in parts):
@@ -157,12 +164,12 @@ class ContextStates:
         return ContextStates(
             torch.cat([p.hidden_states for p in parts], dim=1),
             torch.cat([p.attention_mask for p in parts], dim=1),
-            parts[0].fingerprint,
+            parts[0].encoder_hash,
         )
 
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (only real tokens are kept)."""
-        meta = {"format": "cepe-context", "fingerprint": self.fingerprint or "", "batch_size": str(self.batch_size)}
+        meta = {"format": "cepe-context", "fingerprint": self.encoder_hash or "", "batch_size": str(self.batch_size)}
         h, m = self.hidden_states.detach(), self.attention_mask
         if self.batch_size == 1:  # padding carries nothing: drop it
             h, m = h[:, m[0]], m[:, m[0]]

@@ -16,6 +16,7 @@ from .adapter_io import (  # noqa: F401 (names importable from here, as before t
     ENCODER_TOKENIZER_DIR,
     load_adapter_weights,
     load_pretrained,
+    sampled_weights_hash,
     save_adapter,
     weights_fingerprint,
 )
@@ -147,7 +148,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             cross_attn_init=cross_attn_init,
             kv_policy=kv_policy,
             encoder_frozen=encoder_frozen,
-            base_fingerprint=weights_fingerprint(decoder),
+            base_fingerprint=sampled_weights_hash(decoder),
             base_decoder=base_decoder,
             base_encoder=base_encoder,
         )
@@ -293,7 +294,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             states = torch.cat([self.encoder(ids[i : i + step], live_mask[i : i + step]) for i in range(0, len(ids), step)])
             out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
         return ContextStates(
-            out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device), self.encoder_fingerprint
+            out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device), self.encoder_hash
         )
 
     def tokenize_context(self, contexts: list[str] | list[list[int]] | list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,8 +323,15 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         return self.encode(ids.to(self.device), mask.to(self.device))
 
     @property
+    def encoder_hash(self) -> str:
+        """`enc-` + a hash of the encoder's weights, type and chunk size: what a `ContextStates`
+        records, so that states from another encoder are refused."""
+        return "enc-" + sampled_weights_hash(self.encoder, extra=f"{self.config.encoder_type}:{self.config.chunk_size}")[:16]
+
+    @property
     def encoder_fingerprint(self) -> str:
-        return "enc-" + weights_fingerprint(self.encoder, extra=f"{self.config.encoder_type}:{self.config.chunk_size}")[:16]
+        """Old name of `encoder_hash`."""
+        return self.encoder_hash
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -356,10 +364,10 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_context(self, ctx: ContextStates, inputs: torch.Tensor | None) -> ContextStates:
         # hashing the encoder's weights costs hundreds of small device reads: check a context once
         # per model, not at every decoding step
-        if ctx.fingerprint is not None and not self.training and ctx.cross_cache.verified_by != id(self):
-            if ctx.fingerprint != self.encoder_fingerprint:
+        if ctx.encoder_hash is not None and not self.training and ctx.cross_cache.verified_by != id(self):
+            if ctx.encoder_hash != self.encoder_hash:
                 raise ValueError(
-                    f"context was encoded by another encoder ({ctx.fingerprint}, this model: {self.encoder_fingerprint})"
+                    f"context was encoded by another encoder ({ctx.encoder_hash}, this model: {self.encoder_hash})"
                 )
             ctx.cross_cache.verified_by = id(self)
         if ctx.hidden_states.shape[-1] != self.encoder.hidden_size:
@@ -398,7 +406,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if context is None and context_input_ids is not None:
             context = self.encode(context_input_ids.to(self.device), None if context_attention_mask is None else context_attention_mask.to(self.device))
         if context is not None:
-            context = ContextStates(context.hidden_states, context.attention_mask, context.fingerprint)  # fresh kv cache
+            context = ContextStates(context.hidden_states, context.attention_mask, context.encoder_hash)  # fresh kv cache
             kwargs["context"] = context
         return super().generate(input_ids, **kwargs)
 

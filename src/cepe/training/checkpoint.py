@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import config_diff, fingerprint
+from .config import config_diff, training_config_hash
 
 PREFIX = "step_"
 
@@ -111,7 +111,7 @@ def verify(path: Path) -> dict[str, Any]:
 
 def check_compatible(path: Path, state: dict, config: dict, world_size: int) -> None:
     """Refuse a checkpoint written by another config (listing what differs) or process count."""
-    if state.get("fingerprint") != fingerprint(config):
+    if state.get("fingerprint") != training_config_hash(config):
         diff = config_diff(state.get("config", {}), config)
         raise ValueError(
             f"{path / 'trainer_state.json'}: checkpoint was written by another config "

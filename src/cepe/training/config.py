@@ -301,8 +301,12 @@ def training_view(cfg: RunConfig | dict) -> dict[str, Any]:
     return {k: v for k, v in _flatten(tree).items() if k not in RUNTIME_KEYS}
 
 
-def fingerprint(cfg: RunConfig | dict) -> str:
+def training_config_hash(cfg: RunConfig | dict) -> str:
+    """Hash of what a checkpoint must agree with (`training_view`); saved as `fingerprint`."""
     return hashlib.sha256(json.dumps(training_view(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+fingerprint = training_config_hash  # the old name
 
 
 def config_diff(a: RunConfig | dict, b: RunConfig | dict) -> list[str]:

@@ -15,7 +15,7 @@ from .config import RunConfig, to_dict
 from .losses import TeacherFile, teacher_topk
 
 
-def data_fingerprint(cfg: RunConfig, teacher_tokens: int) -> str:
+def sample_data_hash(cfg: RunConfig, teacher_tokens: int) -> str:
     """What the samples depend on (a precomputed teacher file must match it)."""
     view = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers", "cache_dir")}
     view.update(decoder=cfg.model.decoder, teacher_tokens=teacher_tokens)
@@ -54,7 +54,7 @@ def write_teacher_file(cfg: RunConfig, path: str | Path, teacher: str | None = N
         probs_out.append(probs.cpu())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": TeacherFile.FORMAT, "data": data_fingerprint(cfg, 0), "first_index": "0",
+    meta = {"format": TeacherFile.FORMAT, "data": sample_data_hash(cfg, 0), "first_index": "0",
             "k": str(cfg.distill.topk), "temperature": str(cfg.distill.temperature), "teacher": teacher or cfg.model.decoder}
     save_file({"topk_ids": torch.cat(ids_out), "topk_probs": torch.cat(probs_out)}, str(path), metadata=meta)
     return path

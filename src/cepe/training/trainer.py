@@ -34,11 +34,11 @@ from ..data.pipeline import build_data
 from ..data.samples import Collator
 from . import checkpoint as ckpt
 from .build import build_model, describe
-from .config import RunConfig, dump_yaml, fingerprint, to_dict
+from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
 from .metrics import MetricsLog, plot_metrics, print_table
 from .schedule import GlobalBatchSampler, lr_lambda
-from .teacher import data_fingerprint, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
+from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 LOAD = StateDictOptions(full_state_dict=True, strict=False)
@@ -109,7 +109,7 @@ class Trainer:
         self.data = build_data(cfg.data, model.tokenizer, model.encoder_tokenizer, teacher_tokens=self.teacher_tokens,
                                progress=self.progress, main_process_first=self.acc.main_process_first)
         if cfg.distilling and cfg.distill.teacher == "file":
-            self.teacher_file = TeacherFile(cfg.distill.teacher_file, data_fingerprint(cfg, 0))
+            self.teacher_file = TeacherFile(cfg.distill.teacher_file, sample_data_hash(cfg, 0))
         # the model knows which special tokens its encoder expects around each chunk
         prefix, suffix, pad = model._chunk_specials()
         self.collate = Collator(model.config.chunk_size, prefix, suffix, pad, model.decoder.config.pad_token_id or 0)
@@ -189,7 +189,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "counters": self.counters, "world_size": acc.num_processes,
-                     "fingerprint": fingerprint(self.cfg), "config": to_dict(self.cfg)}
+                     "fingerprint": training_config_hash(self.cfg), "config": to_dict(self.cfg)}
             final = ckpt.checkpoints_dir(self.run_dir) / f"{ckpt.PREFIX}{self.step:08d}"
             ckpt.finalize(tmp, final, adapter, optim, self.scheduler.state_dict(), state, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
@@ -373,7 +373,7 @@ class Trainer:
             **ev,
             "model": self.description,
             "adapter": str(adapter_dir),
-            "config_fingerprint": fingerprint(cfg),
+            "config_fingerprint": training_config_hash(cfg),
             "data": {k: v for k, v in self.data.report.items() if k != "skipped_unreadable"},
         }
         if self.candidates is not None:
