@@ -28,7 +28,9 @@ SETTINGS = {
 def test_adapter_trained_with_each_encoder_setting_reloads_to_the_same_logits(tmp_path, name):
     overrides, recorded = SETTINGS[name]
     out = tmp_path / "run"
-    with pytest.warns(FutureWarning, match="model.encoder_frozen=all") if "freeze" in name else contextlib.nullcontext():
+    with (
+        pytest.warns(FutureWarning, match="model.encoder_frozen=all") if "freeze" in name else contextlib.nullcontext()
+    ):
         cfg = tiny_config(out, "max_steps=2", "train.batch_size=4", "train.eval_samples=4", *overrides)
     trainer = Trainer(cfg, progress=False)
     model = trainer.unwrapped
@@ -53,4 +55,3 @@ def test_adapter_trained_with_each_encoder_setting_reloads_to_the_same_logits(tm
     ctx = torch.randint(3, 35, (1, 8, 2))
     with torch.no_grad():
         assert torch.equal(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
-

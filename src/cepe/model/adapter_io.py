@@ -26,12 +26,28 @@ ADAPTER_INDEX = "model.safetensors.index.json"
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
 
 # what `AutoModelForCausalLM.from_pretrained` forwards for the Hub; a local adapter folder ignores it
-_HUB_KWARGS = {"revision", "trust_remote_code", "adapter_kwargs", "cache_dir", "force_download", "local_files_only",
-               "token", "proxies", "subfolder", "code_revision", "_from_auto", "_commit_hash"}
+_HUB_KWARGS = {
+    "revision",
+    "trust_remote_code",
+    "adapter_kwargs",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "proxies",
+    "subfolder",
+    "code_revision",
+    "_from_auto",
+    "_commit_hash",
+}
 
 
-def save_adapter(model: CepeForCausalLM, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20,
-                 dtype: torch.dtype | None = None) -> None:
+def save_adapter(
+    model: CepeForCausalLM,
+    save_directory: str | os.PathLike,
+    max_shard_size: int = 16 * 2**20,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
     the encoder tokenizer. The base decoder's weights are never written."""
     out = Path(save_directory)
@@ -41,17 +57,27 @@ def save_adapter(model: CepeForCausalLM, save_directory: str | os.PathLike, max_
         for k, v in saved_tensors(model).items()
     }
     model.config.base_encoder_fingerprint = frozen_encoder_weights_hash(model)
-    write_tensors(out, sd, {"format": "pt", "cepe_base_fingerprint": model.config.base_fingerprint or ""}, max_shard_size)
+    write_tensors(
+        out, sd, {"format": "pt", "cepe_base_fingerprint": model.config.base_fingerprint or ""}, max_shard_size
+    )
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
     if model.encoder_tokenizer is not None and model.config.encoder_type == "hf":
         model.encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
 
 
-def load_pretrained(cls: type[CepeForCausalLM], pretrained_model_name_or_path: str | os.PathLike, *,
-                    decoder: nn.Module | str | None = None, encoder: nn.Module | str | None = None,
-                    dtype: torch.dtype | str | None = None, gguf_file: str | None = None, tokenizer: Any = None,
-                    check_base: bool = True, **kwargs) -> CepeForCausalLM:
+def load_pretrained(
+    cls: type[CepeForCausalLM],
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    decoder: nn.Module | str | None = None,
+    encoder: nn.Module | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    gguf_file: str | None = None,
+    tokenizer: Any = None,
+    check_base: bool = True,
+    **kwargs,
+) -> CepeForCausalLM:
     """`CepeForCausalLM.from_pretrained`: an adapter folder onto its base decoder."""
     from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
 
@@ -115,7 +141,9 @@ def load_adapter_weights(model: CepeForCausalLM, folder: str | os.PathLike) -> N
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{folder}: adapter does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{folder}: adapter does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     with torch.no_grad():
         for k, t in expected.items():
             if t.shape != loaded[k].shape:
@@ -158,7 +186,9 @@ def write_tensors(out: Path, sd: dict[str, torch.Tensor], meta: dict[str, str], 
             save_file(shard, str(out / name), metadata=meta)
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in sd.values())
-        (out / ADAPTER_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out / ADAPTER_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -64,8 +64,9 @@ def chunk_specials(tokenizer, encoder_type: str) -> tuple[list[int], list[int], 
     return [], [], pad if pad is not None else 0
 
 
-def tokenize_documents(batch: list[list[str] | list[list[int]]], tokenizer, chunk_size: int,
-                       specials: tuple[list[int], list[int], int]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_documents(
+    batch: list[list[str] | list[list[int]]], tokenizer, chunk_size: int, specials: tuple[list[int], list[int], int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One list of documents per example -> chunk ids and mask (B, N, L). Documents are strings
     (tokenized with the encoder's `tokenizer`) or lists of token ids; each is chunked on its own,
     empty ones are dropped, and examples with fewer chunks are padded with empty chunks."""

@@ -81,7 +81,9 @@ class CrossAttentionCache:
     def nbytes(self) -> int:
         """Device bytes this cache holds: keys/values, logit scales and expanded contexts (their
         states and caches). The key mask is the context's own attention mask, not a copy."""
-        tensors = [t for kv in self._kv.values() for t in kv] + [s for s in self._logit_scales.values() if s is not None]
+        tensors = [t for kv in self._kv.values() for t in kv] + [
+            s for s in self._logit_scales.values() if s is not None
+        ]
         held = sum(t.numel() * t.element_size() for t in tensors)
         return held + sum(e.nbytes() for e in self._expansions.values())
 

@@ -47,16 +47,18 @@ class _LayerCall:
         self.delta: torch.Tensor | None = None
 
 
-def install_cross_attention_hooks(owner: nn.Module, layers: nn.ModuleList, selected: list[int], family: DecoderFamily,
-                                  cross_delta: CrossDelta) -> None:
+def install_cross_attention_hooks(
+    owner: nn.Module, layers: nn.ModuleList, selected: list[int], family: DecoderFamily, cross_delta: CrossDelta
+) -> None:
     """Hook `owner`'s cross-attention into `layers[i]` for i in `selected`; every layer's
     self-attention drops the keyword (only `owner`'s own `BoundContext`)."""
     for i, layer in enumerate(layers):
         call = _LayerCall() if i in selected else None
         layer.self_attn.register_forward_pre_hook(_take_context(owner, call), with_kwargs=True)
         if call is not None:
-            getattr(layer, family.pre_mlp_norm).register_forward_pre_hook(_add_before_mlp(i, call, cross_delta),
-                                                                          with_kwargs=True)
+            getattr(layer, family.pre_mlp_norm).register_forward_pre_hook(
+                _add_before_mlp(i, call, cross_delta), with_kwargs=True
+            )
             getattr(layer, family.mlp_out).register_forward_hook(_add_after_mlp(call))
 
 

@@ -23,7 +23,7 @@ from .adapter_io import (  # noqa: F401 (names importable from here, as before t
 from .configuration import CepeConfig
 from .context import ContextStates, chunk_specials, tokenize_documents
 from .cross_attention import CrossAttention
-from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
+from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks
 from .families import decoder_layers, family_of
 from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
 
@@ -154,7 +154,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         )
         if encoder is None:
             encoder_tokenizer = tokenizer
-        return cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=encoder_tokenizer, tokenizer=tokenizer)
+        return cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=encoder_tokenizer,
+                   tokenizer=tokenizer)
 
     def init_weights(self):
         """No-op: every part is initialised when built (decoder and encoder come pretrained,
@@ -195,7 +196,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         prefixes = ("encoder.", "cross_attn.") if include_encoder else ("cross_attn.",)
         base_ids = {id(p) for p in self.decoder.parameters()}
         return [
-            p for n, p in self.named_parameters() if n.startswith(prefixes) and id(p) not in base_ids and p.requires_grad
+            p for n, p in self.named_parameters()
+            if n.startswith(prefixes) and id(p) not in base_ids and p.requires_grad
         ]
 
     def get_input_embeddings(self):
@@ -255,55 +257,28 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         return per_layer * self.cross_attn[next(iter(self.cross_attn))].q_proj.weight.element_size()
 
     # ------------------------------------------------------------------ context
-    def encode(self, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None = None) -> ContextStates:
+    def encode(self, context_input_ids: torch.Tensor,
+               context_attention_mask: torch.Tensor | None = None) -> ContextStates:
         """Run the encoder over every chunk of the batch in one pass (or in slices of
         `config.encoder_chunks_per_pass` chunks, which bounds memory and gives the same states).
 
         context_input_ids, context_attention_mask: (B, N, L). Returns `ContextStates` with
         hidden_states (B, N*L, He). Chunks that are all padding are not run at all."""
-        if context_input_ids.dim() == 2:
-            context_input_ids = context_input_ids[None]
-            if context_attention_mask is not None:
-                context_attention_mask = context_attention_mask[None]
-        if context_input_ids.dim() != 3:
-            raise ValueError(f"context_input_ids must be (batch, n_chunks, chunk_len), got {tuple(context_input_ids.shape)}")
-        b, n, length = context_input_ids.shape
-        if context_attention_mask is None:
-            context_attention_mask = torch.ones_like(context_input_ids)
-        if context_attention_mask.shape != context_input_ids.shape:
-            raise ValueError("context_attention_mask must have the shape of context_input_ids")
-        if length > self.encoder.max_positions:
-            raise ValueError(f"context chunks of {length} tokens exceed the encoder's {self.encoder.max_positions} positions")
-        mask = context_attention_mask.bool()
-        real_ids = context_input_ids[mask]
-        if real_ids.numel() and (int(real_ids.min()) < 0 or int(real_ids.max()) >= self.encoder.vocab_size):
-            raise ValueError(
-                f"context ids out of the encoder's vocabulary [0, {self.encoder.vocab_size}): "
-                f"min {int(real_ids.min())}, max {int(real_ids.max())}"
-            )
-        flat_ids = context_input_ids.reshape(b * n, length)
-        flat_mask = mask.reshape(b * n, length)
-        live = flat_mask.any(dim=-1)
-        enc_param = next(self.encoder.parameters())
-        out = torch.zeros((b * n, length, self.encoder.hidden_size), dtype=enc_param.dtype, device=enc_param.device)
-        if live.any():
-            ids = flat_ids[live].to(enc_param.device)
-            live_mask = flat_mask[live].long().to(enc_param.device)
-            # chunks are independent: encoding them in slices bounds activation memory, same result
-            step = self.config.encoder_chunks_per_pass or len(ids)
-            states = torch.cat([self.encoder(ids[i : i + step], live_mask[i : i + step]) for i in range(0, len(ids), step)])
-            out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
-        return ContextStates(
-            out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device), self.encoder_hash
-        )
+        states, mask = encode_chunks(self.encoder, context_input_ids, context_attention_mask,
+                                     self.config.encoder_chunks_per_pass)
+        return ContextStates(states, mask, self.encoder_hash)
 
-    def tokenize_context(self, contexts: list[str] | list[list[int]] | list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize_context(
+        self, contexts: list[str] | list[list[int]] | list[list[str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Documents -> chunk tensors (B, N, L). A flat list of documents is one example; a list
         of lists is a batch. Documents are strings (tokenized with the encoder's tokenizer) or
         lists of encoder token ids; each is split into `chunk_size` chunks on its own."""
         if not contexts:
             raise ValueError("empty context: pass at least one document")
-        batch = contexts if isinstance(contexts[0], (list, tuple)) and contexts[0] and not isinstance(contexts[0][0], int) else [contexts]
+        first = contexts[0]
+        batched = isinstance(first, (list, tuple)) and first and not isinstance(first[0], int)
+        batch = contexts if batched else [contexts]
         return self.tokenize_context_batch(batch)
 
     def tokenize_context_batch(self, batch: list[list[str] | list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +301,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def encoder_hash(self) -> str:
         """`enc-` + a hash of the encoder's weights, type and chunk size: what a `ContextStates`
         records, so that states from another encoder are refused."""
-        return "enc-" + sampled_weights_hash(self.encoder, extra=f"{self.config.encoder_type}:{self.config.chunk_size}")[:16]
+        extra = f"{self.config.encoder_type}:{self.config.chunk_size}"
+        return "enc-" + sampled_weights_hash(self.encoder, extra=extra)[:16]
 
     @property
     def encoder_fingerprint(self) -> str:
@@ -352,7 +328,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if context is None and context_input_ids is not None:
             context = self.encode(context_input_ids, context_attention_mask)
         if context is not None:
-            context = self._prepare_context(context, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
+            inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            context = self._prepare_context(context, inputs)
             # an argument of this call only: each decoder layer hands it to its cross-attention
             # (`layer_hooks`), and a checkpointed layer recomputed in backward gets it again
             kwargs[CONTEXT_KWARG] = BoundContext(self, context)
@@ -404,14 +381,17 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         """`transformers` generation with the context encoded once per call (or never, given
         `context=`). Cross-attention keys/values follow `config.kv_policy`."""
         if context is None and context_input_ids is not None:
-            context = self.encode(context_input_ids.to(self.device), None if context_attention_mask is None else context_attention_mask.to(self.device))
+            mask = None if context_attention_mask is None else context_attention_mask.to(self.device)
+            context = self.encode(context_input_ids.to(self.device), mask)
         if context is not None:
-            context = ContextStates(context.hidden_states, context.attention_mask, context.encoder_hash)  # fresh kv cache
+            # a fresh cross-attention cache for this call
+            context = ContextStates(context.hidden_states, context.attention_mask, context.encoder_hash)
             kwargs["context"] = context
         return super().generate(input_ids, **kwargs)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20, dtype: torch.dtype | None = None, **_: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20,
+                        dtype: torch.dtype | None = None, **_: Any) -> None:
         """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
         the encoder tokenizer. The base decoder's weights are never written."""
         save_adapter(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)

@@ -71,8 +71,15 @@ def write_rng(tmp: Path, rank: int) -> None:
     save_file(rng_state(), str(tmp / f"rng_rank{rank}.safetensors"))
 
 
-def finalize(tmp: Path, final: Path, adapter: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
-             trainer_state: dict, keep: int) -> Path:
+def finalize(
+    tmp: Path,
+    final: Path,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict,
+    scheduler: dict,
+    trainer_state: dict,
+    keep: int,
+) -> Path:
     """Main process: write the rest, the manifest, fsync, rename; then drop old checkpoints."""
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")

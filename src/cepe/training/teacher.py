@@ -23,8 +23,14 @@ def sample_data_hash(cfg: RunConfig, teacher_tokens: int) -> str:
 
 
 @torch.no_grad()
-def write_teacher_file(cfg: RunConfig, path: str | Path, teacher: str | None = None, samples: int | None = None,
-                       batch_size: int | None = None, progress: bool = True) -> Path:
+def write_teacher_file(
+    cfg: RunConfig,
+    path: str | Path,
+    teacher: str | None = None,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Precompute a teacher's top-k next-token probabilities for training samples 0..samples-1
     (default: every sample `train.max_steps` steps of one process read) into a safetensors file
     for `distill.teacher=file`. `teacher`: another decoder (name or path) sharing the decoder's
@@ -54,7 +60,13 @@ def write_teacher_file(cfg: RunConfig, path: str | Path, teacher: str | None = N
         probs_out.append(probs.cpu())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": TeacherFile.FORMAT, "data": sample_data_hash(cfg, 0), "first_index": "0",
-            "k": str(cfg.distill.topk), "temperature": str(cfg.distill.temperature), "teacher": teacher or cfg.model.decoder}
+    meta = {
+        "format": TeacherFile.FORMAT,
+        "data": sample_data_hash(cfg, 0),
+        "first_index": "0",
+        "k": str(cfg.distill.topk),
+        "temperature": str(cfg.distill.temperature),
+        "teacher": teacher or cfg.model.decoder,
+    }
     save_file({"topk_ids": torch.cat(ids_out), "topk_probs": torch.cat(probs_out)}, str(path), metadata=meta)
     return path

@@ -105,7 +105,8 @@ class Trainer:
         if cfg.distilling and cfg.distill.teacher == "online":
             window = getattr(model.decoder.config, "max_position_embeddings", 2048)
             room = window - cfg.data.decoder_tokens
-            self.teacher_tokens = max(0, min(cfg.distill.teacher_context_tokens if cfg.distill.teacher_context_tokens is not None else room, room))
+            wanted = cfg.distill.teacher_context_tokens
+            self.teacher_tokens = max(0, min(wanted if wanted is not None else room, room))
         self.data = build_data(cfg.data, model.tokenizer, model.encoder_tokenizer, teacher_tokens=self.teacher_tokens,
                                progress=self.progress, main_process_first=self.acc.main_process_first)
         if cfg.distilling and cfg.distill.teacher == "file":
@@ -121,14 +122,16 @@ class Trainer:
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=tuple(t.betas),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        schedule = lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # FSDP replaces parameters by sharded ones: clip what the optimizer now holds
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.teacher_file is not None:
             needed = t.max_steps * t.batch_size * t.grad_accum * self.acc.num_processes
             if self.teacher_file.first > 0 or self.teacher_file.rows < needed:
-                raise ValueError(f"{self.teacher_file.path}: holds {self.teacher_file.rows} samples, training reads {needed} "
+                raise ValueError(f"{self.teacher_file.path}: holds {self.teacher_file.rows} samples, "
+                                 f"training reads {needed} "
                                  "(max_steps x global batch); write more with --teacher-samples")
         self.step = 0
         self.counters = {"samples": 0, "decoder_tokens": 0, "context_tokens": 0}
@@ -141,7 +144,8 @@ class Trainer:
 
     def _loader(self, start_step: int) -> torch.utils.data.DataLoader:
         t = self.cfg.train
-        sampler = GlobalBatchSampler(start_step, t.max_steps, t.batch_size, t.grad_accum, self.acc.num_processes, self.acc.process_index)
+        sampler = GlobalBatchSampler(start_step, t.max_steps, t.batch_size, t.grad_accum, self.acc.num_processes,
+                                     self.acc.process_index)
         return torch.utils.data.DataLoader(
             self.data.train, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
             pin_memory=self.acc.device.type == "cuda",
@@ -161,14 +165,16 @@ class Trainer:
             context_attention_mask=batch["context_attention_mask"], use_cache=False,
         )
         # the context is an argument of the student's forward, so the teacher may run after it
-        teacher = online_teacher_logits(self.model, batch) if self.cfg.distilling and self.teacher_file is None else None
+        online = self.cfg.distilling and self.teacher_file is None
+        teacher = online_teacher_logits(self.model, batch) if online else None
         ce, _ = cross_entropy(out.logits, batch["labels"])
         parts = {"ce": ce.detach()}
         loss = d.lm_coef * ce
         if self.cfg.distilling:
             if teacher is None:
                 ids, probs = self.teacher_file.lookup(batch["index"].cpu())
-                kl = topk_kl_divergence(out.logits, ids.to(out.logits.device), probs.to(out.logits.device), batch["labels"], d.temperature)
+                dev = out.logits.device
+                kl = topk_kl_divergence(out.logits, ids.to(dev), probs.to(dev), batch["labels"], d.temperature)
             else:
                 kl = kl_divergence(out.logits, teacher, batch["labels"], d.temperature)
             parts["kl"] = kl.detach()
@@ -191,7 +197,8 @@ class Trainer:
             state = {"step": self.step, "counters": self.counters, "world_size": acc.num_processes,
                      "fingerprint": training_config_hash(self.cfg), "config": to_dict(self.cfg)}
             final = ckpt.checkpoints_dir(self.run_dir) / f"{ckpt.PREFIX}{self.step:08d}"
-            ckpt.finalize(tmp, final, adapter, optim, self.scheduler.state_dict(), state, self.cfg.train.keep_checkpoints)
+            keep = self.cfg.train.keep_checkpoints
+            ckpt.finalize(tmp, final, adapter, optim, self.scheduler.state_dict(), state, keep)
         acc.wait_for_everyone()
 
     def _resume_from(self) -> Path | None:
@@ -199,7 +206,9 @@ class Trainer:
         found = ckpt.list_checkpoints(self.run_dir)
         if mode == "none":
             if found:
-                raise ValueError(f"{found[-1]}: output_dir already has checkpoints; use a new output_dir or train.resume=auto")
+                raise ValueError(
+                    f"{found[-1]}: output_dir already has checkpoints; use a new output_dir or train.resume=auto"
+                )
             return None
         if mode == "auto":
             return found[-1] if found else None
@@ -244,11 +253,13 @@ class Trainer:
             sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, tokens, correct
             for i in range(0, len(mine), bs):
                 batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
-                kwargs = {"context_input_ids": batch["context_input_ids"], "context_attention_mask": batch["context_attention_mask"]} if with_context else {}
+                keys = ("context_input_ids", "context_attention_mask") if with_context else ()
+                kwargs = {k: batch[k] for k in keys}
                 logits = self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1].float()
                 labels = batch["labels"][:, 1:]
                 valid = labels != -100
-                sums[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").double()
+                flat = logits.reshape(-1, logits.shape[-1])
+                sums[0] += F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum").double()
                 sums[1] += valid.sum()
                 if self.candidates is not None:
                     cand = self.candidates.to(logits.device)
@@ -401,7 +412,8 @@ class Trainer:
         xattn = d["cross_attn_params"]
         enc_factor = 2 if cfg.model.encoder_frozen == "all" else 6
         ckpt_extra = 2 if cfg.train.gradient_checkpointing else 0
-        teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if cfg.distilling and self.teacher_file is None else 0
+        online = cfg.distilling and self.teacher_file is None
+        teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if online else 0
         return ((4 + ckpt_extra) * d["decoder_params"] * dec_tok + 6 * xattn * (dec_tok + ctx_tok) / 2
                 + enc_factor * d["encoder_params"] * ctx_tok + 2 * d["decoder_params"] * teacher_tok)
 
