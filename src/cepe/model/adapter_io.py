@@ -66,18 +66,10 @@ def save_adapter(
         model.encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
 
 
-def load_pretrained(
-    cls: type[CepeForCausalLM],
-    pretrained_model_name_or_path: str | os.PathLike,
-    *,
-    decoder: nn.Module | str | None = None,
-    encoder: nn.Module | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    gguf_file: str | None = None,
-    tokenizer: Any = None,
-    check_base: bool = True,
-    **kwargs,
-) -> CepeForCausalLM:
+def load_pretrained(cls: type[CepeForCausalLM], pretrained_model_name_or_path: str | os.PathLike, *,
+                    decoder: nn.Module | str | None = None, encoder: nn.Module | str | None = None,
+                    dtype: torch.dtype | str | None = None, gguf_file: str | None = None, tokenizer: Any = None,
+                    check_base: bool = True, **kwargs) -> CepeForCausalLM:
     """`CepeForCausalLM.from_pretrained`: an adapter folder onto its base decoder."""
     from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
 
