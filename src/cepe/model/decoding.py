@@ -118,9 +118,10 @@ class Sampler:
         logits = logits.float().cpu()  # the generator lives on the CPU: same draws on any device
         scaled = logits / p.temperature
         if not torch.isfinite(scaled[torch.isfinite(logits)]).all():
-            # a tiny temperature overflows: subtract the max first (every finite entry <= 0), so the
-            # distribution tends to argmax instead of turning into NaN
-            scaled = (logits - logits.max()) / p.temperature
+            # a tiny temperature overflows (or underflows to 0 in float32): subtract the max first
+            # (every finite entry <= 0) and divide in float64, where any positive Python float is
+            # nonzero, so the distribution tends to argmax instead of turning into NaN
+            scaled = (logits.double() - logits.max()) / p.temperature
         if 0 < p.top_k < scaled.numel():
             kth = scaled.topk(p.top_k).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
