@@ -43,8 +43,8 @@ def add_model_arguments(
     `weights=False` adds only --dtype and --device (bench builds its shapes from presets)."""
     g = parser
     if weights:
-        g.add_argument("--decoder", default=None,
-                       help="base decoder: asset name, folder or GGUF file (default smollm2-135m, or the one --adapter records)")
+        g.add_argument("--decoder", default=None, help="base decoder: asset name, folder or GGUF file "
+                                                       "(default smollm2-135m, or the one --adapter records)")
         g.add_argument("--encoder", default=None,
                        help="context encoder of an --init model: asset name, folder, or 'decoder' (decoder-derived); "
                             "default minilm-l6 (with --adapter: the adapter's own)")
@@ -99,4 +99,5 @@ def model_from_args(args: argparse.Namespace, **options: Any):
         raise ValueError("give --adapter DIR|released or --init zero|copy")
     if c["init"] is not None:
         options = {"chunk_size": c["chunk_size"], "encoder_num_layers": c["encoder_layers"], **options}
-    return load_model(c["decoder"], c["encoder"], c["adapter"], c["init"], c["dtype"], resolve_device(args.device), **options)
+    device = resolve_device(args.device)
+    return load_model(c["decoder"], c["encoder"], c["adapter"], c["init"], c["dtype"], device, **options)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_cepe, tiny_decoder
 
 from cepe.model import decoding
 from cepe.model.decoding import Batch, Row, Sampler, SamplingParams, decode, greedy, left_pad, pick, positions
-from conftest import VOCAB, tiny_cepe, tiny_decoder
 
 
 def _full_forward_greedy(model, prompt: list[int], n: int, **kw) -> list[int]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_decoder
 
 from cepe.cli import build_parser
 from cepe.cli_options import add_model_arguments, model_choice, model_from_args
 from cepe.model.loading import adapter_and_init, dtype_name, encoder_name, load_model
-from conftest import tiny_bert, tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.tensor([[3, 4, 5, 6, 7, 8]])

@@ -18,9 +18,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..model import CepeConfig, CepeForCausalLM
-from ..model.loading import DECODER_DERIVED, load_model
 from ..model.encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder
 from ..model.families import FAMILIES
+from ..model.loading import DECODER_DERIVED, load_model
 
 # encoder kinds: "bidirectional" = a LLaMA-style stack of its own width run bidirectionally over each
 # chunk (the paper's encoder; the library's DecoderDerivedEncoder class built from its own config);

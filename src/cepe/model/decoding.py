@@ -14,6 +14,7 @@ each row's own state is a `Row` (its prompt, `Sampler`, stop ids, token limit, t
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -29,8 +30,12 @@ SEED_MODULUS = 2**64  # torch generators take seeds in [-2**63, 2**64): any othe
 def cache_keyword(model: nn.Module) -> str:
     """The forward's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`. A CEPE
     model passes it through to its decoder, so the decoder's signature decides."""
-    inner = _inner_decoder(model)
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return _cache_keyword(type(_inner_decoder(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:  # once per class: decoding steps must not pay for `inspect`
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _inner_decoder(model: nn.Module) -> nn.Module:

@@ -22,7 +22,6 @@ from transformers.utils import logging as hf_logging
 from .. import assets
 from .encoder import HFEncoder, load_hf_encoder
 
-
 DEFAULT_DECODER = "smollm2-135m"
 DEFAULT_ENCODER = "minilm-l6"
 DECODER_DERIVED = "decoder"  # encoder= spelling of the decoder-derived encoder (first layers, bidirectional)
@@ -34,7 +33,8 @@ _OLD_DECODER_DERIVED = ("none", "null", "None", "")
 
 def deprecated(old: str, new: str) -> None:
     """Warn that spelling `old` is deprecated (kept for one release) in favour of `new`."""
-    warnings.warn(f"{old} is deprecated and will be removed in the next release: use {new}", FutureWarning, stacklevel=3)
+    warnings.warn(f"{old} is deprecated and will be removed in the next release: use {new}", FutureWarning,
+                  stacklevel=3)
 
 
 def dtype_name(dtype: torch.dtype | str | None) -> str | None:
