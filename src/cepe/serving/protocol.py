@@ -12,6 +12,7 @@ import uuid
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 # fields whose non-default value the server cannot honour: refused with 400, never ignored
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -136,3 +137,24 @@ def completion_chunk(rid: str, model: str, text: str, reason: str | None, create
 def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, created: int) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+
+# ---------------------------------------------------------------------------- errors
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, headers=None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
+
+
+def validation_summary(errors) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return "; ".join(parts)
