@@ -9,6 +9,7 @@ Errors are OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -19,9 +20,13 @@ from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from .middleware import Gate
-from .protocol import ApiError, ChatRequest, CompletionRequest, error_response, render_chat, validation_summary
+from .protocol import (
+    ApiError, ChatRequest, CompletionRequest, error_response, invalid_body, render_chat,
+    validation_summary,
+)
 from .service import ServeConfig, Service
-from .store import InvalidContextId
+from .store import CorruptContext, InvalidContextId, StoreWriteError
+from .uploads import Uploads
 
 log = logging.getLogger("cepe.serving")
 
@@ -34,6 +39,7 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
     if config.api_key is None:
         config.api_key = os.environ.get(API_KEY_ENV) or None
     svc = Service(model, config, tokenizer, encoder_tokenizer)
+    uploads = Uploads(svc)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -51,12 +57,21 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
         headers = {"Retry-After": "1"} if e.status == 429 else None
         return error_response(e.status, e.message, e.kind, e.code, headers, e.param)
 
+    @app.exception_handler(StoreWriteError)
+    async def _store_write(request, e: StoreWriteError):
+        return error_response(507, str(e), "server_error", "store_full" if e.full else "store_unwritable")
+
+    @app.exception_handler(CorruptContext)
+    async def _corrupt(request, e: CorruptContext):
+        return error_response(404, str(e), code="context_corrupt")
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, f"invalid JSON body: {validation_summary(errors)}", code="invalid_json")
-        return error_response(422, f"invalid request: {validation_summary(errors)}")
+        e = invalid_body(errors)
+        return error_response(e.status, e.message, code=e.code)
 
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
@@ -85,8 +100,8 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ApiError(400, "empty prompt list", param="prompt")
-        svc.check(req, req.max_tokens, len(prompts) * req.n)
-        return await svc.complete(request, req, prompts, req.max_tokens, chat=False)
+        svc.check(req, req.max_new_tokens(config.max_tokens), len(prompts) * req.n)
+        return await svc.complete(request, req, prompts, req.max_new_tokens(config.max_tokens), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -97,7 +112,7 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
 
     @app.post("/v1/contexts")
     async def upload_context(request: Request):
-        return await svc.upload(request)
+        return await uploads.upload(request)
 
     @app.get("/v1/contexts")
     async def list_contexts():
@@ -120,7 +135,8 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
     @app.delete("/v1/contexts/{doc_id}")
     async def delete_context(doc_id: str):
         _known(doc_id)
-        svc.store.delete(doc_id)
+        if not await asyncio.to_thread(svc.store.delete, doc_id):  # removed meanwhile by another replica
+            raise ApiError(404, f"no stored context {doc_id}", code="context_not_found")
         return {"id": doc_id, "object": "context.deleted", "deleted": True}
 
     @app.get("/metrics")

@@ -13,22 +13,23 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
-from .metrics import Metrics
+from .metrics import Metrics, RequestClock
 from .protocol import (
-    ApiError, ContextRef, ContextUpload, chat_body, chat_chunk, completion_body, completion_chunk, error_body,
-    error_response, new_id, validation_summary,
+    ApiError, ContextRef, chat_body, chat_chunk, completion_body, completion_chunk, error_body,
+    error_response, new_id,
 )
-from .store import ID_PREFIX, DocumentStore, InvalidContextId
+from .store import ID_PREFIX, CorruptContext, DocumentStore, InvalidContextId
+from .text import TextTokenizers
 
 log = logging.getLogger("cepe.serving")
 
 POLL_S = 0.2  # how often a waiting handler checks for a vanished client
 GRACE_S = 1.0  # the worker reports timeouts itself; the handler steps in only if it is stuck
 MAX_CONTEXT_ITEMS = 256
+# below this, softmax(logits / T) is one-hot up to float rounding, and 1 / T overflows float32: greedy
+GREEDY_BELOW_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -72,9 +73,10 @@ class Service:
             apply_runtime_settings(model.config, {"kv_policy": config.kv_policy})  # validated as on load
         self.model = model.eval()
         self.metrics = Metrics()
-        self.lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
+        self.lock = threading.Lock()  # the worker's tokenizers, one call at a time (fast tokenizers are not re-entrant)
+        self.text = TextTokenizers(self.tokenizer, self.encoder_tokenizer)  # the handlers' own copies
         self.store = DocumentStore(config.store_dir, model.encoder_fingerprint, int(config.store_budget_mb * 2**20),
-                                   int(config.memory_cache_mb * 2**20))
+                                   int(config.memory_cache_mb * 2**20), kv_bytes_per_token=_cross_kv_bytes_per_token(model))
         self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue, config.max_batch, self.metrics)
         width = model.encoder.hidden_size
         self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
@@ -82,17 +84,20 @@ class Service:
 
     # ------------------------------------------------------------------ tokens and context
     def prompt_ids(self, text: str) -> list[int]:
-        with self.lock:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        limit = self.max_positions or self.config.max_body_bytes
+        return self.text.prompt(text, limit, f"the decoder's {limit} positions")
 
-    def context_ids(self, text: str) -> list[int]:
-        with self.lock:
-            return self.encoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+    def check_document_chars(self, n_chars: int, what: str, code: str) -> None:
+        self.text.check_chars(n_chars, self.config.max_context_tokens, self.text.encoder_chars, what,
+                              "--max-context-tokens", code)
 
     def resolve_context(self, items: list) -> tuple[list, list[list[int]]]:
         """`context` items -> (loaded stored `ContextStates`, raw documents as encoder token ids)."""
         if len(items) > MAX_CONTEXT_ITEMS:
             raise ApiError(400, f"context has {len(items)} items; at most {MAX_CONTEXT_ITEMS}", code="context_too_many")
+        texts = [i.text if isinstance(i, ContextRef) else i for i in items]
+        self.check_document_chars(sum(len(t) for t in texts if t and not t.startswith(ID_PREFIX)), "context",
+                                  "context_too_large")
         stored, raw, tokens = [], [], 0
         for k, item in enumerate(items):
             if isinstance(item, ContextRef):
@@ -108,12 +113,14 @@ class Service:
                     raise ApiError(400, f"context[{k}]: {e}", code="invalid_context_id") from e
                 except KeyError as e:
                     raise ApiError(404, f"context[{k}]: no stored context {doc_id}", code="context_not_found") from e
+                except CorruptContext as e:
+                    raise ApiError(404, f"context[{k}]: {e}", code="context_corrupt") from e
                 stored.append(states)
                 tokens += states.num_tokens
             else:
                 if not text.strip():
                     raise ApiError(400, f"context[{k}]: empty document")
-                ids = self.context_ids(text)
+                ids = self.text.document(text)
                 raw.append(ids)
                 tokens += len(ids)
             if tokens > self.config.max_context_tokens:
@@ -139,13 +146,16 @@ class Service:
         whatever ends the wait, unfinished jobs are cancelled (their queue slots freed)."""
         pending = {j.index for j in jobs}
         deadline = max(j.deadline for j in jobs) + GRACE_S
+        next_check = time.monotonic() + POLL_S
         try:
             while pending:
+                if time.monotonic() >= next_check:  # also while events flow: a long answer must notice too
+                    next_check = time.monotonic() + POLL_S
+                    if await request.is_disconnected():
+                        return
                 try:
                     idx, event = await asyncio.wait_for(sink.get(), POLL_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
                     if time.monotonic() > deadline:
                         for j in jobs:
                             self.scheduler.cancel(j, "timeouts")
@@ -181,6 +191,9 @@ class Service:
         if max_tokens > self.config.max_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit {self.config.max_tokens} (--max-tokens)",
                            param="max_tokens", code="max_tokens_too_large")
+        if choices > self.config.max_queue:
+            raise ApiError(400, f"{choices} choices requested (prompts x n): more than the queue holds, "
+                           f"{self.config.max_queue} (--max-queue)", param="n", code="too_many_choices")
         if choices > self.config.max_batch:
             raise ApiError(400, f"{choices} choices requested (prompts x n); at most {self.config.max_batch}", param="n")
         if req.stream and choices != 1:
@@ -190,6 +203,7 @@ class Service:
 
     async def complete(self, request: Request, req, prompts: list[str], max_tokens: int, chat: bool):
         deadline = time.monotonic() + self.config.timeout_s  # encoding raw context included
+        clock = RequestClock(self.metrics)
         prompt_ids = []
         for text in prompts:
             ids = await asyncio.to_thread(self.prompt_ids, text)
@@ -199,12 +213,14 @@ class Service:
                 raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the decoder's "
                                f"{self.max_positions} positions", param="max_tokens", code="context_length_exceeded")
             prompt_ids.append(ids)
-        contexts = []
+        contexts, cached = [], 0
         if req.context:
             contexts, raw = await asyncio.to_thread(self.resolve_context, req.context)
+            cached = sum(c.num_tokens for c in contexts)  # served from the store, not encoded for this request
             if raw:  # encoded once for every choice of this request, never stored
                 contexts.append(await self.encode(request, raw, deadline))
-        sampling = Sampling(max_tokens, req.temperature, req.top_p, tuple(req.stop_list()), req.ignore_eos, req.seed)
+        temperature = 0.0 if req.temperature < GREEDY_BELOW_TEMPERATURE else req.temperature
+        sampling = Sampling(max_tokens, temperature, req.top_p, tuple(req.stop_list()), req.ignore_eos, req.seed)
         sink: asyncio.Queue = asyncio.Queue()
         kw = self._job_kw(sink, deadline)
         jobs = [GenerateJob(ids, sampling, contexts, index=i, **kw)
@@ -212,31 +228,37 @@ class Service:
         self.submit(jobs)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return StreamingResponse(self._stream(request, jobs, sink, rid, chat, req.include_usage()),
+            return StreamingResponse(self._stream(request, jobs, sink, rid, chat, req.include_usage(), cached, clock),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, reasons, usages = [""] * len(jobs), [None] * len(jobs), [None] * len(jobs)
         async with aclosing(self.events(request, jobs, sink)) as events:
             async for i, event in events:
                 if event[0] == "delta":
                     texts[i] += event[1]
+                    clock.delta(i)
                 elif event[0] == "done":
                     reasons[i], usages[i] = event[1], event[2]
                 else:
                     raise ApiError(event[1], event[2], event[3])
         if any(r is None for r in reasons):
             return error_response(499, "client closed request")
-        usage = self._usage(prompt_ids, usages)
+        clock.done()
+        usage = self._usage(prompt_ids, usages, cached)
         build = chat_body if chat else completion_body
         return JSONResponse(build(rid, self.config.model_name, texts, reasons, usage))
 
     @staticmethod
-    def _usage(prompt_ids: list[list[int]], usages: list[dict]) -> dict:
+    def _usage(prompt_ids: list[list[int]], usages: list[dict], cached: int) -> dict:
+        """OpenAI's usage, plus `context_tokens` (encoder tokens attended); `cached_tokens`: those of
+        them served from the store."""
         prompt = sum(len(p) for p in prompt_ids)
         completion = sum(u["completion_tokens"] for u in usages)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "context_tokens": usages[0]["context_tokens"] if usages else 0}
+                "context_tokens": usages[0]["context_tokens"] if usages else 0,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
-    async def _stream(self, request: Request, jobs, sink, rid: str, chat: bool, include_usage: bool):
+    async def _stream(self, request: Request, jobs, sink, rid: str, chat: bool, include_usage: bool, cached: int,
+                      clock: RequestClock):
         """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
         created, model = int(time.time()), self.config.model_name
 
@@ -254,11 +276,13 @@ class Service:
             async with aclosing(self.events(request, jobs, sink)) as events:
                 async for _, event in events:
                     if event[0] == "delta":
+                        clock.delta(0)
                         yield chunk(event[1], None)
                     elif event[0] == "done":
+                        clock.done()
                         yield chunk(None, event[1])
                         if include_usage:
-                            usage = self._usage([jobs[0].prompt_ids], [event[2]])
+                            usage = self._usage([jobs[0].prompt_ids], [event[2]], cached)
                             obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                    "created": created, "model": model, "choices": [], "usage": usage}
                             yield sse(obj)
@@ -268,54 +292,17 @@ class Service:
             yield sse(error_body(e.message, e.kind, e.code))
         yield "data: [DONE]\n\n"
 
-    # ------------------------------------------------------------------ document store
-    async def upload(self, request: Request) -> JSONResponse:
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=4, max_part_size=self.config.max_body_bytes)
-            upload, name = form.get("file"), form.get("name")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "multipart upload needs a 'file' field", param="file")
-            try:
-                text = (await upload.read()).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ApiError(400, f"{upload.filename}: not UTF-8 text ({e.reason} at byte {e.start})", param="file") from e
-            name = name if isinstance(name, str) and name else upload.filename
-        elif ctype == "application/json":
-            try:
-                body = ContextUpload.model_validate(await request.json())
-            except json.JSONDecodeError as e:
-                raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from e
-            except ValidationError as e:
-                raise ApiError(422, f"invalid body: {validation_summary(e.errors())}") from e
-            text, name = body.text, body.name
-        else:
-            raise ApiError(415, f"unsupported Content-Type {ctype!r}: send JSON {{'text': ...}} or a multipart 'file'")
-        if not text.strip():
-            raise ApiError(400, "empty document", param="text")
-        name = None if name is None else str(name)[:256]
-        doc_id = self.store.content_id(text)
-        if doc_id in self.store:  # the same text under the same encoder: already encoded
-            self.metrics.add("store_hits")
-            await asyncio.to_thread(self.store.get, doc_id)  # counts as a use for LRU
-            return JSONResponse({**self.store.info(doc_id).to_json(), "created": False}, status_code=200)
-        ids = await asyncio.to_thread(self.context_ids, text)
-        if len(ids) > self.config.max_context_tokens:
-            raise ApiError(413, f"document has {len(ids)} tokens; limit {self.config.max_context_tokens} (--max-context-tokens)",
-                           code="document_too_large")
-        if len(ids) * self.bytes_per_token > self.store.budget_bytes:
-            raise ApiError(413, f"document needs ~{len(ids) * self.bytes_per_token / 2**20:.1f} MiB encoded; the store "
-                           f"budget is {self.store.budget_bytes / 2**20:.1f} MiB (--store-budget-mb)", code="document_too_large")
-        t0 = time.perf_counter()
-        states = await self.encode(request, [ids])
-        info, evicted = await asyncio.to_thread(self.store.put, doc_id, states, name)
-        log.info("context stored", extra={"fields": {"event": "context_stored", "id": doc_id, "tokens": info.tokens,
-                                                     "bytes": info.bytes, "ms": round(1000 * (time.perf_counter() - t0), 1)}})
-        return JSONResponse({**info.to_json(), "created": True, "evicted": evicted}, status_code=201)
-
     def gauges(self) -> dict[str, float]:
         return {"queue_depth": self.scheduler.depth, "running_requests": self.scheduler.running,
                 "max_queue": self.config.max_queue, "store_documents": len(self.store),
                 "store_bytes": self.store.total_bytes, "store_budget_bytes": self.store.budget_bytes,
                 "store_memory_bytes": self.store.memory_bytes,
                 "store_evictions": self.store.evictions}
+
+
+def _cross_kv_bytes_per_token(model) -> int:
+    """Bytes of cross-attention keys and values the model caches per context token (all layers)."""
+    from ..model.cross_attention import CrossAttention
+
+    return sum((m.k_proj.out_features + m.v_proj.out_features) * m.k_proj.weight.element_size()
+               for m in model.modules() if isinstance(m, CrossAttention))
