@@ -86,7 +86,8 @@ def test_oversized_text_is_refused_before_tokenizing_without_stalling_streams(mo
             assert first.wait(20)
             for path, body in [("/v1/completions", {**OK, "prompt": huge}),
                                ("/v1/completions", {**OK, "context": [huge]}),
-                               ("/v1/contexts", {"text": huge})]:
+                               ("/v1/contexts", {"text": huge}),
+                               ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": huge}]})]:
                 t0 = time.monotonic()
                 err = expect(post_raw(url, path, body), 413, tmp_path=tmp_path)
                 assert "characters" in err["message"] and time.monotonic() - t0 < 3

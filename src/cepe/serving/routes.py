@@ -107,6 +107,7 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
     async def chat_completions(req: ChatRequest, request: Request):
         max_tokens = req.max_completion_tokens or req.max_tokens or config.max_tokens
         svc.check(req, max_tokens, req.n)
+        svc.check_prompt_chars(sum(len(m.text()) for m in req.messages))
         prompt = render_chat(req.messages, svc.tokenizer)
         return await svc.complete(request, req, [prompt], max_tokens, chat=True)
 

@@ -87,6 +87,12 @@ class Service:
         limit = self.max_positions or self.config.max_body_bytes
         return self.text.prompt(text, limit, f"the decoder's {limit} positions")
 
+    def check_prompt_chars(self, n_chars: int) -> None:
+        """Refuse chat messages far too long for the decoder before the chat template copies them."""
+        limit = self.max_positions or self.config.max_body_bytes
+        self.text.check_chars(n_chars, limit, self.text.decoder_chars, "prompt", f"the decoder's {limit} positions",
+                              "prompt_too_large")
+
     def check_document_chars(self, n_chars: int, what: str, code: str) -> None:
         self.text.check_chars(n_chars, self.config.max_context_tokens, self.text.encoder_chars, what,
                               "--max-context-tokens", code)
@@ -120,7 +126,7 @@ class Service:
             else:
                 if not text.strip():
                     raise ApiError(400, f"context[{k}]: empty document")
-                ids = self.text.document(text)
+                ids = self.text.document(text, self.config.max_context_tokens - tokens)
                 raw.append(ids)
                 tokens += len(ids)
             if tokens > self.config.max_context_tokens:

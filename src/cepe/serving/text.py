@@ -5,15 +5,21 @@ own lock: a long text never holds the lock the model worker needs to decode its 
 tokenizers are not re-entrant, so each copy is used by one thread at a time). Before tokenizing, a
 text is measured in characters: no token covers more than `chars_per_token` characters, so a text
 longer than `limit * chars_per_token` characters cannot fit `limit` tokens and is refused at once,
-whatever its size.
+whatever its size. A long document is tokenized in pieces cut at single spaces between words
+(where every supported pre-tokenizer splits anyway, so the ids are the same as in one call), the
+lock released between pieces, and reading stops once the limit is passed.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import threading
 
 from .protocol import ApiError
+
+PIECE_CHARS = 1 << 16  # a long document is tokenized this many characters at a time
+_CUT = re.compile(r"(?<=\S) (?=\S)")  # a single space between two words
 
 
 def chars_per_token(tokenizer) -> int:
@@ -45,7 +51,26 @@ class TextTokenizers:
         with self.lock:
             return self.decoder(text, add_special_tokens=False)["input_ids"]
 
-    def document(self, text: str) -> list[int]:
-        """Encoder token ids of a document (no special tokens); callers check `check_chars` first."""
-        with self.lock:
-            return self.encoder(text, add_special_tokens=False)["input_ids"]
+    def document(self, text: str, limit_tokens: int | None = None) -> list[int]:
+        """Encoder token ids of a document (no special tokens); callers check `check_chars` first.
+        Past `limit_tokens`, stops early: the result is then longer than the limit, not complete."""
+        ids: list[int] = []
+        for piece in _pieces(text):
+            with self.lock:
+                ids += self.encoder(piece, add_special_tokens=False)["input_ids"]
+            if limit_tokens is not None and len(ids) > limit_tokens:
+                break
+        return ids
+
+
+def _pieces(text: str):
+    """`text` in consecutive pieces of about `PIECE_CHARS` characters, each after the first starting
+    at a single space between two words (one piece when there is no such space)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _CUT.search(text, start + PIECE_CHARS)
+        if cut is None:
+            break
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]

@@ -103,7 +103,7 @@ class Uploads:
 
     async def _store(self, request: Request, doc_id: str, text: str, name: str | None) -> JSONResponse:
         svc = self.svc
-        ids = await asyncio.to_thread(svc.text.document, text)
+        ids = await asyncio.to_thread(svc.text.document, text, svc.config.max_context_tokens)
         limit = svc.config.max_context_tokens
         if len(ids) > limit:
             raise ApiError(413, f"document has {len(ids)} tokens; limit {limit} (--max-context-tokens)",
