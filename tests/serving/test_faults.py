@@ -168,14 +168,16 @@ def test_store_faults_over_http(model, tmp_path, monkeypatch):
     with live_server(model, tmp_path) as url:
         doc = httpx.post(f"{url}/v1/contexts", json={"text": DOC}).json()
         bad = httpx.post(f"{url}/v1/contexts", json={"text": DOC + " other"}).json()
+        reup = httpx.post(f"{url}/v1/contexts", json={"text": DOC + " third"}).json()
         r = httpx.post(f"{url}/v1/completions", json={**OK, "context": [doc["id"]]}).json()
         assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": doc["tokens"]}
         r = httpx.post(f"{url}/v1/completions", json={**OK, "context": [DOC]}).json()
         assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-    path = store / f"{bad['id'][4:]}.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0xFF
-    path.write_bytes(bytes(data))
+    for d in (bad, reup):
+        path = store / f"{d['id'][4:]}.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
 
     def refuse(*a, **k):
         raise PermissionError(errno.EROFS, "Read-only file system")
@@ -185,7 +187,12 @@ def test_store_faults_over_http(model, tmp_path, monkeypatch):
         err = expect(httpx.post(f"{url}/v1/completions", json={**OK, "context": [bad["id"]]}), 404, "context_corrupt",
                      tmp_path=tmp_path)
         assert "upload it again" in err["message"]
-        assert [d["id"] for d in httpx.get(f"{url}/v1/contexts").json()["data"]] == [doc["id"]]
+        up = httpx.post(f"{url}/v1/contexts", json={"text": DOC + " third"})  # found corrupt by the upload: re-encoded
+        assert up.status_code == 201 and up.json()["id"] == reup["id"] and up.json()["created"]
+        assert sorted(d["id"] for d in httpx.get(f"{url}/v1/contexts").json()["data"]) == sorted([doc["id"], reup["id"]])
+        again = httpx.post(f"{url}/v1/contexts", json={"text": DOC + " other"})  # the text again: stored anew
+        assert again.status_code == 201 and again.json()["id"] == bad["id"]
+        assert httpx.post(f"{url}/v1/completions", json={**OK, "context": [bad["id"]]}).status_code == 200
         assert httpx.post(f"{url}/v1/completions", json={**OK, "context": [doc["id"]]}).status_code == 200  # read-only ok
         monkeypatch.setattr(os, "unlink", refuse)
         monkeypatch.setattr(Path, "unlink", refuse)

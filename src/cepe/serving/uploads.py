@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from .protocol import ApiError, ContextUpload, invalid_body
+from .store import CorruptContext
 
 log = logging.getLogger("cepe.serving")
 
@@ -70,7 +71,8 @@ class Uploads:
         doc_id = svc.store.content_id(text)
         while True:
             if await asyncio.to_thread(svc.store.__contains__, doc_id):  # same text, same encoder: encoded already
-                return await self._hit(doc_id)
+                if (hit := await self._hit(doc_id)) is not None:
+                    return hit
             leader = self._leaders.get(doc_id)
             if leader is None:
                 break
@@ -91,14 +93,15 @@ class Uploads:
         finally:
             del self._leaders[doc_id]
 
-    async def _hit(self, doc_id: str) -> JSONResponse:
+    async def _hit(self, doc_id: str) -> JSONResponse | None:
+        """The stored entry (200, `created: false`); None if it turns out gone or corrupt: store it anew."""
         svc = self.svc
-        svc.metrics.add("store_hits")
         try:
             await asyncio.to_thread(svc.store.get, doc_id)  # counts as a use for LRU, and verifies it
             info = svc.store.info(doc_id)
-        except KeyError:  # evicted or deleted in between (by another replica): nothing stored to show
-            raise ApiError(409, f"{doc_id} was removed while being uploaded: upload it again", code="conflict") from None
+        except (KeyError, CorruptContext):  # evicted, deleted (by another replica) or quarantined meanwhile
+            return None
+        svc.metrics.add("store_hits")
         return JSONResponse({**info.to_json(), "created": False}, status_code=200)
 
     async def _store(self, request: Request, doc_id: str, text: str, name: str | None) -> JSONResponse:
