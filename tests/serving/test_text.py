@@ -4,6 +4,7 @@ tokenized in pieces gives the same ids as one call (real tokenizers, when instal
 from __future__ import annotations
 
 import glob
+from pathlib import Path
 
 import pytest
 from serving_harness import tiny_serving_model
@@ -49,6 +50,6 @@ def test_pieces_give_the_ids_of_one_call(name):
     if not books:
         pytest.skip("shared data not present")
     tok = AutoTokenizer.from_pretrained(str(assets.locate(name)))
-    sample = open(books[0], encoding="utf-8").read()[: 4 * PIECE_CHARS]
+    sample = Path(books[0]).read_text(encoding="utf-8")[: 4 * PIECE_CHARS]
     text = TextTokenizers(tok, tok)
     assert text.document(sample) == tok(sample, add_special_tokens=False)["input_ids"]

@@ -21,7 +21,12 @@ from starlette.exceptions import HTTPException
 
 from .middleware import Gate
 from .protocol import (
-    ApiError, ChatRequest, CompletionRequest, error_response, invalid_body, render_chat,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    error_response,
+    invalid_body,
+    render_chat,
     validation_summary,
 )
 from .service import ServeConfig, Service

@@ -17,8 +17,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
 from .metrics import Metrics, RequestClock
 from .protocol import (
-    ApiError, ContextRef, chat_body, chat_chunk, completion_body, completion_chunk, error_body,
-    error_response, new_id,
+    ApiError,
+    ContextRef,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    error_body,
+    error_response,
+    new_id,
 )
 from .store import ID_PREFIX, CorruptContext, DocumentStore, InvalidContextId
 from .text import TextTokenizers
@@ -161,7 +168,7 @@ class Service:
                         return
                 try:
                     idx, event = await asyncio.wait_for(sink.get(), POLL_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if time.monotonic() > deadline:
                         for j in jobs:
                             self.scheduler.cancel(j, "timeouts")
