@@ -35,8 +35,6 @@ log = logging.getLogger("cepe.serving")
 POLL_S = 0.2  # how often a waiting handler checks for a vanished client
 GRACE_S = 1.0  # the worker reports timeouts itself; the handler steps in only if it is stuck
 MAX_CONTEXT_ITEMS = 256
-# below this, softmax(logits / T) is one-hot up to float rounding, and 1 / T overflows float32: greedy
-GREEDY_BELOW_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -232,8 +230,7 @@ class Service:
             cached = sum(c.num_tokens for c in contexts)  # served from the store, not encoded for this request
             if raw:  # encoded once for every choice of this request, never stored
                 contexts.append(await self.encode(request, raw, deadline))
-        temperature = 0.0 if req.temperature < GREEDY_BELOW_TEMPERATURE else req.temperature
-        sampling = Sampling(max_tokens, temperature, req.top_p, tuple(req.stop_list()), req.ignore_eos, req.seed)
+        sampling = Sampling(max_tokens, req.temperature, req.top_p, tuple(req.stop_list()), req.ignore_eos, req.seed)
         sink: asyncio.Queue = asyncio.Queue()
         kw = self._job_kw(sink, deadline)
         jobs = [GenerateJob(ids, sampling, contexts, index=i, **kw)
