@@ -11,6 +11,8 @@ import importlib
 import sys
 
 PARTS = ("cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli", "cepe.demo")
+# parts that need an optional extra: (sub-command, extra); without it the command says what to install
+EXTRAS = {"cepe.serving.cli": ("serve", "serve")}
 
 
 def _assets(args: argparse.Namespace) -> int:
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(part)
         except ModuleNotFoundError as e:
             if e.name and not e.name.startswith("cepe"):
-                # a part whose optional dependency is missing (e.g. fastapi for `serve`) stays out
+                # a part whose optional dependency is missing (e.g. fastapi for `serve`): its command
+                # stays listed and says what to install
+                if part in EXTRAS:
+                    _needs_extra(sub, *EXTRAS[part], missing=e.name)
                 continue
             if e.name != part and not part.startswith(str(e.name)):
                 raise
@@ -51,8 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _needs_extra(sub, command: str, extra: str, missing: str) -> None:
+    message = f"needs the '{extra}' extra (missing module: {missing}): pip install 'cepe[{extra}]'"
+    p = sub.add_parser(command, help=f"({message})", add_help=False)
+    p.set_defaults(func=lambda args: _refuse(command, message), takes_any_arguments=True)
+
+
+def _refuse(command: str, message: str) -> int:
+    print(f"cepe {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as e:

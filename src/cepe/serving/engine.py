@@ -144,7 +144,7 @@ class Scheduler:
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
             if len(self._waiting) + len(jobs) > self.max_queue:
-                self.metrics.add("rejected", len(jobs))
+                self.metrics.add("rejected")  # one request, however many jobs
                 raise QueueFull(f"queue full ({len(self._waiting)} waiting, limit {self.max_queue}): retry later")
             self._waiting.extend(jobs)
             self._cv.notify()
