@@ -20,7 +20,10 @@ SETTINGS = {
     "all": (("model.encoder_frozen=all",), "all"),
     "train.freeze_encoder": (("train.freeze_encoder=true",), "all"),  # the old spelling
     "decoder-derived, trained": (("model.encoder=decoder", "model.encoder_num_layers=1"), None),
-    "decoder-derived, all": (("model.encoder=decoder", "model.encoder_num_layers=1", "model.encoder_frozen=all"), "all"),
+    "decoder-derived, all": (
+        ("model.encoder=decoder", "model.encoder_num_layers=1", "model.encoder_frozen=all"),
+        "all",
+    ),
 }
 
 
