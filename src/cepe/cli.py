@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli", "cepe.demo")
+PARTS = ("cepe.data.mix.cli", "cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli", "cepe.demo")
 
 
 def _assets(args: argparse.Namespace) -> int:
