@@ -15,7 +15,7 @@ from .report import _k
 from .runner import DEFAULT_LENGTHS, POLICIES, BenchConfig, run_bench
 
 SMOKE = dict(preset="tiny", lengths=(16, 32, 64), score_tokens=16, new_tokens=8, device="cpu", dtype="float32",
-             hf_lengths=(32,), reps=2)
+             hf_lengths=(32,), reps=2, question_tokens=8)
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -65,8 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-tokens", type=int, default=4096, help="D: tokens scored / decoder window")
     g.add_argument("--new-tokens", type=int, default=128)
     g.add_argument("--methods", type=_names({"cepe", "full"}), default=("cepe", "full"))
-    g.add_argument("--tasks", type=_names({"kernels", "score", "decode"}), default=("kernels", "score", "decode"),
-                   help="kernels: cross-attention alone under each SDPA kernel (CUDA only)")
+    g.add_argument("--tasks", type=_names({"kernels", "score", "decode", "ttft"}),
+                   default=("kernels", "score", "decode", "ttft"),
+                   help="kernels: cross-attention alone under each SDPA kernel (CUDA only); "
+                        "ttft: a 512-token question over a stored document")
     g.add_argument("--policies", type=_names(set(POLICIES)), default=POLICIES, help="cross-attention key/value policies")
     g.add_argument("--decode-mode", default="graph", choices=("graph", "eager"))
     g.add_argument("--hf-lengths", type=_lengths, default=(), help="also time model.generate at these lengths")
