@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli", "cepe.demo")
+PARTS = ("cepe.data.mix.cli", "cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli",
+         "cepe.demo")
 # parts that need an optional extra: (sub-command, extra); without it the command says what to install
 EXTRAS = {"cepe.serving.cli": ("serve", "serve")}
 
