@@ -59,7 +59,7 @@ class CopyingBuilder(LongDocumentBuilder):
         for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
             fmt = self.FORMATS[int(rng.integers(len(self.FORMATS)))]
             task = getattr(self, f"_{fmt}")(rng, ctx_ids, budget)
-            if task is None:
+            if task is None or task[0] is None:
                 continue
             segments, extra = task
             out = self._assemble(ids, segments)
