@@ -179,6 +179,13 @@ class SyntheticBuilder:
         return {"input_ids": ex["input_ids"], "labels": ex["labels"], "context": [ex["context"]], "teacher_prefix": ex["context"]}
 
 
+def block_window(seed: int, split: int, windows: list[int], block: int) -> int:
+    """The decoder window of every sample of `block` (consecutive `window_block` indices): drawn
+    from its own generator, so that the builders' draws do not move."""
+    windows = sorted(windows)
+    return windows[int(np.random.default_rng([seed, split, int(block), 1]).integers(len(windows)))]
+
+
 class SampleStream(torch.utils.data.Dataset):
     """Sample `i` of a split: builder chosen by the mixture weights, then built, then (optionally)
     encoder tokens masked, all from one generator seeded by (seed, split, i)."""
@@ -200,12 +207,10 @@ class SampleStream(torch.utils.data.Dataset):
         return self.length
 
     def window_of(self, index: int) -> int | None:
-        """The decoder window of sample `index` (None: each builder's own); a function of its
-        block alone, drawn from its own generator so that the builders' draws do not move."""
+        """The decoder window of sample `index` (None: each builder's own)."""
         if self.windows is None:
             return None
-        block = int(index) // self.window_block
-        return self.windows[int(np.random.default_rng([self.seed, self.split, block, 1]).integers(len(self.windows)))]
+        return block_window(self.seed, self.split, self.windows, int(index) // self.window_block)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.split, int(index)])
