@@ -65,7 +65,9 @@ class DemonstrationsBuilder(_WindowBuilder):
         doc = int(docs[int(rng.integers(len(docs)))])
         n = int(rng.integers(self.dcfg.example_tokens[0], self.dcfg.example_tokens[1] + 1))
         p = int(rng.integers(self.corpus.decoder.doc_len(doc) - n + 1))
-        return one_line(self.codec.decode(self.corpus.decoder_tokens(doc, p, p + n))).replace("{", "(").replace("}", ")")
+        text = one_line(self.codec.decode(self.corpus.decoder_tokens(doc, p, p + n)))
+        inner = text[text.find(" ") + 1 : text.rfind(" ")]  # no word cut at either end
+        return (inner or text).replace("{", "(").replace("}", ")")
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         c = self.dcfg
