@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-import cepe.training.trainer as trainer
+from cepe.training import trainer
 from cepe.training.cli import main
 
 _full_state_dict = trainer.get_model_state_dict

@@ -10,6 +10,7 @@ import pytest
 
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
 from cepe.data.builders import category_of, source_of
+from cepe.data.config import RetrievalConfig
 
 VOCAB = [f"{a}{b}{c}" for a in "bcdfglmnprstvz" for b in "aeiou" for c in ("n", "r", "st", "ll", "mo")]
 
@@ -39,8 +40,8 @@ def mix(tmp_path_factory):
 
 
 def _data(tmp_path, mix, **kw):
-    base = dict(train=[str(mix / "train")], cache_dir=str(tmp_path / "cache"), context_tokens=1024, min_context_tokens=64,
-                decoder_tokens=256, extensions=[".jsonl"])
+    base = {"train": [str(mix / "train")], "cache_dir": str(tmp_path / "cache"), "context_tokens": 1024, "min_context_tokens": 64,
+            "decoder_tokens": 256, "extensions": [".jsonl"]}
     base.update(kw)
     tok = byte_tokenizer()
     return build_data(DataConfig(**base), tok, tok, progress=False), tok
@@ -82,8 +83,8 @@ def test_collator_pads_variable_windows(tmp_path, mix):
 
 
 def test_stream_is_a_pure_function_of_the_index(tmp_path, mix):
-    kw = dict(decoder_windows=[64, 128, 256], window_block=4, context_draw="uniform",
-              mixture={"long_document": 1, "copying": 1, "demonstrations": 1, "retrieval": 1, "warmup": 1})
+    kw = {"decoder_windows": [64, 128, 256], "window_block": 4, "context_draw": "uniform",
+          "mixture": {"long_document": 1, "copying": 1, "demonstrations": 1, "retrieval": 1, "warmup": 1}}
     data, _ = _data(tmp_path, mix, **kw)
     again, _ = _data(tmp_path, mix, **kw)
     # a resumed run reads from its step on, in another order, in another process: same samples
@@ -153,11 +154,7 @@ def test_demonstration_labels_scored_and_learnable_from_the_context(tmp_path, mi
 
 
 def test_retrieval_same_source(tmp_path, mix):
-    cfg = dict(mixture={"retrieval": 1.0}, retrieval={"k": 3, "passage_tokens": 64, "scope": "same_source"})
-    from cepe.data.config import RetrievalConfig
-
-    cfg["retrieval"] = RetrievalConfig(**cfg["retrieval"])
-    data, _ = _data(tmp_path, mix, **cfg)
+    data, _ = _data(tmp_path, mix, mixture={"retrieval": 1.0}, retrieval=RetrievalConfig(k=3, passage_tokens=64, scope="same_source"))
     b = data.train.builders["retrieval"]
     names = b.corpus.decoder.names
     doc, _ = b.pick_window(np.random.default_rng(0))

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from .builders import CopyingBuilder, DemonstrationsBuilder, PassagePool, RetrievalBuilder, TextCodec
 from .config import DataConfig
 from .corpus import CorpusReport, is_saved_dataset, iter_documents, list_files, matches
-from .builders import CopyingBuilder, DemonstrationsBuilder, PassagePool, RetrievalBuilder, TextCodec
 from .samples import Corpus, LongDocumentBuilder, SampleStream, SyntheticBuilder, TooShort, WarmupBuilder
 from .token_store import TokenStore, build_token_stores, open_token_stores, tokenizer_hash
 

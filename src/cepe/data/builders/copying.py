@@ -28,7 +28,7 @@ CONTINUE_CUES = ('\n\nQuoting the passage above: "', "\n\nAs it was written earl
                  "\n\nThe text said: ")
 LOOKUP_CUES = ("\n\nFrom the text above:\n", "\n\nLooked up in the context:\n", "\n\n# values defined earlier\n", "\n\n")
 RECORD = re.compile(r"^[ \t]*(?:def |class |function |fn |func |let |const |var |export |set )?"
-                    r"([A-Za-z_][\w.\-]{1,40})[ \t]*(=|:|->|\()[ \t]*(\S[^\n]{2,80}?)[ \t]*$", re.M)
+                    r"([A-Za-z_][\w.\-]{1,40})[ \t]*(=|:|->|\()[ \t]*(\S[^\n]{2,80}?)[ \t]*$", re.MULTILINE)
 WORD = re.compile(r"\b[A-Za-z][A-Za-z'-]{3,24}\b")
 # (header, row, query prompt) per rendering of a synthesised table; {k} key, {v} value
 TABLES = (

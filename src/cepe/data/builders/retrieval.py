@@ -3,7 +3,8 @@ finds for the decoder's text, from other documents, of the same source where pos
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class PassagePool:
             if not allowed.any():
                 return []
             n = min(len(self), k)
-            ids, scores = self.bm25.retrieve(tokens, k=n, weight_mask=allowed.astype(np.float32), show_progress=False)
+            ids, _ = self.bm25.retrieve(tokens, k=n, weight_mask=allowed.astype(np.float32), show_progress=False)
             # a zero score is a masked passage (or one sharing no word): keep allowed ones only
             return [int(i) for i in ids[0] if allowed[int(i)]][:k]
         n = min(len(self), k + 16)
