@@ -75,7 +75,8 @@ PY
     # small files in one archive (at most 8 files come back); the shards beside it
     tar -czf "$OUT/run_$stage.tar.gz" -C "$run" $(cd "$run" && ls metrics.jsonl summary.json metrics.png split.json \
       data_report.json config.yaml curve.png curve.json 2>/dev/null) \
-      $( [ -d "$OUT/adapter_$stage" ] && echo -C "$OUT/adapter_$stage" $(cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$') )
+      $( [ -d "$OUT/adapter_$stage" ] && echo -C "$OUT/adapter_$stage" $(cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$') ) \
+      || echo "nothing to archive yet"
     if [ -d "$OUT/adapter_$stage" ]; then
       (cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$' | xargs rm -f && mv model*.safetensors "$OUT"/ && cd .. && rmdir "adapter_$stage")
     fi
