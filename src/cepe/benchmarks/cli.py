@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_options import add_model_arguments
 from .presets import PRESETS
 from .report import _k
 from .runner import DEFAULT_LENGTHS, POLICIES, BenchConfig, run_bench
 
 SMOKE = dict(preset="tiny", lengths=(16, 32, 64), score_tokens=16, new_tokens=8, device="cpu", dtype="float32",
-             hf_lengths=(32,), reps=2)
+             hf_lengths=(32,), reps=2, question_tokens=8)
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -55,8 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="llama2-7b", choices=PRESETS, help="model shapes (random weights)")
     g.add_argument("--config", dest="config_path", help="shapes from a CEPE or Hugging Face config.json instead")
     g.add_argument("--cross-kv-heads", type=int, help="cross-attention key/value heads (grouped-query)")
-    g.add_argument("--device", default="cuda")
-    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    add_model_arguments(g, weights=False, device_default="cuda", dtype_default="bfloat16")
     g.add_argument("--compile-encoder", action="store_true", help="torch.compile the context encoder")
     g.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient", "math"),
                    help="preferred scaled-dot-product-attention kernel")
@@ -65,8 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-tokens", type=int, default=4096, help="D: tokens scored / decoder window")
     g.add_argument("--new-tokens", type=int, default=128)
     g.add_argument("--methods", type=_names({"cepe", "full"}), default=("cepe", "full"))
-    g.add_argument("--tasks", type=_names({"kernels", "score", "decode"}), default=("kernels", "score", "decode"),
-                   help="kernels: cross-attention alone under each SDPA kernel (CUDA only)")
+    g.add_argument("--tasks", type=_names({"kernels", "score", "decode", "ttft"}),
+                   default=("kernels", "score", "decode", "ttft"),
+                   help="kernels: cross-attention alone under each SDPA kernel (CUDA only); "
+                        "ttft: a 512-token question over a stored document")
     g.add_argument("--policies", type=_names(set(POLICIES)), default=POLICIES, help="cross-attention key/value policies")
     g.add_argument("--decode-mode", default="graph", choices=("graph", "eager"))
     g.add_argument("--hf-lengths", type=_lengths, default=(), help="also time model.generate at these lengths")

@@ -17,13 +17,15 @@ def score_table(result: dict) -> str:
     rows = [r for r in result["rows"] if r["task"] == "score"]
     if not rows:
         return ""
-    lines = [f"{'method':<6} {'length':>6} {'time s':>8} {'tok/s':>9} {'peak GB':>8} {'TFLOP/s':>8} {'MFU':>5}  status"]
+    lines = [f"{'method':<6} {'length':>6} {'time s':>8} {'spread':>14} {'1st/med':>7} {'tok/s':>9} {'peak GB':>8} "
+             f"{'TFLOP/s':>8} {'MFU':>5}  status"]
     for r in rows:
         ok = r["status"] == "ok"
         lines.append(
-            f"{r['method']:<6} {_k(r['total_len']):>6} {_f(r.get('time_s'), '8.3f'):>8} "
+            f"{r['method']:<6} {_k(r['total_len']):>6} {_f(r.get('time_s'), '8.3f'):>8} {spread(r):>14} "
+            f"{_f(r.get('first_over_median'), '7.2f'):>7} "
             f"{_f(r.get('tokens_per_s'), '9.0f'):>9} {_f(r.get('peak_gb'), '8.1f'):>8} "
-            f"{_f(r.get('tflops_per_s'), '8.0f'):>8} {_f(r.get('mfu'), '5.0%'):>5}  {'' if ok else r['status']}"
+            f"{_f(r.get('tflops_per_s'), '8.0f'):>8} {_f(r.get('mfu'), '5.0%'):>5}  {status(r)}"
         )
     speed = speedups(result)
     if speed:
@@ -46,6 +48,45 @@ def decode_table(result: dict) -> str:
             f"{_f(r.get('graph_logits_rel_err'), '11.1e'):>11}  "
             f"{'' if ok else r['status'] + ': ' + str(r.get('error'))[:60]}"
         )
+    return "\n".join(lines)
+
+
+def spread(r: dict) -> str:
+    """'min-max ms' of a row's timed calls, with '*' when the warm-up hit its bound before
+    repeated calls agreed within its tolerance."""
+    if r.get("time_min_s") is None:
+        return "-"
+    lo, hi = r["time_min_s"], r["time_max_s"]
+    unit, k = ("s", 1) if hi >= 10 else ("ms", 1e3)
+    text = f"{lo * k:.3g}-{hi * k:.3g}{unit}"
+    return text + ("" if r.get("warm_converged", True) else "*")
+
+
+def status(r: dict) -> str:
+    if r["status"] == "ok":
+        return ""
+    return r["status"] + (f": {str(r.get('error'))[:60]}" if r["status"] == "skipped" else "")
+
+
+def ttft_table(result: dict) -> str:
+    """Time to first token of a question over a stored document (CEPE: states on the device, no
+    encoder run) or over the same text with full attention (prefill everything)."""
+    rows = [r for r in result["rows"] if r["task"] == "ttft"]
+    if not rows:
+        return ""
+    q = rows[0]["question_tokens"]
+    lines = [f"time to first token, {q}-token question over a stored document",
+             f"{'method':<6} {'length':>6} {'TTFT s':>8} {'spread':>14} {'1st/med':>7} {'load s':>7} "
+             f"{'state B/tok':>11} {'peak GB':>8}  status"]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<6} {_k(r['total_len']):>6} {_f(r.get('time_s'), '8.4f'):>8} {spread(r):>14} "
+            f"{_f(r.get('first_over_median'), '7.2f'):>7} {_f(r.get('load_s'), '7.3f'):>7} "
+            f"{_f(r.get('stored_state_bytes_per_token'), '11d'):>11} {_f(r.get('peak_gb'), '8.1f'):>8}  {status(r)}")
+    t = {(r["method"], r["total_len"]): r["time_s"] for r in rows if r["status"] == "ok"}
+    speed = {n: t[("full", n)] / t[("cepe", n)] for (m, n) in sorted(t) if m == "cepe" and ("full", n) in t}
+    if speed:
+        lines.append("CEPE TTFT speed-up over full attention: " + ", ".join(f"{_k(n)} {s:.0f}x" for n, s in speed.items()))
     return "\n".join(lines)
 
 
@@ -74,7 +115,14 @@ def summary(result: dict) -> str:
             f"{env['dtype']} | {env['attention']}")
     if c.get("matmul_tflops"):
         head += f" | ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s"
-    return "\n".join(x for x in (head, kernel_table(result), score_table(result), decode_table(result)) if x)
+    acc = result["model"].get("bytes_per_context_token")
+    if acc:
+        head += (f"\nkept per context token: encoder states {acc['states']:,} B | cross-attention keys/values "
+                 f"{acc['cross_kv_cache']:,} B ({acc['cache_over_states']:.0f}x)")
+        if acc.get("full_attention_kv"):
+            head += f" | full attention's KV cache {acc['full_attention_kv']:,} B ({acc['full_over_states']:.0f}x)"
+    tables = (head, kernel_table(result), score_table(result), decode_table(result), ttft_table(result))
+    return "\n".join(x for x in tables if x)
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -85,7 +133,7 @@ def plot(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
     styles = {"cepe": dict(color="tab:blue", marker="o"), "full": dict(color="tab:red", marker="s")}
     names = {"cepe": "CEPE", "full": "full attention"}
     methods = list(dict.fromkeys(r["method"] for r in rows if r["task"] == "score"))
@@ -116,7 +164,14 @@ def plot(result: dict, path: str | Path) -> None:
         if r["task"] == "decode" and r["status"] == "oom":
             axes[2].annotate(f"{names.get(r['method'], r['method'])}: OOM", (r["total_len"], 0.95),
                              xycoords=("data", "axes fraction"), ha="right", fontsize=8, color="tab:red")
-    titles = ("scoring time (s)", "scoring peak memory (GB)", "decoding ms / token (batch 1)")
+    for method in ("cepe", "full"):
+        rs = [r for r in rows if r["task"] == "ttft" and r["method"] == method and r["status"] == "ok"]
+        label = "CEPE, stored states" if method == "cepe" else names[method]
+        axes[3].plot([r["total_len"] for r in rs], [r["time_s"] for r in rs], label=label, **styles[method])
+    axes[3].set_yscale("log")
+    ttft_q = next((r["question_tokens"] for r in rows if r["task"] == "ttft"), 512)
+    titles = ("scoring time (s)", "scoring peak memory (GB)", "decoding ms / token (batch 1)",
+              f"time to first token (s), {ttft_q}-token question")
     lengths = sorted({r["total_len"] for r in rows if "total_len" in r})
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)

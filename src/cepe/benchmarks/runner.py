@@ -18,14 +18,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import CepeForCausalLM
+from ..model.stored_states import storage_per_token
 from . import flops as F
 from .decoding import decode_hf, decode_static
 from .presets import ModelSpec, build_model, get_spec, parameter_bytes, parameter_count
 from .scoring import cepe_scores, full_scores, make_inputs
-from .timing import PeakMemory, Timer, device_ceilings, environment, free_memory, is_cuda, median, sdpa_backend
+from .stored import first_token_fn, load_time, store_document
+from .timing import (PeakMemory, Timing, device_ceilings, environment, free_memory, is_cuda, median, sdpa_backend,
+                     time_until_stable)
 
 GB = 1e9
-DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
+# full attention's prefill is quadratic: ~12 s at 128K, ~50 s at 256K and ~200 s at 512K on an H100/H200
+FULL_MAX_LEN = 262144
 POLICIES = ("recompute", "cache", "auto")
 
 
@@ -40,7 +45,9 @@ class BenchConfig:
     score_tokens: int = 4096
     new_tokens: int = 128
     methods: tuple[str, ...] = ("cepe", "full")
-    tasks: tuple[str, ...] = ("kernels", "score", "decode")
+    tasks: tuple[str, ...] = ("kernels", "score", "decode", "ttft")
+    question_tokens: int = 512  # ttft: a question of this many tokens over a stored document
+    full_max_len: int | None = FULL_MAX_LEN  # full attention is not run beyond this total length
     policies: tuple[str, ...] = POLICIES
     decode_mode: str = "graph"  # graph | eager (CPU always eager)
     hf_lengths: tuple[int, ...] = ()  # also time `generate` (dynamic cache, eager) at these lengths
@@ -94,6 +101,9 @@ class Bench:
                 "params": {"decoder": parameter_count(m.decoder), "encoder": parameter_count(m.encoder) - _shared(m),
                            "cross_attention": parameter_count(m.cross_attn)},
                 "weights_gb": {"full": self.full_weight_bytes / GB, "cepe": self.cepe_weight_bytes / GB},
+                # stored states vs the cache policy's keys/values vs full attention's KV cache
+                "bytes_per_context_token": storage_per_token(m.cross_attn.values(), cfg.dtype, self.dtype.itemsize,
+                                                             m.decoder.config),
                 "build_s": build_s,
             },
             "ceilings": self.ceilings,
@@ -116,6 +126,9 @@ class Bench:
         budget is spent. Returns (result, status, error)."""
         if series in self.failed and length > self.failed[series]:
             return None, "skipped", f"out of memory at {self.failed[series]} tokens"
+        cap = self.cfg.full_max_len
+        if series[1] == "full" and cap is not None and length > cap:
+            return None, "skipped", f"full attention is not run beyond {cap} tokens (quadratic prefill)"
         if self._over_budget():
             return None, "skipped", "time budget spent"
         status, err, out = "ok", None, None
@@ -132,20 +145,11 @@ class Bench:
         free_memory(self.device)
         return out, status, err
 
-    def _time(self, fn, compiled: bool = False) -> list[float]:
-        """Adaptive repetitions: a call over 3 s is its own warm-up (eager kernels: the first-call
-        overhead is small beside it) and gets one more; shorter calls warm up once. A compiled
-        model's first call (compilation) is never timed."""
-        timer = Timer(self.device)
-        if compiled:
-            timer(fn, reps=0, warmup=1)
-        times, out = timer(fn, reps=1, warmup=0)
-        del out
-        if times[0] > 3.0:
-            more, out = timer(fn, reps=1, warmup=0)
-            return times + more
-        more, out = timer(fn, reps=self.cfg.reps, warmup=0)
-        return more
+    def _time(self, fn, compiled: bool = False) -> Timing:
+        """Warm up until `reps` repeated calls agree within 5% (calls over 3 s: two), bounded;
+        the row reports those calls' spread and the first call. A compiled model's first call
+        (compilation) is never timed."""
+        return time_until_stable(fn, self.device, reps=self.cfg.reps, untimed_first=compiled)
 
     # ------------------------------------------------------------------ scoring
     def score(self, method: str, total: int) -> None:
@@ -165,14 +169,14 @@ class Bench:
             with mem:
                 return self._time(fn, compiled=method == "cepe" and self.cfg.compile_encoder)
 
-        times, status, err = self._guard(("score", method), total, run)
+        timing, status, err = self._guard(("score", method), total, run)
         row = dict(task="score", method=method, total_len=total, context_tokens=inputs.context_tokens,
                    decoder_tokens=d, status=status, error=err, flops=work)
         if status == "ok":
-            t = median(times)
+            t = timing.median
             tflops = work["total"] / t / 1e12
             peak = self.ceilings.get("matmul_tflops")
-            row.update(time_s=t, times_s=times, tokens_per_s=total / t, scored_tokens_per_s=d / t,
+            row.update(**timing.row(), tokens_per_s=total / t, scored_tokens_per_s=d / t,
                        tflops_per_s=tflops, mfu=tflops / peak if peak else None,
                        peak_gb=_gb(mem.peak_bytes), raw_peak_gb=_gb(mem.raw_peak_bytes))
         self._row(**row)
@@ -247,6 +251,41 @@ class Bench:
         self._last_budget = budget
         return budget
 
+    # ------------------------------------------------------------------ time to first token
+    def ttft(self, method: str, total: int) -> None:
+        """Time to the first token of a `question_tokens` question after total - question tokens
+        of text. CEPE: the document was encoded and stored before (its states are on the device,
+        as a document store holds them): prefill the question against them and pick a token; no
+        encoder run. Also `load_s`: reading those states back from a safetensors file (from the
+        page cache) onto the device. Full attention: prefill all `total` tokens, keep the cache."""
+        cfg, m = self.cfg, self.model
+        q = min(cfg.question_tokens, total)
+        inputs = make_inputs(m, total, q, self.device, cfg.seed)
+        old_policy = m.config.kv_policy
+        m.config.kv_policy = "recompute"  # project the cross keys/values once inside the prefill, keep none
+        extra: dict = {}
+
+        def run():
+            stored = store_document(m, inputs) if method == "cepe" else None
+            held = self.full_weight_bytes if stored is None else self.cepe_weight_bytes + stored.hidden_states.nbytes
+            extra["mem"] = mem = PeakMemory(self.device, held)  # a stored document's states count as held
+            with mem:
+                timing = self._time(first_token_fn(m, method, inputs, stored))
+            if stored is not None:
+                extra.update(load_time(stored, self.device), stored_state_bytes_per_token=stored.hidden_states[0, 0].nbytes)
+            return timing
+
+        try:
+            timing, status, err = self._guard(("ttft", method), total, run)
+        finally:
+            m.config.kv_policy = old_policy
+        mem = extra.pop("mem", None)
+        row = dict(task="ttft", method=method, total_len=total, context_tokens=inputs.context_tokens,
+                   question_tokens=q, status=status, error=err, **extra)
+        if status == "ok":
+            row.update(**timing.row(), peak_gb=_gb(mem.peak_bytes), raw_peak_gb=_gb(mem.raw_peak_bytes))
+        self._row(**row)
+
     # ------------------------------------------------------------------ attention kernels
     def kernels(self, total: int) -> None:
         """Cross-attention alone at `total` tokens, under each SDPA kernel: prefill (D queries per
@@ -314,6 +353,9 @@ class Bench:
                     items.append(("decode", "full", n, "none", "hf"))
                 if "cepe" in cfg.methods:
                     items += [("decode", "cepe", n, p, "hf") for p in cfg.hf_policies]
+        if "ttft" in cfg.tasks:
+            for method in cfg.methods:
+                items += [("ttft", method, n) for n in cfg.lengths if n > cfg.question_tokens]
         return items
 
     def run(self) -> dict:
@@ -325,6 +367,8 @@ class Bench:
                     self.kernels(item[1])
                 elif item[0] == "score":
                     self.score(item[1], item[2])
+                elif item[0] == "ttft":
+                    self.ttft(item[1], item[2])
                 else:
                     self.decode(item[1], item[2], item[3], item[4])
         self.result["wall_s"] = time.perf_counter() - self.t_start

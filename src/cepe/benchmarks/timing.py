@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -57,6 +58,63 @@ class Timer:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+@dataclass
+class Timing:
+    """Timed calls after a warm-up that ran until repeated timings agreed.
+
+    times: the seconds reported (the last calls, which agree within the tolerance when
+    `converged`); warmup: every earlier call, the first call of the process first."""
+
+    times: list[float]
+    warmup: list[float] = field(default_factory=list)
+    converged: bool = True
+    tolerance: float = 0.05
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def row(self) -> dict:
+        """The spread fields every timed row carries: min / median / max, coefficient of variation,
+        (max - min) / median, and how the first call compared with the repeats."""
+        med = self.median
+        first = self.warmup[0] if self.warmup else self.times[0]
+        cv = statistics.pstdev(self.times) / med if len(self.times) > 1 and med > 0 else 0.0
+        return {"time_s": med, "times_s": self.times, "time_min_s": min(self.times), "time_max_s": max(self.times),
+                "time_cv": cv, "time_spread": (max(self.times) - min(self.times)) / med if med > 0 else 0.0,
+                "first_call_s": first, "first_over_median": first / med if med > 0 else None,
+                "warmup_s": self.warmup, "warm_converged": self.converged}
+
+
+def time_until_stable(fn: Callable[[], object], device, reps: int = 3, tolerance: float = 0.05,
+                      max_calls: int = 10, long_s: float = 3.0, long_reps: int = 2, long_max_calls: int = 3,
+                      untimed_first: bool = False) -> Timing:
+    """Call `fn` until the last `reps` calls agree within `tolerance` ((max - min) / min), then
+    report those calls; the ones before are the warm-up (the first call always is: caches, kernel
+    choice, allocator). A fresh process's first call can be 2.6x slower than its repeats (issue 16),
+    so a fixed single warm-up call is not enough.
+
+    Bounded: at most `max_calls` calls, or `long_max_calls` when a call takes over `long_s` seconds
+    (those need only `long_reps` agreeing calls: full attention over 256K tokens takes ~50 s a call). If the bound is hit, the last calls are reported
+    with `converged` False. `untimed_first`: the first call is not even timed (compilation)."""
+    timer = Timer(device)
+    if untimed_first:
+        timer(fn, reps=0, warmup=1)
+    seen: list[float] = []
+    need, limit = max(2, reps), max_calls  # agreement needs at least two calls
+    while True:
+        (t,), out = timer(fn, reps=1, warmup=0)
+        del out
+        seen.append(t)
+        if t > long_s:
+            need, limit = min(need, long_reps), min(max_calls, long_max_calls)
+        window = seen[1:][-need:]  # never the first call
+        if len(window) == need and max(window) <= min(window) * (1 + tolerance):
+            return Timing(window, seen[: len(seen) - need], True, tolerance)
+        if len(seen) >= max(limit, need + 1):
+            return Timing(window, seen[: len(seen) - len(window)], False, tolerance)
 
 
 class PeakMemory:

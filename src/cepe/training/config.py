@@ -41,14 +41,14 @@ class TinyConfig:
 @dataclass
 class ModelConfig:
     decoder: str = "smollm2-135m"  # asset name, HF folder, GGUF file, or `tiny`
-    encoder: str | None = "minilm-l6"  # asset name, HF folder, `tiny`, or null (decoder-derived encoder)
+    encoder: str | None = "minilm-l6"  # asset name, HF folder, `tiny`, or `decoder` (decoder-derived encoder)
     chunk_size: int = 256
     cross_attn_init: str = "copy"
     cross_attn_layers: str | list[int] = "all"
     cross_attn_num_kv_heads: int | None = None
     encoder_num_layers: int = 4  # decoder-derived encoder depth
     encoder_frozen: str | None = None  # "embeddings": keep the encoder's (large, generic) embeddings frozen and unsaved
-    dtype: str = "fp32"  # decoder weights: fp32 or bf16 (bf16 needs train.precision=bf16)
+    dtype: str = "float32"  # decoder weights: float32 or bfloat16 (bfloat16 needs train.precision=bf16)
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     init_adapter: str | None = None  # start from a trained adapter folder (e.g. the previous stage)
     tiny: TinyConfig = field(default_factory=TinyConfig)
@@ -106,10 +106,13 @@ class RunConfig:
         t, d, m = self.train, self.distill, self.model
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
-        if m.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
-        if m.dtype == "bf16" and t.precision != "bf16":
-            raise ValueError("model.dtype=bf16 needs train.precision=bf16")
+        if m.dtype not in ("float32", "bfloat16", "fp32", "bf16"):
+            raise ValueError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
+        from ..model.loading import dtype_name
+
+        m.dtype = dtype_name(m.dtype)  # fp32 / bf16: the old spellings, with a FutureWarning
+        if m.dtype == "bfloat16" and t.precision != "bf16":
+            raise ValueError("model.dtype=bfloat16 needs train.precision=bf16")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_samples"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)}")
@@ -289,7 +292,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def training_view(cfg: RunConfig | dict) -> dict[str, Any]:
     """The flat config without runtime-only keys: what a checkpoint must agree with."""
     tree = to_dict(cfg) if not isinstance(cfg, dict) else cfg
-    return {k: v for k, v in _flatten(tree).items() if k not in RUNTIME_KEYS}
+    view = {k: v for k, v in _flatten(tree).items() if k not in RUNTIME_KEYS}
+    # one spelling per value, hashed as spelled before #13, so earlier checkpoints still resume
+    if "model.dtype" in view:
+        view["model.dtype"] = {"float32": "fp32", "bfloat16": "bf16"}.get(view["model.dtype"], view["model.dtype"])
+    if "model.encoder" in view and view["model.encoder"] in ("decoder", "none", "null", "None", ""):
+        view["model.encoder"] = None
+    return view
 
 
 def fingerprint(cfg: RunConfig | dict) -> str:
