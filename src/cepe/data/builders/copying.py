@@ -107,14 +107,14 @@ class CopyingBuilder(LongDocumentBuilder):
         s = int(rng.integers(len(ctx) - span - k + 1))
         return [(cue, False), (ctx[s : s + k], False), (ctx[s + k : s + k + span], True)], None
 
-    def _queries(self, rng: np.random.Generator, pairs: list[tuple[str, str]], prompt, budget: int, cue: str):
-        """Cue, then `prompt(key)` (no loss) + value (loss) + a line break, while they fit."""
+    def _queries(self, rng: np.random.Generator, pairs: list[tuple[str, str]], prompt, budget: int, cue: str, tail: str = "\n"):
+        """Cue, then `prompt(key)` (no loss) + value (loss) + `tail` (the rest of the line), while they fit."""
         lo, hi = self.cfg.copying.queries
         segments = [(self.codec.dec(cue), False)]
         used = len(segments[0][0])
         for i in rng.permutation(len(pairs))[: int(rng.integers(lo, hi + 1))]:
             key, value = pairs[int(i)]
-            q, a, nl = self.codec.dec(prompt(key)), self.codec.dec(value), self.codec.dec("\n")
+            q, a, nl = self.codec.dec(prompt(key)), self.codec.dec(value), self.codec.dec(tail)
             if used + len(q) + len(a) + len(nl) > budget:
                 break
             segments += [(q, False), (a, True), (nl, False)]
@@ -164,6 +164,9 @@ class CopyingBuilder(LongDocumentBuilder):
             return None
         header, row, prompt = TABLES[int(rng.integers(len(TABLES)))]
         table = header.format() + "".join(row.format(k=k, K=k.upper(), v=v) for k, v in pairs)
-        ask = (lambda k: QUESTION.format(k=k)) if rng.random() < 0.5 else (lambda k: prompt.format(k=k, K=k.upper()))
-        segments = self._queries(rng, pairs, ask, budget, "\n\n")
+        if rng.random() < 0.5:
+            ask, tail = (lambda k: QUESTION.format(k=k)), "\n"
+        else:  # the table's own row: its prompt, the value, the rest of the row
+            ask, tail = (lambda k: prompt.format(k=k, K=k.upper())), row.split("{v}")[1]
+        segments = self._queries(rng, pairs, ask, budget, "\n\n", tail)
         return (segments, table) if segments else None
