@@ -29,7 +29,7 @@ case "${1:-}" in
   unpack)
     if [ ! -d "$MIX/train" ]; then
       mkdir -p "$MIX"
-      cat ${MIX_PARTS:-$ROOT/data/mix.tar.xz.part*} | xz -dc -T0 | tar -x -C "$MIX"
+      cat ${MIX_PARTS:-$ROOT/data/mix.tar.xz.part*} | xz -dc -T0 | tar -x -i -C "$MIX"   # -i: also several packs, each its own tar
     fi
     du -sh "$MIX"/train "$MIX"/heldout
     bash scripts/gpu/bootstrap.sh
