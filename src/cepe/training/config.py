@@ -36,6 +36,7 @@ class TinyConfig:
     encoder_layers: int = 2
     encoder_heads: int = 4
     encoder_dropout: float = 0.0
+    tie_word_embeddings: bool = False  # as SmolLM2 and Gemma 3 do (the decoder-derived encoder then shares the table)
     seed: int = 0
 
 

@@ -44,6 +44,15 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_pa
 LOAD = StateDictOptions(full_state_dict=True, strict=False)
 
 
+def trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without any name of a frozen parameter. torch's `ignore_frozen_params` drops a frozen
+    tensor under the one name `named_parameters()` lists, but keeps its aliases: with a tied-embedding
+    decoder and the decoder-derived encoder, `decoder.lm_head.weight` and the encoder's embedding (one
+    frozen tensor) would stay, and safetensors refuses to save shared tensors."""
+    frozen = {n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
 class _Meter:
     """Progress bar and throughput of a run (decoder tokens per second, since the last step and
     since the run started or resumed), and its last loss."""
@@ -190,7 +199,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         ckpt.write_rng(tmp, acc.process_index)
-        adapter = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
+        adapter = trainable_state(self.model, get_model_state_dict(self.model, options=FULL))  # collective under FSDP
         optim = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL)
         acc.wait_for_everyone()
         if acc.is_main_process:
