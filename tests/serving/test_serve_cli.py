@@ -17,15 +17,18 @@ from cepe.serving.cli import default_model_name
 
 
 def test_parser_defaults_are_loopback_and_bounded():
-    args = build_parser().parse_args(["serve", "--adapter", "none"])
+    args = build_parser().parse_args(["serve", "--init", "zero"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.func.__name__ == "serve"
     assert args.max_queue > 0 and args.max_tokens > 0 and args.timeout > 0
     assert default_model_name(args) == "cepe-smollm2-135m-minilm-l6-zero"
     assert default_model_name(build_parser().parse_args(["serve", "--adapter", "/x/my-adapter"])) == "my-adapter"
+    derived = build_parser().parse_args(["serve", "--init", "copy", "--encoder", "decoder"])
+    assert default_model_name(derived) == "cepe-smollm2-135m-decoder-copy"
+    assert default_model_name(build_parser().parse_args(["serve"])) == "cepe-smollm2-135m"  # the released adapter
 
 
 def test_bad_flags_fail_before_loading_anything(capsys):
-    assert main(["serve", "--adapter", "none", "--max-queue", "0"]) == 2
+    assert main(["serve", "--init", "zero", "--max-queue", "0"]) == 2
     assert "--max-queue must be positive" in capsys.readouterr().err
     assert main(["serve", "--adapter", "/no/such/adapter"]) == 2
 
@@ -37,7 +40,7 @@ def test_real_server_process_answers_with_a_stored_document(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "cepe.cli", "serve", "--adapter", "none", "--init", "zero", "--port", str(port),
+    cmd = [sys.executable, "-m", "cepe.cli", "serve", "--init", "zero", "--port", str(port),
            "--store", str(tmp_path / "store"), "--threads", "1", "--max-tokens", "8"]
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

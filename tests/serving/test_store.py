@@ -42,8 +42,8 @@ def test_round_trip_lru_eviction_and_restart(tmp_path):
     store = DocumentStore(tmp_path, FP, 2**20)
     ids = [store.content_id(f"doc {i}") for i in range(3)]
     original = states(10, seed=1)
-    info, evicted = store.put(ids[0], original, name="first")
-    assert evicted == [] and info.tokens == 10 and info.name == "first"
+    info, evicted, created = store.put(ids[0], original, name="first")
+    assert created and evicted == [] and info.tokens == 10 and info.name == "first"
     torch.testing.assert_close(store.get(ids[0]).hidden_states, original.hidden_states)
     one = info.bytes
     store.put(ids[1], states(10, seed=2))
@@ -54,7 +54,7 @@ def test_round_trip_lru_eviction_and_restart(tmp_path):
     # restart with a budget for two documents: same order, and the next put evicts ids[1]
     store = DocumentStore(tmp_path, FP, int(2.5 * one))
     assert [d.id for d in store.list()] == [ids[0], ids[1]] and store.info(ids[0]).name == "first"
-    _, evicted = store.put(ids[2], states(10, seed=3))
+    _, evicted, _ = store.put(ids[2], states(10, seed=3))
     assert evicted == [ids[1]] and store.evictions == 1
     assert ids[1] not in store and not (tmp_path / f"{ids[1][4:]}.safetensors").exists()
     assert store.total_bytes <= int(2.5 * one)
@@ -90,7 +90,7 @@ def test_recent_documents_stay_in_memory_with_their_cache(tmp_path):
         store.put(doc_id, states(10, seed=i))
     a = store.get(ids[0])
     assert store.get(ids[0]) is a  # the same object: what the model caches inside it is kept
-    a.cross_kv[0] = (torch.zeros(1, 1, 10, 6), torch.zeros(1, 1, 10, 6))  # as the model would
+    a.cross_cache.store(0, torch.zeros(1, 1, 10, 6), torch.zeros(1, 1, 10, 6), policy="cache")  # as the model would
     assert store.memory_bytes == one + 2 * 240
     store.get(ids[1])  # the cached keys/values count: document 0 no longer fits beside document 1
     assert store.get(ids[0]) is not a

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_options import add_model_arguments
 from .presets import PRESETS
 from .report import _k
 from .runner import DEFAULT_LENGTHS, POLICIES, BenchConfig, run_bench
@@ -55,8 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="llama2-7b", choices=PRESETS, help="model shapes (random weights)")
     g.add_argument("--config", dest="config_path", help="shapes from a CEPE or Hugging Face config.json instead")
     g.add_argument("--cross-kv-heads", type=int, help="cross-attention key/value heads (grouped-query)")
-    g.add_argument("--device", default="cuda")
-    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    add_model_arguments(g, weights=False, device_default="cuda", dtype_default="bfloat16")
     g.add_argument("--compile-encoder", action="store_true", help="torch.compile the context encoder")
     g.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient", "math"),
                    help="preferred scaled-dot-product-attention kernel")

@@ -15,7 +15,6 @@ CPU runs the same step eagerly (`eager` mode), which is how tests check it again
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
@@ -23,14 +22,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
-from ..model import CepeForCausalLM, ContextStates
+from ..model import CepeForCausalLM, ContextStates, decoding
 from .timing import is_cuda, sync
-
-
-def cache_kwarg(decoder) -> str:
-    """The decoder's keyword for its cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
@@ -43,11 +36,11 @@ class Prefilled:
     prompt_len: int
 
 
-def _forward(model: CepeForCausalLM, method: str, ids: torch.Tensor, context: ContextStates | None, cache, kw: str,
-             logits_to_keep: int = 1):
+def _forward(model: CepeForCausalLM, method: str, ids: torch.Tensor, context: ContextStates | None, cache):
+    """One cached forward (`model.decoding.forward`): CEPE with its context, or the decoder alone."""
     if method == "cepe" and context is not None:
-        return model(ids, context=context, use_cache=True, logits_to_keep=logits_to_keep, **{kw: cache})
-    return model.decoder(ids, use_cache=True, logits_to_keep=logits_to_keep, **{kw: cache})
+        return decoding.forward(model, ids, cache, context=context)
+    return decoding.forward(model.decoder, ids, cache)
 
 
 def to_static(dynamic: DynamicCache, config, max_cache_len: int) -> StaticCache:
@@ -69,9 +62,8 @@ def prefill(model: CepeForCausalLM, method: str, ids: torch.Tensor, context: Con
             new_tokens: int) -> Prefilled:
     """Run the prompt once (flash-friendly: a dynamic cache, no mask), keep its keys/values in a
     static cache with room for `new_tokens` more, and pick the first token."""
-    kw = cache_kwarg(model.decoder)
-    dynamic = DynamicCache(config=model.decoder.config)
-    out = _forward(model, method, ids, context, dynamic, kw)
+    dynamic = decoding.new_cache(model)
+    out = _forward(model, method, ids, context, dynamic)
     first = out.logits[:, -1].argmax(-1)
     del out
     static = to_static(dynamic, model.decoder.config, ids.shape[1] + new_tokens)
@@ -84,7 +76,6 @@ class DecodeStep:
 
     def __init__(self, model: CepeForCausalLM, method: str, state: Prefilled, new_tokens: int):
         self.model, self.method, self.state = model, method, state
-        self.kw = cache_kwarg(model.decoder)
         dev = state.first_token.device
         self.token = state.first_token.view(1, 1).clone()
         self.tokens = torch.zeros(new_tokens, dtype=torch.long, device=dev)
@@ -92,7 +83,7 @@ class DecodeStep:
         self.step = torch.ones(1, dtype=torch.long, device=dev)
 
     def __call__(self) -> None:
-        out = _forward(self.model, self.method, self.token, self.state.context, self.state.cache, self.kw)
+        out = _forward(self.model, self.method, self.token, self.state.context, self.state.cache)
         self.logits = out.logits[:, -1]  # (1, V); in a graph, the buffer each replay rewrites
         nxt = self.logits.argmax(-1)
         self.token.copy_(nxt.view(1, 1))
@@ -204,7 +195,7 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
 def _policy_used(ctx: ContextStates | None) -> str:
     if ctx is None:
         return "none"
-    return "cache" if any(isinstance(k, int) for k in ctx.cross_kv) else "recompute"
+    return "cache" if ctx.cross_cache.filled else "recompute"
 
 
 class _Clock(BaseStreamer):

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from ..model import CepeConfig, CepeForCausalLM
 from ..model.encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder
 from ..model.families import FAMILIES
+from ..model.loading import DECODER_DERIVED, load_model
 
 # encoder kinds: "bidirectional" = a LLaMA-style stack of its own width run bidirectionally over each
 # chunk (the paper's encoder; the library's DecoderDerivedEncoder class built from its own config);
@@ -187,8 +188,8 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torc
                 seed: int = 0, kv_policy: str = "recompute") -> CepeForCausalLM:
     """The library's `CepeForCausalLM` with random weights, built in place on `device` in `dtype`.
 
-    Goes through `CepeForCausalLM.from_base`, exactly as a user wraps a decoder: the benchmark
-    times this object, nothing re-implemented."""
+    Goes through the library's one loader (`load_model`, `CepeForCausalLM.from_base`), exactly as a
+    user wraps a decoder: the benchmark times this object, nothing re-implemented."""
     torch.manual_seed(seed)
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
@@ -196,12 +197,11 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torc
         dec_cfg._attn_implementation = "sdpa"
         decoder = AutoModelForCausalLM.from_config(dec_cfg).eval()
         encoder = build_encoder(spec)
-        model = CepeForCausalLM.from_base(
-            decoder, encoder, chunk_size=spec.chunk_size, cross_attn_init="copy",
-            cross_attn_num_kv_heads=spec.cross_attn_num_kv_heads, encoder_num_layers=spec.encoder_layers,
-            kv_policy=kv_policy,
+        model = load_model(
+            decoder, DECODER_DERIVED if encoder is None else encoder, init="copy", dtype=dtype, device=device,
+            chunk_size=spec.chunk_size, cross_attn_num_kv_heads=spec.cross_attn_num_kv_heads,
+            encoder_num_layers=spec.encoder_layers, kv_policy=kv_policy,
         )
-    model = model.to(device=device, dtype=dtype).eval()
     return model
 
 

@@ -11,6 +11,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from ..cli_options import add_model_arguments, model_choice
+
 DEFAULT_METHODS = {
     "ppl": "cepe,truncated,full,streamingllm,replug",
     "rag-lm": "cepe,truncated,full,replug",
@@ -41,19 +43,11 @@ def _floats(text: str) -> list[float]:
 
 
 def _common(p: argparse.ArgumentParser, task: str) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--decoder", default=None, help="base decoder: asset name or folder (default smollm2-135m, or the one an --adapter records)")
-    g.add_argument("--encoder", default="minilm-l6", help="context encoder for --init: asset name, folder, or 'decoder' (decoder-derived)")
-    g.add_argument("--adapter", default=None, help="trained CEPE adapter folder, or 'released'")
+    g = add_model_arguments(p.add_argument_group("model"), device_default="cuda" if _cuda() else "cpu")
     g.add_argument("--length-scaling", default=None, metavar="L|off",
                    help="cross-attention length scaling for every CEPE model: logits x log(L)/log(n) beyond L context tokens (default: the adapter's config)")
     g.add_argument("--compare-adapter", action="append", default=[], metavar="NAME=DIR",
                    help="another adapter on the same decoder, run as method NAME (e.g. ceped=runs/distill/adapter); repeatable")
-    g.add_argument("--init", choices=["zero", "copy"], default=None, help="build an untrained CEPE model (zero: equals the base decoder)")
-    g.add_argument("--chunk-size", type=int, default=256, help="encoder chunk size for --init (default 256)")
-    g.add_argument("--encoder-layers", type=int, default=4, help="depth of the decoder-derived encoder for --init (default 4)")
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: the checkpoint's (fp32 here)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("methods")
     g.add_argument("--methods", default=DEFAULT_METHODS[task],
@@ -198,8 +192,9 @@ def _setup(args):
         if not sep or not name or not folder:
             raise ValueError(f"--compare-adapter wants NAME=DIR, got {spec!r}")
         extra.append((name, folder))
-    em = load_eval_model(args.decoder, args.encoder, args.adapter, args.init, args.chunk_size, args.device, args.dtype,
-                         encoder_layers=args.encoder_layers)
+    c = model_choice(args)
+    em = load_eval_model(c["decoder"], c["encoder"], c["adapter"], c["init"], c["chunk_size"], args.device, c["dtype"],
+                         encoder_layers=c["encoder_layers"])
     window = args.stream_window or getattr(args, "decoder_tokens", None) or 512
     # long-text tasks split their one context document into REPLUG passes; passage tasks do not
     replug_chunk = (args.replug_chunk or args.decoder_tokens) if hasattr(args, "replug_chunk") else None

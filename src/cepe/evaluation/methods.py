@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from ..model import decoding
+from ..model.decoding import left_pad
 from .rope import ROPE_TYPES, native_window, scaled_rope
 from .scoring import Request, greedy_generate
 from .streaming import sink_attention
@@ -50,39 +51,16 @@ def decoder_log_probs(
     ids = ids.to(dev)
     if attention_mask is not None:
         attention_mask = attention_mask.to(dev)
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = decoding.positions(attention_mask)
     out = decoder(input_ids=ids, attention_mask=attention_mask, logits_to_keep=last, use_cache=False, **kwargs)
     return out.logits[:, -last:].float().log_softmax(-1)
 
 
-def _hf_greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids, pad_id: int, **kwargs) -> list[int]:
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id
-    )
-    x = torch.tensor([ids], device=_device(model))
-    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, **kwargs)[0, len(ids) :].tolist()
-    return _cut(out, stop_ids)
-
-
-def _hf_greedy_batch(model: nn.Module, rows: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
-                     logits_processor=None, **kwargs) -> list[list[int]]:
-    """Greedy continuations of several prompts in one `generate` call: rows left-padded (positions
-    restart at each row's first real token), finished rows padded until the longest is done."""
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids) or None, pad_token_id=pad_id
-    )
-    ids, mask = left_pad(rows, pad_id)
-    dev = _device(model)
-    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), generation_config=cfg,
-                         **({"logits_processor": logits_processor} if logits_processor is not None else {}), **kwargs)
-    return [_cut(r, stop_ids) for r in out[:, ids.shape[1] :].tolist()]
-
-
-def _cut(tokens: list[int], stop_ids) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[:i]
-    return tokens
+def _greedy(model: nn.Module, rows: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+            mix=None, **kwargs) -> list[list[int]]:
+    """Greedy continuations of several prompts decoded together (`model.decoding`: rows
+    left-padded, positions restarting at each row's first real token)."""
+    return decoding.greedy(model, rows, max_new_tokens, stop_ids, pad_id, mix=mix, **kwargs)
 
 
 class Method:
@@ -137,11 +115,11 @@ class Truncated(Method):
         return _padded_log_probs(self.decoder, [r.prefix + r.tokens for r in requests], last, self.pad_id)
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
-        return _hf_greedy(self.decoder, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id)
+        return _greedy(self.decoder, [request.prefix + request.tokens], max_new_tokens, stop_ids, self.pad_id)[0]
 
     def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
         rows = [r.prefix + r.tokens for r in requests]
-        return _hf_greedy_batch(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
+        return _greedy(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
 
 
 class Full(Method):
@@ -192,13 +170,13 @@ class Full(Method):
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         ids = self.ids(request)
         with scaled_rope(self.decoder, self.rope, self.factor(len(ids) + max_new_tokens)):
-            return _hf_greedy(self.decoder, ids, max_new_tokens, stop_ids, self.pad_id)
+            return _greedy(self.decoder, [ids], max_new_tokens, stop_ids, self.pad_id)[0]
 
     def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
         if self.rope is not None:  # the scaling factor depends on each request's length
             return super().generate_batch(requests, max_new_tokens, stop_ids)
         rows = [self.ids(r) for r in requests]
-        return _hf_greedy_batch(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
+        return _greedy(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
 
 
 class StreamingLLM(Method):
@@ -220,7 +198,7 @@ class StreamingLLM(Method):
             return decoder_log_probs(self.decoder, ids, last)[0]
 
 
-class _MixtureProcessor(LogitsProcessor):
+class _Mixture:
     """Replace every row's next-token scores by the weighted mixture of the distributions of its
     group's rows (REPLUG: one group of passes per request), so greedy decoding appends the same
     token to every pass of a request. `sizes`: rows per group, consecutive (default: one group)."""
@@ -229,7 +207,7 @@ class _MixtureProcessor(LogitsProcessor):
         self.log_weights = log_weights
         self.sizes = sizes or [len(log_weights)]
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, scores):
         lp = scores.float().log_softmax(-1) + self.log_weights.to(scores.device)[:, None]
         mixed = [torch.logsumexp(part, dim=0, keepdim=True).expand_as(part) for part in lp.split(self.sizes)]
         return torch.cat(mixed).to(scores.dtype)
@@ -292,9 +270,8 @@ class Replug(Method):
         among themselves only (they stay in step: every pass appends the mixture's token)."""
         passes = [self.passes(r) for r in requests]
         rows = [p for group in passes for p in group]
-        procs = LogitsProcessorList([_MixtureProcessor(torch.cat([self.log_weights(r) for r in requests]),
-                                                       [len(g) for g in passes])])
-        out = _hf_greedy_batch(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id, logits_processor=procs)
+        mix = _Mixture(torch.cat([self.log_weights(r) for r in requests]), [len(g) for g in passes])
+        out = _greedy(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id, mix=mix)
         firsts = [sum(len(g) for g in passes[:i]) for i in range(len(passes))]
         return [out[i] for i in firsts]
 
@@ -316,7 +293,7 @@ class SharedPrefix:
         from transformers import DynamicCache
 
         dev = _device(decoder)
-        cache_kw = _cache_keyword(decoder)
+        cache_kw = decoding.cache_keyword(decoder)
         if self.key != tuple(shared):
             cache = DynamicCache(config=decoder.config)
             decoder(input_ids=torch.tensor([shared], device=dev), use_cache=True, logits_to_keep=1, **{cache_kw: cache})
@@ -331,29 +308,10 @@ class SharedPrefix:
         return torch.stack(rows).float().log_softmax(-1)
 
 
-def _cache_keyword(decoder: nn.Module) -> str:
-    """The decoder forward's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
 def _padded_log_probs(model: nn.Module, rows: list[list[int]], last: int, pad_id: int, **kwargs) -> torch.Tensor:
     """(B, last, V) log-probs after the last `last` tokens of each row, rows left-padded."""
     ids, mask = left_pad(rows, pad_id)
     return decoder_log_probs(model, ids, last, attention_mask=mask if mask.eq(0).any() else None, **kwargs)
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ids -> (B, T) ids and mask, padded on the left so every row ends at T."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 class Cepe(Method):
@@ -400,8 +358,8 @@ class Cepe(Method):
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         ctx = self.context(request)
-        return _hf_greedy(self.model, request.prefix + request.tokens, max_new_tokens, stop_ids, self.pad_id,
-                          **({"context": ctx} if ctx is not None else {}))
+        return _greedy(self.model, [request.prefix + request.tokens], max_new_tokens, stop_ids, self.pad_id,
+                       **({"context": ctx} if ctx is not None else {}))[0]
 
     def batch_context(self, requests: list[Request]):
         """Encoded contexts of several requests as one batch: every request's chunks go through
@@ -417,8 +375,8 @@ class Cepe(Method):
     def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
         ctx = self.batch_context(requests)
         rows = [r.prefix + r.tokens for r in requests]
-        return _hf_greedy_batch(self.model, rows, max_new_tokens, stop_ids, self.pad_id,
-                                **({"context": ctx} if ctx is not None else {}))
+        return _greedy(self.model, rows, max_new_tokens, stop_ids, self.pad_id,
+                       **({"context": ctx} if ctx is not None else {}))
 
 
 METHODS = ("cepe", "truncated", "full", "full-linear", "full-dynamic", "full-yarn", "streamingllm", "replug")

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.loading import DECODER_DERIVED, DEFAULT_DECODER, DEFAULT_ENCODER
+
 
 @dataclass
 class EvalModel:
@@ -32,12 +34,9 @@ class EvalModel:
         return next(self.decoder.parameters()).device
 
 
-DEFAULT_DECODER = "smollm2-135m"
-
-
 def load_eval_model(
     decoder: str | None = None,
-    encoder: str | None = "minilm-l6",
+    encoder: str | None = DEFAULT_ENCODER,
     adapter: str | None = None,
     init: str | None = None,
     chunk_size: int = 256,
@@ -48,33 +47,30 @@ def load_eval_model(
     """`adapter`: a trained adapter folder (or `released`), on `decoder` or else the base decoder
     the adapter records; `init`: `zero` | `copy` builds an untrained CEPE model; neither: the base
     decoder alone. `decoder` defaults to SmolLM2-135M-Instruct; `encoder="decoder"`: the
-    decoder-derived encoder."""
-    from ..model import CepeForCausalLM
-    from ..model.loading import load_decoder
+    decoder-derived encoder. CEPE models come from the one loader, `model.loading.load_model`."""
+    from ..model.loading import adapter_and_init, dtype_name, encoder_name, load_decoder, load_model
 
-    if adapter is not None and init is not None:
-        raise ValueError("give either --adapter (a trained adapter) or --init (an untrained model), not both")
+    dtype, encoder = dtype_name(dtype), encoder_name(encoder)
     desc = {"decoder": decoder or DEFAULT_DECODER, "encoder": encoder, "adapter": adapter, "init": init,
             "chunk_size": chunk_size, "dtype": dtype or "float32"}
-    if adapter is not None:
-        model = CepeForCausalLM.from_pretrained(adapter, decoder=decoder, dtype=dtype)
-        cfg = model.config
-        desc.update(decoder=decoder or cfg.base_decoder, chunk_size=cfg.chunk_size,
-                    encoder=cfg.base_encoder if cfg.encoder_type == "hf" else "decoder")
-    elif init is not None:
-        model = CepeForCausalLM.from_base(desc["decoder"], None if encoder in (None, "decoder") else encoder,
-                                          chunk_size=chunk_size, cross_attn_init=init, dtype=dtype,
-                                          encoder_num_layers=encoder_layers)
-    else:
+    if adapter is None and init is None:
         base, tok = load_decoder(desc["decoder"], dtype=dtype)
         if tok is None:
             raise ValueError(f"{desc['decoder']}: no tokenizer found next to the decoder")
         return EvalModel(base.to(device).eval(), tok, None, desc)
+    adapter, init = adapter_and_init(adapter, init)
+    desc.update(adapter=adapter, init=init)
+    if adapter is not None:
+        # the encoder is the adapter's own (eval's --encoder is for --init only)
+        model = load_model(decoder, None, adapter, dtype=dtype, device=device)
+        cfg = model.config
+        desc.update(decoder=decoder or cfg.base_decoder, chunk_size=cfg.chunk_size,
+                    encoder=cfg.base_encoder if cfg.encoder_type == "hf" else DECODER_DERIVED)
+    else:
+        model = load_model(desc["decoder"], encoder, init=init, dtype=dtype, device=device, chunk_size=chunk_size,
+                           encoder_num_layers=encoder_layers)
     if model.tokenizer is None:
         raise ValueError(f"{desc['decoder']}: no tokenizer found next to the decoder")
-    if dtype is not None:
-        model = model.to(next(model.decoder.parameters()).dtype)
-    model = model.to(device).eval()
     return EvalModel(model.decoder, model.tokenizer, model, desc)
 
 

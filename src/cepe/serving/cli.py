@@ -7,21 +7,16 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from ..cli_options import add_model_arguments, model_choice, model_from_args
+from ..model.loading import DEFAULT_DECODER
+
 log = logging.getLogger("cepe.serving")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with an encode-once document store",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--decoder", default="smollm2-135m", help="base decoder: asset name, folder or GGUF file")
-    m.add_argument("--encoder", default="minilm-l6", help="context encoder: asset name or folder ('none': decoder-derived)")
-    m.add_argument("--adapter", default="released", help="trained adapter folder, 'released', or 'none' (fresh cross-attention)")
-    m.add_argument("--init", choices=["zero", "copy"], default="zero",
-                   help="cross-attention init with --adapter none ('zero' = exactly the base decoder)")
-    m.add_argument("--chunk-size", type=int, default=256, help="context chunk size with --adapter none")
-    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights dtype (None: as stored)")
-    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda when available)")
+    m = add_model_arguments(p.add_argument_group("model"), default_adapter="released")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
     m.add_argument("--model-name", default=None, help="id clients pass as `model` (None: from the adapter)")
     s = p.add_argument_group("server")
@@ -42,28 +37,19 @@ def register(subparsers) -> None:
 
 def load_model(args: argparse.Namespace):
     """The `CepeForCausalLM` the flags describe, with both tokenizers attached."""
-    import torch
-
-    from ..model.modeling import CepeForCausalLM
-
-    encoder = None if args.encoder in (None, "", "none") else args.encoder
-    if args.adapter == "none":
-        model = CepeForCausalLM.from_base(args.decoder, encoder, chunk_size=args.chunk_size, cross_attn_init=args.init, dtype=args.dtype)
-    else:
-        model = CepeForCausalLM.from_pretrained(args.adapter, decoder=args.decoder, encoder=encoder, dtype=args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+    return model_from_args(args)
 
 
 def default_model_name(args: argparse.Namespace) -> str:
-    if args.adapter == "released":
+    c = model_choice(args)
+    if c["adapter"] == "released":
         from ..release import RELEASED_NAME
 
         return RELEASED_NAME
-    if args.adapter != "none":
-        return Path(args.adapter).resolve().name
-    enc = "decoder" if args.encoder in (None, "", "none") else Path(args.encoder).name
-    return f"cepe-{Path(args.decoder).name}-{enc}-{args.init}"
+    if c["adapter"] is not None:
+        return Path(c["adapter"]).resolve().name
+    enc = "decoder" if c["encoder"] == "decoder" else Path(c["encoder"]).name
+    return f"cepe-{Path(c['decoder'] or DEFAULT_DECODER).name}-{enc}-{c['init']}"
 
 
 def serve(args: argparse.Namespace) -> int:

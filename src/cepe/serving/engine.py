@@ -18,7 +18,6 @@ one at a time.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..model import decoding
 from ..model.context import ContextStates
 
 log = logging.getLogger("cepe.serving")
@@ -144,7 +144,7 @@ class Scheduler:
             if self._stopping:
                 raise ShuttingDown("server is shutting down")
             if len(self._waiting) + len(jobs) > self.max_queue:
-                self.metrics.add("rejected", len(jobs))
+                self.metrics.add("rejected")  # one request, however many jobs
                 raise QueueFull(f"queue full ({len(self._waiting)} waiting, limit {self.max_queue}): retry later")
             self._waiting.extend(jobs)
             self._cv.notify()
@@ -225,13 +225,8 @@ class _Row:
         self.ids: list[int] = []
         self.sent = 0  # characters already emitted
         self.done = False
-        self.generator = None
-        if self.s.temperature > 0:  # a generator per row: a seeded request samples the same in any batch
-            self.generator = torch.Generator()
-            if self.s.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(self.s.seed)
+        # a generator per row: a seeded request samples the same in any batch
+        self.sampler = decoding.Sampler(decoding.SamplingParams(self.s.temperature, self.s.top_p, seed=self.s.seed))
 
     def _text(self) -> str:
         return self.runner.decode(self.ids)
@@ -297,9 +292,6 @@ class Runner:
         self.eos_ids = eos
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
-        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes
-        params = inspect.signature(type(model.decoder).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def decode(self, ids: list[int]) -> str:
         with self.lock:
@@ -353,39 +345,18 @@ class Runner:
         # on the model's device once, so the cross-attention key/value cache survives every step
         return ContextStates(hidden, mask, present[0].fingerprint).to(self.model.device)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """logits (B, V) -> next tokens (B,): greedy rows argmax; others temperature + top-p."""
-        tokens = logits.argmax(-1)
-        for i, row in enumerate(rows):
-            if row.done or row.s.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[i].float() / row.s.temperature, dim=-1)
-            if row.s.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < row.s.top_p  # the smallest prefix reaching top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-        return tokens
-
     @torch.no_grad()
     def generate(self, jobs: list[GenerateJob], should_stop: Callable[[], bool]) -> None:
-        model, dev = self.model, self.model.device
         rows = [_Row(job, self) for job in jobs]
         context = self._batch_context(jobs)
         b, t = len(jobs), max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, t), dtype=torch.long)
-        for i, job in enumerate(jobs):  # left padding: every row's next token lands in the last column
-            ids[i, t - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-            mask[i, t - len(job.prompt_ids):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = decoding.Batch(self.model, self.pad_id, context=context)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, context=context, use_cache=True, logits_to_keep=1)
+        logits = batch.prefill([j.prompt_ids for j in jobs])  # left-padded: every row's next token is last
         t_prefill = time.perf_counter() - t0
         steps = 0
         for _ in range(max(j.sampling.max_tokens for j in jobs)):
-            tokens = self._sample(out.logits[:, -1, :], rows)
+            tokens = decoding.pick(logits, [None if r.done else r.sampler for r in rows])
             live = sum(not r.done for r in rows)
             for row, tok in zip(rows, tokens.tolist()):
                 row.push(tok)
@@ -397,11 +368,7 @@ class Runner:
                         row.fail(503, "server is shutting down", "server_error")
             if all(r.done for r in rows):
                 break
-            mask = torch.cat([mask, mask.new_ones((b, 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            cache = out[self.cache_kw] if self.cache_kw in out else out["past_key_values"]
-            out = model(input_ids=tokens[:, None].to(dev), attention_mask=mask, position_ids=positions,
-                        context=context, use_cache=True, **{self.cache_kw: cache})
+            logits = batch.step(tokens)
         for row in rows:
             row.finish("length")
         elapsed = time.perf_counter() - t0

@@ -76,7 +76,8 @@ def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
     """`cepe serve` in a subprocess, its store and log in `work`."""
     port = free_port()
     cmd = [sys.executable, "-m", "cepe.cli", "serve", "--decoder", args.decoder, "--encoder", args.encoder,
-           "--adapter", args.adapter, "--init", args.init, "--port", str(port), "--store", str(work / "store"),
+           *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]),
+           "--port", str(port), "--store", str(work / "store"),
            "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", "256",
            "--max-context-tokens", str(max(65536, 2 * args.doc_tokens)), "--timeout", "900"]
     log = open(work / "server.log", "w")

@@ -1,4 +1,8 @@
-"""Counters for `GET /metrics` (Prometheus text format) and JSON-lines logging."""
+"""`GET /metrics` through `prometheus_client` (a registry per app), and JSON-lines logging.
+
+Counters (`cepe_*_total`), latency histograms (time to first token, inter-token, end to end,
+per request), and gauges sampled at scrape time from the service (queue, store).
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,64 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict, deque
-from datetime import datetime, timezone
+from collections import deque
+from datetime import UTC, datetime, timezone
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 RATE_WINDOW_S = 10.0
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, float("inf"))
+COUNTERS = {
+    "generated_tokens": "tokens generated",
+    "prompt_tokens": "prompt tokens prefilled",
+    "context_tokens": "context tokens attended by generation requests",
+    "encoded_tokens": "context tokens run through the encoder",
+    "encode_seconds": "seconds spent encoding context",
+    "batches": "model batches run",
+    "batched_requests": "requests run in those batches (batched_requests / batches = mean batch size)",
+    "rejected": "requests refused because the queue was full (429)",
+    "timeouts": "requests that ran out of time (504)",
+    "cancelled": "requests whose client went away before the answer",
+    "store_hits": "context uploads answered from the store without encoding",
+}
 
 
 class Metrics:
-    """Thread-safe counters shared by the HTTP handlers and the model worker."""
+    """Thread-safe metrics shared by the HTTP handlers and the model worker."""
 
     def __init__(self):
-        self._lock = threading.Lock()
         self.started = time.time()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (route, status) -> count
-        self.request_seconds: dict[str, float] = defaultdict(float)
-        self.counters: dict[str, float] = defaultdict(float)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("cepe_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.request_seconds = Counter("cepe_request_seconds", "time spent answering HTTP requests, by route", ["route"],
+                                       registry=r)
+        self.counters = {name: Counter(f"cepe_{name}", help_, registry=r) for name, help_ in COUNTERS.items()}
+        self.ttft = Histogram("cepe_time_to_first_token_seconds", "request arrival to its first generated text",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("cepe_inter_token_seconds", "time between a choice's successive text deltas",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("cepe_e2e_request_seconds", "request arrival to its last token (answered requests)",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self._lock = threading.Lock()
         self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._gauges: dict[str, float] = {}
+        self._render_lock = threading.Lock()  # one scrape at a time: the gauges belong to it
+        r.register(_Gauges(self))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
-            self.request_seconds[route] += seconds
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.request_seconds.labels(route=route).inc(seconds)
 
     def add(self, name: str, value: float = 1) -> None:
-        with self._lock:
-            self.counters[name] += value
+        self.counters[name].inc(value)
 
     def generated(self, n_tokens: int) -> None:
         """Record tokens produced by one decoding step of a batch."""
         now = time.monotonic()
+        self.counters["generated_tokens"].inc(n_tokens)
         with self._lock:
-            self.counters["generated_tokens"] += n_tokens
             self._recent_tokens.append((now, n_tokens))
             self._trim(now)
 
@@ -52,45 +83,44 @@ class Metrics:
             return sum(n for _, n in self._recent_tokens) / RATE_WINDOW_S
 
     def render(self, gauges: dict[str, float]) -> str:
-        """Prometheus text exposition: counters plus the `gauges` sampled by the caller."""
-        lines = []
+        """Prometheus text exposition, with `gauges` sampled by the caller."""
+        with self._render_lock:
+            self._gauges = dict(gauges)
+            return generate_latest(self.registry).decode()
 
-        def metric(name, kind, help_, samples):
-            lines.append(f"# HELP cepe_{name} {help_}")
-            lines.append(f"# TYPE cepe_{name} {kind}")
-            for labels, value in samples:
-                lab = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-                lines.append(f"cepe_{name}{lab} {value:g}" if isinstance(value, float) else f"cepe_{name}{lab} {value}")
 
-        with self._lock:
-            reqs = sorted(self.requests.items())
-            secs = sorted(self.request_seconds.items())
-            counters = dict(self.counters)
-        metric("requests_total", "counter", "HTTP requests by route and status",
-               [({"route": r, "status": s}, n) for (r, s), n in reqs])
-        metric("request_seconds_total", "counter", "time spent answering HTTP requests, by route",
-               [({"route": r}, float(v)) for r, v in secs])
-        described = {
-            "generated_tokens": "tokens generated",
-            "prompt_tokens": "prompt tokens prefilled",
-            "context_tokens": "context tokens attended by generation requests",
-            "encoded_tokens": "context tokens run through the encoder",
-            "encode_seconds": "seconds spent encoding context",
-            "batches": "model batches run",
-            "batched_requests": "requests run in those batches (batched_requests / batches = mean batch size)",
-            "rejected": "requests refused because the queue was full (429)",
-            "timeouts": "requests that ran out of time (504)",
-            "cancelled": "requests whose client went away before the answer",
-            "store_hits": "context uploads answered from the store without encoding",
-        }
-        for name, help_ in described.items():
-            metric(f"{name}_total", "counter", help_, [({}, float(counters.get(name, 0)))])
-        metric("tokens_per_second", "gauge", f"generated tokens per second over the last {RATE_WINDOW_S:g} s",
-               [({}, float(round(self.tokens_per_second(), 3)))])
-        for name, value in gauges.items():
-            metric(name, "gauge", name.replace("_", " "), [({}, value)])
-        metric("uptime_seconds", "gauge", "seconds since start", [({}, float(round(time.time() - self.started, 1)))])
-        return "\n".join(lines) + "\n"
+class _Gauges:
+    """Gauges read at scrape time: throughput, uptime, and the service's queue and store figures."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        yield GaugeMetricFamily("cepe_tokens_per_second", f"generated tokens per second over the last {RATE_WINDOW_S:g} s",
+                                value=round(m.tokens_per_second(), 3))
+        for name, value in m._gauges.items():
+            yield GaugeMetricFamily(f"cepe_{name}", name.replace("_", " "), value=value)
+        yield GaugeMetricFamily("cepe_uptime_seconds", "seconds since start", value=round(time.time() - m.started, 1))
+
+
+class RequestClock:
+    """One request's latencies: time to first token, between tokens (per choice), end to end."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics, self.start = metrics, time.perf_counter()
+        self._last: dict[int, float] = {}
+
+    def delta(self, index: int) -> None:
+        now = time.perf_counter()
+        if not self._last:
+            self.metrics.ttft.observe(now - self.start)
+        if index in self._last:
+            self.metrics.inter_token.observe(now - self._last[index])
+        self._last[index] = now
+
+    def done(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
 
 
 class JsonFormatter(logging.Formatter):
@@ -98,7 +128,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

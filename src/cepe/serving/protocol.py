@@ -11,12 +11,51 @@ import time
 import uuid
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.responses import JSONResponse
 
-# fields whose non-default value the server cannot honour: refused with 400, never ignored
+# fields whose non-default value the server cannot honour: refused with 400, never ignored. A value
+# is accepted only if it equals an allowed one *of the same type* (`logprobs: 0` is not `False`).
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "suffix": (None,), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-               "response_format": (None,), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+               "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0)}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _allowed(value, allowed: tuple) -> bool:
+    return any(value is a or (type(value) is type(a) and value == a) for a in allowed)
+
+
+def _surrogate_path(obj, path: str = "") -> str | None:
+    """Where in a JSON value a lone UTF-16 surrogate (valid JSON escape, not valid text) sits."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if (found := _surrogate_path(k, path) or _surrogate_path(v, f"{path}.{k}" if path else str(k))) is not None:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if (found := _surrogate_path(v, f"{path}[{i}]")) is not None:
+                return found
+    return None
+
+
+class _TextOnly(BaseModel):
+    """Refuses bodies holding a lone surrogate (`"\\ud800"`): no tokenizer can encode it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_surrogates(cls, data):
+        if (where := _surrogate_path(data)) is not None:
+            raise PydanticCustomError("invalid_text", "{where}: lone UTF-16 surrogate, not valid Unicode text",
+                                      {"where": where})
+        return data
 
 
 class ContextRef(BaseModel):
@@ -31,7 +70,7 @@ class ContextRef(BaseModel):
 ContextItem = Union[str, ContextRef]
 
 
-class _Request(BaseModel):
+class _Request(_TextOnly):
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -41,13 +80,13 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     context: list[ContextItem] | None = Field(None, description="stored context ids ('ctx-...') and/or raw documents")
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def unsupported(self) -> list[str]:
         extra = self.model_extra or {}
-        return sorted(k for k, ok in UNSUPPORTED.items() if k in extra and extra[k] not in ok)
+        return sorted(k for k, ok in UNSUPPORTED.items() if k in extra and not _allowed(extra[k], ok))
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -59,7 +98,10 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(None, ge=1)  # None (or null): OpenAI's default for completions, 16
+
+    def max_new_tokens(self, server_limit: int) -> int:
+        return min(16, server_limit) if self.max_tokens is None else self.max_tokens
 
 
 class ChatMessage(BaseModel):
@@ -85,7 +127,7 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class ContextUpload(BaseModel):
+class ContextUpload(_TextOnly):
     model_config = ConfigDict(extra="forbid")
     text: str
     name: str | None = Field(None, max_length=256)
@@ -136,3 +178,31 @@ def completion_chunk(rid: str, model: str, text: str, reason: str | None, create
 def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, created: int) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+
+# ---------------------------------------------------------------------------- errors
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, headers=None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
+
+
+def validation_summary(errors) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return "; ".join(parts)
+
+
+def invalid_body(errors, what: str = "request") -> ApiError:
+    """The ApiError for pydantic errors: 400 for text that is not Unicode, else 422."""
+    if text := [e for e in errors if e.get("type") == "invalid_text"]:
+        return ApiError(400, validation_summary(text), code="invalid_text")
+    return ApiError(422, f"invalid {what}: {validation_summary(errors)}")

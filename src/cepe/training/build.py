@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfi
 from ..data.synthetic import vocab_needed
 from ..data.tokenizer import byte_tokenizer
 from ..model import CepeConfig, CepeForCausalLM
-from ..model.loading import resolve_adapter
+from ..model.loading import DECODER_DERIVED, deprecated, encoder_name, load_decoder, load_model, resolve_adapter
 from .config import RunConfig, TinyConfig
 
 
@@ -18,7 +18,7 @@ def tiny_decoder(t: TinyConfig, vocab_size: int, attn_implementation: str | None
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-        max_position_embeddings=t.max_positions, initializer_range=t.init_std, tie_word_embeddings=False,
+        max_position_embeddings=t.max_positions, initializer_range=t.init_std, tie_word_embeddings=t.tie_word_embeddings,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     cfg._attn_implementation = attn_implementation or "sdpa"
@@ -37,8 +37,9 @@ def tiny_encoder(t: TinyConfig, vocab_size: int, chunk_len: int) -> BertModel:
 
 
 def build_model(cfg: RunConfig) -> CepeForCausalLM:
-    """Decoder + encoder (by asset name, path, `tiny`, or null for the decoder-derived encoder),
-    fresh cross-attention, then `model.init_adapter` weights if given."""
+    """Decoder + encoder (by asset name, path, `tiny`, or `decoder` for the decoder-derived encoder),
+    fresh cross-attention (through the one loader, `load_model`), then `model.init_adapter` weights
+    if given."""
     m = cfg.model
     tokenizer = encoder_tokenizer = None
     if m.decoder == "tiny":
@@ -46,28 +47,30 @@ def build_model(cfg: RunConfig) -> CepeForCausalLM:
         vocab = m.tiny.vocab_size or (vocab_needed(cfg.data.synthetic) if cfg.data.is_synthetic else len(tokenizer))
         decoder = tiny_decoder(m.tiny, vocab, m.attn_implementation)
     else:
-        from ..model.loading import load_decoder
-
         decoder, tokenizer = load_decoder(m.decoder, dtype=m.dtype)
         if m.attn_implementation:
             decoder.set_attn_implementation(m.attn_implementation)
-    encoder = m.encoder
+    encoder = encoder_name(m.encoder)
+    if encoder is None:  # YAML null, the old spelling
+        deprecated("model.encoder=null", f"model.encoder={DECODER_DERIVED}")
+        encoder = DECODER_DERIVED
+    derived = encoder == DECODER_DERIVED
     if encoder == "tiny":
         # shares the decoder's ids (synthetic task or byte tokenizer): one token store serves both
         encoder = tiny_encoder(m.tiny, decoder.config.vocab_size, m.chunk_size)
         encoder_tokenizer = tokenizer
-    model = CepeForCausalLM.from_base(
-        decoder, encoder, chunk_size=m.chunk_size, cross_attn_init=m.cross_attn_init,
-        cross_attn_layers=m.cross_attn_layers, cross_attn_num_kv_heads=m.cross_attn_num_kv_heads,
-        encoder_num_layers=m.encoder_num_layers, tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer,
-        encoder_frozen=m.encoder_frozen if m.encoder is not None else None,
+    # dtype stays None: the decoder was loaded in model.dtype, the encoder and adapter train in fp32
+    model = load_model(
+        decoder, encoder, init=m.cross_attn_init, chunk_size=m.chunk_size, cross_attn_layers=m.cross_attn_layers,
+        cross_attn_num_kv_heads=m.cross_attn_num_kv_heads, encoder_num_layers=m.encoder_num_layers,
+        tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer, encoder_frozen=m.encoder_frozen,
     )
     if m.init_adapter:
         load_init_adapter(model, m.init_adapter)
     # trainable weights stay fp32 (AdamW on bf16 weights loses small updates); autocast does the rest
     for p in model.adapter_parameters():
         p.data = p.data.float()
-    if m.encoder is not None:
+    if not derived:
         model.encoder.float()  # frozen encoder parts too: one dtype inside the (small) encoder
     return model
 
