@@ -58,7 +58,8 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
     for ax, (name, grid) in zip(axes[0], grids.items()):
         im = ax.imshow(grid, vmin=0, vmax=vmax, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(xticks)), [str(x) for x in xticks], rotation=45, fontsize=7)
-        ax.set_yticks(range(len(yticks)), [str(y) for y in yticks], fontsize=7)
+        # rows are shared: labelled on the first panel only (long task names would run into the next)
+        ax.set_yticks(range(len(yticks)), [str(y) for y in yticks] if ax is axes[0][0] else [], fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         for i, row in enumerate(grid):
@@ -123,6 +124,7 @@ def ruler_plot(path, result: dict, tag: str) -> Path:
              for m, r in result["methods"].items()}
     grids = {m: [[float("nan") if v is None else v for v in row] for row in g] for m, g in grids.items()}
     lengths = [_short(n) for n in result["lengths"]]
-    title = (f"{tag}: RULER score (0-100), {result['samples_per_cell']} samples per cell, "
+    n = result["samples_per_cell"]
+    title = (f"{tag}: RULER score (0-100), {n} sample{'s' if n != 1 else ''} per cell, "
              f"decoder window D={result['decoder_tokens']}")
     return heatmaps(path, grids, lengths, result["tasks"], "prompt tokens", "task", title, vmax=100)
