@@ -313,6 +313,7 @@ def main(argv=None) -> int:
     cond["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     data = retrieve(Path(args.data), args.questions, args.k)
     work = Path(tempfile.mkdtemp(prefix="cepe-rag-load-"))
+    print(f"server log: {work / 'server.log'}", flush=True)
     result = {"k": args.k, "questions": len(data[0]), "conditions": cond, "modes": [], "fault": None,
               "server_log": str(work / "server.log")}
     for mode in args.modes:
