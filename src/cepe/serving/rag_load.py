@@ -272,6 +272,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, title, unit in zip(axes, ["throughput", "time to first token", "inter-token latency"],
                                ["generated tokens / s", "seconds", "ms"]):
         ax.set_xscale("log", base=2)
+        if ax is not axes[0]:
+            ax.set_yscale("log")
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(unit)
         ax.set_title(title)
