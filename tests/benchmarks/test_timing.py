@@ -141,4 +141,4 @@ def test_ttft_call_uses_the_stored_tensors_and_no_carried_cache(monkeypatch):
     fn()
     fn()
     assert seen[0] is not seen[1] and seen[0] is not doc
-    assert all(c.hidden_states is doc.hidden_states and not c.cross_kv for c in seen)
+    assert all(c.hidden_states is doc.hidden_states and not c.cross_cache.filled for c in seen)

@@ -252,6 +252,8 @@ def test_context_states_save_load_and_fingerprint(tmp_path):
     ctx.save(tmp_path / "c.safetensors")
     back = ContextStates.load(tmp_path / "c.safetensors")
     torch.testing.assert_close(back.hidden_states, ctx.hidden_states)
+    assert back.encoder_hash == m.encoder_hash and m.encoder_hash.startswith("enc-")
+    assert back.fingerprint == m.encoder_fingerprint == m.encoder_hash  # the old names still read
     ids = _ids(b=1)
     torch.testing.assert_close(m(ids, context=back).logits, m(ids, context=ctx).logits)
     other = tiny_cepe("llama", "bert")
@@ -370,10 +372,10 @@ def test_shared_context_projected_once_equals_repeated_context():
     m = tiny_cepe("llama", "bert")
     ids = _ids(b=3, t=6)
     ctx = m.encode(_ctx(b=1))
-    repeated = ContextStates(ctx.hidden_states.repeat(3, 1, 1), ctx.attention_mask.repeat(3, 1), ctx.fingerprint)
+    repeated = ContextStates(ctx.hidden_states.repeat(3, 1, 1), ctx.attention_mask.repeat(3, 1), ctx.encoder_hash)
     for policy in ("recompute", "cache"):
         m.config.kv_policy = policy
-        fresh = ContextStates(ctx.hidden_states, ctx.attention_mask, ctx.fingerprint)
+        fresh = ContextStates(ctx.hidden_states, ctx.attention_mask, ctx.encoder_hash)
         torch.testing.assert_close(m(ids, context=fresh).logits, m(ids, context=repeated).logits, rtol=1e-5, atol=1e-5)
 
 

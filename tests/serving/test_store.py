@@ -90,7 +90,7 @@ def test_recent_documents_stay_in_memory_with_their_cache(tmp_path):
         store.put(doc_id, states(10, seed=i))
     a = store.get(ids[0])
     assert store.get(ids[0]) is a  # the same object: what the model caches inside it is kept
-    a.cross_kv[0] = (torch.zeros(1, 1, 10, 6), torch.zeros(1, 1, 10, 6))  # as the model would
+    a.cross_cache.store(0, torch.zeros(1, 1, 10, 6), torch.zeros(1, 1, 10, 6), policy="cache")  # as the model would
     assert store.memory_bytes == one + 2 * 240
     store.get(ids[1])  # the cached keys/values count: document 0 no longer fits beside document 1
     assert store.get(ids[0]) is not a

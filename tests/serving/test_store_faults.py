@@ -125,7 +125,7 @@ def test_memory_cache_is_a_bound_counting_cross_attention_cache(tmp_path):
     store.get(big)  # larger than the whole budget: served, never kept
     assert store.memory_bytes <= budget and store.get(big) is not store.get(big)
     a = store.get(small)
-    a.cross_kv[0] = (torch.zeros(1, 1, 10, 200), torch.zeros(1, 1, 10, 200))  # more than predicted
+    a.cross_cache.store(0, torch.zeros(1, 1, 10, 200), torch.zeros(1, 1, 10, 200), policy="cache")  # more than predicted
     assert store.get(small) is a and store.memory_bytes <= budget  # served, then dropped: it no longer fits
     assert store.get(small) is not a
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_cepe
 
@@ -98,3 +99,29 @@ def test_distillation_gradients_reach_only_trainable_parameters():
             assert p.grad is None and not p.requires_grad, name
     assert any(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith("cross_attn."))
     assert all(p.grad is None for p in m.decoder.parameters())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_online_teacher_may_run_before_or_after_the_student(checkpointing):
+    """The context is an argument of the student's forward: a teacher forward (no context) after it
+    changes no gradient, with gradient checkpointing recomputing the student's layers in backward too."""
+    m = tiny_cepe("llama", "bert").train()
+    if checkpointing:
+        m.gradient_checkpointing_enable()
+    batch = _batch()
+
+    def grads(teacher_first: bool) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        teacher = online_teacher_logits(m, batch) if teacher_first else None
+        torch.manual_seed(0)  # the same encoder dropout
+        out = m(batch["input_ids"], context_input_ids=batch["context_input_ids"],
+                context_attention_mask=batch["context_attention_mask"], use_cache=False)
+        if teacher is None:
+            teacher = online_teacher_logits(m, batch)
+        (cross_entropy(out.logits, batch["labels"])[0] + kl_divergence(out.logits, teacher, batch["labels"])).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    first, after = grads(True), grads(False)
+    assert first and first.keys() == after.keys()
+    for name in first:
+        torch.testing.assert_close(after[name], first[name], rtol=0, atol=0, msg=name)

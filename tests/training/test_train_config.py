@@ -65,9 +65,9 @@ def test_every_recipe_loads(recipe):
     path = ROOT / "configs" / recipe
     header = path.read_text().split("\n\n")[0]
     assert "cepe train --config configs/" + recipe in header  # the header shows the command
-    cfg = load_config(path, ["data.train=/data"] if "smollm2" in recipe else [])
+    cfg = load_config(path, ["data.train=/data"] if "smollm2" in recipe or "general" in recipe else [])
     assert cfg.train.max_steps >= 1
-    if "smollm2" in recipe:
+    if recipe.startswith("smollm2"):
         assert cfg.model.decoder == "smollm2-135m" and cfg.model.encoder == "minilm-l6"
         assert cfg.data.heldout == ["persuasion.txt", "email/", "json/", "asyncio/"]
     if "distill" in recipe:
@@ -78,3 +78,16 @@ def test_every_recipe_loads(recipe):
 def test_accelerate_configs_parse(name):
     cfg = yaml.safe_load((ROOT / "configs/accelerate" / name).read_text())
     assert cfg["distributed_type"] in ("MULTI_GPU", "FSDP") and cfg["num_processes"] >= 2
+
+
+def test_a_checkpoint_written_with_the_old_freeze_encoder_key_still_resumes():
+    from cepe.training.config import to_dict
+
+    with pytest.warns(FutureWarning, match="train.freeze_encoder is deprecated"):
+        new = load_config(ROOT / "configs/tiny_cpu.yaml", ["train.freeze_encoder=true"])
+    assert new.model.encoder_frozen == "all" and not new.train.freeze_encoder
+    old = to_dict(load_config(ROOT / "configs/tiny_cpu.yaml"))  # as a checkpoint from before #13 saved it
+    old["train"]["freeze_encoder"] = True
+    assert fingerprint(old) == fingerprint(new)
+    trained = load_config(ROOT / "configs/tiny_cpu.yaml")
+    assert fingerprint(trained) != fingerprint(new)

@@ -162,3 +162,19 @@ def test_precomputed_teacher_file(tmp_path):
         Trainer(load_config(None, base + use + ["data.decoder_tokens=16", f"output_dir={tmp_path / 'r2'}"]), progress=False)
     with pytest.raises(ValueError, match=r"teacher\.safetensors: holds 4 samples, training reads 6"):
         Trainer(load_config(None, base + use + ["max_steps=3", f"output_dir={tmp_path / 'r3'}"]), progress=False)
+
+
+def test_tied_decoder_with_decoder_derived_encoder_checkpoints_and_resumes(tmp_path):
+    # the frozen embedding is also the LM head and the encoder's table: three names, one tensor, which
+    # safetensors refuses to save; a checkpoint holds the trainable tensors only
+    args = ("train.save_every=3", "model.tiny.tie_word_embeddings=true", "model.encoder=decoder", "model.encoder_num_layers=2")
+    full = Trainer(tiny_config(tmp_path / "full", *args), progress=False)
+    full.fit()
+    killed = tmp_path / "killed"
+    assert Trainer(tiny_config(killed, *args), progress=False).fit(stop_after=4) == {"stopped_at": 4}
+    assert [p.name for p in list_checkpoints(killed)] == ["step_00000003"]
+    resumed = Trainer(tiny_config(killed, *args), progress=False)
+    resumed.fit()
+    a, b = losses(tmp_path / "full"), losses(killed)
+    assert all(a[s] == b[s] for s in a), (a, b)
+    assert same(state(full.unwrapped.cross_attn), state(resumed.unwrapped.cross_attn))

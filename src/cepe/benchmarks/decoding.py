@@ -195,7 +195,7 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
 def _policy_used(ctx: ContextStates | None) -> str:
     if ctx is None:
         return "none"
-    return "cache" if any(isinstance(k, int) for k in ctx.cross_kv) else "recompute"
+    return "cache" if ctx.cross_cache.filled else "recompute"
 
 
 class _Clock(BaseStreamer):

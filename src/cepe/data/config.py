@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .corpus import ON_UNREADABLE
 from .synthetic import SyntheticConfig
 
-BUILDERS = ("warmup", "long_document", "retrieval")
+BUILDERS = ("warmup", "long_document", "retrieval", "copying", "demonstrations")
 
 
 @dataclass
@@ -17,6 +17,34 @@ class RetrievalConfig:
     k: int = 8
     passage_tokens: int = 256  # decoder tokens per passage (the pool is cut from the training documents)
     max_passages: int = 20000  # pool size cap (sampled with the data seed)
+    # "any": from any other training document; "same_source": from other documents of the window's
+    # source (its .jsonl file or folder: the paper's retrieval stage reads related passages), any
+    # source when the own one has no other document
+    scope: str = "any"
+
+
+@dataclass
+class CopyingConfig:
+    """`copying` builder: after a long-document window the decoder must reproduce text that only
+    the context holds (loss on the copied tokens and on the window's text)."""
+
+    task_tokens: int = 96  # decoder tokens (at most) given to the copy task at the window's end
+    span_tokens: list[int] = field(default_factory=lambda: [8, 48])  # copied span length range
+    queries: list[int] = field(default_factory=lambda: [2, 6])  # lookups per sample (records, lines)
+    records: list[int] = field(default_factory=lambda: [8, 48])  # records in a synthesised table
+
+
+@dataclass
+class DemonstrationsConfig:
+    """`demonstrations` builder: labelled examples (text -> its category or source) in the
+    context, a few more in the decoder; loss on the decoder's labels (and the text before them)."""
+
+    labels: list[str] = field(default_factory=lambda: ["category", "source"])  # what a label names
+    classes: list[int] = field(default_factory=lambda: [2, 6])  # labels per sample
+    context_examples: list[int] = field(default_factory=lambda: [8, 48])
+    decoder_examples: list[int] = field(default_factory=lambda: [2, 6])  # the last ones are scored
+    example_tokens: list[int] = field(default_factory=lambda: [16, 48])  # decoder tokens per example text
+    renamed_labels: float = 0.5  # share of samples whose labels are arbitrary words (learnable only from the context)
 
 
 @dataclass
@@ -44,9 +72,22 @@ class DataConfig:
     mixture: dict[str, float] = field(default_factory=lambda: {"long_document": 1.0})
     context_tokens: int = 2048  # encoder tokens the context holds (long_document)
     decoder_tokens: int = 512  # decoder tokens per sample (loss on these)
+    # variable decoder windows: each block of `window_block` consecutive samples draws its window
+    # from this list (set window_block to train.batch_size: a micro-batch then has one width, no
+    # padding); null: every sample has `decoder_tokens`
+    decoder_windows: list[int] | None = None
+    window_block: int = 1
     min_context_tokens: int | None = None  # shortest context accepted (default: context_tokens)
+    # context length per sample: "max" reads up to context_tokens; "uniform" draws it in
+    # [min_context_tokens, context_tokens], log-uniformly (short and long contexts alike)
+    context_draw: str = "max"
+    # put the decoder's BOS before every decoder window (no loss on it); null: when the decoder's
+    # tokenizer adds one itself (Gemma needs <bos>; SmolLM2's BOS is a chat token, left out)
+    decoder_bos: bool | None = None
     encoder_mask_prob: float = 0.0  # replace encoder tokens by [MASK] with this probability
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    copying: CopyingConfig = field(default_factory=CopyingConfig)
+    demonstrations: DemonstrationsConfig = field(default_factory=DemonstrationsConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 0  # DataLoader worker processes building samples
 
@@ -66,6 +107,28 @@ class DataConfig:
             raise ValueError(f"data.encoder_mask_prob must be in [0, 1), got {self.encoder_mask_prob}")
         if self.decoder_tokens < 2:
             raise ValueError(f"data.decoder_tokens must be at least 2, got {self.decoder_tokens}")
+        if self.decoder_windows is not None and (not self.decoder_windows or min(self.decoder_windows) < 2):
+            raise ValueError(f"data.decoder_windows: a non-empty list of windows >= 2, got {self.decoder_windows}")
+        if self.window_block < 1:
+            raise ValueError(f"data.window_block must be at least 1, got {self.window_block}")
+        if self.context_draw not in ("max", "uniform"):
+            raise ValueError(f"data.context_draw must be 'max' or 'uniform', got {self.context_draw!r}")
+        if self.retrieval.scope not in ("any", "same_source"):
+            raise ValueError(f"data.retrieval.scope must be 'any' or 'same_source', got {self.retrieval.scope!r}")
+        for name, pair in (("copying.span_tokens", self.copying.span_tokens), ("copying.queries", self.copying.queries),
+                           ("copying.records", self.copying.records), ("demonstrations.classes", self.demonstrations.classes),
+                           ("demonstrations.context_examples", self.demonstrations.context_examples),
+                           ("demonstrations.decoder_examples", self.demonstrations.decoder_examples),
+                           ("demonstrations.example_tokens", self.demonstrations.example_tokens)):
+            if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
+                raise ValueError(f"data.{name}: a range [lo, hi] with 1 <= lo <= hi, got {pair}")
+        if self.demonstrations.classes[0] < 2:
+            raise ValueError("data.demonstrations.classes: at least 2 labels per sample")
+
+    @property
+    def windows(self) -> list[int]:
+        """The decoder windows samples are drawn with."""
+        return sorted(set(self.decoder_windows)) if self.decoder_windows else [self.decoder_tokens]
 
     @property
     def is_synthetic(self) -> bool:

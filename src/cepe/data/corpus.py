@@ -72,7 +72,10 @@ def _read_text(path: Path, opt: _Options, report: CorpusReport) -> str | None:
         raise ValueError(f"{path}: unreadable ({reason}); fix or remove it, or {opt.unreadable_hint}") from e
 
 
-def _iter_jsonl(path: Path, opt: _Options, report: CorpusReport) -> Iterator[Document]:
+def _iter_jsonl(path: Path, opt: _Options, report: CorpusReport, name: str | None = None) -> Iterator[Document]:
+    """Rows of a `.jsonl` file, named `name:line` (`name`: the file's name, or inside a folder
+    input its path from the input's parent, as files are: `train/books/austen.jsonl:3`)."""
+    name = name or path.name
     text_field, on_unreadable = opt.text_field, opt.on_unreadable
     try:
         handle = path.open(encoding="utf-8", errors="replace" if on_unreadable == "replace" else "strict")
@@ -93,7 +96,7 @@ def _iter_jsonl(path: Path, opt: _Options, report: CorpusReport) -> Iterator[Doc
                 if not isinstance(row, dict) or text_field not in row:
                     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                     raise ValueError(f"{path}:{lineno}: no {text_field!r} field (found {keys}); set {opt.field_option}")
-                yield Document(f"{path.name}:{lineno}", str(row[text_field]), f"{path.resolve()}:{lineno}")
+                yield Document(f"{name}:{lineno}", str(row[text_field]), f"{path.resolve()}:{lineno}")
         except UnicodeDecodeError as e:
             if on_unreadable == "skip":
                 report.skipped_unreadable.append(str(path))
@@ -159,7 +162,7 @@ def iter_documents(
                 return
             report.files += 1
             if f.suffix.lower() == ".jsonl":
-                for doc in _iter_jsonl(f, opt, report):
+                for doc in _iter_jsonl(f, opt, report, f.relative_to(base).as_posix()):
                     report.documents += 1
                     yield doc
                 continue

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .builders import CopyingBuilder, DemonstrationsBuilder, PassagePool, RetrievalBuilder, TextCodec
 from .config import DataConfig
 from .corpus import CorpusReport, is_saved_dataset, iter_documents, list_files, matches
-from .samples import Corpus, LongDocumentBuilder, PassagePool, RetrievalBuilder, SampleStream, SyntheticBuilder, TooShort, WarmupBuilder
+from .samples import Corpus, LongDocumentBuilder, SampleStream, SyntheticBuilder, TooShort, WarmupBuilder
 from .token_store import TokenStore, build_token_stores, open_token_stores, tokenizer_hash
 
 TRAIN_SPLIT, HELDOUT_SPLIT = 0, 1
@@ -102,7 +103,20 @@ def split_documents(names: list[str], patterns: list[str], fraction: float, seed
     return held
 
 
-def _builders(corpus: Corpus, cfg: DataConfig, decode, teacher_tokens: int, pool: PassagePool | None) -> dict[str, Any]:
+def decoder_bos(cfg: DataConfig, tokenizer: Any) -> int | None:
+    """The BOS id put before every decoder window (`data.decoder_bos`; auto: when the decoder's
+    tokenizer adds one itself, as Gemma's does; SmolLM2's GGUF BOS is a chat token and is off)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    wanted = cfg.decoder_bos
+    if wanted is None:
+        # Gemma's tokenizer adds <bos> through its post-processor (its add_bos_token reads False)
+        wanted = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    if wanted and bos is None:
+        raise ValueError("data.decoder_bos=true: the decoder's tokenizer has no BOS token")
+    return int(bos) if wanted else None
+
+
+def _builders(corpus: Corpus, cfg: DataConfig, codec: TextCodec, teacher_tokens: int, pool: PassagePool | None) -> dict[str, Any]:
     out = {}
     for kind, weight in cfg.mixture.items():
         if weight <= 0:
@@ -113,6 +127,10 @@ def _builders(corpus: Corpus, cfg: DataConfig, decode, teacher_tokens: int, pool
             out[kind] = LongDocumentBuilder(corpus, cfg, teacher_tokens)
         elif kind == "retrieval":
             out[kind] = RetrievalBuilder(corpus, cfg, pool, teacher_tokens)
+        elif kind == "copying":
+            out[kind] = CopyingBuilder(corpus, cfg, codec, teacher_tokens)
+        elif kind == "demonstrations":
+            out[kind] = DemonstrationsBuilder(corpus, cfg, codec, teacher_tokens)
     return out
 
 
@@ -138,6 +156,8 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
     if not len(train_docs):
         raise ValueError(f"data.heldout: every document of {cfg.train} is held out; nothing left to train on")
     decode = tokenizer.decode
+    codec = TextCodec(tokenizer, encoder_tokenizer if encoder_tokenizer is not None else tokenizer)
+    bos_id = decoder_bos(cfg, tokenizer)
     train_corpus = Corpus(dec, enc, train_docs)
     mask_id = None
     if encoder_tokenizer is not None or tokenizer is not None:
@@ -145,7 +165,7 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
         mask_id = t.mask_token_id if t.mask_token_id is not None else t.unk_token_id
     try:
         pool = PassagePool(train_corpus, cfg, decode) if cfg.mixture.get("retrieval", 0) > 0 else None
-        train_builders = _builders(train_corpus, cfg, decode, teacher_tokens, pool)
+        train_builders = _builders(train_corpus, cfg, codec, teacher_tokens, pool)
     except TooShort as e:
         raise ValueError(f"data.train {cfg.train}: {e}") from None
     report = dict(info)
@@ -157,8 +177,9 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
     heldout = None
     if len(held_docs):
         try:
-            held_builders = _builders(Corpus(dec, enc, held_docs), cfg, decode, teacher_tokens, pool)
-            heldout = SampleStream(held_builders, cfg.mixture, cfg.seed, HELDOUT_SPLIT)
+            held_builders = _builders(Corpus(dec, enc, held_docs), cfg, codec, teacher_tokens, pool)
+            heldout = SampleStream(held_builders, cfg.mixture, cfg.seed, HELDOUT_SPLIT, windows=cfg.decoder_windows,
+                                   window_block=cfg.window_block, bos_id=bos_id)
             report["heldout_skipped_short"] = {k: b.skipped_short for k, b in held_builders.items()}
         except TooShort as e:
             report["heldout_unusable"] = str(e)
@@ -169,5 +190,7 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
         "train_documents": int(len(train_docs)),
         "heldout": [dec.names[i] for i in held_docs],
     }
-    train = SampleStream(train_builders, cfg.mixture, cfg.seed, TRAIN_SPLIT, cfg.encoder_mask_prob, mask_id)
+    report["decoder_bos"] = bos_id
+    train = SampleStream(train_builders, cfg.mixture, cfg.seed, TRAIN_SPLIT, cfg.encoder_mask_prob, mask_id,
+                         windows=cfg.decoder_windows, window_block=cfg.window_block, bos_id=bos_id)
     return DataBundle(train=train, heldout=heldout, report=report, split=split)

@@ -10,12 +10,15 @@ A sample is a dict:
 
 Every sample is a pure function of (seed, split, index): the stream needs no state beyond its
 position, so resuming is exact and processes can share a global batch without communicating.
+With `data.decoder_windows`, the window D is a function of (seed, split, index // window_block)
+alone, so a block of consecutive samples (one micro-batch) shares it and the collator pads
+nothing; the other builders (retrieval, copying, demonstrations) live in `cepe.data.builders`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +38,9 @@ class Corpus:
     encoder: TokenStore
     docs: np.ndarray  # document indices of this split
 
+    def decoder_tokens(self, doc: int, lo: int, hi: int) -> np.ndarray:
+        return np.asarray(self.decoder.doc_tokens(doc)[lo:hi], dtype=np.int64)
+
     def encoder_span(self, doc: int, char_lo: int, char_hi: int) -> np.ndarray:
         """Encoder tokens of `doc` whose text ends in (char_lo, char_hi]."""
         a = self.encoder.tokens_before(doc, char_lo)
@@ -48,7 +54,9 @@ class TooShort(ValueError):
 
 class _WindowBuilder:
     """Shared part of the text builders: pick a decoder window [p, p+D) uniformly among all
-    valid windows of all eligible documents (documents weighted by their number of windows)."""
+    valid windows of all eligible documents (documents weighted by their number of windows).
+    One table per window size in `data.decoder_windows` (a size no document of the split holds is
+    served by the largest one that fits)."""
 
     kind = ""
 
@@ -56,17 +64,28 @@ class _WindowBuilder:
         self.corpus, self.cfg, self.D, self.teacher_tokens = corpus, cfg, cfg.decoder_tokens, teacher_tokens
         first = np.array([self.first_position(int(d)) for d in corpus.docs], dtype=np.int64)
         lens = corpus.decoder.doc_lens()[corpus.docs] if len(corpus.docs) else np.zeros(0, np.int64)
-        windows = np.where(first >= 0, lens - self.D - first + 1, 0) if len(first) else first
-        ok = windows > 0
-        self.docs, self.first, self.cum = corpus.docs[ok], first[ok], np.cumsum(windows[ok])
-        self.skipped_short = int((~ok).sum())
         self.longest = int(lens.max()) if len(lens) else 0
-        if not len(self.docs):
+        self.tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for d in sorted(set(cfg.windows) | {self.D}):
+            windows = np.where(first >= 0, lens - d - first + 1, 0) if len(first) else first
+            ok = windows > 0
+            if ok.any():
+                self.tables[d] = (corpus.docs[ok], first[ok], np.cumsum(windows[ok]))
+            if d == min(cfg.windows):
+                self.skipped_short = int((~ok).sum())
+        if min(cfg.windows) not in self.tables:
+            self.D = min(cfg.windows)
             raise TooShort(
                 f"no document is long enough for the {self.kind} builder ({self.requirement()}); "
                 f"{self.skipped_short} of {len(corpus.docs)} documents skipped as too short "
                 f"(longest: {self.longest} decoder tokens)"
             )
+        self.docs, self.first, self.cum = self.tables[self.fit(self.D)]
+
+    def fit(self, d: int) -> int:
+        """The largest window size <= d that some document holds (else the smallest)."""
+        sizes = [k for k in self.tables if k <= d]
+        return max(sizes) if sizes else min(self.tables)
 
     def requirement(self) -> str:
         return f"needs {self.D} decoder tokens"
@@ -75,14 +94,15 @@ class _WindowBuilder:
         """Earliest window start in `doc`, or -1 if the document cannot give a sample."""
         return 0
 
-    def pick_window(self, rng: np.random.Generator) -> tuple[int, int]:
-        r = int(rng.integers(int(self.cum[-1])))
-        j = int(np.searchsorted(self.cum, r, side="right"))
-        offset = r - (int(self.cum[j - 1]) if j else 0)
-        return int(self.docs[j]), int(self.first[j]) + offset
+    def pick_window(self, rng: np.random.Generator, d: int | None = None) -> tuple[int, int]:
+        docs, first, cum = self.tables[self.fit(d)] if d is not None else (self.docs, self.first, self.cum)
+        r = int(rng.integers(int(cum[-1])))
+        j = int(np.searchsorted(cum, r, side="right"))
+        offset = r - (int(cum[j - 1]) if j else 0)
+        return int(docs[j]), int(first[j]) + offset
 
-    def window(self, doc: int, p: int) -> dict[str, Any]:
-        ids = np.asarray(self.corpus.decoder.doc_tokens(doc)[p : p + self.D], dtype=np.int64)
+    def window(self, doc: int, p: int, d: int | None = None) -> dict[str, Any]:
+        ids = self.corpus.decoder_tokens(doc, p, p + (d or self.D))
         return {"input_ids": ids, "labels": ids.copy(), "doc": doc, "position": p}
 
     def teacher_prefix(self, doc: int, p: int) -> np.ndarray:
@@ -95,12 +115,13 @@ class WarmupBuilder(_WindowBuilder):
 
     kind = "warmup"
 
-    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
-        doc, p = self.pick_window(rng)
+    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
+        d = self.fit(d or self.D)
+        doc, p = self.pick_window(rng, d)
         dec = self.corpus.decoder
-        c_lo, c_hi = dec.char_start(doc, p), dec.char_start(doc, p + self.D)
+        c_lo, c_hi = dec.char_start(doc, p), dec.char_start(doc, p + d)
         # the teacher reads the window as is: the "context" is the window itself
-        return {**self.window(doc, p), "context": [self.corpus.encoder_span(doc, c_lo, c_hi)], "teacher_prefix": np.zeros(0, np.int64)}
+        return {**self.window(doc, p, d), "context": [self.corpus.encoder_span(doc, c_lo, c_hi)], "teacher_prefix": np.zeros(0, np.int64)}
 
 
 class LongDocumentBuilder(_WindowBuilder):
@@ -127,73 +148,20 @@ class LongDocumentBuilder(_WindowBuilder):
         c_min = int(enc_ends[self.min_ctx - 1])
         return int(np.searchsorted(self.corpus.decoder.doc_ends(doc), c_min, side="left")) + 1
 
-    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
-        doc, p = self.pick_window(rng)
+    def context_length(self, rng: np.random.Generator) -> int:
+        """Encoder tokens this sample's context may hold (`data.context_draw`)."""
+        if self.cfg.context_draw == "max" or self.min_ctx == self.N:
+            return self.N
+        return int(round(np.exp(rng.uniform(np.log(self.min_ctx), np.log(self.N)))))
+
+    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
+        d = self.fit(d or self.D)
+        doc, p = self.pick_window(rng, d)
+        n = self.context_length(rng)
         c = self.corpus.decoder.char_start(doc, p)
         b = self.corpus.encoder.tokens_before(doc, c)
-        context = np.asarray(self.corpus.encoder.doc_tokens(doc)[max(0, b - self.N) : b], dtype=np.int64)
-        return {**self.window(doc, p), "context": [context], "teacher_prefix": self.teacher_prefix(doc, p)}
-
-
-class PassagePool:
-    """Passages of `passage_tokens` decoder tokens cut from the training documents, indexed by
-    BM25 (bm25s) over their text."""
-
-    def __init__(self, corpus: Corpus, cfg: DataConfig, decode: Callable[[list[int]], str]):
-        import bm25s
-
-        size = cfg.retrieval.passage_tokens
-        spans = [(int(d), s) for d in corpus.docs for s in range(0, corpus.decoder.doc_len(int(d)) - size + 1, size)]
-        if not spans:
-            raise TooShort(f"no document holds a {size}-token passage for the retrieval pool")
-        rng = np.random.default_rng([cfg.seed, 7])
-        if len(spans) > cfg.retrieval.max_passages:
-            keep = np.sort(rng.choice(len(spans), size=cfg.retrieval.max_passages, replace=False))
-            spans = [spans[i] for i in keep]
-        self.corpus, self.size, self.decode = corpus, size, decode
-        self.spans = np.asarray(spans, dtype=np.int64)  # (P, 2): doc, first decoder token
-        texts = [decode(self.decoder_tokens(i).tolist()) for i in range(len(self.spans))]
-        self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    def decoder_tokens(self, i: int) -> np.ndarray:
-        doc, s = self.spans[i]
-        return np.asarray(self.corpus.decoder.doc_tokens(int(doc))[s : s + self.size], dtype=np.int64)
-
-    def encoder_tokens(self, i: int) -> np.ndarray:
-        doc, s = (int(x) for x in self.spans[i])
-        dec = self.corpus.decoder
-        return self.corpus.encoder_span(doc, dec.char_start(doc, s), dec.char_start(doc, s + self.size))
-
-    def search(self, query: str, k: int, exclude_doc: int) -> list[int]:
-        """Top-k passages for `query`, none from `exclude_doc` (that would leak the answer)."""
-        import bm25s
-
-        n = min(len(self), k + 16)
-        ids, _ = self.bm25.retrieve(bm25s.tokenize([query], stopwords="en", show_progress=False), k=n, show_progress=False)
-        return [int(i) for i in ids[0] if int(self.spans[int(i), 0]) != exclude_doc][:k]
-
-
-class RetrievalBuilder(_WindowBuilder):
-    """The encoder reads the k passages BM25 retrieves for the decoder's text (from other documents)."""
-
-    kind = "retrieval"
-
-    def __init__(self, corpus: Corpus, cfg: DataConfig, pool: PassagePool, teacher_tokens: int = 0):
-        self.pool = pool
-        super().__init__(corpus, cfg, teacher_tokens)
-
-    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
-        doc, p = self.pick_window(rng)
-        out = self.window(doc, p)
-        hits = self.pool.search(self.pool.decode(out["input_ids"].tolist()), self.cfg.retrieval.k, exclude_doc=doc)
-        # the teacher reads the passages' text (its tail) before the window
-        prefix = np.concatenate([self.pool.decoder_tokens(i) for i in hits]) if hits else np.zeros(0, np.int64)
-        prefix = prefix[max(0, len(prefix) - self.teacher_tokens) :]
-        return {**out, "context": [self.pool.encoder_tokens(i) for i in hits], "teacher_prefix": prefix}
+        context = np.asarray(self.corpus.encoder.doc_tokens(doc)[max(0, b - n) : b], dtype=np.int64)
+        return {**self.window(doc, p, d), "context": [context], "teacher_prefix": self.teacher_prefix(doc, p)}
 
 
 class SyntheticBuilder:
@@ -206,9 +174,16 @@ class SyntheticBuilder:
         self.cfg = cfg
         self.candidates = value_ids(cfg)
 
-    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         ex = make_example(self.cfg, rng)
         return {"input_ids": ex["input_ids"], "labels": ex["labels"], "context": [ex["context"]], "teacher_prefix": ex["context"]}
+
+
+def block_window(seed: int, split: int, windows: list[int], block: int) -> int:
+    """The decoder window of every sample of `block` (consecutive `window_block` indices): drawn
+    from its own generator, so that the builders' draws do not move."""
+    windows = sorted(windows)
+    return windows[int(np.random.default_rng([seed, split, int(block), 1]).integers(len(windows)))]
 
 
 class SampleStream(torch.utils.data.Dataset):
@@ -216,8 +191,10 @@ class SampleStream(torch.utils.data.Dataset):
     encoder tokens masked, all from one generator seeded by (seed, split, i)."""
 
     def __init__(self, builders: dict[str, Any], weights: dict[str, float], seed: int, split: int,
-                 mask_prob: float = 0.0, mask_id: int | None = None, length: int = 2**62):
+                 mask_prob: float = 0.0, mask_id: int | None = None, length: int = 2**62,
+                 windows: list[int] | None = None, window_block: int = 1, bos_id: int | None = None):
         self.builders = builders
+        self.windows, self.window_block, self.bos_id = (sorted(windows) if windows else None), window_block, bos_id
         self.kinds = [k for k in builders if weights.get(k, 0) > 0]
         w = np.array([weights[k] for k in self.kinds], dtype=np.float64)
         self.probs = w / w.sum()
@@ -229,19 +206,31 @@ class SampleStream(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def window_of(self, index: int) -> int | None:
+        """The decoder window of sample `index` (None: each builder's own)."""
+        if self.windows is None:
+            return None
+        return block_window(self.seed, self.split, self.windows, int(index) // self.window_block)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.split, int(index)])
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))] if len(self.kinds) > 1 else self.kinds[0]
-        sample = self.builders[kind].sample(rng)
+        sample = self.builders[kind].sample(rng, self.window_of(index))
         if self.mask_prob > 0:
             sample["context"] = [np.where(rng.random(len(c)) < self.mask_prob, self.mask_id, c) for c in sample["context"]]
+        if self.bos_id is not None:
+            # Gemma reads <bos> first (without it English ppl 6.6 -> 68.7); no loss on it
+            sample["input_ids"] = np.concatenate([[self.bos_id], sample["input_ids"]]).astype(np.int64)
+            sample["labels"] = np.concatenate([[-100], sample["labels"]]).astype(np.int64)
         sample["kind"], sample["index"] = kind, int(index)
         return sample
 
 
 class Collator:
     """Samples -> tensors: input_ids, labels (B, D); context_input_ids, context_attention_mask
-    (B, N, L); teacher_prefix_ids, teacher_prefix_mask (B, T) left-padded; index (B,)."""
+    (B, N, L); teacher_prefix_ids, teacher_prefix_mask (B, T) left-padded; index (B,).
+    Decoder windows of different lengths are right-padded to the longest (D) with the decoder's
+    pad id and label -100: the decoder is causal, so a real token never sees a pad."""
 
     def __init__(self, chunk_size: int, prefix: list[int], suffix: list[int], encoder_pad_id: int, decoder_pad_id: int = 0):
         self.chunk_size, self.prefix, self.suffix = chunk_size, prefix, suffix
@@ -261,9 +250,16 @@ class Collator:
             if n:
                 prefix_ids[i, t - n :] = torch.as_tensor(s["teacher_prefix"], dtype=torch.long)
                 prefix_mask[i, t - n :] = 1
+        d = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), d), self.decoder_pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), d), -100, dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(s["labels"], dtype=torch.long)
         return {
-            "input_ids": torch.as_tensor(np.stack([s["input_ids"] for s in samples]), dtype=torch.long),
-            "labels": torch.as_tensor(np.stack([s["labels"] for s in samples]), dtype=torch.long),
+            "input_ids": input_ids,
+            "labels": labels,
             "context_input_ids": ctx_ids,
             "context_attention_mask": ctx_mask,
             "teacher_prefix_ids": prefix_ids,

@@ -38,14 +38,19 @@ def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> Non
     constructor would; any other key is refused (a misspelt setting must not pass silently)."""
     unknown = sorted(set(overrides) - set(RUNTIME_SETTINGS))
     if unknown:
-        raise TypeError(f"unknown keyword(s) {unknown}; settings a loaded adapter can override: {list(RUNTIME_SETTINGS)}")
+        raise TypeError(
+            f"unknown keyword(s) {unknown}; settings a loaded adapter can override: {list(RUNTIME_SETTINGS)}"
+        )
     for key, value in overrides.items():
         if key == "kv_policy" and value not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {value!r}")
         if key == "kv_cache_budget_bytes" and (isinstance(value, bool) or int(value) < 0):
             raise ValueError(f"kv_cache_budget_bytes must be a number of bytes >= 0, got {value!r}")
-        value = {"cross_attn_length_scaling": length_scaling, "encoder_chunks_per_pass": chunks_per_pass,
-                 "kv_cache_budget_bytes": int}.get(key, lambda v: v)(value)
+        value = {
+            "cross_attn_length_scaling": length_scaling,
+            "encoder_chunks_per_pass": chunks_per_pass,
+            "kv_cache_budget_bytes": int,
+        }.get(key, lambda v: v)(value)
         setattr(config, key, value)
 
 

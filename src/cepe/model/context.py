@@ -10,6 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cross_cache import CrossAttentionCache
+
 
 def chunk_token_ids(
     documents: list[list[int]],
@@ -52,21 +54,56 @@ def pad_chunk_batch(
     return ids_out, mask_out
 
 
+def chunk_specials(tokenizer, encoder_type: str) -> tuple[list[int], list[int], int]:
+    """What an encoder expects around each chunk: prefix ids, suffix ids, padding id. A Hugging
+    Face encoder with [CLS] / [SEP] gets them; the decoder-derived encoder gets none."""
+    tok = tokenizer
+    if encoder_type == "hf" and tok is not None and tok.cls_token_id is not None and tok.sep_token_id is not None:
+        return [tok.cls_token_id], [tok.sep_token_id], tok.pad_token_id or 0
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    return [], [], pad if pad is not None else 0
+
+
+def tokenize_documents(
+    batch: list[list[str] | list[list[int]]], tokenizer, chunk_size: int, specials: tuple[list[int], list[int], int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One list of documents per example -> chunk ids and mask (B, N, L). Documents are strings
+    (tokenized with the encoder's `tokenizer`) or lists of token ids; each is chunked on its own,
+    empty ones are dropped, and examples with fewer chunks are padded with empty chunks."""
+    prefix, suffix, pad_id = specials
+    per_example = []
+    for docs in batch:
+        token_docs = []
+        for doc in docs:
+            if isinstance(doc, str):
+                if tokenizer is None:
+                    raise ValueError("string context needs an encoder tokenizer (pass encoder_tokenizer=)")
+                token_docs.append(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            else:
+                token_docs.append([int(t) for t in doc])
+        per_example.append(chunk_token_ids([d for d in token_docs if d], chunk_size, pad_id, prefix, suffix))
+    return pad_chunk_batch(per_example, pad_id)
+
+
 @dataclass
 class ContextStates:
     """Encoder outputs for a batch of contexts, ready for cross-attention.
 
     hidden_states: (B, S, He) with S = n_chunks * chunk_len (chunks laid end to end).
     attention_mask: (B, S) bool, True for real tokens.
-    fingerprint: identifies the encoder weights that produced the states; a model refuses
+    encoder_hash: hash of the encoder (weights, type, chunk size) that produced the states
+        (`CepeForCausalLM.encoder_hash`); a model refuses states from another encoder. Saved as
+        the context file's `fingerprint` metadata.
         states from another encoder.
-    cross_kv: per-layer (key, value) cache filled under the `cache` policy (not saved).
+    cross_cache: what cross-attention derived from these states (`CrossAttentionCache`: keys/values
+        under the `cache` policy, key mask, logit scale); not saved.
+    parent: the context this one repeats (`expand_to`): its keys/values are projected once there.
     """
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor
-    fingerprint: str | None = None
-    cross_kv: dict = field(default_factory=dict, repr=False)
+    encoder_hash: str | None = None
+    cross_cache: CrossAttentionCache = field(default_factory=CrossAttentionCache, repr=False, compare=False)
     parent: "ContextStates | None" = field(default=None, repr=False, compare=False)
 
     @property
@@ -77,9 +114,26 @@ class ContextStates:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def fingerprint(self) -> str | None:
+        """Old name of `encoder_hash`."""
+        return self.encoder_hash
+
+    def nbytes(self) -> int:
+        """Bytes held: states, mask, and whatever the model cached for them (`cross_cache`)."""
+        own = sum(t.numel() * t.element_size() for t in (self.hidden_states, self.attention_mask))
+        return own + self.cross_cache.nbytes()
+
+    def expanded(self, batch_size: int) -> "ContextStates":
+        """`expand_to(batch_size)`, kept in `cross_cache`: the expansion's cached keys/values
+        survive from one decoding step to the next."""
+        if batch_size == self.batch_size:
+            return self
+        return self.cross_cache.expansion(batch_size, lambda: self.expand_to(batch_size))
+
     def to(self, *args, **kwargs) -> "ContextStates":
         h = self.hidden_states.to(*args, **kwargs)
-        return ContextStates(h, self.attention_mask.to(h.device), self.fingerprint)
+        return ContextStates(h, self.attention_mask.to(h.device), self.encoder_hash)
 
     def expand_to(self, batch_size: int) -> "ContextStates":
         """Repeat each example's context for `batch_size // B` consecutive rows (beams, samples,
@@ -93,7 +147,7 @@ class ContextStates:
         out = ContextStates(
             self.hidden_states.repeat_interleave(r, dim=0),
             self.attention_mask.repeat_interleave(r, dim=0),
-            self.fingerprint,
+            self.encoder_hash,
             parent=self,  # cached cross keys/values are computed once on the parent and repeated
         )
         return out
@@ -103,7 +157,7 @@ class ContextStates:
         """Join several single-example contexts (e.g. stored documents) into one example's context."""
         if not parts:
             raise ValueError("no context to concatenate")
-        fps = {p.fingerprint for p in parts}
+        fps = {p.encoder_hash for p in parts}
         if len(fps) > 1:
             raise ValueError(f"contexts come from different encoders: {sorted(map(str, fps))}")
         if any(p.batch_size != 1 for p in parts):
@@ -111,12 +165,12 @@ class ContextStates:
         return ContextStates(
             torch.cat([p.hidden_states for p in parts], dim=1),
             torch.cat([p.attention_mask for p in parts], dim=1),
-            parts[0].fingerprint,
+            parts[0].encoder_hash,
         )
 
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (only real tokens are kept)."""
-        meta = {"format": "cepe-context", "fingerprint": self.fingerprint or "", "batch_size": str(self.batch_size)}
+        meta = {"format": "cepe-context", "fingerprint": self.encoder_hash or "", "batch_size": str(self.batch_size)}
         h, m = self.hidden_states.detach(), self.attention_mask
         if self.batch_size == 1:  # padding carries nothing: drop it
             h, m = h[:, m[0]], m[:, m[0]]

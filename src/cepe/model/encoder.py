@@ -32,14 +32,22 @@ class HFEncoder(ContextEncoder):
         self.model = model
         cfg = model.config
         # RoBERTa-style position ids start after the padding index
-        offset = (getattr(cfg, "pad_token_id", 0) or 0) + 1 if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet") else 0
+        offset = (
+            (getattr(cfg, "pad_token_id", 0) or 0) + 1
+            if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet")
+            else 0
+        )
         self.max_positions = cfg.max_position_embeddings - offset
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> "HFEncoder":
-        return cls(AutoModel.from_config(config, add_pooling_layer=False) if _has_pooler(config) else AutoModel.from_config(config))
+        return cls(
+            AutoModel.from_config(config, add_pooling_layer=False)
+            if _has_pooler(config)
+            else AutoModel.from_config(config)
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -97,6 +105,53 @@ class DecoderDerivedEncoder(ContextEncoder):
         return self.model(input_ids=input_ids, attention_mask=bias, use_cache=False).last_hidden_state
 
 
+def encode_chunks(encoder: ContextEncoder, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None,
+                  chunks_per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `encoder` over every chunk of the batch in one pass (or in slices of `chunks_per_pass`
+    chunks, which bounds memory and gives the same states); chunks that are all padding are not run.
+
+    context_input_ids, context_attention_mask: (B, N, L) (or (N, L) for one example). Returns the
+    states (B, N*L, He) and the mask (B, N*L) bool, chunks laid end to end."""
+    if context_input_ids.dim() == 2:
+        context_input_ids = context_input_ids[None]
+        if context_attention_mask is not None:
+            context_attention_mask = context_attention_mask[None]
+    if context_input_ids.dim() != 3:
+        raise ValueError(
+            f"context_input_ids must be (batch, n_chunks, chunk_len), got {tuple(context_input_ids.shape)}"
+        )
+    b, n, length = context_input_ids.shape
+    if context_attention_mask is None:
+        context_attention_mask = torch.ones_like(context_input_ids)
+    if context_attention_mask.shape != context_input_ids.shape:
+        raise ValueError("context_attention_mask must have the shape of context_input_ids")
+    if length > encoder.max_positions:
+        raise ValueError(
+            f"context chunks of {length} tokens exceed the encoder's {encoder.max_positions} positions"
+        )
+    mask = context_attention_mask.bool()
+    real_ids = context_input_ids[mask]
+    if real_ids.numel() and (int(real_ids.min()) < 0 or int(real_ids.max()) >= encoder.vocab_size):
+        raise ValueError(
+            f"context ids out of the encoder's vocabulary [0, {encoder.vocab_size}): "
+            f"min {int(real_ids.min())}, max {int(real_ids.max())}"
+        )
+    flat_ids = context_input_ids.reshape(b * n, length)
+    flat_mask = mask.reshape(b * n, length)
+    live = flat_mask.any(dim=-1)
+    enc_param = next(encoder.parameters())
+    out = torch.zeros((b * n, length, encoder.hidden_size), dtype=enc_param.dtype, device=enc_param.device)
+    if live.any():
+        ids = flat_ids[live].to(enc_param.device)
+        live_mask = flat_mask[live].long().to(enc_param.device)
+        # chunks are independent: encoding them in slices bounds activation memory, same result
+        step = chunks_per_pass or len(ids)
+        slices = range(0, len(ids), step)
+        states = torch.cat([encoder(ids[i : i + step], live_mask[i : i + step]) for i in slices])
+        out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
+    return out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device)
+
+
 def build_encoder_from_config(config) -> ContextEncoder:
     """Encoder with random weights from a `CepeConfig` (weights are loaded afterwards)."""
     if config.encoder_type == "hf":
@@ -107,5 +162,7 @@ def build_encoder_from_config(config) -> ContextEncoder:
 def load_hf_encoder(path: str, dtype: torch.dtype | None = None) -> HFEncoder:
     cfg = AutoConfig.from_pretrained(path)
     kwargs = {"add_pooling_layer": False} if _has_pooler(cfg) else {}
-    model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs) if dtype else AutoModel.from_pretrained(path, **kwargs)
+    model = (
+        AutoModel.from_pretrained(path, dtype=dtype, **kwargs) if dtype else AutoModel.from_pretrained(path, **kwargs)
+    )
     return HFEncoder(model)

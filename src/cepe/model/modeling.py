@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from .configuration import RUNTIME_SETTINGS, CepeConfig, apply_runtime_settings
-from .context import ContextStates, chunk_token_ids, pad_chunk_batch
+from .adapter_io import (  # noqa: F401 (names importable from here, as before the split)
+    ADAPTER_FILE,
+    ADAPTER_INDEX,
+    ENCODER_TOKENIZER_DIR,
+    load_adapter_weights,
+    load_pretrained,
+    sampled_weights_hash,
+    save_adapter,
+    weights_fingerprint,
+)
+from .configuration import CepeConfig
+from .context import ContextStates, chunk_specials, tokenize_documents
 from .cross_attention import CrossAttention
-from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config
+from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks
 from .families import decoder_layers, family_of
-
-ADAPTER_FILE = "model.safetensors"
-ADAPTER_INDEX = "model.safetensors.index.json"
-ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
-
-
-# what `AutoModelForCausalLM.from_pretrained` forwards for the Hub; a local adapter folder ignores it
-_HUB_KWARGS = {"revision", "trust_remote_code", "adapter_kwargs", "cache_dir", "force_download", "local_files_only",
-               "token", "proxies", "subfolder", "code_revision", "_from_auto", "_commit_hash"}
+from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
 
 
 class CepeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -90,9 +86,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         )
         self.encoder_tokenizer = encoder_tokenizer
         self.tokenizer = tokenizer
-        self._bound: ContextStates | None = None
-        self._pending: dict[int, torch.Tensor] = {}
-        self._install_hooks(layers)
+        install_cross_attention_hooks(self, layers, config.selected_layers(), self.family, self._cross_delta)
         self.freeze_base()
         if getattr(decoder, "generation_config", None) is not None:
             self.generation_config = decoder.generation_config
@@ -154,13 +148,14 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             cross_attn_init=cross_attn_init,
             kv_policy=kv_policy,
             encoder_frozen=encoder_frozen,
-            base_fingerprint=weights_fingerprint(decoder),
+            base_fingerprint=sampled_weights_hash(decoder),
             base_decoder=base_decoder,
             base_encoder=base_encoder,
         )
         if encoder is None:
             encoder_tokenizer = tokenizer
-        return cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=encoder_tokenizer, tokenizer=tokenizer)
+        return cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=encoder_tokenizer,
+                   tokenizer=tokenizer)
 
     def init_weights(self):
         """No-op: every part is initialised when built (decoder and encoder come pretrained,
@@ -184,11 +179,6 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 p.requires_grad_(False)
         self.config.encoder_frozen = part
 
-    def _saved_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors `save_pretrained` writes: frozen encoder weights come from the base."""
-        frozen = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if not p.requires_grad}
-        return {k: v for k, v in self.adapter_state_dict().items() if k not in frozen}
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters CEPE adds: encoder and cross-attention (shared decoder tensors excluded)."""
         base_ids = {id(p) for p in self.decoder.parameters()}
@@ -206,7 +196,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         prefixes = ("encoder.", "cross_attn.") if include_encoder else ("cross_attn.",)
         base_ids = {id(p) for p in self.decoder.parameters()}
         return [
-            p for n, p in self.named_parameters() if n.startswith(prefixes) and id(p) not in base_ids and p.requires_grad
+            p for n, p in self.named_parameters()
+            if n.startswith(prefixes) and id(p) not in base_ids and p.requires_grad
         ]
 
     def get_input_embeddings(self):
@@ -218,76 +209,38 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.decoder.get_decoder()
 
-    # ------------------------------------------------------------------ hooks
-    def _install_hooks(self, layers: nn.ModuleList) -> None:
-        for i in self.config.selected_layers():
-            layer = layers[i]
-            getattr(layer, self.family.pre_mlp_norm).register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True)
-            getattr(layer, self.family.mlp_out).register_forward_hook(self._make_post_hook(i))
-
-    def _make_pre_hook(self, idx: int):
-        def pre_hook(module, args, kwargs):
-            ctx = self._bound
-            if ctx is None:
-                return None
-            h = args[0] if args else kwargs["hidden_states"]
-            delta = self._cross_delta(idx, h, ctx)
-            self._pending[idx] = delta
-            if args:
-                return (h + delta, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": h + delta}
-
-        return pre_hook
-
-    def _make_post_hook(self, idx: int):
-        def post_hook(module, args, output):
-            delta = self._pending.pop(idx, None)
-            return None if delta is None else output + delta
-
-        return post_hook
-
+    # ------------------------------------------------------------------ cross-attention
     def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
         block = self.cross_attn[str(idx)]
-        if idx in ctx.cross_kv:
-            k, v = ctx.cross_kv[idx]
-        elif ctx.parent is not None:
-            # an expanded context (beams, label candidates, one document shared by many prompts):
-            # project the parent's states once and repeat the keys/values, instead of projecting
-            # B copies (under every policy; `cache` also keeps them for the next steps)
-            parent, keep = ctx.parent, self._use_kv_cache(ctx)
-            pk, pv = parent.cross_kv[idx] if idx in parent.cross_kv else block.project_kv(parent.hidden_states)
+        kv = ctx.cross_cache.keys_values(idx)
+        if kv is None:
+            keep = self._use_kv_cache(ctx)
+            if ctx.parent is not None:
+                # an expanded context (beams, label candidates, one document shared by many prompts):
+                # project the parent's states once and repeat the keys/values, instead of projecting
+                # B copies (under every policy; `cache` also keeps them for the next steps)
+                parent = ctx.parent
+                pkv = parent.cross_cache.keys_values(idx) or block.project_kv(parent.hidden_states)
+                if keep:
+                    parent.cross_cache.store(idx, *pkv, policy=self.config.kv_policy)
+                r = ctx.batch_size // parent.batch_size
+                kv = tuple(t.repeat_interleave(r, dim=0) for t in pkv)
+            else:
+                kv = block.project_kv(ctx.hidden_states)
             if keep:
-                parent.cross_kv[idx] = (pk, pv)
-            r = ctx.batch_size // parent.batch_size
-            k, v = (t.repeat_interleave(r, dim=0) for t in (pk, pv))
-            if keep:
-                ctx.cross_kv[idx] = (k, v)
-        else:
-            k, v = block.project_kv(ctx.hidden_states)
-            if self._use_kv_cache(ctx):
-                ctx.cross_kv[idx] = (k, v)
-        return block(h, k, v, self._key_mask(ctx), self._logit_scale(ctx))
+                ctx.cross_cache.store(idx, *kv, policy=self.config.kv_policy)
+        return block(h, *kv, self._key_mask(ctx), self._logit_scale(ctx))
 
     def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
         """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
         length scaling is off or no row is longer than L (decided once per context)."""
         trained = self.config.cross_attn_length_scaling
-        if trained is None:
-            return None
-        key = ("logit_scale", trained)  # keyed by L: a config change is not served a stale factor
-        if key not in ctx.cross_kv:
-            n = ctx.attention_mask.sum(-1).float()
-            scale = (math.log(trained) / n.clamp(min=2).log()).clamp(max=1.0)
-            ctx.cross_kv[key] = scale if bool((n > trained).any()) else None
-        return ctx.cross_kv[key]
+        return None if trained is None else ctx.cross_cache.logit_scale(ctx.attention_mask, trained)
 
     @staticmethod
     def _key_mask(ctx: ContextStates) -> torch.Tensor | None:
-        """The context's padding mask, or None when nothing is padding (decided once per context:
-        a mask-free SDPA call can use the fused flash kernel, and decoding steps need no sync)."""
-        if "key_mask" not in ctx.cross_kv:
-            ctx.cross_kv["key_mask"] = None if bool(ctx.attention_mask.all()) else ctx.attention_mask
-        return ctx.cross_kv["key_mask"]
+        """The context's padding mask, or None when nothing is padding (decided once per context)."""
+        return ctx.cross_cache.key_mask(ctx.attention_mask)
 
     def _use_kv_cache(self, ctx: ContextStates) -> bool:
         if torch.is_grad_enabled() and self.training:
@@ -304,80 +257,38 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         return per_layer * self.cross_attn[next(iter(self.cross_attn))].q_proj.weight.element_size()
 
     # ------------------------------------------------------------------ context
-    def encode(self, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None = None) -> ContextStates:
+    def encode(self, context_input_ids: torch.Tensor,
+               context_attention_mask: torch.Tensor | None = None) -> ContextStates:
         """Run the encoder over every chunk of the batch in one pass (or in slices of
         `config.encoder_chunks_per_pass` chunks, which bounds memory and gives the same states).
 
         context_input_ids, context_attention_mask: (B, N, L). Returns `ContextStates` with
         hidden_states (B, N*L, He). Chunks that are all padding are not run at all."""
-        if context_input_ids.dim() == 2:
-            context_input_ids = context_input_ids[None]
-            if context_attention_mask is not None:
-                context_attention_mask = context_attention_mask[None]
-        if context_input_ids.dim() != 3:
-            raise ValueError(f"context_input_ids must be (batch, n_chunks, chunk_len), got {tuple(context_input_ids.shape)}")
-        b, n, length = context_input_ids.shape
-        if context_attention_mask is None:
-            context_attention_mask = torch.ones_like(context_input_ids)
-        if context_attention_mask.shape != context_input_ids.shape:
-            raise ValueError("context_attention_mask must have the shape of context_input_ids")
-        if length > self.encoder.max_positions:
-            raise ValueError(f"context chunks of {length} tokens exceed the encoder's {self.encoder.max_positions} positions")
-        mask = context_attention_mask.bool()
-        real_ids = context_input_ids[mask]
-        if real_ids.numel() and (int(real_ids.min()) < 0 or int(real_ids.max()) >= self.encoder.vocab_size):
-            raise ValueError(
-                f"context ids out of the encoder's vocabulary [0, {self.encoder.vocab_size}): "
-                f"min {int(real_ids.min())}, max {int(real_ids.max())}"
-            )
-        flat_ids = context_input_ids.reshape(b * n, length)
-        flat_mask = mask.reshape(b * n, length)
-        live = flat_mask.any(dim=-1)
-        enc_param = next(self.encoder.parameters())
-        out = torch.zeros((b * n, length, self.encoder.hidden_size), dtype=enc_param.dtype, device=enc_param.device)
-        if live.any():
-            ids = flat_ids[live].to(enc_param.device)
-            live_mask = flat_mask[live].long().to(enc_param.device)
-            # chunks are independent: encoding them in slices bounds activation memory, same result
-            step = self.config.encoder_chunks_per_pass or len(ids)
-            states = torch.cat([self.encoder(ids[i : i + step], live_mask[i : i + step]) for i in range(0, len(ids), step)])
-            out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
-        return ContextStates(
-            out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device), self.encoder_fingerprint
-        )
+        states, mask = encode_chunks(self.encoder, context_input_ids, context_attention_mask,
+                                     self.config.encoder_chunks_per_pass)
+        return ContextStates(states, mask, self.encoder_hash)
 
-    def tokenize_context(self, contexts: list[str] | list[list[int]] | list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize_context(
+        self, contexts: list[str] | list[list[int]] | list[list[str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Documents -> chunk tensors (B, N, L). A flat list of documents is one example; a list
         of lists is a batch. Documents are strings (tokenized with the encoder's tokenizer) or
         lists of encoder token ids; each is split into `chunk_size` chunks on its own."""
         if not contexts:
             raise ValueError("empty context: pass at least one document")
-        batch = contexts if isinstance(contexts[0], (list, tuple)) and contexts[0] and not isinstance(contexts[0][0], int) else [contexts]
+        first = contexts[0]
+        batched = isinstance(first, (list, tuple)) and first and not isinstance(first[0], int)
+        batch = contexts if batched else [contexts]
         return self.tokenize_context_batch(batch)
 
     def tokenize_context_batch(self, batch: list[list[str] | list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One list of documents per example (an example may have none) -> chunk tensors (B, N, L);
         examples with fewer chunks are padded with empty chunks, which the encoder skips."""
-        prefix, suffix, pad_id = self._chunk_specials()
-        per_example = []
-        for docs in batch:
-            token_docs = []
-            for doc in docs:
-                if isinstance(doc, str):
-                    if self.encoder_tokenizer is None:
-                        raise ValueError("string context needs an encoder tokenizer (pass encoder_tokenizer=)")
-                    token_docs.append(self.encoder_tokenizer(doc, add_special_tokens=False)["input_ids"])
-                else:
-                    token_docs.append([int(t) for t in doc])
-            per_example.append(chunk_token_ids([d for d in token_docs if d], self.config.chunk_size, pad_id, prefix, suffix))
-        return pad_chunk_batch(per_example, pad_id)
+        return tokenize_documents(batch, self.encoder_tokenizer, self.config.chunk_size, self._chunk_specials())
 
     def _chunk_specials(self) -> tuple[list[int], list[int], int]:
-        tok = self.encoder_tokenizer
-        if self.config.encoder_type == "hf" and tok is not None and tok.cls_token_id is not None and tok.sep_token_id is not None:
-            return [tok.cls_token_id], [tok.sep_token_id], tok.pad_token_id or 0
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        return [], [], pad if pad is not None else 0
+        """Tokens around each chunk (e.g. BERT's [CLS] / [SEP]) and the padding id."""
+        return chunk_specials(self.encoder_tokenizer, self.config.encoder_type)
 
     @torch.no_grad()
     def encode_context(self, contexts) -> ContextStates:
@@ -387,8 +298,16 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         return self.encode(ids.to(self.device), mask.to(self.device))
 
     @property
+    def encoder_hash(self) -> str:
+        """`enc-` + a hash of the encoder's weights, type and chunk size: what a `ContextStates`
+        records, so that states from another encoder are refused."""
+        extra = f"{self.config.encoder_type}:{self.config.chunk_size}"
+        return "enc-" + sampled_weights_hash(self.encoder, extra=extra)[:16]
+
+    @property
     def encoder_fingerprint(self) -> str:
-        return "enc-" + weights_fingerprint(self.encoder, extra=f"{self.config.encoder_type}:{self.config.chunk_size}")[:16]
+        """Old name of `encoder_hash`."""
+        return self.encoder_hash
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -409,42 +328,32 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if context is None and context_input_ids is not None:
             context = self.encode(context_input_ids, context_attention_mask)
         if context is not None:
-            context = self._prepare_context(context, input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
-        self._bound = context
-        self._pending.clear()
-        try:
-            return self.decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                logits_to_keep=logits_to_keep, **kwargs
-            )
-        finally:
-            # gradient checkpointing re-runs layers during backward: they must still see the context
-            if not (self.training and self.is_gradient_checkpointing):
-                self._bound = None
-            self._pending.clear()
+            inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            context = self._prepare_context(context, inputs)
+            # an argument of this call only: each decoder layer hands it to its cross-attention
+            # (`layer_hooks`), and a checkpointed layer recomputed in backward gets it again
+            kwargs[CONTEXT_KWARG] = BoundContext(self, context)
+        return self.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+            logits_to_keep=logits_to_keep, **kwargs
+        )
 
     def _prepare_context(self, ctx: ContextStates, inputs: torch.Tensor | None) -> ContextStates:
         # hashing the encoder's weights costs hundreds of small device reads: check a context once
         # per model, not at every decoding step
-        if ctx.fingerprint is not None and not self.training and ctx.cross_kv.get("checked_by") != id(self):
-            if ctx.fingerprint != self.encoder_fingerprint:
+        if ctx.encoder_hash is not None and not self.training and ctx.cross_cache.verified_by != id(self):
+            if ctx.encoder_hash != self.encoder_hash:
                 raise ValueError(
-                    f"context was encoded by another encoder ({ctx.fingerprint}, this model: {self.encoder_fingerprint})"
+                    f"context was encoded by another encoder ({ctx.encoder_hash}, this model: {self.encoder_hash})"
                 )
-            ctx.cross_kv["checked_by"] = id(self)
+            ctx.cross_cache.verified_by = id(self)
         if ctx.hidden_states.shape[-1] != self.encoder.hidden_size:
             raise ValueError(f"context width {ctx.hidden_states.shape[-1]} != encoder width {self.encoder.hidden_size}")
         dev = next(iter(self.cross_attn.values())).q_proj.weight.device
         if ctx.hidden_states.device != dev:
             ctx = ctx.to(dev)
         if inputs is not None and inputs.shape[0] != ctx.batch_size:
-            # cache the expansion on the original so cached cross keys/values survive decoding steps
-            key = ("expanded", inputs.shape[0])
-            cached = ctx.cross_kv.get(key)
-            if cached is None:
-                cached = ctx.expand_to(inputs.shape[0])
-                ctx.cross_kv[key] = cached
-            ctx = cached
+            ctx = ctx.expanded(inputs.shape[0])  # kept on the original: cached keys/values survive decoding steps
         return ctx
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
@@ -472,54 +381,20 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         """`transformers` generation with the context encoded once per call (or never, given
         `context=`). Cross-attention keys/values follow `config.kv_policy`."""
         if context is None and context_input_ids is not None:
-            context = self.encode(context_input_ids.to(self.device), None if context_attention_mask is None else context_attention_mask.to(self.device))
+            mask = None if context_attention_mask is None else context_attention_mask.to(self.device)
+            context = self.encode(context_input_ids.to(self.device), mask)
         if context is not None:
-            context = ContextStates(context.hidden_states, context.attention_mask, context.fingerprint)  # fresh kv cache
+            # a fresh cross-attention cache for this call
+            context = ContextStates(context.hidden_states, context.attention_mask, context.encoder_hash)
             kwargs["context"] = context
         return super().generate(input_ids, **kwargs)
 
-    def _frozen_encoder_fingerprint(self) -> str | None:
-        frozen = [(n, p) for n, p in self.encoder.named_parameters() if not p.requires_grad]
-        return _params_fingerprint(frozen) if frozen else None
-
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20, dtype: torch.dtype | None = None, **_: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20,
+                        dtype: torch.dtype | None = None, **_: Any) -> None:
         """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
         the encoder tokenizer. The base decoder's weights are never written."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        sd = {
-            k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
-            for k, v in self._saved_state_dict().items()
-        }
-        self.config.base_encoder_fingerprint = self._frozen_encoder_fingerprint()
-        for old in list(out.glob("model*.safetensors")) + [out / ADAPTER_INDEX]:
-            if old.exists():
-                old.unlink()
-        meta = {"format": "pt", "cepe_base_fingerprint": self.config.base_fingerprint or ""}
-        shards, current, size = [], {}, 0
-        for k in sorted(sd):
-            nbytes = sd[k].numel() * sd[k].element_size()
-            if current and size + nbytes > max_shard_size:
-                shards.append(current)
-                current, size = {}, 0
-            current[k] = sd[k]
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], str(out / ADAPTER_FILE), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(out / name), metadata=meta)
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            (out / ADAPTER_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        self.config.architectures = [type(self).__name__]
-        self.config.save_pretrained(out)
-        if self.encoder_tokenizer is not None and self.config.encoder_type == "hf":
-            self.encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
+        save_adapter(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
 
     @classmethod
     def from_pretrained(
@@ -539,114 +414,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         Keyword arguments override the run-time settings (`RUNTIME_SETTINGS`: `kv_policy`,
         `kv_cache_budget_bytes`, `cross_attn_length_scaling`, `encoder_chunks_per_pass`), validated;
         any other keyword is an error."""
-        from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
-
-        folder = resolve_adapter(pretrained_model_name_or_path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
-        given = kwargs.pop("config", None)  # `AutoModelForCausalLM.from_pretrained` passes the config it read
-        for key in _HUB_KWARGS & set(kwargs):  # Hub download options: nothing to fetch from a local folder
-            kwargs.pop(key)
-        if isinstance(given, CepeConfig):
-            config = given
-            apply_runtime_settings(config, {k: getattr(config, k) for k in RUNTIME_SETTINGS})  # as validated
-        else:
-            config = CepeConfig.from_pretrained(str(folder))
-        apply_runtime_settings(config, kwargs)
-        if decoder is None:
-            decoder = config.base_decoder
-            if decoder is None:
-                raise ValueError("no decoder given and the adapter records none: pass decoder=")
-        if isinstance(decoder, (str, os.PathLike)):
-            decoder, tok = load_decoder(str(decoder), gguf_file=gguf_file, dtype=dtype)
-            tokenizer = tokenizer or tok
-        if check_base and config.base_fingerprint and weights_fingerprint(decoder) != config.base_fingerprint:
-            raise ValueError(
-                f"{folder}: adapter was trained on another base decoder (fingerprint {config.base_fingerprint}, "
-                f"given {weights_fingerprint(decoder)}); pass check_base=False to override"
-            )
-        enc_module, enc_tok = None, None
-        if config.encoder_type == "hf":
-            if encoder is None and config.encoder_frozen:
-                if not config.base_encoder:
-                    raise ValueError("adapter keeps base-encoder weights frozen and unsaved: pass encoder=")
-                encoder = config.base_encoder
-            if isinstance(encoder, (str, os.PathLike)):
-                enc_module, enc_tok = load_encoder(str(encoder))
-            elif encoder is not None:
-                enc_module = encoder if isinstance(encoder, ContextEncoder) else HFEncoder(encoder)
-            tok_dir = folder / ENCODER_TOKENIZER_DIR
-            if tok_dir.is_dir():
-                enc_tok = load_tokenizer(tok_dir)
-            elif enc_tok is None and config.base_encoder:
-                _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
-        else:
-            enc_tok = tokenizer
-        model = cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=enc_tok, tokenizer=tokenizer)
-        model.load_adapter_weights(folder)
-        return model
+        return load_pretrained(cls, pretrained_model_name_or_path, decoder=decoder, encoder=encoder, dtype=dtype,
+                               gguf_file=gguf_file, tokenizer=tokenizer, check_base=check_base, **kwargs)
 
     def load_adapter_weights(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        index = folder / ADAPTER_INDEX
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: corrupted shard index ({e})") from e
-        else:
-            files = [ADAPTER_FILE]
-        loaded: dict[str, torch.Tensor] = {}
-        for name in files:
-            path = folder / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: adapter weight file missing")
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for k in f.keys():
-                        loaded[k] = f.get_tensor(k)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
-        expected = self._saved_state_dict()
-        if self.config.encoder_frozen and getattr(self.config, "base_encoder_fingerprint", None):
-            if self._frozen_encoder_fingerprint() != self.config.base_encoder_fingerprint:
-                raise ValueError(
-                    f"{folder}: the frozen encoder weights ({self.config.encoder_frozen}) differ from the base encoder "
-                    "the adapter was trained with: pass encoder= the same base encoder"
-                )
-        missing = sorted(set(expected) - set(loaded))
-        unexpected = sorted(set(loaded) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{folder}: adapter does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        with torch.no_grad():
-            for k, t in expected.items():
-                if t.shape != loaded[k].shape:
-                    raise ValueError(f"{folder}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(t.shape)}")
-                t.copy_(loaded[k].to(dtype=t.dtype, device=t.device))
-
-
-def _params_fingerprint(params: list[tuple[str, torch.Tensor]]) -> str:
-    """Fingerprint of a list of named tensors (e.g. the frozen part of an encoder)."""
-    return _hash_tensors([(f"p{i}", p) for i, (_, p) in enumerate(params)], extra=",".join(n for n, _ in params))
-
-
-def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
-    """A cheap, dtype-independent hash of a module's weights: shapes plus a strided sample of
-    values rounded to bfloat16 (so fp32 and bf16 loads of the same checkpoint agree)."""
-    seen, named = set(), []
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:  # a tied or shared tensor counts once
-            seen.add(id(p))
-            named.append((name, p))
-    return _hash_tensors(named, extra)
-
-
-def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for name, p in named:
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].float().to(torch.bfloat16).view(torch.int16).cpu()
-        h.update(f"{name}:{tuple(p.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+        """Copy an adapter folder's tensors into this model (checked: names, shapes, frozen base)."""
+        load_adapter_weights(self, folder)

@@ -441,7 +441,7 @@ def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, ContextStates):
-        return _nbytes(obj.hidden_states) + _nbytes(obj.attention_mask) + _nbytes(list(obj.cross_kv.values()))
+        return obj.nbytes()
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(x) for x in obj)
     return 0

@@ -18,7 +18,7 @@ def tiny_decoder(t: TinyConfig, vocab_size: int, attn_implementation: str | None
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-        max_position_embeddings=t.max_positions, initializer_range=t.init_std, tie_word_embeddings=False,
+        max_position_embeddings=t.max_positions, initializer_range=t.init_std, tie_word_embeddings=t.tie_word_embeddings,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     cfg._attn_implementation = attn_implementation or "sdpa"
@@ -63,7 +63,7 @@ def build_model(cfg: RunConfig) -> CepeForCausalLM:
     model = load_model(
         decoder, encoder, init=m.cross_attn_init, chunk_size=m.chunk_size, cross_attn_layers=m.cross_attn_layers,
         cross_attn_num_kv_heads=m.cross_attn_num_kv_heads, encoder_num_layers=m.encoder_num_layers,
-        tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer, encoder_frozen=None if derived else m.encoder_frozen,
+        tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer, encoder_frozen=m.encoder_frozen,
     )
     if m.init_adapter:
         load_init_adapter(model, m.init_adapter)

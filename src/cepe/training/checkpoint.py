@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import config_diff, fingerprint
+from .config import config_diff, training_config_hash
 
 PREFIX = "step_"
 
@@ -71,8 +71,15 @@ def write_rng(tmp: Path, rank: int) -> None:
     save_file(rng_state(), str(tmp / f"rng_rank{rank}.safetensors"))
 
 
-def finalize(tmp: Path, final: Path, adapter: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
-             trainer_state: dict, keep: int) -> Path:
+def finalize(
+    tmp: Path,
+    final: Path,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict,
+    scheduler: dict,
+    trainer_state: dict,
+    keep: int,
+) -> Path:
     """Main process: write the rest, the manifest, fsync, rename; then drop old checkpoints."""
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")
@@ -111,7 +118,7 @@ def verify(path: Path) -> dict[str, Any]:
 
 def check_compatible(path: Path, state: dict, config: dict, world_size: int) -> None:
     """Refuse a checkpoint written by another config (listing what differs) or process count."""
-    if state.get("fingerprint") != fingerprint(config):
+    if state.get("fingerprint") != training_config_hash(config):
         diff = config_diff(state.get("config", {}), config)
         raise ValueError(
             f"{path / 'trainer_state.json'}: checkpoint was written by another config "

@@ -9,6 +9,7 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class TinyConfig:
     encoder_layers: int = 2
     encoder_heads: int = 4
     encoder_dropout: float = 0.0
+    tie_word_embeddings: bool = False  # as SmolLM2 and Gemma 3 do (the decoder-derived encoder then shares the table)
     seed: int = 0
 
 
@@ -47,7 +49,9 @@ class ModelConfig:
     cross_attn_layers: str | list[int] = "all"
     cross_attn_num_kv_heads: int | None = None
     encoder_num_layers: int = 4  # decoder-derived encoder depth
-    encoder_frozen: str | None = None  # "embeddings": keep the encoder's (large, generic) embeddings frozen and unsaved
+    # "embeddings": keep the encoder's (large, generic) embeddings frozen and unsaved; "all": train only the
+    # cross-attention. Frozen parts load from the base encoder; the adapter's config records the setting.
+    encoder_frozen: str | None = None
     dtype: str = "float32"  # decoder weights: float32 or bfloat16 (bfloat16 needs train.precision=bf16)
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     init_adapter: str | None = None  # start from a trained adapter folder (e.g. the previous stage)
@@ -67,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 or bf16 (autocast; trainable weights stay fp32)
     gradient_checkpointing: bool = False
-    freeze_encoder: bool = False  # train only the cross-attention
+    freeze_encoder: bool = False  # deprecated: model.encoder_frozen=all
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
@@ -111,6 +115,12 @@ class RunConfig:
         from ..model.loading import dtype_name
 
         m.dtype = dtype_name(m.dtype)  # fp32 / bf16: the old spellings, with a FutureWarning
+        if t.freeze_encoder:
+            # the model owns encoder trainability (recorded in the adapter's config); the old key maps onto it
+            warnings.warn("train.freeze_encoder is deprecated: use model.encoder_frozen=all", FutureWarning, stacklevel=2)
+            m.encoder_frozen, t.freeze_encoder = "all", False
+        if m.encoder_frozen not in (None, "embeddings", "all"):
+            raise ValueError(f"model.encoder_frozen must be null, embeddings or all, got {m.encoder_frozen!r}")
         if m.dtype == "bfloat16" and t.precision != "bf16":
             raise ValueError("model.dtype=bfloat16 needs train.precision=bf16")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_samples"):
@@ -298,11 +308,17 @@ def training_view(cfg: RunConfig | dict) -> dict[str, Any]:
         view["model.dtype"] = {"float32": "fp32", "bfloat16": "bf16"}.get(view["model.dtype"], view["model.dtype"])
     if "model.encoder" in view and view["model.encoder"] in ("decoder", "none", "null", "None", ""):
         view["model.encoder"] = None
+    if view.get("train.freeze_encoder"):  # the old key for model.encoder_frozen=all
+        view["model.encoder_frozen"], view["train.freeze_encoder"] = "all", False
     return view
 
 
-def fingerprint(cfg: RunConfig | dict) -> str:
+def training_config_hash(cfg: RunConfig | dict) -> str:
+    """Hash of what a checkpoint must agree with (`training_view`); saved as `fingerprint`."""
     return hashlib.sha256(json.dumps(training_view(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+fingerprint = training_config_hash  # the old name
 
 
 def config_diff(a: RunConfig | dict, b: RunConfig | dict) -> list[str]:

@@ -1,8 +1,8 @@
 """The training loop: one loop for a CPU smoke run, one GPU, or many GPUs under `accelerate launch`.
 
-Only the adapter trains (cross-attention, and the encoder unless `train.freeze_encoder`); the
+Only the adapter trains (cross-attention, and the encoder unless `model.encoder_frozen=all`); the
 decoder stays frozen. Data is a stream of samples indexed by a global counter (see
-`cepe.data.samples`): process r of W at step s, micro-step a, reads samples
+`cepe.data.samples`, `schedule.GlobalBatchSampler`): process r of W at step s, micro-step a, reads samples
 s*G + (a*W + r)*B ... + B-1 (G = global batch), so the global batch does not depend on how it is
 split across processes and the data position of a checkpoint is just its step.
 """
@@ -34,54 +34,59 @@ from ..data.pipeline import build_data
 from ..data.samples import Collator
 from . import checkpoint as ckpt
 from .build import build_model, describe
-from .config import RunConfig, dump_yaml, fingerprint, to_dict
+from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
 from .metrics import MetricsLog, plot_metrics, print_table
+from .schedule import GlobalBatchSampler, lr_lambda
+from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 LOAD = StateDictOptions(full_state_dict=True, strict=False)
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's micro-batches of global sample indices from `start_step` on."""
-
-    def __init__(self, start_step: int, max_steps: int, batch_size: int, grad_accum: int, world: int, rank: int):
-        self.start, self.stop = start_step, max_steps
-        self.b, self.accum, self.world, self.rank = batch_size, grad_accum, world, rank
-
-    @property
-    def global_batch(self) -> int:
-        return self.b * self.accum * self.world
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            for a in range(self.accum):
-                base = step * self.global_batch + (a * self.world + self.rank) * self.b
-                yield list(range(base, base + self.b))
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.accum
+def trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without any name of a frozen parameter. torch's `ignore_frozen_params` drops a frozen
+    tensor under the one name `named_parameters()` lists, but keeps its aliases: with a tied-embedding
+    decoder and the decoder-derived encoder, `decoder.lm_head.weight` and the encoder's embedding (one
+    frozen tensor) would stay, and safetensors refuses to save shared tensors."""
+    frozen = {n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
 
 
-def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
-    """Linear warmup, then cosine decay to `min_ratio` of the peak."""
+class _Meter:
+    """Progress bar and throughput of a run (decoder tokens per second, since the last step and
+    since the run started or resumed), and its last loss."""
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    def __init__(self, step: int, max_steps: int, counters: dict[str, int], enabled: bool):
+        self.bar = tqdm(total=max_steps, initial=step, desc="train", disable=not enabled, dynamic_ncols=True)
+        self.start_time, self.start_step, self.start_tokens = time.time(), step, counters["decoder_tokens"]
+        self.last_time, self.last_tokens = self.start_time, self.start_tokens
+        self.last_loss: float | None = None
+        self.end_time: float | None = None
 
-    return f
+    def update(self, step: int, values: dict[str, float], counters: dict[str, int]) -> None:
+        """Add `tokens_per_s` to this step's `values` and show them."""
+        now = time.time()
+        values["tokens_per_s"] = (counters["decoder_tokens"] - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens, self.last_loss = now, counters["decoder_tokens"], values["loss"]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
 
+    def write(self, text: str) -> None:
+        self.bar.write(text)
 
-def data_fingerprint(cfg: RunConfig, teacher_tokens: int) -> str:
-    """What the samples depend on (a precomputed teacher file must match it)."""
-    import hashlib
+    def close(self) -> None:
+        self.bar.close()
+        self.end_time = time.time()
 
-    view = {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers", "cache_dir")}
-    view.update(decoder=cfg.model.decoder, teacher_tokens=teacher_tokens)
-    return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def elapsed(self) -> float:
+        return (self.end_time or time.time()) - self.start_time
+
+    def steps_run(self, step: int) -> int:
+        return step - self.start_step
+
+    def tokens_run(self, counters: dict[str, int]) -> int:
+        return counters["decoder_tokens"] - self.start_tokens
 
 
 class Trainer:
@@ -97,13 +102,8 @@ class Trainer:
         if t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         torch.manual_seed(t.seed)
-        model = build_model(cfg)
-        if t.freeze_encoder:
-            base = {id(p) for p in model.decoder.parameters()}
-            for p in model.encoder.parameters():
-                if id(p) not in base:
-                    p.requires_grad_(False)
-        self.params = model.adapter_parameters(include_encoder=not t.freeze_encoder)
+        model = build_model(cfg)  # frozen encoder parts (`model.encoder_frozen`) are frozen by the model itself
+        self.params = model.adapter_parameters()
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.description = describe(model)
@@ -114,11 +114,12 @@ class Trainer:
         if cfg.distilling and cfg.distill.teacher == "online":
             window = getattr(model.decoder.config, "max_position_embeddings", 2048)
             room = window - cfg.data.decoder_tokens
-            self.teacher_tokens = max(0, min(cfg.distill.teacher_context_tokens if cfg.distill.teacher_context_tokens is not None else room, room))
+            wanted = cfg.distill.teacher_context_tokens
+            self.teacher_tokens = max(0, min(wanted if wanted is not None else room, room))
         self.data = build_data(cfg.data, model.tokenizer, model.encoder_tokenizer, teacher_tokens=self.teacher_tokens,
                                progress=self.progress, main_process_first=self.acc.main_process_first)
         if cfg.distilling and cfg.distill.teacher == "file":
-            self.teacher_file = TeacherFile(cfg.distill.teacher_file, data_fingerprint(cfg, 0))
+            self.teacher_file = TeacherFile(cfg.distill.teacher_file, sample_data_hash(cfg, 0))
         # the model knows which special tokens its encoder expects around each chunk
         prefix, suffix, pad = model._chunk_specials()
         self.collate = Collator(model.config.chunk_size, prefix, suffix, pad, model.decoder.config.pad_token_id or 0)
@@ -130,14 +131,16 @@ class Trainer:
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=tuple(t.betas),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        schedule = lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # FSDP replaces parameters by sharded ones: clip what the optimizer now holds
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.teacher_file is not None:
             needed = t.max_steps * t.batch_size * t.grad_accum * self.acc.num_processes
             if self.teacher_file.first > 0 or self.teacher_file.rows < needed:
-                raise ValueError(f"{self.teacher_file.path}: holds {self.teacher_file.rows} samples, training reads {needed} "
+                raise ValueError(f"{self.teacher_file.path}: holds {self.teacher_file.rows} samples, "
+                                 f"training reads {needed} "
                                  "(max_steps x global batch); write more with --teacher-samples")
         self.step = 0
         self.counters = {"samples": 0, "decoder_tokens": 0, "context_tokens": 0}
@@ -150,7 +153,8 @@ class Trainer:
 
     def _loader(self, start_step: int) -> torch.utils.data.DataLoader:
         t = self.cfg.train
-        sampler = GlobalBatchSampler(start_step, t.max_steps, t.batch_size, t.grad_accum, self.acc.num_processes, self.acc.process_index)
+        sampler = GlobalBatchSampler(start_step, t.max_steps, t.batch_size, t.grad_accum, self.acc.num_processes,
+                                     self.acc.process_index)
         return torch.utils.data.DataLoader(
             self.data.train, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
             pin_memory=self.acc.device.type == "cuda",
@@ -165,21 +169,21 @@ class Trainer:
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """lm_coef * CE (+ kl_coef * KL(teacher || student) when distilling)."""
         d = self.cfg.distill
-        # the teacher runs first: with gradient checkpointing the model keeps the student's
-        # context bound until backward recomputes its layers, and a forward without context
-        # in between would unbind it
-        teacher = online_teacher_logits(self.model, batch) if self.cfg.distilling and self.teacher_file is None else None
         out = self.model(
             input_ids=batch["input_ids"], context_input_ids=batch["context_input_ids"],
             context_attention_mask=batch["context_attention_mask"], use_cache=False,
         )
+        # the context is an argument of the student's forward, so the teacher may run after it
+        online = self.cfg.distilling and self.teacher_file is None
+        teacher = online_teacher_logits(self.model, batch) if online else None
         ce, _ = cross_entropy(out.logits, batch["labels"])
         parts = {"ce": ce.detach()}
         loss = d.lm_coef * ce
         if self.cfg.distilling:
             if teacher is None:
                 ids, probs = self.teacher_file.lookup(batch["index"].cpu())
-                kl = topk_kl_divergence(out.logits, ids.to(out.logits.device), probs.to(out.logits.device), batch["labels"], d.temperature)
+                dev = out.logits.device
+                kl = topk_kl_divergence(out.logits, ids.to(dev), probs.to(dev), batch["labels"], d.temperature)
             else:
                 kl = kl_divergence(out.logits, teacher, batch["labels"], d.temperature)
             parts["kl"] = kl.detach()
@@ -195,14 +199,15 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         ckpt.write_rng(tmp, acc.process_index)
-        adapter = get_model_state_dict(self.model, options=FULL)  # collective under FSDP
+        adapter = trainable_state(self.model, get_model_state_dict(self.model, options=FULL))  # collective under FSDP
         optim = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "counters": self.counters, "world_size": acc.num_processes,
-                     "fingerprint": fingerprint(self.cfg), "config": to_dict(self.cfg)}
+                     "fingerprint": training_config_hash(self.cfg), "config": to_dict(self.cfg)}
             final = ckpt.checkpoints_dir(self.run_dir) / f"{ckpt.PREFIX}{self.step:08d}"
-            ckpt.finalize(tmp, final, adapter, optim, self.scheduler.state_dict(), state, self.cfg.train.keep_checkpoints)
+            keep = self.cfg.train.keep_checkpoints
+            ckpt.finalize(tmp, final, adapter, optim, self.scheduler.state_dict(), state, keep)
         acc.wait_for_everyone()
 
     def _resume_from(self) -> Path | None:
@@ -210,7 +215,9 @@ class Trainer:
         found = ckpt.list_checkpoints(self.run_dir)
         if mode == "none":
             if found:
-                raise ValueError(f"{found[-1]}: output_dir already has checkpoints; use a new output_dir or train.resume=auto")
+                raise ValueError(
+                    f"{found[-1]}: output_dir already has checkpoints; use a new output_dir or train.resume=auto"
+                )
             return None
         if mode == "auto":
             return found[-1] if found else None
@@ -255,11 +262,13 @@ class Trainer:
             sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, tokens, correct
             for i in range(0, len(mine), bs):
                 batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
-                kwargs = {"context_input_ids": batch["context_input_ids"], "context_attention_mask": batch["context_attention_mask"]} if with_context else {}
+                keys = ("context_input_ids", "context_attention_mask") if with_context else ()
+                kwargs = {k: batch[k] for k in keys}
                 logits = self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1].float()
                 labels = batch["labels"][:, 1:]
                 valid = labels != -100
-                sums[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").double()
+                flat = logits.reshape(-1, logits.shape[-1])
+                sums[0] += F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum").double()
                 sums[1] += valid.sum()
                 if self.candidates is not None:
                     cand = self.candidates.to(logits.device)
@@ -284,79 +293,83 @@ class Trainer:
         """Train to `train.max_steps` (resuming if a checkpoint is there) and write the adapter,
         `summary.json`, `metrics.jsonl` and a plot. `stop_after` ends the run early right after
         that step's checkpoint, as a kill would (for tests)."""
-        cfg, t, acc = self.cfg, self.cfg.train, self.acc
-        main = acc.is_main_process
+        t = self.cfg.train
+        self._start_run()
+        log = MetricsLog(self.run_dir, self.step, self.acc.is_main_process)
+        meter = _Meter(self.step, t.max_steps, self.counters, self.progress)
+        batches = iter(self._loader(self.step))
+        self.model.train()
+        while self.step < t.max_steps:
+            values = self.train_step(batches)
+            meter.update(self.step, values, self.counters)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                log.log(self.step, values)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                self._evaluate_and_log(log, meter)
+            if t.save_every and (self.step % t.save_every == 0 or self.step == t.max_steps):
+                self.save_checkpoint()
+            if stop_after is not None and self.step >= stop_after:
+                meter.close()
+                log.close()
+                return {"stopped_at": self.step}
+        meter.close()
+        summary = self._finish(self._evaluate_and_log(log), meter)
+        log.close()
+        return summary
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches (gradients synced on the last one):
+        the step's mean loss and ce (and kl), the learning rate and the gradient norm."""
+        t, acc = self.cfg.train, self.acc
+        totals = torch.zeros(4, device=acc.device)  # loss, ce, kl, context tokens
+        for micro in range(t.grad_accum):
+            batch = self._to_device(next(batches))
+            with contextlib.nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.model):
+                loss, parts = self.compute_loss(batch)
+                acc.backward(loss / t.grad_accum)
+            totals += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros_like(parts["ce"])),
+                                   batch["context_attention_mask"].sum().float()])
+        grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals = acc.reduce(totals, reduction="sum")
+        n_micro, g = t.grad_accum * acc.num_processes, t.batch_size * t.grad_accum * acc.num_processes
+        self.counters["samples"] += g
+        self.counters["decoder_tokens"] += g * batch["input_ids"].shape[1]
+        self.counters["context_tokens"] += int(totals[3])
+        values = {"loss": float(totals[0]) / n_micro, "ce": float(totals[1]) / n_micro,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if self.cfg.distilling:
+            values["kl"] = float(totals[2]) / n_micro
+        return values
+
+    def _start_run(self) -> None:
+        """Resume if a checkpoint is there; write the run's config, data split and data report."""
+        main = self.acc.is_main_process
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
         if main:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
             (self.run_dir / "split.json").write_text(json.dumps(self.data.split, indent=1))
             (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report, indent=1, default=str))
-        log = MetricsLog(self.run_dir, self.step, main)
-        self.model.train()
-        loader = self._loader(self.step)
-        batches = iter(loader)
-        g = loader.batch_sampler.global_batch
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        start_time, start_step, start_tokens = time.time(), self.step, self.counters["decoder_tokens"]
-        last_time, last_tokens = start_time, start_tokens
-        history: list[dict] = []
-        while self.step < t.max_steps:
-            totals = torch.zeros(4, device=acc.device)  # loss, ce, kl, context tokens
-            for micro in range(t.grad_accum):
-                batch = self._to_device(next(batches))
-                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.model)
-                with sync:
-                    loss, parts = self.compute_loss(batch)
-                    acc.backward(loss / t.grad_accum)
-                totals += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros_like(parts["ce"])),
-                                       batch["context_attention_mask"].sum().float()])
-            grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            totals = acc.reduce(totals, reduction="sum")
-            n_micro = t.grad_accum * acc.num_processes
-            self.counters["samples"] += g
-            self.counters["decoder_tokens"] += g * batch["input_ids"].shape[1]
-            self.counters["context_tokens"] += int(totals[3])
-            values = {"loss": float(totals[0]) / n_micro, "ce": float(totals[1]) / n_micro, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-            if cfg.distilling:
-                values["kl"] = float(totals[2]) / n_micro
-            now = time.time()
-            values["tokens_per_s"] = (self.counters["decoder_tokens"] - last_tokens) / max(now - last_time, 1e-9)
-            last_time, last_tokens = now, self.counters["decoder_tokens"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                log.log(self.step, values)
-            history.append({"step": self.step, "loss": values["loss"]})
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                ev = self.evaluate()
-                if ev:
-                    log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
-                    bar.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
-                              f"{ev['ppl_without_context']:.3f} without")
-            if t.save_every and (self.step % t.save_every == 0 or self.step == t.max_steps):
-                self.save_checkpoint()
-            if stop_after is not None and self.step >= stop_after:
-                bar.close()
-                log.close()
-                return {"stopped_at": self.step}
-        bar.close()
-        elapsed = time.time() - start_time
+
+    def _evaluate_and_log(self, log: MetricsLog, meter: _Meter | None = None) -> dict[str, float]:
         ev = self.evaluate()
         if ev:
             log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
-        summary = self._finish(ev, elapsed, self.step - start_step, self.counters["decoder_tokens"] - start_tokens, history)
-        log.close()
-        return summary
+            if meter is not None:
+                meter.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
+                            f"{ev['ppl_without_context']:.3f} without")
+        return ev
 
-    def _finish(self, ev: dict, elapsed: float, steps_run: int, tokens_run: int, history: list[dict]) -> dict[str, Any]:
+    def _finish(self, ev: dict, meter: _Meter) -> dict[str, Any]:
+        """Save the adapter; write and print the run's summary."""
         cfg, acc = self.cfg, self.acc
+        elapsed, steps_run, tokens_run = meter.elapsed(), meter.steps_run(self.step), meter.tokens_run(self.counters)
         adapter_dir = self.run_dir / "adapter"
         if acc.distributed_type == DistributedType.FSDP:
             # the live parameters are shards: gather them into a fresh CPU copy to save
@@ -376,11 +389,11 @@ class Trainer:
             **self.counters,
             "seconds": round(elapsed, 2),
             "tokens_per_s": tokens_run / max(elapsed, 1e-9),
-            "final_loss": history[-1]["loss"] if history else None,
+            "final_loss": meter.last_loss,
             **ev,
             "model": self.description,
             "adapter": str(adapter_dir),
-            "config_fingerprint": fingerprint(cfg),
+            "config_fingerprint": training_config_hash(cfg),
             "data": {k: v for k, v in self.data.report.items() if k != "skipped_unreadable"},
         }
         if self.candidates is not None:
@@ -406,52 +419,13 @@ class Trainer:
         dec_tok = self.counters["decoder_tokens"] / steps
         ctx_tok = self.counters["context_tokens"] / steps
         xattn = d["cross_attn_params"]
-        enc_factor = 2 if cfg.train.freeze_encoder else 6
+        enc_factor = 2 if cfg.model.encoder_frozen == "all" else 6
         ckpt_extra = 2 if cfg.train.gradient_checkpointing else 0
-        teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if cfg.distilling and self.teacher_file is None else 0
+        online = cfg.distilling and self.teacher_file is None
+        teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if online else 0
         return ((4 + ckpt_extra) * d["decoder_params"] * dec_tok + 6 * xattn * (dec_tok + ctx_tok) / 2
                 + enc_factor * d["encoder_params"] * ctx_tok + 2 * d["decoder_params"] * teacher_tok)
 
 def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Build a trainer from `cfg` and run it."""
     return Trainer(cfg, progress=progress).fit(stop_after=stop_after)
-
-
-@torch.no_grad()
-def write_teacher_file(cfg: RunConfig, path: str | Path, teacher: str | None = None, samples: int | None = None,
-                       batch_size: int | None = None, progress: bool = True) -> Path:
-    """Precompute a teacher's top-k next-token probabilities for training samples 0..samples-1
-    (default: every sample `train.max_steps` steps of one process read) into a safetensors file
-    for `distill.teacher=file`. `teacher`: another decoder (name or path) sharing the decoder's
-    tokenizer; default the base decoder itself."""
-    from safetensors.torch import save_file
-
-    from .losses import teacher_topk
-
-    cfg.distill.kl_coef = cfg.distill.kl_coef or 1.0
-    cfg.distill.teacher = "online"  # builds samples with the teacher's context prefix
-    trainer = Trainer(cfg, progress=progress)
-    model = trainer.unwrapped
-    if teacher is not None:
-        from ..model.loading import load_decoder
-
-        model = load_decoder(teacher, dtype=cfg.model.dtype)[0].to(trainer.acc.device)
-        if model.config.vocab_size != trainer.unwrapped.decoder.config.vocab_size:
-            raise ValueError(f"--teacher {teacher}: vocabulary {model.config.vocab_size} differs from the decoder's")
-    model.eval()
-    t = cfg.train
-    n = samples or t.max_steps * t.batch_size * t.grad_accum
-    bs = batch_size or t.eval_batch_size or t.batch_size
-    ids_out, probs_out = [], []
-    for start in tqdm(range(0, n, bs), desc="teacher", disable=not progress, dynamic_ncols=True):
-        batch = trainer._to_device(trainer.collate([trainer.data.train[i] for i in range(start, min(n, start + bs))]))
-        with trainer.acc.autocast():
-            ids, probs = teacher_topk(model, batch, cfg.distill.topk, cfg.distill.temperature)
-        ids_out.append(ids.cpu())
-        probs_out.append(probs.cpu())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": TeacherFile.FORMAT, "data": data_fingerprint(cfg, 0), "first_index": "0",
-            "k": str(cfg.distill.topk), "temperature": str(cfg.distill.temperature), "teacher": teacher or cfg.model.decoder}
-    save_file({"topk_ids": torch.cat(ids_out), "topk_probs": torch.cat(probs_out)}, str(path), metadata=meta)
-    return path

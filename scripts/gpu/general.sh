@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The general-purpose adapter (issue 15) on the lent GPU. One step per call, back to back on one
+# warm machine (it keeps /root while warm: at most 30 minutes held):
+#   earlier calls  copy the xz tar parts of the mix (`tar -C OUT -c train heldout | xz | split -b 48M`)
+#                  to /root/data/ (MIX_PARTS), and the models as for bootstrap.sh (/root/smollm2.gguf;
+#                  for Gemma the assembled /root/gemma3.gguf, in parts the same way)
+#   bash scripts/gpu/general.sh unpack           # mix -> /root/data/mix/{train,heldout}; models -> $CEPE_HOME
+#   bash scripts/gpu/general.sh train STAGE [MAX_SECONDS]
+#                  STAGE: smollm2 | gemma3 (configs/general_STAGE.yaml). Resumes from the last checkpoint
+#                  under /root/runs/general_STAGE; stops (SIGKILL, checkpoints are atomic) after MAX_SECONDS
+#                  (default 540); brings back the latest adapter as bf16 shards < 16 MiB plus run_STAGE.tar.gz
+#                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only
+#   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
+#                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override)
+# Dry run on a CPU: ROOT=/tmp/g MIX=fixtures DEVICE=cpu DTYPE=float32 EXTRA="train.max_steps=4 ..." bash ... train smollm2 60
+# A fresh machine loses /root/runs: a checkpoint (fp32 weights + AdamW state, about 330 MB) does not fit
+# the trip back, so a later session starts from the brought-back adapter (INIT=DIR: model.init_adapter)
+# with a fresh optimizer: a new stage, not an exact resume.
+set -euo pipefail
+ROOT=${ROOT:-/root}
+export CEPE_HOME=${CEPE_HOME:-$ROOT/cepe_home}
+export PYTHONPATH=$ROOT/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+OUT=${OUT:-/tmp/out}
+MIX=${MIX:-$ROOT/data/mix}
+mkdir -p "$OUT" "$ROOT/runs"
+
+case "${1:-}" in
+  unpack)
+    if [ ! -d "$MIX/train" ]; then
+      mkdir -p "$MIX"
+      cat ${MIX_PARTS:-$ROOT/data/mix.tar.xz.part*} | xz -dc -T0 | tar -x -i -C "$MIX"   # -i: also several packs, each its own tar
+    fi
+    du -sh "$MIX"/train "$MIX"/heldout
+    bash scripts/gpu/bootstrap.sh
+    if [ ! -f "$CEPE_HOME/models/gemma3-270m/config.json" ] && [ -f "$ROOT/gemma3.gguf" ]; then
+      python3 -c "import sys; from pathlib import Path; from cepe.assets import _convert_gguf; _convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))" \
+        "$ROOT/gemma3.gguf" "$CEPE_HOME/models/gemma3-270m"
+    fi
+    ls "$CEPE_HOME/models"
+    ;;
+  train)
+    stage=${2:?usage: train smollm2|gemma3 [MAX_SECONDS]}; max=${3:-540}; run=$ROOT/runs/general_$stage
+    set +e
+    timeout -s KILL "$max" python3 -m cepe.training.cli --config configs/general_$stage.yaml \
+      "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=${WORKERS:-12} \
+      ${INIT:+model.init_adapter=$INIT} ${EXTRA:-} --no-progress
+    rc=$?; [ $rc = 137 ] && echo "stopped at MAX_SECONDS=$max: the last checkpoint is kept" || echo "train exit $rc"
+    set -e
+    # the newest adapter: the final one if the run ended, else the last checkpoint's weights
+    python3 - "$run" "$OUT/adapter_$stage" "${ADAPTER:-1}" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+from cepe.training import checkpoint as ckpt
+from cepe.training.build import build_model
+from cepe.training.config import load_config
+run, out, want = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+found = ckpt.list_checkpoints(run)
+final = run / "adapter"
+if not want or not (found or final.is_dir()):
+    sys.exit(print("no adapter brought back" if want else "ADAPTER=0: metrics only"))
+cfg = load_config(str(run / "config.yaml"), ["model.init_adapter=null"])
+model = build_model(cfg)
+if final.is_dir() and (not found or final.stat().st_mtime >= found[-1].stat().st_mtime):
+    model.load_adapter_weights(final); src = final
+else:
+    model.load_state_dict(load_file(str(found[-1] / "adapter.safetensors")), strict=False); src = found[-1]
+model.save_pretrained(out, dtype=torch.bfloat16, max_shard_size=15 * 2**20)
+size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+print(f"adapter from {src}: {size / 1e6:.1f} MB in bf16 -> {out}")
+PY
+    python3 scripts/gpu/general_curve.py "$run" --out "$run/curve.png" || true
+    # small files in one archive (at most 8 files come back); the shards beside it
+    tar -czf "$OUT/run_$stage.tar.gz" -C "$run" $(cd "$run" && ls metrics.jsonl summary.json metrics.png split.json \
+      data_report.json config.yaml curve.png curve.json 2>/dev/null) \
+      $( [ -d "$OUT/adapter_$stage" ] && echo -C "$OUT/adapter_$stage" $(cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$') ) \
+      || echo "nothing to archive yet"
+    if [ -d "$OUT/adapter_$stage" ]; then
+      (cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$' | xargs rm -f && mv model*.safetensors "$OUT"/ && cd .. && rmdir "adapter_$stage")
+    fi
+    ls -la "$OUT"
+    ;;
+  eval)
+    stage=${2:?usage: eval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/adapter}
+    [ -d "$adapter" ] || python3 -c "print('no final adapter at $adapter: set ADAPTER_DIR')"
+    for cat in ${CATEGORIES:-$(ls "$MIX/heldout")}; do
+      for d in ${DS:-256 512 1024 2048}; do
+        timeout ${EVAL_TIMEOUT:-900} python3 -m cepe.cli eval ppl --data "$MIX/heldout/$cat"/*.jsonl --adapter "$adapter" \
+          --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} -D $d -W $((d / 2)) --context-tokens ${CTX:-0,4K} \
+          --windows-per-doc ${WINDOWS:-8} --max-docs ${DOCS:-4} --methods ${METHODS:-cepe,truncated,full} \
+          --out "$OUT" --name ppl_${stage}_${cat}_D$d --no-progress
+      done
+    done
+    ;;
+  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | eval smollm2|gemma3"; exit 2 ;;
+esac

@@ -1,0 +1,114 @@
+"""Demonstration-style samples (in-context learning through the encoder): labelled examples built
+from the mix (a text snippet -> the category or the source it comes from) listed in the context,
+a few more in the decoder after a window of ordinary text; loss on the decoder's labels.
+
+With probability `renamed_labels` the labels are arbitrary words (redrawn per sample), so the
+label of a decoder example can be learnt only from the context's examples. Never built from the
+ICL evaluation sets: labels come from the training documents' names.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..config import DataConfig
+from ..samples import Corpus, TooShort, _WindowBuilder
+from .text import TextCodec, category_of, one_line, source_of
+
+# arbitrary label words for renamed samples (no meaning tied to any class)
+NEUTRAL = ("apple", "river", "copper", "violet", "falcon", "marble", "cedar", "lantern", "orbit", "pepper", "quartz",
+           "saddle", "tulip", "walnut", "harbor", "ember", "glacier", "meadow", "nickel", "pebble", "raven", "sierra",
+           "thistle", "velvet", "willow", "yonder", "zephyr", "anchor", "basil", "cobalt")
+# (line template, what the label is called in the prompt); {x} text, {y} label
+TEMPLATES = (
+    ("Text: {x}\nLabel: {y}\n\n", None),
+    ("Input: {x}\nOutput: {y}\n\n", None),
+    ("{x} => {y}\n", None),
+    ("Passage: {x}\nWhich {what} is it from? {y}\n\n", "what"),
+    ('"{x}" ({y})\n', None),
+)
+LABELLERS = {"category": category_of, "source": lambda name: PurePosixPath(source_of(name)).stem}
+
+
+class DemonstrationsBuilder(_WindowBuilder):
+    """Labelled examples in the context; a window of text then a few labelled examples in the
+    decoder (the last ones scored on their labels)."""
+
+    kind = "demonstrations"
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig, codec: TextCodec, teacher_tokens: int = 0):
+        self.codec, self.dcfg = codec, cfg.demonstrations
+        super().__init__(corpus, cfg, teacher_tokens)
+        lens = corpus.decoder.doc_lens()
+        need = self.dcfg.example_tokens[1] + 1
+        names = corpus.decoder.names
+        self.labels: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+        for what in self.dcfg.labels:
+            if what not in LABELLERS:
+                raise ValueError(f"data.demonstrations.labels: unknown {what!r} (known: {sorted(LABELLERS)})")
+            groups: dict[str, list[int]] = {}
+            for d in corpus.docs:
+                if lens[int(d)] >= need:
+                    groups.setdefault(LABELLERS[what](names[int(d)]), []).append(int(d))
+            if len(groups) >= 2:
+                keys = sorted(groups)
+                self.labels[what] = (keys, [np.asarray(groups[k]) for k in keys])
+        if not self.labels:
+            raise TooShort(f"the demonstrations builder needs documents of at least 2 {' or '.join(self.dcfg.labels)} "
+                           f"values with {need} decoder tokens each")
+        self.kinds = sorted(self.labels)
+
+    def _snippet(self, rng: np.random.Generator, docs: np.ndarray) -> str:
+        doc = int(docs[int(rng.integers(len(docs)))])
+        n = int(rng.integers(self.dcfg.example_tokens[0], self.dcfg.example_tokens[1] + 1))
+        p = int(rng.integers(self.corpus.decoder.doc_len(doc) - n + 1))
+        text = one_line(self.codec.decode(self.corpus.decoder_tokens(doc, p, p + n)))
+        inner = text[text.find(" ") + 1 : text.rfind(" ")]  # no word cut at either end
+        return (inner or text).replace("{", "(").replace("}", ")")
+
+    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
+        c = self.dcfg
+        what = self.kinds[int(rng.integers(len(self.kinds)))]
+        names, groups = self.labels[what]
+        n_cls = min(int(rng.integers(c.classes[0], c.classes[1] + 1)), len(names))
+        classes = rng.choice(len(names), size=n_cls, replace=False)
+        renamed = rng.random() < c.renamed_labels
+        shown = list(rng.choice(NEUTRAL, size=n_cls, replace=False)) if renamed else [names[int(j)] for j in classes]
+        line, _ = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+
+        def example(j: int) -> tuple[str, str, str]:
+            """(prompt, label, what follows it): a space before the label goes with the label,
+            as the tokenizer would read it in running text."""
+            x = self._snippet(rng, groups[int(classes[j])])
+            head, _, tail = line.partition("{y}")
+            head, y = head.format(x=x, what=what), str(shown[j])
+            if head.endswith(" "):
+                head, y = head[:-1], " " + y
+            return head, y, tail.format()
+
+        n_ctx = int(rng.integers(c.context_examples[0], c.context_examples[1] + 1))
+        # every class shown in the context at least once, then at random
+        order = list(range(n_cls)) + [int(j) for j in rng.integers(n_cls, size=max(0, n_ctx - n_cls))]
+        order = [order[int(i)] for i in rng.permutation(len(order))]
+        context_text = "".join("".join(example(j)) for j in order)
+        d = self.fit(d or self.D)
+        segments: list[tuple[np.ndarray, bool]] = [(self.codec.dec("\n\n"), False)]
+        used = len(segments[0][0])
+        for j in rng.integers(n_cls, size=int(rng.integers(c.decoder_examples[0], c.decoder_examples[1] + 1))):
+            prompt, label, rest = example(int(j))
+            p_ids, y_ids, r_ids = self.codec.dec(prompt), self.codec.dec(label), self.codec.dec(rest)
+            if used + len(p_ids) + len(y_ids) + len(r_ids) > d // 2:
+                break
+            segments += [(p_ids, False), (y_ids, True), (r_ids, False)]
+            used += len(p_ids) + len(y_ids) + len(r_ids)
+        # ordinary text (loss on it) fills the window before the examples
+        doc, p = self.pick_window(rng, d)
+        head = self.corpus.decoder_tokens(doc, p, p + d - used)
+        ids = np.concatenate([head] + [s for s, _ in segments]).astype(np.int64)
+        labels = np.concatenate([head] + [s if y else np.full(len(s), -100, np.int64) for s, y in segments]).astype(np.int64)
+        return {"input_ids": ids, "labels": labels, "doc": doc, "position": p, "context": [self.codec.enc(context_text)],
+                "teacher_prefix": self.codec.dec(context_text)[-self.teacher_tokens :] if self.teacher_tokens else np.zeros(0, np.int64),
+                "label_kind": what, "renamed": bool(renamed), "shown_labels": [str(s) for s in shown]}

@@ -1,0 +1,237 @@
+"""Adapter files: what `save_pretrained` writes and `from_pretrained` reads (config, safetensors
+sharded above a size, the encoder tokenizer), the checks on them, and the weight hashes that tie an
+adapter to the base models it was trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .configuration import RUNTIME_SETTINGS, CepeConfig, apply_runtime_settings
+from .encoder import ContextEncoder, HFEncoder
+
+if TYPE_CHECKING:
+    from .modeling import CepeForCausalLM
+
+ADAPTER_FILE = "model.safetensors"
+ADAPTER_INDEX = "model.safetensors.index.json"
+ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+
+# what `AutoModelForCausalLM.from_pretrained` forwards for the Hub; a local adapter folder ignores it
+_HUB_KWARGS = {
+    "revision",
+    "trust_remote_code",
+    "adapter_kwargs",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "proxies",
+    "subfolder",
+    "code_revision",
+    "_from_auto",
+    "_commit_hash",
+}
+
+
+def save_adapter(
+    model: CepeForCausalLM,
+    save_directory: str | os.PathLike,
+    max_shard_size: int = 16 * 2**20,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
+    the encoder tokenizer. The base decoder's weights are never written."""
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {
+        k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in saved_tensors(model).items()
+    }
+    model.config.base_encoder_fingerprint = frozen_encoder_weights_hash(model)
+    write_tensors(
+        out, sd, {"format": "pt", "cepe_base_fingerprint": model.config.base_fingerprint or ""}, max_shard_size
+    )
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    if model.encoder_tokenizer is not None and model.config.encoder_type == "hf":
+        model.encoder_tokenizer.save_pretrained(out / ENCODER_TOKENIZER_DIR)
+
+
+def load_pretrained(cls: type[CepeForCausalLM], pretrained_model_name_or_path: str | os.PathLike, *,
+                    decoder: nn.Module | str | None = None, encoder: nn.Module | str | None = None,
+                    dtype: torch.dtype | str | None = None, gguf_file: str | None = None, tokenizer: Any = None,
+                    check_base: bool = True, **kwargs) -> CepeForCausalLM:
+    """`CepeForCausalLM.from_pretrained`: an adapter folder onto its base decoder."""
+    from .loading import load_decoder, load_encoder, load_tokenizer, resolve_adapter
+
+    folder = resolve_adapter(pretrained_model_name_or_path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (not a CEPE adapter folder)")
+    given = kwargs.pop("config", None)  # `AutoModelForCausalLM.from_pretrained` passes the config it read
+    for key in _HUB_KWARGS & set(kwargs):  # Hub download options: nothing to fetch from a local folder
+        kwargs.pop(key)
+    if isinstance(given, CepeConfig):
+        config = given
+        apply_runtime_settings(config, {k: getattr(config, k) for k in RUNTIME_SETTINGS})  # as validated
+    else:
+        config = CepeConfig.from_pretrained(str(folder))
+    apply_runtime_settings(config, kwargs)
+    if decoder is None:
+        decoder = config.base_decoder
+        if decoder is None:
+            raise ValueError("no decoder given and the adapter records none: pass decoder=")
+    if isinstance(decoder, (str, os.PathLike)):
+        decoder, tok = load_decoder(str(decoder), gguf_file=gguf_file, dtype=dtype)
+        tokenizer = tokenizer or tok
+    if check_base and config.base_fingerprint and sampled_weights_hash(decoder) != config.base_fingerprint:
+        raise ValueError(
+            f"{folder}: adapter was trained on another base decoder (fingerprint {config.base_fingerprint}, "
+            f"given {sampled_weights_hash(decoder)}); pass check_base=False to override"
+        )
+    enc_module, enc_tok = None, None
+    if config.encoder_type == "hf":
+        if encoder is None and config.encoder_frozen:
+            if not config.base_encoder:
+                raise ValueError("adapter keeps base-encoder weights frozen and unsaved: pass encoder=")
+            encoder = config.base_encoder
+        if isinstance(encoder, (str, os.PathLike)):
+            enc_module, enc_tok = load_encoder(str(encoder))
+        elif encoder is not None:
+            enc_module = encoder if isinstance(encoder, ContextEncoder) else HFEncoder(encoder)
+        tok_dir = folder / ENCODER_TOKENIZER_DIR
+        if tok_dir.is_dir():
+            enc_tok = load_tokenizer(tok_dir)
+        elif enc_tok is None and config.base_encoder:
+            _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
+    else:
+        enc_tok = tokenizer
+    model = cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=enc_tok, tokenizer=tokenizer)
+    model.load_adapter_weights(folder)
+    return model
+
+
+def load_adapter_weights(model: CepeForCausalLM, folder: str | os.PathLike) -> None:
+    """Copy an adapter folder's tensors into `model` (checked: names, shapes, frozen base)."""
+    folder = Path(folder)
+    loaded = read_tensors(folder)
+    expected = saved_tensors(model)
+    if model.config.encoder_frozen and getattr(model.config, "base_encoder_fingerprint", None):
+        if frozen_encoder_weights_hash(model) != model.config.base_encoder_fingerprint:
+            raise ValueError(
+                f"{folder}: the frozen encoder weights ({model.config.encoder_frozen}) differ from the base encoder "
+                "the adapter was trained with: pass encoder= the same base encoder"
+            )
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: adapter does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    with torch.no_grad():
+        for k, t in expected.items():
+            if t.shape != loaded[k].shape:
+                raise ValueError(f"{folder}: {k} has shape {tuple(loaded[k].shape)}, model expects {tuple(t.shape)}")
+            t.copy_(loaded[k].to(dtype=t.dtype, device=t.device))
+
+
+def saved_tensors(model: CepeForCausalLM) -> dict[str, torch.Tensor]:
+    """The adapter tensors `save_pretrained` writes: frozen encoder weights come from the base."""
+    frozen = {f"encoder.{n}" for n, p in model.encoder.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.adapter_state_dict().items() if k not in frozen}
+
+
+def frozen_encoder_weights_hash(model: CepeForCausalLM) -> str | None:
+    frozen = [(n, p) for n, p in model.encoder.named_parameters() if not p.requires_grad]
+    return _named_tensors_hash(frozen) if frozen else None
+
+
+def write_tensors(out: Path, sd: dict[str, torch.Tensor], meta: dict[str, str], max_shard_size: int) -> None:
+    """`sd` into `out/model.safetensors`, or shards plus an index above `max_shard_size` bytes
+    (earlier weight files in `out` removed first)."""
+    for old in list(out.glob("model*.safetensors")) + [out / ADAPTER_INDEX]:
+        if old.exists():
+            old.unlink()
+    shards, current, size = [], {}, 0
+    for k in sorted(sd):
+        nbytes = sd[k].numel() * sd[k].element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = sd[k]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / ADAPTER_FILE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        (out / ADAPTER_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter folder (one file, or the shards its index lists), on CPU."""
+    index = folder / ADAPTER_INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: corrupted shard index ({e})") from e
+    else:
+        files = [ADAPTER_FILE]
+    loaded: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: adapter weight file missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    loaded[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
+    return loaded
+
+
+def _named_tensors_hash(params: list[tuple[str, torch.Tensor]]) -> str:
+    """Fingerprint of a list of named tensors (e.g. the frozen part of an encoder)."""
+    return _hash_tensors([(f"p{i}", p) for i, (_, p) in enumerate(params)], extra=",".join(n for n, _ in params))
+
+
+def sampled_weights_hash(module: nn.Module, extra: str = "") -> str:
+    """A cheap, dtype-independent hash of a module's weights: shapes plus a strided sample of
+    values rounded to bfloat16 (so fp32 and bf16 loads of the same checkpoint agree)."""
+    seen, named = set(), []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:  # a tied or shared tensor counts once
+            seen.add(id(p))
+            named.append((name, p))
+    return _hash_tensors(named, extra)
+
+
+def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for name, p in named:
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].float().to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+weights_fingerprint = sampled_weights_hash  # the old name, still exported

@@ -1,0 +1,175 @@
+"""Variable windows, same-source retrieval, copying and demonstration samples on a small mix laid
+out as `cepe data build` writes it (OUT/train/<category>/<source>.jsonl)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
+from cepe.data.builders import category_of, source_of
+from cepe.data.config import RetrievalConfig
+
+VOCAB = [f"{a}{b}{c}" for a in "bcdfglmnprstvz" for b in "aeiou" for c in ("n", "r", "st", "ll", "mo")]
+
+
+def _doc(rng: np.random.Generator, n_words: int, records: bool) -> str:
+    """Random words (no phrase repeats by chance), code-like `key = value` lines in some."""
+    lines = []
+    while sum(len(x.split()) for x in lines) < n_words:
+        if records and rng.random() < 0.3:
+            lines.append(f"{rng.choice(VOCAB)}_{rng.integers(1000)} = {' '.join(rng.choice(VOCAB, 3))}")
+        else:
+            lines.append(" ".join(rng.choice(VOCAB, int(rng.integers(6, 16)))) + ".")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(0)
+    for category, sources in {"books": ["austen", "melville"], "code": ["python", "ruby"], "reference": ["wiki"]}.items():
+        for source in sources:
+            path = root / "train" / category / f"{source}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = [{"source": source, "title": f"{source} {i}", "text": _doc(rng, 900, category == "code")} for i in range(3)]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _data(tmp_path, mix, **kw):
+    base = {"train": [str(mix / "train")], "cache_dir": str(tmp_path / "cache"), "context_tokens": 1024, "min_context_tokens": 64,
+            "decoder_tokens": 256, "extensions": [".jsonl"]}
+    base.update(kw)
+    tok = byte_tokenizer()
+    return build_data(DataConfig(**base), tok, tok, progress=False), tok
+
+
+def test_names_give_source_and_category():
+    assert source_of("train/books/austen.jsonl:3") == "train/books/austen.jsonl"
+    assert category_of("train/books/austen.jsonl:3") == "books"
+    assert source_of("austen/emma.txt") == "austen" and category_of("python3.11/json/decoder.py") == "python3.11"
+
+
+def test_variable_windows_per_block_and_context_lengths(tmp_path, mix):
+    data, _ = _data(tmp_path, mix, decoder_windows=[64, 128, 256], window_block=4, context_draw="uniform",
+                    mixture={"long_document": 1.0})
+    seen, ctx = set(), []
+    for block in range(12):
+        lens = {len(data.train[4 * block + j]["input_ids"]) for j in range(4)}
+        assert len(lens) == 1 and lens <= {64, 128, 256}  # one window per block: no padding in a batch
+        seen |= lens
+        ctx += [len(data.train[4 * block + j]["context"][0]) for j in range(4)]
+    assert seen == {64, 128, 256}
+    assert 64 <= min(ctx) and max(ctx) <= 1024 and np.std(ctx) > 50  # drawn, not always the maximum
+    assert data.train.window_of(5) == len(data.train[5]["input_ids"])
+
+
+def test_collator_pads_variable_windows(tmp_path, mix):
+    data, _ = _data(tmp_path, mix, decoder_windows=[64, 256], window_block=1, mixture={"long_document": 1.0})
+    samples = [data.train[i] for i in range(8)]
+    lens = [len(s["input_ids"]) for s in samples]
+    assert set(lens) == {64, 256}
+    batch = Collator(chunk_size=32, prefix=[], suffix=[], encoder_pad_id=0, decoder_pad_id=7)(samples)
+    assert set(batch) == {"input_ids", "labels", "context_input_ids", "context_attention_mask", "teacher_prefix_ids",
+                          "teacher_prefix_mask", "index"}
+    assert batch["input_ids"].shape == batch["labels"].shape == (8, 256)
+    for i, n in enumerate(lens):
+        assert batch["input_ids"][i, :n].tolist() == samples[i]["input_ids"].tolist()
+        assert (batch["input_ids"][i, n:] == 7).all() and (batch["labels"][i, n:] == -100).all()
+        assert batch["labels"][i, :n].tolist() == samples[i]["labels"].tolist()
+
+
+def test_stream_is_a_pure_function_of_the_index(tmp_path, mix):
+    kw = {"decoder_windows": [64, 128, 256], "window_block": 4, "context_draw": "uniform",
+          "mixture": {"long_document": 1, "copying": 1, "demonstrations": 1, "retrieval": 1, "warmup": 1}}
+    data, _ = _data(tmp_path, mix, **kw)
+    again, _ = _data(tmp_path, mix, **kw)
+    # a resumed run reads from its step on, in another order, in another process: same samples
+    for i in [37, 5, 1000, 6, 5]:
+        a, b = data.train[i], again.train[i]
+        assert a["kind"] == b["kind"] and (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+        assert all((x == y).all() for x, y in zip(a["context"], b["context"]))
+    assert len({data.train[i]["kind"] for i in range(60)}) == 5
+
+
+def _scored_runs(s: dict) -> list[tuple[int, int]]:
+    """Labelled runs after the first unlabelled token: the task's answers."""
+    lab = s["labels"] != -100
+    first = int(np.argmin(lab[1:])) + 1
+    runs, i = [], first
+    while i < len(lab):
+        if lab[i]:
+            j = i
+            while j < len(lab) and lab[j]:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def test_copied_answers_are_only_in_the_context(tmp_path, mix):
+    data, tok = _data(tmp_path, mix, decoder_windows=[128, 256], window_block=2, mixture={"copying": 1.0})
+    formats = set()
+    for i in range(60):
+        s = data.train[i]
+        assert len(s["input_ids"]) == data.train.window_of(i)
+        if "copy_format" not in s:
+            continue
+        formats.add(s["copy_format"])
+        context = " ".join(tok.decode(c.tolist()) for c in s["context"])
+        runs = _scored_runs(s)
+        assert runs and len(s["input_ids"]) - runs[0][0] <= 96 + 1
+        for a, b in runs:
+            answer = tok.decode(s["input_ids"][a:b].tolist()).strip()
+            assert answer in context, (s["copy_format"], answer)
+            assert answer not in tok.decode(s["input_ids"][:a].tolist())  # not readable in the decoder
+    assert formats == {"continue", "lookup", "table"}
+
+
+def test_demonstration_labels_scored_and_learnable_from_the_context(tmp_path, mix):
+    data, tok = _data(tmp_path, mix, mixture={"demonstrations": 1.0})
+    kinds, renamed = set(), 0
+    for i in range(40):
+        s = data.train[i]
+        kinds.add(s["label_kind"])
+        context = tok.decode(s["context"][0].tolist())
+        runs = _scored_runs(s)
+        assert runs
+        for a, b in runs:
+            label = tok.decode(s["input_ids"][a:b].tolist()).strip()
+            assert label in s["shown_labels"] and label in context
+        if s["renamed"]:
+            renamed += 1
+            a, b = runs[0]
+            assert tok.decode(s["input_ids"][a:b].tolist()).strip() not in tok.decode(s["input_ids"][:a].tolist())
+        else:
+            names = {"category": {"books", "code", "reference"}, "source": {"austen", "melville", "python", "ruby", "wiki"}}
+            assert set(s["shown_labels"]) <= names[s["label_kind"]]
+    assert kinds == {"category", "source"} and 5 < renamed < 35
+
+
+def test_retrieval_same_source(tmp_path, mix):
+    data, _ = _data(tmp_path, mix, mixture={"retrieval": 1.0}, retrieval=RetrievalConfig(k=3, passage_tokens=64, scope="same_source"))
+    b = data.train.builders["retrieval"]
+    names = b.corpus.decoder.names
+    doc, _ = b.pick_window(np.random.default_rng(0))
+    hits = b.pool.search("ban ber", 3, exclude_doc=doc, source=source_of(names[doc]))
+    assert len(hits) == 3
+    for h in hits:
+        d = int(b.pool.spans[h, 0])
+        assert d != doc and source_of(names[d]) == source_of(names[doc])
+    assert len(data.train[0]["context"]) == 3
+
+
+def test_decoder_bos_before_every_window(tmp_path, mix):
+    data, tok = _data(tmp_path, mix, decoder_bos=True, decoder_windows=[64, 128], mixture={"long_document": 1, "copying": 1})
+    for i in range(10):
+        s = data.train[i]
+        assert s["input_ids"][0] == tok.bos_token_id and s["labels"][0] == -100
+        assert len(s["input_ids"]) == data.train.window_of(i) + 1
+        assert tok.bos_token_id not in s["input_ids"][1:].tolist()
