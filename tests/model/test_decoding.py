@@ -173,7 +173,7 @@ def test_join_with_cepe_context_rows():
     s = max(c.hidden_states.shape[1] for c in ctxs)
     padded = [torch.nn.functional.pad(c.hidden_states, (0, 0, 0, s - c.hidden_states.shape[1])) for c in ctxs]
     masks = [torch.nn.functional.pad(c.attention_mask, (0, s - c.attention_mask.shape[1])) for c in ctxs]
-    both = type(ctxs[0])(torch.cat(padded), torch.cat(masks), ctxs[0].fingerprint)
+    both = type(ctxs[0])(torch.cat(padded), torch.cat(masks), ctxs[0].encoder_hash)
     with torch.no_grad():
         batch = Batch(model, context=ctxs[0])
         toks = [[int(batch.prefill([prompts[0]]).argmax(-1))]]

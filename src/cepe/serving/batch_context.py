@@ -20,16 +20,6 @@ from torch import nn
 from ..model.context import ContextStates
 
 
-def _store_keys_values(ctx: ContextStates, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Put one layer's keys/values in the context's cross-attention cache (typed cache, or the
-    older dict), so the model reads them instead of projecting its states."""
-    cache = getattr(ctx, "cross_cache", None)
-    if cache is not None:
-        cache.store(layer, key, value, policy="cache")
-    else:
-        ctx.cross_kv[layer] = (key, value)
-
-
 def context_bytes_per_token(model) -> int:
     """Device bytes one context position costs a running batch: encoder state, mask, and the
     keys and values of every cross-attention layer."""
@@ -43,9 +33,9 @@ class RowContexts:
     """Per-row contexts of a batch, right-padded into one `ContextStates` (see the module doc)."""
 
     def __init__(self, model, size: int, hidden: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, fingerprint: str | None = None):
+                 kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, encoder_hash: str | None = None):
         self.model, self.size = model, size
-        self.hidden, self.mask, self.kv, self.fingerprint = hidden, mask, kv or {}, fingerprint
+        self.hidden, self.mask, self.kv, self.encoder_hash = hidden, mask, kv or {}, encoder_hash
         self._context: ContextStates | None = None
 
     @classmethod
@@ -68,7 +58,7 @@ class RowContexts:
                 hidden[i, :s] = c.hidden_states[0].to(dev)
                 mask[i, :s] = c.attention_mask[0].to(dev)
         kv = {int(idx): block.project_kv(hidden) for idx, block in model.cross_attn.items()}
-        return cls(model, len(per_row), hidden, mask, kv, present[0].fingerprint)
+        return cls(model, len(per_row), hidden, mask, kv, present[0].encoder_hash)
 
     @property
     def width(self) -> int:
@@ -81,9 +71,9 @@ class RowContexts:
         if self.mask is None:
             return None
         if self._context is None:
-            self._context = ContextStates(self.hidden, self.mask, self.fingerprint)
-            for layer, (k, v) in self.kv.items():
-                _store_keys_values(self._context, layer, k, v)
+            self._context = ContextStates(self.hidden, self.mask, self.encoder_hash)
+            for layer, (k, v) in self.kv.items():  # the model reads these instead of projecting the states
+                self._context.cross_cache.store(layer, k, v, policy="cache")
         return self._context
 
     def nbytes(self) -> int:
@@ -127,7 +117,7 @@ class RowContexts:
         self.kv = {layer: tuple(torch.cat([pad(x, 1), pad(y, 1)]) for x, y in zip(a[2][layer], b[2][layer]))
                    for layer in a[2]}
         self.size += other.size
-        self.fingerprint = self.fingerprint or other.fingerprint
+        self.encoder_hash = self.encoder_hash or other.encoder_hash
         self._context = None
 
     def _padded_parts(self, like: RowContexts):

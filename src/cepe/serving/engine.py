@@ -393,7 +393,7 @@ class Runner:
                 hidden[i, :s] = c.hidden_states[0]
                 mask[i, :s] = c.attention_mask[0]
         # on the model's device once, so the cross-attention key/value cache survives every step
-        return ContextStates(hidden, mask, present[0].fingerprint).to(self.model.device)
+        return ContextStates(hidden, mask, present[0].encoder_hash).to(self.model.device)
 
     @torch.no_grad()
     def generate(self, jobs: list[GenerateJob], should_stop: Callable[[], bool]) -> None:
