@@ -33,7 +33,7 @@ fi
 python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
   --modes continuous static decoder --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-128}" --k 20 \
   --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-12}" --max-batch 128 \
-  --batch-memory-mb 65536 --fault --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
+  --batch-memory-mb 40960 --fault --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?
 log=$(grep -o 'server log: .*' "$OUT/serve_load.log" | tail -1 | cut -d' ' -f3)
 [ -n "$log" ] && [ -f "$log" ] && gzip -c "$log" > "$OUT/server.log.gz"

@@ -9,9 +9,10 @@ pool. Modes, each a fresh `cepe serve` on the same store folder:
   (`POST /v1/contexts`) and a request names its passages by id (`context`), served from the store;
 - `decoder`: the same server (continuous), the passages in the decoder's own window (in the chat
   message before the question, no `context`): SmolLM2 reading them itself.
-At each concurrency level, that many clients stream greedy answers of exactly `--max-tokens`
-tokens (`ignore_eos`), taking questions in turn until `--requests` are done or `--level-seconds`
-have passed. Reported: requests/s, tokens/s, p50/p99 time to first token and inter-token latency.
+At each concurrency level, that many clients stream greedy answers (`ignore_eos`: exact lengths,
+by default 1/4, 7/4, 1/2, 3/2 x `--max-tokens` in turn, as real answers vary), taking questions in
+turn until `--requests` are done or `--level-seconds` have passed. Reported: requests/s, tokens/s,
+p50/p99 time to first token and inter-token latency.
 
 `--fault`: a continuous server under load, with documents being uploaded, gets `kill -9`; then a
 restart on the same store. Checked: every request ended with an answer or an error it was told
@@ -57,9 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=20, help="BM25 passages per question")
     p.add_argument("--requests", type=int, default=512, help="most requests per level")
     p.add_argument("--level-seconds", type=float, default=15.0, help="no new request after this long in a level")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32, help="answer length (mean, under --lengths mixed)")
+    p.add_argument("--lengths", choices=["mixed", "fixed"], default="mixed",
+                   help="mixed: answers of 1/4, 7/4, 1/2 and 3/2 x --max-tokens in turn (as real answers vary; a static "
+                        "batch runs until its longest row ends); fixed: all --max-tokens")
     p.add_argument("--max-batch", type=int, default=128)
-    p.add_argument("--batch-memory-mb", type=float, default=65536.0)
+    p.add_argument("--batch-memory-mb", type=float, default=40960.0)
     p.add_argument("--fault", action="store_true", help="also the kill -9 run")
     p.add_argument("--fault-clients", type=int, default=32)
     p.add_argument("--out", default="runs/rag_load")
@@ -87,7 +91,7 @@ def server_flags(args, store: Path, batching: str) -> list[str]:
     return [*model, *extra, "--store", str(store), "--store-budget-mb", "65536", "--memory-cache-mb", "16384",
             "--batching", batching, "--max-batch", str(args.max_batch), "--batch-memory-mb", str(args.batch_memory_mb),
             "--max-queue", str(max(256, 2 * max(args.concurrency + [args.fault_clients]))), "--timeout", "600",
-            "--max-tokens", str(max(512, args.max_tokens))]
+            "--max-tokens", str(max(512, 2 * args.max_tokens))]
 
 
 async def upload(http: httpx.AsyncClient, texts: dict[str, str], ids: list[str], parallel: int = 16) -> dict:
@@ -102,6 +106,13 @@ async def upload(http: httpx.AsyncClient, texts: dict[str, str], ids: list[str],
 
     await asyncio.gather(*(one(p) for p in ids))
     return stored
+
+
+def answer_length(args, i: int) -> int:
+    """Tokens the i-th question's answer gets (exactly: `ignore_eos`)."""
+    if args.lengths == "fixed":
+        return args.max_tokens
+    return max(1, int(args.max_tokens * (0.25, 1.75, 0.5, 1.5)[i % 4]))
 
 
 def request_body(model: str, mode: str, question: str, passages: list[str], ctx_ids: list[str], max_tokens: int) -> dict:
@@ -162,8 +173,8 @@ async def run_mode(args, url: str, mode: str, data) -> dict:
             upload_s = time.perf_counter() - t0
             if len(ctx) != len(unique):
                 raise RuntimeError(f"only {len(ctx)} of {len(unique)} passages stored")
-        bodies = [request_body(model, mode, q, [texts[p] for p in ids], [ctx.get(p) for p in ids], args.max_tokens)
-                  for q, ids in zip(questions, ranked)]
+        bodies = [request_body(model, mode, q, [texts[p] for p in ids], [ctx.get(p) for p in ids], answer_length(args, i))
+                  for i, (q, ids) in enumerate(zip(questions, ranked))]
         await asyncio.gather(*(stream_chat(http, b) for b in bodies[:8]))  # warm-up, not measured
         rows = []
         bar = tqdm(total=len(args.concurrency) * args.requests, desc=mode, unit="req")
@@ -279,7 +290,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
     c = result["conditions"]
-    fig.suptitle(f"NQ RAG load, {result['k']} BM25 passages, {c['max_tokens']}-token answers; "
+    fig.suptitle(f"NQ RAG load, {result['k']} BM25 passages, {c['lengths']} answers of {c['max_tokens']} tokens (mean); "
                  f"{c.get('device_name') or c['cpu']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -313,6 +324,7 @@ def main(argv=None) -> int:
     import torch
 
     cond["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cond["lengths"] = args.lengths
     data = retrieve(Path(args.data), args.questions, args.k)
     work = Path(tempfile.mkdtemp(prefix="cepe-rag-load-"))
     print(f"server log: {work / 'server.log'}", flush=True)
