@@ -224,7 +224,7 @@ class Batch:
         """T: cached positions per row, padding included."""
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def join(self, other: "Batch") -> None:
+    def join(self, other: Batch) -> None:
         """Append `other`'s rows (prefilled, or stepped, in a `Batch` of their own on the same
         model) after this batch's rows. Both caches and masks are left-padded to a common length
         and concatenated along the batch: a row's positions are its own (`next_positions`) and
@@ -245,8 +245,7 @@ class Batch:
                 ka = nn.functional.pad(ka, (0, 0, width - ka.shape[-2], 0))
                 kb = nn.functional.pad(kb, (0, 0, width - kb.shape[-2], 0))
                 setattr(a, name, torch.cat([ka, kb.to(ka.dtype)]))
-        pad = lambda m: nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(other.mask)])
+        self.mask = torch.cat([nn.functional.pad(m, (width - m.shape[1], 0)) for m in (self.mask, other.mask)])
         self.next_positions = torch.cat([self.next_positions, other.next_positions])
 
     def _layers(self) -> list:
