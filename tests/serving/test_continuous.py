@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 from serving_harness import slow_down, tiny_serving_model
 
 from cepe.serving.engine import GenerateJob, Runner, Sampling, Scheduler
@@ -199,3 +200,31 @@ def test_cancelling_a_running_row_frees_its_slot(model):
         hook.remove()
     assert h.end[waiting.index][:2] == ("done", "length")
     assert h.first_token_at[waiting.index] - t0 < 1.0  # started at once, not after 200 tokens (4 s)
+
+
+def test_row_contexts_join_and_keep_equal_building_them_together(model):
+    """Joining rows (with or without context, narrower or wider) and dropping rows gives the same
+    padded states, mask and keys/values as building the remaining rows at once (up to padding)."""
+    from cepe.serving.batch_context import RowContexts
+
+    docs = [[model.encode_context([DOCS[0]])], [], [model.encode_context([DOCS[2]]), model.encode_context([DOCS[1]])], []]
+    for split in (1, 2, 3):
+        for order in (docs, docs[::-1]):
+            joined = RowContexts.build(model, order[:split])
+            joined.join(RowContexts.build(model, order[split:]))
+            whole = RowContexts.build(model, order)
+            assert joined.size == whole.size == 4
+            s = whole.width
+            assert joined.width >= s and not joined.mask[:, s:].any()
+            assert torch.equal(joined.mask[:, :s], whole.mask)
+            for layer, (k, v) in whole.kv.items():
+                assert torch.allclose(joined.kv[layer][0][:, :, :s], k, atol=1e-6)
+            joined.keep([0, 3])  # two rows without context or one of each: trailing padding trimmed
+            kept = RowContexts.build(model, [order[0], order[3]])
+            assert (joined.mask is None) == (kept.mask is None)
+            if kept.mask is not None:  # fresh encodings end in chunk padding, which keep() trims
+                assert joined.width == int(kept.mask.any(0).nonzero().max()) + 1
+    empty = RowContexts.build(model, [[], []])
+    assert empty.context is None and empty.width == 0
+    empty.join(RowContexts.build(model, [docs[0]]))
+    assert empty.size == 3 and empty.context.batch_size == 3 and not empty.mask[:2].any()
