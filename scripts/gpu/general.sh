@@ -43,7 +43,7 @@ case "${1:-}" in
     stage=${2:?usage: train smollm2|gemma3 [MAX_SECONDS]}; max=${3:-540}; run=$ROOT/runs/general_$stage
     set +e
     timeout -s KILL "$max" python3 -m cepe.training.cli --config configs/general_$stage.yaml \
-      "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=${WORKERS:-12} \
+      "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=${WORKERS:-0} \
       ${INIT:+model.init_adapter=$INIT} ${EXTRA:-} --no-progress
     rc=$?; [ $rc = 137 ] && echo "stopped at MAX_SECONDS=$max: the last checkpoint is kept" || echo "train exit $rc"
     set -e

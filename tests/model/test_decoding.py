@@ -118,3 +118,73 @@ def test_cache_keyword_follows_the_decoder():
     kw = decoding.cache_keyword(dec)
     assert kw in ("cache", "past_key_values") and decoding.cache_keyword(tiny_cepe()) == kw
     assert decoding.new_cache(dec).get_seq_length() == 0 and VOCAB == dec.config.vocab_size
+
+
+def test_join_adds_rows_mid_way_with_their_own_lengths():
+    """Rows prefilled on their own join a running batch between steps (its cache and theirs are
+    left-padded to a common length), leave it at different times, and each row's tokens are those
+    it decodes alone; leaving trims the columns nobody attends to any more."""
+    dec = tiny_decoder()
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15], [16]]
+    want = [greedy(dec, [p], 8)[0] for p in prompts]
+    got = {}
+    with torch.no_grad():
+        batch = Batch(dec)
+        rows = {0: batch.prefill([prompts[0]]).argmax(-1)}
+        order, produced = [0], {0: []}
+        for step in range(20):
+            if step in (2, 5):  # one long-prompt row is running; short ones arrive later
+                new = [1] if step == 2 else [2, 3]
+                joiner = Batch(dec)
+                first = joiner.prefill([prompts[i] for i in new]).argmax(-1)
+                batch.join(joiner)
+                for i, tok in zip(new, first.tolist()):
+                    order.append(i)
+                    rows[i] = tok
+                    produced[i] = []
+            for i in order:
+                produced[i].append(int(rows[i]))
+            done = [i for i in order if len(produced[i]) == 8 or (i == 1 and len(produced[i]) == 3)]
+            for i in done:
+                got[i] = produced[i]
+            keep = [k for k, i in enumerate(order) if i not in done]
+            if done:
+                width = batch.length
+                batch.keep(keep)
+                order = [order[k] for k in keep]
+                if 0 in done:  # the longest row left: its left padding is gone
+                    assert batch.length < width and bool(batch.mask[:, 0].any())
+            if not order:
+                break
+            logits = batch.step(torch.tensor([rows[i] for i in order]))
+            for i, tok in zip(order, logits.argmax(-1).tolist()):
+                rows[i] = tok
+    assert got == {0: want[0], 1: want[1][:3], 2: want[2], 3: want[3]}
+
+
+def test_join_with_cepe_context_rows():
+    """CEPE rows with their own contexts, joined: the context batch is the caller's (here rebuilt
+    by hand, right-padded); tokens equal each row decoded alone."""
+    model = tiny_cepe("llama", encoder="decoder")
+    docs = [[20 + i for i in range(10)], [40, 41, 42]]
+    ctxs = [model.encode_context([d]) for d in docs]
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10]]
+    want = [greedy(model, [p], 5, context=c)[0] for p, c in zip(prompts, ctxs)]
+    s = max(c.hidden_states.shape[1] for c in ctxs)
+    padded = [torch.nn.functional.pad(c.hidden_states, (0, 0, 0, s - c.hidden_states.shape[1])) for c in ctxs]
+    masks = [torch.nn.functional.pad(c.attention_mask, (0, s - c.attention_mask.shape[1])) for c in ctxs]
+    both = type(ctxs[0])(torch.cat(padded), torch.cat(masks), ctxs[0].encoder_hash)
+    with torch.no_grad():
+        batch = Batch(model, context=ctxs[0])
+        toks = [[int(batch.prefill([prompts[0]]).argmax(-1))]]
+        batch.kwargs["context"] = ctxs[0]
+        toks[0].append(int(batch.step(torch.tensor([toks[0][-1]])).argmax(-1)))
+        joiner = Batch(model, context=ctxs[1])
+        toks.append([int(joiner.prefill([prompts[1]]).argmax(-1))])
+        batch.join(joiner)
+        batch.kwargs["context"] = both
+        while len(toks[1]) < 5:
+            nxt = batch.step(torch.tensor([toks[0][-1], toks[1][-1]])).argmax(-1).tolist()
+            for t, n in zip(toks, nxt):
+                t.append(n)
+    assert toks[0][:5] == want[0] and toks[1] == want[1]

@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.bm25 import TOPK_BACKEND, import_bm25s
+
 
 class BM25Retriever:
     """Lucene BM25 over `texts` (lower-cased, English stop words removed)."""
 
     def __init__(self, texts: list[str], k1: float = 1.5, b: float = 0.75):
-        import bm25s
+        bm25s = import_bm25s()
 
         if not texts:
             raise ValueError("empty retrieval corpus")
@@ -34,7 +36,7 @@ class BM25Retriever:
         # masked passages still come back (score 0): ask for enough to drop them
         n = min(len(self.texts), k + len(exclude or ()))
         q = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
-        docs, scores = self.index.retrieve(q, k=n, show_progress=False, weight_mask=mask)
+        docs, scores = self.index.retrieve(q, k=n, show_progress=False, weight_mask=mask, backend_selection=TOPK_BACKEND)
         hits = [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if not exclude or int(d) not in exclude]
         return hits[:k]
 

@@ -5,11 +5,10 @@ completions) and benchmarks (timed greedy decoding) all decode through it.
 Works for a plain `*ForCausalLM` and for `CepeForCausalLM` alike: anything else the model takes
 (`context=` for CEPE) goes in `forward_kwargs` and is passed at every step.
 
-State is split so that a continuous-batching scheduler can be added later without touching the
-step: a `Batch` holds only what the rows share (the cache, the attention mask, the next positions);
-each row's own state is a `Row` (its prompt, `Sampler`, stop ids, token limit, tokens so far).
-`Batch.keep(indices)` drops finished rows between steps; adding rows means prefilling them in a
-`Batch` of their own and joining the two (not built yet).
+State is split so that rows can join and leave between steps (continuous batching): a `Batch`
+holds only what the rows share (the cache, the attention mask, the next positions); each row's own
+state is a `Row` (its prompt, `Sampler`, stop ids, token limit, tokens so far). `Batch.keep(indices)`
+drops rows between steps; `Batch.join(other)` appends rows prefilled in a `Batch` of their own.
 """
 
 from __future__ import annotations
@@ -214,6 +213,59 @@ class Batch:
         index = torch.tensor(indices, dtype=torch.long, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask, self.next_positions = self.mask[index], self.next_positions[index]
+        self._trim()
+
+    @property
+    def size(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        """T: cached positions per row, padding included."""
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def join(self, other: Batch) -> None:
+        """Append `other`'s rows (prefilled, or stepped, in a `Batch` of their own on the same
+        model) after this batch's rows. Both caches and masks are left-padded to a common length
+        and concatenated along the batch: a row's positions are its own (`next_positions`) and
+        its padding columns are masked, so every row computes what it would alone. Per-row
+        `forward_kwargs` (a batched CEPE context) must be joined by the caller."""
+        if other.size == 0:
+            return
+        if self.size == 0:
+            self.cache, self.mask, self.next_positions = other.cache, other.mask, other.next_positions
+            return
+        width = max(self.length, other.length)
+        mine, theirs = self._layers(), other._layers()
+        if len(mine) != len(theirs):
+            raise ValueError(f"cannot join caches of {len(mine)} and {len(theirs)} layers")
+        for a, b in zip(mine, theirs):
+            for name in ("keys", "values"):  # (B, H, T, d) each
+                ka, kb = getattr(a, name), getattr(b, name)
+                ka = nn.functional.pad(ka, (0, 0, width - ka.shape[-2], 0))
+                kb = nn.functional.pad(kb, (0, 0, width - kb.shape[-2], 0))
+                setattr(a, name, torch.cat([ka, kb.to(ka.dtype)]))
+        self.mask = torch.cat([nn.functional.pad(m, (width - m.shape[1], 0)) for m in (self.mask, other.mask)])
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])
+
+    def _layers(self) -> list:
+        """The cache's per-layer holders of `keys` / `values` (B, H, T, d); a sliding-window
+        layer (which drops old positions) cannot be padded or joined."""
+        layers = list(getattr(self.cache, "layers", []))
+        for layer in layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise NotImplementedError(f"joining batches needs full-attention cache layers, got {type(layer).__name__}")
+        return layers
+
+    def _trim(self) -> None:
+        """Drop leading columns that no row attends to (left padding of rows that have left)."""
+        if self.size == 0:
+            return
+        first = int(self.mask.any(0).long().argmax())
+        if first > 0:
+            for layer in self._layers():
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
 
 
 @torch.no_grad()

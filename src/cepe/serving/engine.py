@@ -5,14 +5,15 @@ or one per document to encode), `submit` them, and read the job's events (text d
 `done` or `error`) from an asyncio queue. One worker thread takes jobs in arrival order and runs
 them; a full queue refuses new jobs at once (the handler answers 429).
 
-Batching (static): when the worker takes a generation job it also takes every waiting generation
-job in the same context-size bucket (no context, or the same power of two of context tokens), up
-to `max_batch`. Prompts are left-padded into one batch and contexts right-padded into one
-`ContextStates`; each row keeps its own sampling settings, stop strings, token limit, deadline and
-cancellation, and is answered the moment it finishes. Requests that arrive while a batch runs
-wait for the next one (no continuous batching); after a batch, the worker waits up to 50 ms for
-its clients' next requests, so clients answered together keep sharing batches. Encoding jobs run
-one at a time.
+Batching is `continuous` (the default; `continuous.py`: rows join and leave the running batch
+between decoding steps, within a memory budget) or `static`: when the worker takes a generation
+job it also takes every waiting generation job in the same context-size bucket (no context, or the
+same power of two of context tokens), up to `max_batch`. Prompts are left-padded into one batch and
+contexts right-padded into one `ContextStates`; each row keeps its own sampling settings, stop
+strings, token limit, deadline and cancellation, and is answered the moment it finishes. Requests
+that arrive while a static batch runs wait for the next one; after a batch, the worker waits up to
+50 ms for its clients' next requests, so clients answered together keep sharing batches. Encoding
+jobs run one at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -109,8 +110,13 @@ class GenerateJob(Job):
 class Scheduler:
     """A bounded FIFO of jobs served by one worker thread that calls `runner.run(batch)`."""
 
-    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05):
+    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05,
+                 batching: Literal["static", "continuous"] = "static", batch_memory_bytes: int = 2**32):
+        if batching not in ("static", "continuous"):
+            raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
         self.runner, self.max_queue, self.max_batch, self.metrics = runner, max_queue, max_batch, metrics
+        self.batching, self.batch_memory_bytes = batching, batch_memory_bytes
+        self.batcher = None  # the ContinuousBatcher, under continuous batching
         self.batch_window_s = batch_window_s
         self._last_end = 0.0  # when the last generation batch finished
         self._expected = 1  # jobs likely waiting by then: that batch's clients come back, plus those queued
@@ -124,8 +130,18 @@ class Scheduler:
     def depth(self) -> int:
         return len(self._waiting)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="cepe-model-worker", daemon=True)
+        target = self._loop
+        if self.batching == "continuous":
+            from .continuous import ContinuousBatcher
+
+            self.batcher = ContinuousBatcher(self, self.runner, self.max_batch, self.batch_memory_bytes)
+            target = self.batcher.run
+        self._thread = threading.Thread(target=target, name="cepe-model-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -162,6 +178,40 @@ class Scheduler:
             except ValueError:
                 return
         job.finished = True
+
+    def take_ready(self, admit: Callable[[Job], bool], block: bool) -> list[Job] | None:
+        """Continuous batching: jobs to start now, from the head of the queue in arrival order
+        (None: stopping). An encoding job at the head comes alone; otherwise generation jobs
+        while `admit(job)` says they fit. `block`: wait for a first job (the batch is idle)."""
+        with self._cv:
+            while block and not self._waiting and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            taken: list[Job] = []
+            while self._waiting:
+                head = self._waiting[0]
+                if head.kind != "generate":
+                    if not taken:
+                        taken.append(self._waiting.popleft())
+                    break
+                if not admit(head):
+                    break
+                taken.append(self._waiting.popleft())
+            return taken
+
+    def run_alone(self, job: Job) -> None:
+        """Run one (encoding) job between decoding steps, reporting a failure to it alone."""
+        if job.cancelled.is_set():
+            return
+        if time.monotonic() > job.deadline:
+            self.metrics.add("timeouts")
+            return job.emit("error", 504, "request timed out while queued", "timeout")
+        try:
+            self.runner.run([job], should_stop=lambda: self._stopping)
+        except Exception as e:
+            log.exception("job failed", extra={"fields": {"event": "batch_error"}})
+            job.emit("error", 500, f"{job.kind} failed: {type(e).__name__}: {e}", "server_error")
 
     def _take(self) -> list[Job] | None:
         with self._cv:
@@ -343,7 +393,7 @@ class Runner:
                 hidden[i, :s] = c.hidden_states[0]
                 mask[i, :s] = c.attention_mask[0]
         # on the model's device once, so the cross-attention key/value cache survives every step
-        return ContextStates(hidden, mask, present[0].fingerprint).to(self.model.device)
+        return ContextStates(hidden, mask, present[0].encoder_hash).to(self.model.device)
 
     @torch.no_grad()
     def generate(self, jobs: list[GenerateJob], should_stop: Callable[[], bool]) -> None:

@@ -9,7 +9,9 @@ It starts `cepe serve` in a subprocess on a free loopback port (or uses `--url`)
    the level's requests are done; latency is request sent -> last token, TTFT -> first token;
 2. reuse: a `--doc-tokens` slice of an Austen novel asked `--questions` questions, once sending
    the text with every question and once by its stored id (plus a no-context baseline).
-Writes `load.json` and `load.png` to `--out` and prints a table.
+Writes `load.json` and `load.png` to `--out` and prints a table. The RAG load (NQ questions with
+BM25 passages from the store, static vs continuous batching vs the decoder reading the passages)
+and the fault run are `python -m cepe.serving.rag_load` (same server helpers).
 """
 
 from __future__ import annotations
@@ -74,27 +76,45 @@ def free_port() -> int:
 
 def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
     """`cepe serve` in a subprocess, its store and log in `work`."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "cepe.cli", "serve", "--decoder", args.decoder, "--encoder", args.encoder,
-           *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]),
-           "--port", str(port), "--store", str(work / "store"),
-           "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", "256",
-           "--max-context-tokens", str(max(65536, 2 * args.doc_tokens)), "--timeout", "900"]
-    log = open(work / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    model = ["--decoder", args.decoder, "--encoder", args.encoder,
+             *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter])]
+    return launch_server([*model, "--store", str(work / "store"), "--threads", str(args.threads),
+                          "--max-batch", str(args.max_batch), "--max-queue", "256",
+                          "--max-context-tokens", str(max(65536, 2 * args.doc_tokens)), "--timeout", "900"],
+                         work / "server.log", _auth(args))
+
+
+def launch_server(flags: list[str], log_path: Path, headers: dict | None = None,
+                  port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`cepe serve FLAGS` on a free (or the given) loopback port, its output in `log_path`
+    (appended); returns once /health answers."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "cepe.cli", "serve", *flags, "--port", str(port)]
+    with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: see {work / 'server.log'}")
+            raise RuntimeError(f"server exited with {proc.returncode}: see {log_path}")
         try:
-            if httpx.get(f"{url}/health", timeout=2, headers=_auth(args)).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2, headers=headers or {}).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.5)
     proc.terminate()
     raise RuntimeError("server did not come up within 600 s")
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _auth(args) -> dict:
@@ -130,8 +150,15 @@ async def ask(http: httpx.AsyncClient, model: str, question: str, context: list,
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "context": context}
+    return await stream_chat(http, body)
+
+
+async def stream_chat(http: httpx.AsyncClient, body: dict) -> dict:
+    """POST a streaming chat completion; returns status, latency, time to first token, the gaps
+    between successive text chunks (inter-token latency; a chunk is usually one token), tokens,
+    and `error` when the server answered with one (status or SSE error event)."""
     t0 = time.perf_counter()
-    ttft, tokens, status = None, 0, 0
+    ttft, last, gaps, tokens, status = None, None, [], 0, 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         status = r.status_code
         if status != 200:
@@ -145,9 +172,14 @@ async def ask(http: httpx.AsyncClient, model: str, question: str, context: list,
                 return {"status": 500, "latency_s": time.perf_counter() - t0, "error": chunk["error"]["message"]}
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
-    return {"status": status, "latency_s": time.perf_counter() - t0, "ttft_s": ttft, "tokens": tokens}
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+    return {"status": status, "latency_s": time.perf_counter() - t0, "ttft_s": ttft, "tokens": tokens, "gaps_s": gaps}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -304,12 +336,7 @@ def main(argv=None) -> int:
             cond["server_start_s"] = time.perf_counter() - t0
         result = asyncio.run(measure(args, url))
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_server(proc)
         shutil.rmtree(work / "store", ignore_errors=True)
         print(f"server log: {work / 'server.log'}")
     cond["loadavg_after"] = os.getloadavg()

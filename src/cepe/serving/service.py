@@ -52,6 +52,8 @@ class ServeConfig:
     max_context_tokens: int = 65536
     max_body_mb: float = 16.0
     timeout_s: float = 120.0
+    batching: str = "continuous"  # or "static" (see engine.py)
+    batch_memory_mb: float = 4096.0  # a continuous batch's decoder cache and contexts
     kv_policy: str | None = "auto"  # cache cross-attention keys/values across decoding steps
 
     @property
@@ -82,7 +84,8 @@ class Service:
         self.text = TextTokenizers(self.tokenizer, self.encoder_tokenizer)  # the handlers' own copies
         self.store = DocumentStore(config.store_dir, model.encoder_fingerprint, int(config.store_budget_mb * 2**20),
                                    int(config.memory_cache_mb * 2**20), kv_bytes_per_token=_cross_kv_bytes_per_token(model))
-        self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue, config.max_batch, self.metrics)
+        self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue, config.max_batch,
+                                   self.metrics, batching=config.batching, batch_memory_bytes=int(config.batch_memory_mb * 2**20))
         width = model.encoder.hidden_size
         self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
         self.max_positions = getattr(model.config.text_config, "max_position_embeddings", None)

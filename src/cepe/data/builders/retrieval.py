@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bm25 import TOPK_BACKEND, import_bm25s
 from ..config import DataConfig
 from ..samples import Corpus, TooShort, _WindowBuilder
 from .text import source_of
@@ -18,7 +19,7 @@ class PassagePool:
     BM25 (bm25s) over their text; each passage remembers its document and source."""
 
     def __init__(self, corpus: Corpus, cfg: DataConfig, decode: Callable[[list[int]], str]):
-        import bm25s
+        bm25s = import_bm25s()
 
         size = cfg.retrieval.passage_tokens
         spans = [(int(d), s) for d in corpus.docs for s in range(0, corpus.decoder.doc_len(int(d)) - size + 1, size)]
@@ -53,20 +54,19 @@ class PassagePool:
     def search(self, query: str, k: int, exclude_doc: int, source: str | None = None) -> list[int]:
         """Top-k passages for `query`, none from `exclude_doc` (that would leak the answer);
         with `source`, only passages of that source (fewer than k if it has fewer)."""
-        import bm25s
-
-        tokens = bm25s.tokenize([query], stopwords="en", show_progress=False)
+        tokens = import_bm25s().tokenize([query], stopwords="en", show_progress=False)
         allowed = self.spans[:, 0] != exclude_doc
         if source is not None:
             allowed &= self.passage_source == self.source_ids.get(source, -1)
             if not allowed.any():
                 return []
             n = min(len(self), k)
-            ids, _ = self.bm25.retrieve(tokens, k=n, weight_mask=allowed.astype(np.float32), show_progress=False)
+            ids, _ = self.bm25.retrieve(tokens, k=n, weight_mask=allowed.astype(np.float32), show_progress=False,
+                                        backend_selection=TOPK_BACKEND)
             # a zero score is a masked passage (or one sharing no word): keep allowed ones only
             return [int(i) for i in ids[0] if allowed[int(i)]][:k]
         n = min(len(self), k + 16)
-        ids, _ = self.bm25.retrieve(tokens, k=n, show_progress=False)
+        ids, _ = self.bm25.retrieve(tokens, k=n, show_progress=False, backend_selection=TOPK_BACKEND)
         return [int(i) for i in ids[0] if allowed[int(i)]][:k]
 
 

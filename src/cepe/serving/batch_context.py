@@ -1,0 +1,132 @@
+"""The contexts of a running batch under continuous batching: each row its own documents.
+
+Rows join and leave between decoding steps, so the batch's CEPE context changes with them. A
+`RowContexts` holds the rows' encoded contexts right-padded to a common width S (padding masked,
+so cross-attention ignores it) together with their cross-attention keys/values, projected once
+when the rows are prefilled. Joining and leaving select and concatenate these tensors; no context
+is projected again. `context` hands the model a `ContextStates` whose key/value cache is already
+filled, so its cross-attention reads the keys/values instead of projecting them.
+
+Shapes: hidden (B, S, He), mask (B, S) bool, keys/values per cross-attention layer (B, Hkv, S, d).
+A row without context has an all-padding mask (its cross-attention adds nothing); when no row
+has any context, there is no context at all (S = 0, `context` is None).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.context import ContextStates
+
+
+def context_bytes_per_token(model) -> int:
+    """Device bytes one context position costs a running batch: encoder state, mask, and the
+    keys and values of every cross-attention layer."""
+    blocks = list(model.cross_attn.values())
+    elem = blocks[0].k_proj.weight.element_size()
+    kv = sum((b.k_proj.out_features + b.v_proj.out_features) for b in blocks) * elem
+    return kv + model.encoder.hidden_size * next(model.encoder.parameters()).element_size() + 1
+
+
+class RowContexts:
+    """Per-row contexts of a batch, right-padded into one `ContextStates` (see the module doc)."""
+
+    def __init__(self, model, size: int, hidden: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, encoder_hash: str | None = None):
+        self.model, self.size = model, size
+        self.hidden, self.mask, self.kv, self.encoder_hash = hidden, mask, kv or {}, encoder_hash
+        self._context: ContextStates | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, per_row: list[list[ContextStates]]) -> RowContexts:
+        """Each row's documents (single-example `ContextStates`, possibly none) joined, padded,
+        and their keys/values projected (one projection per layer for all rows)."""
+        joined = [ContextStates.concat(list(docs)) if docs else None for docs in per_row]
+        present = [c for c in joined if c is not None]
+        if not present:
+            return cls(model, len(per_row))
+        dev = next(iter(model.cross_attn.values())).q_proj.weight.device
+        width = max(c.hidden_states.shape[1] for c in present)
+        ref = present[0].hidden_states
+        hidden = torch.zeros((len(per_row), width, ref.shape[-1]), dtype=ref.dtype, device=dev)
+        mask = torch.zeros((len(per_row), width), dtype=torch.bool, device=dev)
+        for i, c in enumerate(joined):
+            if c is not None:
+                s = c.hidden_states.shape[1]
+                hidden[i, :s] = c.hidden_states[0].to(dev)
+                mask[i, :s] = c.attention_mask[0].to(dev)
+        kv = {int(idx): block.project_kv(hidden) for idx, block in model.cross_attn.items()}
+        return cls(model, len(per_row), hidden, mask, kv, present[0].encoder_hash)
+
+    @property
+    def width(self) -> int:
+        """S: context positions per row, padding included."""
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @property
+    def context(self) -> ContextStates | None:
+        """The batch's context for the model, its keys/values cache filled (None: no context)."""
+        if self.mask is None:
+            return None
+        if self._context is None:
+            self._context = ContextStates(self.hidden, self.mask, self.encoder_hash)
+            for layer, (k, v) in self.kv.items():  # the model reads these instead of projecting the states
+                self._context.cross_cache.store(layer, k, v, policy="cache")
+        return self._context
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.hidden, self.mask) if t is not None] + [t for kv in self.kv.values() for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows; drop trailing columns that were only the leavers' context."""
+        self.size, self._context = len(indices), None
+        if self.mask is None:
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask[index]
+        used = self.mask.any(0)
+        if not bool(used.any()):  # no row left with context
+            self.hidden = self.mask = None
+            self.kv = {}
+            return
+        width = used.shape[0] - int(used.flip(0).long().argmax())
+        self.mask, self.hidden = self.mask[:, :width], self.hidden[index, :width]
+        self.kv = {layer: (k[index, :, :width], v[index, :, :width]) for layer, (k, v) in self.kv.items()}
+
+    def join(self, other: RowContexts) -> None:
+        """Append `other`'s rows, both sides right-padded to the wider context."""
+        if other.size == 0:
+            return
+        if self.size == 0 or (self.mask is None and other.mask is None):
+            size = self.size + other.size
+            self.__dict__.update(other.__dict__)
+            self.size, self._context = size, None
+            return
+        a, b = self._padded_parts(other), other._padded_parts(self)
+        width = max(self.width, other.width)
+
+        def pad(t, dim_from_end):  # right-pad dimension S to `width`
+            spec = [0, 0] * dim_from_end + [0, width - t.shape[-1 - dim_from_end]]
+            return nn.functional.pad(t, spec)
+
+        self.hidden = torch.cat([pad(a[0], 1), pad(b[0], 1)])
+        self.mask = torch.cat([pad(a[1], 0), pad(b[1], 0)])
+        self.kv = {layer: tuple(torch.cat([pad(x, 1), pad(y, 1)]) for x, y in zip(a[2][layer], b[2][layer]))
+                   for layer in a[2]}
+        self.size += other.size
+        self.encoder_hash = self.encoder_hash or other.encoder_hash
+        self._context = None
+
+    def _padded_parts(self, like: RowContexts):
+        """(hidden, mask, kv) of this side; a side without context gets one padding column
+        shaped like `like`'s tensors."""
+        if self.mask is not None:
+            return self.hidden, self.mask, self.kv
+        h = like.hidden.new_zeros((self.size, 1, like.hidden.shape[-1]))
+        m = like.mask.new_zeros((self.size, 1))
+        kv = {layer: tuple(t.new_zeros((self.size, t.shape[1], 1, t.shape[3])) for t in pair)
+              for layer, pair in like.kv.items()}
+        return h, m, kv
