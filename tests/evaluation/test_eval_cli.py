@@ -32,8 +32,8 @@ def files(tmp_path_factory):
 
 
 def _run(files, tmp_path, task: str, *extra: str) -> dict:
-    common = ["--decoder", str(files / "decoder"), "--encoder", "decoder", "--init", "zero", "--chunk-size", "16", "--encoder-layers", "2",
-              "--device", "cpu", "--out", str(tmp_path), "--name", "r", "--no-progress"]
+    common = ["--decoder", str(files / "decoder"), "--encoder", "decoder", "--init", "zero", "--chunk-size", "16",
+              "--encoder-layers", "2", "--device", "cpu", "--out", str(tmp_path), "--name", "r", "--no-progress"]
     assert main(["eval", task, *extra, *common]) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["task"] == task and out["data"] and out["timings"]["total_s"] >= 0
@@ -53,8 +53,8 @@ def test_cli_ppl(files, tmp_path, capsys):
 
 
 def test_cli_rag_lm(files, tmp_path):
-    out = _run(files, tmp_path, "rag-lm", "--data", str(files / "books" / "book0.txt"), "--corpus", str(files / "books"),
-               "-D", "32", "-W", "16", "--k", "0,2", "--passage-tokens", "40")
+    out = _run(files, tmp_path, "rag-lm", "--data", str(files / "books" / "book0.txt"), "--corpus",
+               str(files / "books"), "-D", "32", "-W", "16", "--k", "0,2", "--passage-tokens", "40")
     assert (tmp_path / "r.png").is_file()
     assert out["results"]["methods"]["cepe"]["2"]["passages_read"] == 2
     # the scored book is in the corpus folder too: its own passages are never retrieved for it
@@ -102,7 +102,12 @@ def test_cli_qa_merge(files, tmp_path, capsys):
     assert "best decoder-only" in capsys.readouterr().out
     # different questions are refused, naming what differs
     _run(files, tmp_path / "c", "qa", *qa[:-1], "1", "-k", "5,6")
-    assert main(["eval", "qa-merge", str(tmp_path / "a" / "r.json"), str(tmp_path / "c" / "r.json"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["eval", "qa-merge", str(tmp_path / "a" / "r.json"), str(tmp_path / "c" / "r.json"), "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "number of questions" in capsys.readouterr().err
 
 
@@ -121,10 +126,12 @@ def test_cli_qa_partial(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(qa, "run", stop_at_third)
     with pytest.raises(KeyboardInterrupt):
-        main(["eval", "qa", "--questions", str(files / "questions.jsonl"), "--passages", str(files / "passages.jsonl"),
-              "-k", "1,2,3", "--max-new-tokens", "3", "--max-examples", "2", "--decoder", str(files / "decoder"),
-              "--encoder", "decoder", "--init", "zero", "--chunk-size", "16", "--encoder-layers", "2", "--device", "cpu",
-              "--out", str(tmp_path), "--name", "r", "--no-progress"])
+        main(
+            ["eval", "qa", "--questions", str(files / "questions.jsonl"), "--passages", str(files / "passages.jsonl"),
+             "-k", "1,2,3", "--max-new-tokens", "3", "--max-examples", "2", "--decoder", str(files / "decoder"),
+             "--encoder", "decoder", "--init", "zero", "--chunk-size", "16", "--encoder-layers", "2", "--device", "cpu",
+             "--out", str(tmp_path), "--name", "r", "--no-progress"]
+        )
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["data"]["partial"] is True and list(out["results"]["k"]) == ["1", "2"]
     assert "best_decoder_only" in out["results"]["comparison"]
@@ -154,7 +161,8 @@ def test_cli_adapter(files, tmp_path):
                                       encoder_num_layers=2)
     model.save_pretrained(adapter)
     args = ["eval", "ppl", "--data", str(files / "books"), "-D", "32", "-W", "16", "--total-tokens", "32,64",
-            "--methods", "cepe,truncated", "--out", str(tmp_path), "--name", "a", "--no-progress", "--adapter", str(adapter)]
+            "--methods", "cepe,truncated", "--out", str(tmp_path), "--name", "a", "--no-progress", "--adapter",
+            str(adapter)]
     assert main(args) == 0
     out = json.loads((tmp_path / "a.json").read_text())
     assert out["model"]["adapter"] == str(adapter) and out["model"]["decoder"] == str(files / "decoder")
@@ -181,7 +189,9 @@ def test_cli_compare_adapter(files, tmp_path):
         model.save_pretrained(folders[-1])
     base = ["eval", "ppl", "--data", str(files / "books"), "-D", "32", "-W", "16", "--total-tokens", "32,64",
             "--methods", "cepe", "--out", str(tmp_path), "--no-progress"]
-    assert main(base + ["--name", "both", "--adapter", str(folders[0]), "--compare-adapter", f"other={folders[1]}"]) == 0
+    assert (
+        main(base + ["--name", "both", "--adapter", str(folders[0]), "--compare-adapter", f"other={folders[1]}"]) == 0
+    )
     assert main(base + ["--name", "one", "--adapter", str(folders[0])]) == 0
     assert main(base + ["--name", "two", "--adapter", str(folders[1])]) == 0
     res = {n: json.loads((tmp_path / f"{n}.json").read_text())["results"]["methods"] for n in ("both", "one", "two")}
@@ -201,7 +211,10 @@ def test_cli_ruler(files, tmp_path, capsys):
                "-D", "64", "--max-new-tokens", "4", "--haystack", str(files / "books" / "book0.txt"))
     res = out["results"]
     assert (tmp_path / "r.png").stat().st_size > 1000 and out["data"]["files"] == 1 and "partial" not in out["data"]
-    assert set(res["methods"]) == {"cepe", "truncated", "full", "streamingllm", "replug"} and res["haystack"] == "book0.txt"
+    assert (
+        set(res["methods"]) == {"cepe", "truncated", "full", "streamingllm", "replug"}
+        and res["haystack"] == "book0.txt"
+    )
     assert res["methods"]["full"]["average"] == {"700": None, "1000": None}
     assert res["does_not_fit"]["full"] == ["niah_single@1000", "fwe@700", "fwe@1000"]
     cepe, truncated = res["methods"]["cepe"], res["methods"]["truncated"]

@@ -180,7 +180,11 @@ def test_batched_generation_equals_one_at_a_time(encoder):
     """Left-padded batches (rows of different lengths, different numbers of context documents,
     one row with none) give each row the tokens it gets alone."""
     model = tiny_cepe("llama", encoder, init="copy")
-    methods = build_methods(["cepe", "truncated", "full", "replug"], model, to_encoder=(lambda ids: [t % 70 for t in ids]) if encoder == "bert" else None)
+    methods = build_methods(
+        ["cepe", "truncated", "full", "replug"],
+        model,
+        to_encoder=(lambda ids: [t % 70 for t in ids]) if encoder == "bert" else None,
+    )
     reqs = [
         Request(tokens=random_ids(10, 30), context=[random_ids(7, 31), random_ids(4, 32)], weights=[0.2, 0.9]),
         Request(tokens=random_ids(4, 33), context=[random_ids(12, 34)], prefix=[5, 6], weights=[1.0]),
@@ -216,7 +220,9 @@ def test_batched_candidate_scoring_equals_one_at_a_time(encoder):
 
     model = tiny_cepe("llama", encoder, init="copy")
     names = ["cepe", "truncated", "full", "full-linear", "replug", "streamingllm"]
-    methods = build_methods(names, model, window=16, to_encoder=(lambda ids: [t % 70 for t in ids]) if encoder == "bert" else None)
+    methods = build_methods(
+        names, model, window=16, to_encoder=(lambda ids: [t % 70 for t in ids]) if encoder == "bert" else None
+    )
     prompt = Request(tokens=random_ids(9, 50), context=[random_ids(11, 51), random_ids(5, 52)], prefix=[7, 8])
     cands = [[5], [6, 7, 8], [9, 10]]
     for name, m in methods.items():

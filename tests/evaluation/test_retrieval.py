@@ -47,7 +47,9 @@ def test_dense_retrieval_is_cosine_of_mean_pooled_states(tmp_path):
     with safe_open(str(cache), framework="pt") as f:
         meta = f.metadata()
     save_file({"embeddings": saved}, str(cache), metadata=meta)  # marks what comes from the cache
-    torch.testing.assert_close(DenseRetriever(TEXTS, encoder=(bert, tok), cache=cache, progress=False).embeddings, saved)
+    torch.testing.assert_close(
+        DenseRetriever(TEXTS, encoder=(bert, tok), cache=cache, progress=False).embeddings, saved
+    )
     other = DenseRetriever(TEXTS, encoder=(tiny_bert(seed=5, vocab=80), tok), cache=cache, progress=False)
     assert not torch.allclose(other.embeddings, saved)
     assert DenseRetriever(TEXTS[:2], encoder=(bert, tok), cache=cache, progress=False).embeddings.shape == (2, 24)

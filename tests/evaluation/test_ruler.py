@@ -92,7 +92,11 @@ def test_task_definitions():
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", s.answers[0])
     assert s.context.count("One of the special magic uuids for") == 31 and NOISE not in s.context
     s = generate("niah_multiquery", Random(1), 100, 4096, Haystack())
-    assert len(s.answers) == 4 and s.question.count(", and ") == 2 and "What are all the special magic numbers" in s.question
+    assert (
+        len(s.answers) == 4
+        and s.question.count(", and ") == 2
+        and "What are all the special magic numbers" in s.question
+    )
     s = generate("niah_multivalue", Random(1), 100, 4096, Haystack())
     assert len(s.answers) == 4 and len(s.depths) == 4 and s.depths == sorted(s.depths)
     s = generate("vt", Random(1), 40, 4096, Haystack())
@@ -114,7 +118,8 @@ def test_haystack_from_text():
     h = Haystack("First one. Second one!  Third\none? Fourth.", "file.txt")
     assert h.units == ["First one.", "Second one!", "Third one?", "Fourth."] and h.take(5)[-1] == "First one."
     s = generate("niah_single", Random(0), 8, 4096, h)
-    needle = f"One of the special magic numbers for {s.question.split(' for ')[1].split(' mentioned')[0]} is: {s.answers[0]}."
+    key = s.question.split(" for ")[1].split(" mentioned")[0]
+    needle = f"One of the special magic numbers for {key} is: {s.answers[0]}."
     assert needle in s.context and s.context.replace(needle, "").split() == " ".join(h.take(8)).split()
     with pytest.raises(ValueError, match="no text"):
         Haystack("  \n", "empty.txt")

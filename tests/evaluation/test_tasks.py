@@ -101,7 +101,7 @@ def test_qa_run(model, tok, style):
     s = qa.QaSettings(decoder_passages=1, encoder_passages=3, prompt=style, max_new_tokens=4)
     out = qa.run(methods, questions, passages, retriever, s, tok, progress=False)
     assert out["retrieval_recall"]["gold@1"] == 0.5 or out["retrieval_recall"]["gold@4"] >= 0.5
-    for name, r in out["methods"].items():
+    for r in out["methods"].values():
         assert 0 <= r["em"] <= r["substring"] + 1e-9 or r["em"] <= 1
         assert 0 <= r["f1"] <= 1
     assert out["methods"]["cepe"]["passages_read"] == 4 and out["methods"]["truncated"]["passages_read"] == 1

@@ -11,67 +11,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ..cli_options import add_model_arguments, model_choice
-
-DEFAULT_METHODS = {
-    "ppl": "cepe,truncated,full,streamingllm,replug",
-    "rag-lm": "cepe,truncated,full,replug",
-    "qa": "cepe,truncated,full,replug",
-    "icl": "cepe,truncated,full",
-    "passkey": "cepe,truncated,full,streamingllm,replug",
-    "ruler": "cepe,truncated,full,streamingllm,replug",
-}
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [_size(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (K suffix allowed), got {text!r}") from None
-
-
-def _size(t: str) -> int:
-    t = t.strip().lower()
-    return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _common(p: argparse.ArgumentParser, task: str) -> None:
-    g = add_model_arguments(p.add_argument_group("model"), device_default="cuda" if _cuda() else "cpu")
-    g.add_argument("--length-scaling", default=None, metavar="L|off",
-                   help="cross-attention length scaling for every CEPE model: logits x log(L)/log(n) beyond L context tokens (default: the adapter's config)")
-    g.add_argument("--compare-adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="another adapter on the same decoder, run as method NAME (e.g. ceped=runs/distill/adapter); repeatable")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g = p.add_argument_group("methods")
-    g.add_argument("--methods", default=DEFAULT_METHODS[task],
-                   help=f"comma-separated: cepe, truncated, full, full-linear, full-dynamic, full-yarn, streamingllm, replug (default {DEFAULT_METHODS[task]})")
-    g.add_argument("--sinks", type=int, default=4, help="StreamingLLM attention sinks (default 4)")
-    g.add_argument("--stream-window", type=int, default=None, help="StreamingLLM cache: sinks + recent tokens (default: the decoder window D)")
-    g.add_argument("--rope-factor", type=float, default=None, help="RoPE scaling factor for full-<rope> (default: length / trained window, >= 1)")
-    g.add_argument("--replug-weighting", choices=["uniform", "score"], default="uniform", help="REPLUG mixture weights (score: softmax of retrieval scores)")
-    g.add_argument("--batch-size", type=int, default=4, help="REPLUG passes per forward (default 4)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="results/eval", help="folder for <name>.json and <name>.png (default results/eval)")
-    g.add_argument("--name", default=task.replace("-", "_"), help=f"result file stem (default {task.replace('-', '_')})")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
-
+from ..cli_options import model_choice
+from .cli_args import add_common, floats, ints, size
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate long-context use: ppl, rag-lm, qa, icl, passkey, ruler",
@@ -79,34 +20,39 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="task", required=True)
 
     t = sub.add_parser("ppl", help="perplexity of the last W tokens of a D-token window vs. context length E")
-    t.add_argument("--data", nargs="+", required=True, help="folders of .txt/.py/.md, text files, or .jsonl (one document per row)")
+    t.add_argument("--data", nargs="+", required=True,
+                   help="folders of .txt/.py/.md, text files, or .jsonl (one document per row)")
     t.add_argument("--text-key", default="text", help="jsonl field holding the text (default text)")
     t.add_argument("--decoder-tokens", "-D", type=int, default=512, help="decoder window D (default 512)")
-    t.add_argument("--scored-tokens", "-W", type=int, default=256, help="scored tokens W at the end of the window (default 256)")
+    t.add_argument("--scored-tokens", "-W", type=int, default=256,
+                   help="scored tokens W at the end of the window (default 256)")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--total-tokens", type=_ints, default=None, help="total lengths D+E, e.g. 512,1K,2K,4K,8K (default)")
-    g.add_argument("--context-tokens", "-E", type=_ints, default=None, help="context lengths E instead, e.g. 0,512,...,128K")
+    g.add_argument("--total-tokens", type=ints, default=None, help="total lengths D+E, e.g. 512,1K,2K,4K,8K (default)")
+    g.add_argument("--context-tokens", "-E", type=ints, default=None,
+                   help="context lengths E instead, e.g. 0,512,...,128K")
     t.add_argument("--windows-per-doc", type=int, default=1, help="windows per document, evenly spread (default 1)")
     t.add_argument("--max-docs", type=int, default=None)
     t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
-    _common(t, "ppl")
+    add_common(t, "ppl")
     t.set_defaults(func=cmd_ppl)
 
     t = sub.add_parser("rag-lm", help="retrieval-augmented LM: perplexity vs. number of retrieved passages k")
     t.add_argument("--data", nargs="+", required=True, help="documents to score (as for ppl)")
-    t.add_argument("--corpus", nargs="+", required=True, help="retrieval corpus: folders/text files/.jsonl, cut into passages")
+    t.add_argument("--corpus", nargs="+", required=True,
+                   help="retrieval corpus: folders/text files/.jsonl, cut into passages")
     t.add_argument("--text-key", default="text")
     t.add_argument("--passage-tokens", type=int, default=200, help="decoder tokens per corpus passage (default 200)")
     t.add_argument("--keep-same-source", action="store_true", help="allow passages from the scored document itself")
     t.add_argument("--decoder-tokens", "-D", type=int, default=512)
     t.add_argument("--scored-tokens", "-W", type=int, default=256)
-    t.add_argument("--k", type=_ints, default=[0, 1, 2, 4, 8, 16], help="numbers of passages (default 0,1,2,4,8,16)")
+    t.add_argument("--k", type=ints, default=[0, 1, 2, 4, 8, 16], help="numbers of passages (default 0,1,2,4,8,16)")
     t.add_argument("--retriever", choices=["bm25", "dense"], default="bm25")
     t.add_argument("--dense-encoder", default="minilm-l6", help="dense retriever's encoder (default minilm-l6)")
     t.add_argument("--windows-per-doc", type=int, default=1)
     t.add_argument("--max-docs", type=int, default=None)
-    t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (passages in the decoder); default its trained window")
-    _common(t, "rag-lm")
+    t.add_argument("--full-window", type=int, default=None,
+                   help="token budget of 'full' (passages in the decoder); default its trained window")
+    add_common(t, "rag-lm")
     t.set_defaults(func=cmd_rag_lm)
 
     t = sub.add_parser("qa", help="open-domain QA: retrieved passages in decoder + encoder; EM / F1 / substring match")
@@ -115,60 +61,78 @@ def register(subparsers) -> None:
     t.add_argument("--retriever", choices=["bm25", "dense"], default="bm25")
     t.add_argument("--dense-encoder", default="minilm-l6")
     t.add_argument("--dense-cache", default=None, help="safetensors file to keep passage embeddings between runs")
-    t.add_argument("--max-passages", type=int, default=None, help="use only the first N passages of the pool (plus gold ones): a smoke-test knob")
+    t.add_argument("--max-passages", type=int, default=None,
+                   help="use only the first N passages of the pool (plus gold ones): a smoke-test knob")
     t.add_argument("--decoder-passages", "-m", type=int, default=1, help="top-m passages in the decoder (default 1)")
-    t.add_argument("--encoder-passages", "-k", type=_ints, default=[10],
-                   help="the next k passages in the encoder, one per chunk; a list (1,5,10,20) runs a sweep (default 10)")
-    t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder-only); default its trained window")
-    t.add_argument("--prompt", choices=["chat", "plain"], default="chat", help="prompt format (default chat; see docs/evaluation.md)")
+    t.add_argument("--encoder-passages", "-k", type=ints, default=[10],
+                   help="the next k passages in the encoder, one per chunk; "
+                        "a list (1,5,10,20) runs a sweep (default 10)")
+    t.add_argument("--full-window", type=int, default=None,
+                   help="token budget of 'full' (decoder-only); default its trained window")
+    t.add_argument("--prompt", choices=["chat", "plain"], default="chat",
+                   help="prompt format (default chat; see docs/evaluation.md)")
     t.add_argument("--max-new-tokens", type=int, default=16)
     t.add_argument("--max-examples", type=int, default=100)
     t.add_argument("--gen-batch", type=int, default=8, help="questions answered per generate call (default 8)")
-    t.add_argument("--gen-batch-tokens", type=_size, default=128 * 1024,
-                   help="at most this many padded decoder tokens per generate call, REPLUG's passes counted (default 128K)")
-    t.add_argument("--keep-examples", type=int, default=50, help="per-question rows kept in the JSON per k (default 50; -1: all)")
-    _common(t, "qa")
+    t.add_argument("--gen-batch-tokens", type=size, default=128 * 1024,
+                   help="at most this many padded decoder tokens per generate call, "
+                        "REPLUG's passes counted (default 128K)")
+    t.add_argument("--keep-examples", type=int, default=50,
+                   help="per-question rows kept in the JSON per k (default 50; -1: all)")
+    add_common(t, "qa")
     t.set_defaults(func=cmd_qa)
 
-    t = sub.add_parser("qa-merge", help="merge QA sweeps run apart (e.g. k = 1,5 and k = 10,20) into one table and plot")
+    t = sub.add_parser("qa-merge",
+                       help="merge QA sweeps run apart (e.g. k = 1,5 and k = 10,20) into one table and plot")
     t.add_argument("files", nargs="+", help="results JSON of `cepe eval qa -k ...` over the same questions")
     t.add_argument("--out", default="results", help="output folder (default results)")
     t.add_argument("--name", default="qa_merged", help="output name (default qa_merged)")
     t.set_defaults(func=cmd_qa_merge)
 
-    t = sub.add_parser("icl", help="in-context classification: demonstrations in encoder + decoder; label by log-likelihood")
+    t = sub.add_parser("icl",
+                       help="in-context classification: demonstrations in encoder + decoder; label by log-likelihood")
     t.add_argument("--data", required=True, help="jsonl {text, label}")
-    t.add_argument("--demos", type=_ints, default=[32], help="demonstrations in all (default 32); a list (8,32,64) runs a sweep on one test set")
-    t.add_argument("--decoder-demos", type=int, default=2, help="of which in the decoder (default 2); CEPE's encoder gets the rest")
+    t.add_argument("--demos", type=ints, default=[32],
+                   help="demonstrations in all (default 32); a list (8,32,64) runs a sweep on one test set")
+    t.add_argument("--decoder-demos", type=int, default=2,
+                   help="of which in the decoder (default 2); CEPE's encoder gets the rest")
     t.add_argument("--encoder-layout", choices=["packed", "per-demo"], default="packed",
                    help="CEPE's demonstrations: laid end to end and cut into chunks (default), or one per chunk")
-    t.add_argument("--full-window", type=int, default=None, help="token budget of 'full' (decoder alone); default its trained window")
+    t.add_argument("--full-window", type=int, default=None,
+                   help="token budget of 'full' (decoder alone); default its trained window")
     t.add_argument("--max-examples", type=int, default=100)
-    _common(t, "icl")
+    add_common(t, "icl")
     t.set_defaults(func=cmd_icl)
 
-    t = sub.add_parser("passkey", help="find a number hidden at a depth of long filler text; accuracy vs. length and depth")
-    t.add_argument("--lengths", type=_ints, default=[512, 1024, 2048, 4096], help="prompt lengths in tokens (default 512,1K,2K,4K)")
-    t.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    t = sub.add_parser("passkey",
+                       help="find a number hidden at a depth of long filler text; accuracy vs. length and depth")
+    t.add_argument("--lengths", type=ints, default=[512, 1024, 2048, 4096],
+                   help="prompt lengths in tokens (default 512,1K,2K,4K)")
+    t.add_argument("--depths", type=floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
     t.add_argument("--trials", type=int, default=2, help="keys per (length, depth) (default 2)")
-    t.add_argument("--decoder-tokens", "-D", type=int, default=256, help="decoder window D of cepe/truncated (default 256)")
+    t.add_argument("--decoder-tokens", "-D", type=int, default=256,
+                   help="decoder window D of cepe/truncated (default 256)")
     t.add_argument("--filler", default=None, help="text file to use as filler (default: the usual repeated sentences)")
     t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
-    _common(t, "passkey")
+    add_common(t, "passkey")
     t.set_defaults(func=cmd_passkey)
 
-    t = sub.add_parser("ruler", help="RULER's synthetic tasks (needles, variable tracking, common/frequent words) vs. length")
+    t = sub.add_parser("ruler",
+                       help="RULER's synthetic tasks (needles, variable tracking, common/frequent words) vs. length")
     t.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe",
-                   help="comma-separated (default: the seven below); also niah_single_uuid, niah_multikey_needles, niah_multikey_uuid")
-    t.add_argument("--lengths", type=_ints, default=[4096, 8192, 16384, 32768, 65536, 131072],
+                   help="comma-separated (default: the seven below); also niah_single_uuid, niah_multikey_needles, "
+                        "niah_multikey_uuid")
+    t.add_argument("--lengths", type=ints, default=[4096, 8192, 16384, 32768, 65536, 131072],
                    help="prompt + generation budget in decoder tokens (default 4K,8K,16K,32K,64K,128K)")
     t.add_argument("--samples", type=int, default=4, help="samples per task and length (default 4)")
     t.add_argument("--haystack", default=None, help="text file to hide needles in (default: RULER's noise sentences)")
-    t.add_argument("--decoder-tokens", "-D", type=int, default=512, help="decoder window D of cepe/truncated (default 512)")
-    t.add_argument("--max-new-tokens", type=int, default=None, help="cap on RULER's per-task answer budget (prompts unchanged)")
+    t.add_argument("--decoder-tokens", "-D", type=int, default=512,
+                   help="decoder window D of cepe/truncated (default 512)")
+    t.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on RULER's per-task answer budget (prompts unchanged)")
     t.add_argument("--gen-batch", type=int, default=4, help="prompts answered per generate call (default 4)")
     t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
-    _common(t, "ruler")
+    add_common(t, "ruler")
     t.set_defaults(func=cmd_ruler)
 
 
@@ -211,7 +175,9 @@ def _setup(args):
     if args.length_scaling is not None:
         from ..model.configuration import length_scaling
 
-        value = length_scaling(None if args.length_scaling.lower() in ("off", "none", "0") else _size(args.length_scaling))
+        value = length_scaling(
+            None if args.length_scaling.lower() in ("off", "none", "0") else size(args.length_scaling)
+        )
         for model in [em.cepe, *em.others.values()]:
             if model is not None:
                 model.config.cross_attn_length_scaling = value
@@ -297,10 +263,18 @@ def cmd_rag_lm(args) -> int:
     corpus = tokenized_docs(args.corpus, args.text_key, em.tokenizer, None, same_as=scored)
     passages = rag_lm.make_passages(corpus, em.tokenizer, args.passage_tokens)
     with timer("index"):
-        retriever = build_retriever(args.retriever, [p.text for p in passages],
-                                    **({"encoder": args.dense_encoder, "device": args.device, "progress": not args.no_progress}
-                                       if args.retriever == "dense" else {}))
-    result = rag_lm.run(methods, docs, passages, retriever, settings, em.tokenizer, timer, progress=not args.no_progress)
+        retriever = build_retriever(
+            args.retriever,
+            [p.text for p in passages],
+            **(
+                {"encoder": args.dense_encoder, "device": args.device, "progress": not args.no_progress}
+                if args.retriever == "dense"
+                else {}
+            ),
+        )
+    result = rag_lm.run(
+        methods, docs, passages, retriever, settings, em.tokenizer, timer, progress=not args.no_progress
+    )
     header, rows = rag_lm.table(result, settings)
     data = {"documents": fingerprint(args.data), "corpus": fingerprint(args.corpus), "windows": len(result["windows"])}
     plot = partial(rag_lm_plot, result=result, retriever=args.retriever, scored_tokens=settings.scored_tokens,
@@ -344,7 +318,9 @@ def cmd_qa(args) -> int:
         # a sweep can be long: what is done survives a crash or a time limit (merge with `qa-merge`)
         _write(args, "qa", em, so_far, {**data, "partial": True}, timer)
 
-    result = qa.run_sweep(methods, questions, pool, retriever, settings, ks, em.tokenizer, after_k=save_partial, **common)
+    result = qa.run_sweep(
+        methods, questions, pool, retriever, settings, ks, em.tokenizer, after_k=save_partial, **common
+    )
     header, rows = qa.table(result)
     plot = partial(qa_sweep_plot, result=result, tag=_tag(em), decoder_passages=args.decoder_passages,
                    questions=len(questions))
@@ -358,8 +334,8 @@ def cmd_qa_merge(args) -> int:
     from .tasks import qa
 
     m = qa.merge_files(args.files)
-    path = write_results(args.out, args.name, "qa", m["config"], m["data"], m["results"], m["timings"], m["environment"],
-                         {"model": m["model"]})
+    path = write_results(args.out, args.name, "qa", m["config"], m["data"], m["results"], m["timings"],
+                         m["environment"], {"model": m["model"]})
     partial = f"\nnote: partial inputs (a sweep that stopped early): {', '.join(m['partial'])}" if m["partial"] else ""
     print_summary(*qa.table(m["results"]), path, qa.sweep_note(m["results"]) + partial,
                   lambda: qa_sweep_plot(Path(args.out) / f"{args.name}.png", m["results"], model_tag(m["model"]),
@@ -427,7 +403,8 @@ def cmd_ruler(args) -> int:
     em.description["kv_policy"] = "auto"
     timer = Timer()
     data = fingerprint([args.haystack]) if args.haystack else {"haystack": "RULER noise (built-in)"}
-    save_partial = partial(_write, args, "ruler", em, data={**data, "partial": True}, timer=timer)  # each (task, length)
+    # after each (task, length)
+    save_partial = partial(_write, args, "ruler", em, data={**data, "partial": True}, timer=timer)
     result = ruler.run(methods, settings, em.tokenizer, haystack, timer, not args.no_progress, save_partial)
     plot = partial(ruler_plot, result=result, tag=_tag(em))
     return _finish(args, "ruler", em, *ruler.table(result), result, data, timer, plot, note=ruler.note(result))

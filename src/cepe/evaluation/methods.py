@@ -17,7 +17,8 @@ log-likelihoods. Base-decoder methods take `model.decoder` of a CEPE model (or a
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

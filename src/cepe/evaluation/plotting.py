@@ -65,7 +65,8 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v is not None and math.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}" if vmax <= 1 else f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 * vmax else "k")
+                    ax.text(j, i, f"{v:.2f}" if vmax <= 1 else f"{v:.0f}", ha="center", va="center", fontsize=6,
+                            color="w" if v < 0.6 * vmax else "k")
     axes[0][0].set_ylabel(ylabel, fontsize=8)
     fig.suptitle(textwrap.fill(title, 35 * n + 10), fontsize=10, y=1.03)
     if im is not None:
@@ -80,7 +81,11 @@ def heatmaps(path: str | Path, grids: dict[str, list[list[float]]], xticks: list
 def model_tag(description: dict) -> str:
     """Short model description for plot titles, from `EvalModel.description` (the results JSON's `model`)."""
     d = description
-    cepe = f"adapter {Path(d['adapter']).name}" if d.get("adapter") else (f"{d['init']}-init CEPE" if d.get("init") else "")
+    cepe = (
+        f"adapter {Path(d['adapter']).name}"
+        if d.get("adapter")
+        else (f"{d['init']}-init CEPE" if d.get("init") else "")
+    )
     return f"{d['decoder']}" + (f" + {cepe}" if cepe else "")
 
 

@@ -62,7 +62,10 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def summary(self) -> dict:
-        return {"total_s": round(time.perf_counter() - self.start, 2), **{k: round(v, 2) for k, v in self.seconds.items()}}
+        return {
+            "total_s": round(time.perf_counter() - self.start, 2),
+            **{k: round(v, 2) for k, v in self.seconds.items()},
+        }
 
 
 def _clean(obj):
@@ -87,7 +90,7 @@ def write_results(out_dir: str | Path, name: str, task: str, config: dict, data:
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "task": task,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "environment": env,
         "config": config,

@@ -36,7 +36,9 @@ class BM25Retriever:
         # masked passages still come back (score 0): ask for enough to drop them
         n = min(len(self.texts), k + len(exclude or ()))
         q = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
-        docs, scores = self.index.retrieve(q, k=n, show_progress=False, weight_mask=mask, backend_selection=TOPK_BACKEND)
+        docs, scores = self.index.retrieve(
+            q, k=n, show_progress=False, weight_mask=mask, backend_selection=TOPK_BACKEND
+        )
         hits = [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if not exclude or int(d) not in exclude]
         return hits[:k]
 
@@ -80,7 +82,9 @@ class DenseRetriever:
     def _load_or_embed(self, texts: list[str], cache) -> torch.Tensor:
         from ..model import weights_fingerprint
 
-        key = hashlib.sha256("\x00".join([weights_fingerprint(self.model), str(self.max_length), *texts]).encode()).hexdigest()
+        key = hashlib.sha256(
+            "\x00".join([weights_fingerprint(self.model), str(self.max_length), *texts]).encode()
+        ).hexdigest()
         if cache is not None and Path(cache).is_file():
             from safetensors import safe_open
 

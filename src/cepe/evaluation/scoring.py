@@ -53,7 +53,7 @@ class Request:
 
 
 @torch.no_grad()
-def score(method: "Method", request: Request) -> torch.Tensor:
+def score(method: Method, request: Request) -> torch.Tensor:
     """Per-token log-likelihoods (num_scored,) float32 of `request.tokens[score_start:]` under `method`."""
     n = request.num_scored
     if n == 0:
@@ -68,7 +68,9 @@ def score(method: "Method", request: Request) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(method: "Method", request: Request, max_new_tokens: int, stop_ids: set[int] | frozenset = frozenset()) -> list[int]:
+def greedy_generate(
+    method: Method, request: Request, max_new_tokens: int, stop_ids: set[int] | frozenset = frozenset()
+) -> list[int]:
     """Greedy continuation of `request.tokens`, one full forward per new token (any method).
 
     Methods with a cached fast path (`Method.generate`) must return the same tokens."""
@@ -84,7 +86,7 @@ def greedy_generate(method: "Method", request: Request, max_new_tokens: int, sto
     return out
 
 
-def label_log_likelihoods(method: "Method", prompt: Request, candidates: list[list[int]]) -> list[tuple[float, int]]:
+def label_log_likelihoods(method: Method, prompt: Request, candidates: list[list[int]]) -> list[tuple[float, int]]:
     """(sum of log-likelihood, number of tokens) of each candidate continuation of `prompt.tokens`,
     all candidates in one batch (`Method.log_probs_batch`, left-padded so that every row ends
     with its candidate); equal to scoring each candidate on its own."""

@@ -53,7 +53,9 @@ def format_demo(row: dict) -> str:
     return f"{format_query(row['text'])} {verbalize(row['label'])}\n\n"
 
 
-def split(rows: list[dict], s: IclSettings, max_examples: int | None, reserve: int | None = None) -> tuple[list[dict], list[dict]]:
+def split(
+    rows: list[dict], s: IclSettings, max_examples: int | None, reserve: int | None = None
+) -> tuple[list[dict], list[dict]]:
     """(test examples, demonstrations), both from one seeded shuffle. `reserve` (>= demos): keep
     that many examples out of the test set, so a sweep over N tests the same examples for every N
     and its demonstration sets are nested."""
@@ -135,7 +137,9 @@ def run_sweep(methods: dict[str, Method], rows: list[dict], s: IclSettings, demo
     set: {"demos": {N: run's result}}."""
     out = {}
     for n in sorted(set(demos)):
-        out[str(n)] = run(methods, rows, replace(s, demos=n), tokenizer, max_examples, timer, progress, reserve=max(demos))
+        out[str(n)] = run(
+            methods, rows, replace(s, demos=n), tokenizer, max_examples, timer, progress, reserve=max(demos)
+        )
     return {"demos": out}
 
 

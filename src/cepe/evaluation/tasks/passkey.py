@@ -45,10 +45,16 @@ class PasskeySettings:
             raise ValueError("trials must be >= 1")
 
 
-def build_prompt(tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER) -> tuple[list[int], list[int]]:
+def build_prompt(
+    tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER
+) -> tuple[list[int], list[int]]:
     """(instruction, body) of about `length` tokens in all: the body is filler units with the
     needle after round(depth * units), then the question."""
-    intro, needle, question = encode(tokenizer, INTRO), encode(tokenizer, NEEDLE.format(key=key)), encode(tokenizer, QUESTION)
+    intro, needle, question = (
+        encode(tokenizer, INTRO),
+        encode(tokenizer, NEEDLE.format(key=key)),
+        encode(tokenizer, QUESTION),
+    )
     unit = encode(tokenizer, filler)
     if not unit:
         raise ValueError("empty filler text")
@@ -95,7 +101,9 @@ def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: 
     results = {}
     for name in methods:
         grid = [[mean(hits[name][(length, depth)]) for length in s.lengths] for depth in s.depths]
-        by_length = {str(length): mean([v for depth in s.depths for v in hits[name][(length, depth)]]) for length in s.lengths}
+        by_length = {
+            str(length): mean([v for depth in s.depths for v in hits[name][(length, depth)]]) for length in s.lengths
+        }
         results[name] = {"accuracy_by_length": by_length, "grid_depth_by_length": grid,
                          "accuracy": mean([v for cell in hits[name].values() for v in cell])}
     return {"methods": results, "lengths": s.lengths, "depths": s.depths,

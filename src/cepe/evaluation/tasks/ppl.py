@@ -60,12 +60,14 @@ def run(methods: dict[str, Method], docs: list[tuple[str, list[int]]], s: PplSet
     windows = [(name, ids, end) for name, ids in docs for end in window_ends(len(ids), need, s.windows_per_doc)]
     skipped = [name for name, ids in docs if len(ids) < need]
     if not windows:
-        raise ValueError(f"no document has the {need} tokens a window needs (D={s.decoder_tokens} + E={max(s.context_tokens)})")
+        raise ValueError(
+            f"no document has the {need} tokens a window needs (D={s.decoder_tokens} + E={max(s.context_tokens)})"
+        )
     table = NllTable()
     not_fit: dict[str, list[int]] = {}
     cepe_diff = 0.0  # CEPE at zero init must equal truncated exactly: a check of the bookkeeping
     bar = tqdm(total=len(windows) * len(s.context_tokens) * len(methods), desc="ppl", disable=not progress)
-    for doc_name, ids, end in windows:
+    for _doc, ids, end in windows:
         done: dict[str, object] = {}
         for e in s.context_tokens:
             req = make_request(ids, end, s, e)
@@ -82,7 +84,11 @@ def run(methods: dict[str, Method], docs: list[tuple[str, list[int]]], s: PplSet
     bar.close()
     results = {
         name: {
-            str(s.decoder_tokens + e): {"context_tokens": e, "total_tokens": s.decoder_tokens + e, **table.summary(name, e)}
+            str(s.decoder_tokens + e): {
+                "context_tokens": e,
+                "total_tokens": s.decoder_tokens + e,
+                **table.summary(name, e),
+            }
             for e in s.context_tokens
         }
         for name in methods

@@ -57,7 +57,9 @@ def prompt_parts(tokenizer: Any, question: str, style: str) -> tuple[str, str]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: use --prompt plain")
     user = f"{INSTRUCTION}\n\n{_MARK}Question: {question.strip()}"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
     head, tail = text.split(_MARK)
     return head, tail
 
@@ -69,7 +71,8 @@ def make_request(method: Method, head: list[int], tail: list[int], passages: lis
     if isinstance(method, (Cepe, Truncated)):
         in_decoder = [t for p in passages[:m] for t in p]
         context = passages[m:] if isinstance(method, Cepe) else []
-        return Request(tokens=in_decoder + tail, context=context, prefix=head, score_start=1), min(m, len(passages)) + len(context)
+        request = Request(tokens=in_decoder + tail, context=context, prefix=head, score_start=1)
+        return request, min(m, len(passages)) + len(context)
     if isinstance(method, Replug):
         return Request(tokens=tail, context=passages, prefix=head, weights=scores, score_start=1), len(passages)
     if in_window(method):
@@ -108,10 +111,15 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
         head_text, tail_text = prompt_parts(tokenizer, q["question"], s.prompt)
         prepared.append((encode(tokenizer, head_text), encode(tokenizer, tail_text), [formatted[i] for i, _ in hits],
                          [sc for _, sc in hits], [passages[i]["id"] for i, _ in hits]))
-    examples = [{"question": q["question"], "answers": q["answers"], "retrieved": p[4]} for q, p in zip(questions, prepared)]
+    examples = [
+        {"question": q["question"], "answers": q["answers"], "retrieved": p[4]} for q, p in zip(questions, prepared)
+    ]
     results = {}
     for name, method in methods.items():
-        made = [make_request(method, head, tail, docs, scores, s, s.max_new_tokens) for head, tail, docs, scores, _ in prepared]
+        made = [
+            make_request(method, head, tail, docs, scores, s, s.max_new_tokens)
+            for head, tail, docs, scores, _ in prepared
+        ]
         cached = reuse.get(name) if reuse is not None and not method.reads_context else None
         if cached is not None and len(cached) == len(made):
             outs = cached
@@ -134,7 +142,10 @@ def run(methods: dict[str, Method], questions: list[dict], passages: list[dict],
         results[name]["substring_hits"] = "".join("1" if h else "0" for h in sc["substring"])
     return {
         "methods": results,
-        "retrieval_recall": {f"gold@{s.decoder_passages}": mean(recall["decoder"]), f"gold@{n_ret}": mean(recall["all"])},
+        "retrieval_recall": {
+            f"gold@{s.decoder_passages}": mean(recall["decoder"]),
+            f"gold@{n_ret}": mean(recall["all"]),
+        },
         "examples": examples if keep_examples is None else examples[:keep_examples],
     }
 
@@ -222,24 +233,37 @@ def merge_files(files: list[str]) -> dict:
         if runs[-1].get("task") != "qa":
             raise ValueError(f"{f}: not a QA result (task {runs[-1].get('task')!r})")
     first = runs[0]
-    same = {"questions": lambda r: r["data"]["questions"]["sha256"], "passages": lambda r: r["data"]["passages"]["sha256"],
-            "number of questions": lambda r: r["data"]["examples"], "model": lambda r: r.get("model"),
-            **{key: (lambda r, key=key: r["config"].get(key))
-               for key in ("decoder_passages", "prompt", "max_new_tokens", "retriever", "max_passages", "full_window")}}
+    same = {
+        "questions": lambda r: r["data"]["questions"]["sha256"],
+        "passages": lambda r: r["data"]["passages"]["sha256"],
+        "number of questions": lambda r: r["data"]["examples"],
+        "model": lambda r: r.get("model"),
+        **{
+            key: (lambda r, key=key: r["config"].get(key))
+            for key in ("decoder_passages", "prompt", "max_new_tokens", "retriever", "max_passages", "full_window")
+        },
+    }
     for what, get in same.items():
         for f, r in zip(files[1:], runs[1:]):
             if get(r) != get(first):
                 raise ValueError(f"{f} and {files[0]} differ in {what}: {get(r)!r} vs {get(first)!r}")
     # a one-k run's results are one entry of a sweep
-    result = merge([r["results"] if "k" in r["results"] else {"k": {str(r["config"]["encoder_passages"][0]): r["results"]}}
-                    for r in runs])
+    result = merge(
+        [
+            r["results"] if "k" in r["results"] else {"k": {str(r["config"]["encoder_passages"][0]): r["results"]}}
+            for r in runs
+        ]
+    )
     partial = [f for f, r in zip(files, runs) if r["data"].get("partial")]
     timings: dict = {}
     for r in runs:
         for k, v in r["timings"].items():
             timings[k] = round(timings.get(k, 0.0) + v, 2)
     config = {**first["config"], "encoder_passages": [int(k) for k in result["k"]], "merged_from": list(files)}
-    data = {**{k: v for k, v in first["data"].items() if k != "partial"}, **({"partial_inputs": partial} if partial else {})}
+    data = {
+        **{k: v for k, v in first["data"].items() if k != "partial"},
+        **({"partial_inputs": partial} if partial else {}),
+    }
     return {"config": config, "data": data, "results": result, "timings": timings, "environment": first["environment"],
             "model": first.get("model"), "partial": partial}
 
@@ -248,9 +272,19 @@ def sweep_note(result: dict) -> str:
     """Lines under a sweep's table: the best decoder-only setting and each encoder method against it."""
     cmp = result["comparison"]
     best = cmp["best_decoder_only"]
-    head = f"best decoder-only: {best['setting']} ({best['substring']:.3f})" if best["setting"] else "no decoder-only method"
-    return "\n".join([head] + [f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
-                               for key, v in cmp.items() if key != "best_decoder_only"])
+    head = (
+        f"best decoder-only: {best['setting']} ({best['substring']:.3f})"
+        if best["setting"]
+        else "no decoder-only method"
+    )
+    return "\n".join(
+        [head]
+        + [
+            f"{key} - best: {v['minus_best']:+.3f} (95% CI {v['ci95'][0]:+.3f} .. {v['ci95'][1]:+.3f})"
+            for key, v in cmp.items()
+            if key != "best_decoder_only"
+        ]
+    )
 
 
 DECODER_ONLY = ("truncated", "full", "streamingllm")

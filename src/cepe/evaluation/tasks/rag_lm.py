@@ -85,7 +85,9 @@ def run(methods: dict[str, Method], docs: list[tuple[str, list[int]]], passages:
         with timer("retrieval"):
             hits = retriever.search(tokenizer.decode(window[: d - w]), max(s.ks),
                                     exclude=by_source[doc_name] if s.exclude_same_source else None)
-        retrieved.append({"document": doc_name, "end": end, "passages": [(i, round(sc, 3), passages[i].source) for i, sc in hits]})
+        retrieved.append(
+            {"document": doc_name, "end": end, "passages": [(i, round(sc, 3), passages[i].source) for i, sc in hits]}
+        )
         done: dict = {}
         for k in s.ks:
             top = hits[:k]

@@ -241,7 +241,9 @@ def common_words(rng: Random, n: int, length: int, words: Words, task: str = "cw
     example (40 words, 10 / 3 times; below 4K 20 words, 3 / 1) comes first."""
     pool = sorted(set(words.nouns + words.adjectives + words.verbs))
     if n > len(pool):  # RULER switches to a larger list; we add adjective-noun pairs
-        pool = pool + sorted({f"{a}-{b}" for a in words.adjectives for b in words.nouns[: 1 + n // len(words.adjectives)]})
+        pool = pool + sorted(
+            {f"{a}-{b}" for a in words.adjectives for b in words.nouns[: 1 + n // len(words.adjectives)]}
+        )
     if length < 4096:
         ex_n, ex_fc, ex_fu, freq_common, freq_uncommon = 20, 3, 1, 6, 1
     else:
