@@ -35,9 +35,14 @@ def char_tokenizer(chars: str, specials: dict[str, str], lowercase: bool = False
 def tiny_serving_model(init: str = "copy"):
     """tiny_cepe (llama decoder, 96 ids; BERT encoder, 80 ids; chunks of 8) with both tokenizers."""
     model = tiny_cepe("llama", "bert", chunk_size=8, init=init)
-    model.tokenizer = char_tokenizer(DECODER_CHARS, {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    model.tokenizer = char_tokenizer(
+        DECODER_CHARS, {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    )
     model.encoder_tokenizer = char_tokenizer(
-        ENCODER_CHARS, {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}, lowercase=True)
+        ENCODER_CHARS,
+        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"},
+        lowercase=True,
+    )
     assert len(model.tokenizer) == VOCAB
     return model
 
@@ -57,7 +62,9 @@ def live_server(model, tmp_path, **config):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -128,8 +128,11 @@ def test_extreme_sampling_of_a_joining_row_never_changes_another(model):
     seeded = Sampling(16, 0.9, 0.95, ignore_eos=True, seed=123)
     greedy = Sampling(16, 0.0, ignore_eos=True)
     want = [alone(model, "Once upon", seeded, [DOCS[0]]), alone(model, "Hello", greedy)]
-    extreme = [Sampling(10, 1e-50, ignore_eos=True, seed=10**40), Sampling(10, 2.0, 1e-9, ignore_eos=True, seed=-(2**80)),
-               Sampling(10, 5e-324, ignore_eos=True)]
+    extreme = [
+        Sampling(10, 1e-50, ignore_eos=True, seed=10**40),
+        Sampling(10, 2.0, 1e-9, ignore_eos=True, seed=-(2**80)),
+        Sampling(10, 5e-324, ignore_eos=True),
+    ]
     hook = slow_down(model, 0.01)
     try:
         with Harness(model) as h:
@@ -207,7 +210,8 @@ def test_row_contexts_join_and_keep_equal_building_them_together(model):
     padded states, mask and keys/values as building the remaining rows at once (up to padding)."""
     from cepe.serving.batch_context import RowContexts
 
-    docs = [[model.encode_context([DOCS[0]])], [], [model.encode_context([DOCS[2]]), model.encode_context([DOCS[1]])], []]
+    docs = [[model.encode_context([DOCS[0]])], [], [model.encode_context([DOCS[2]]), model.encode_context([DOCS[1]])],
+            []]
     for split in (1, 2, 3):
         for order in (docs, docs[::-1]):
             joined = RowContexts.build(model, order[:split])
@@ -217,7 +221,7 @@ def test_row_contexts_join_and_keep_equal_building_them_together(model):
             s = whole.width
             assert joined.width >= s and not joined.mask[:, s:].any()
             assert torch.equal(joined.mask[:, :s], whole.mask)
-            for layer, (k, v) in whole.kv.items():
+            for layer, (k, _v) in whole.kv.items():
                 assert torch.allclose(joined.kv[layer][0][:, :, :s], k, atol=1e-6)
             joined.keep([0, 3])  # two rows without context or one of each: trailing padding trimmed
             kept = RowContexts.build(model, [order[0], order[3]])

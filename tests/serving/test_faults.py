@@ -57,7 +57,9 @@ def test_one_requests_sampling_cannot_fail_its_batch(model, tmp_path):
 
             responses = asyncio.run(main())
             assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
-            assert metric(url, "batched_requests_total") > 2 * metric(url, "batches_total")  # they shared decoding steps
+            assert metric(url, "batched_requests_total") > 2 * metric(
+                url, "batches_total"
+            )  # they shared decoding steps
     finally:
         hook.remove()
 
@@ -84,10 +86,12 @@ def test_oversized_text_is_refused_before_tokenizing_without_stalling_streams(mo
             t = threading.Thread(target=stream)
             t.start()
             assert first.wait(20)
-            for path, body in [("/v1/completions", {**OK, "prompt": huge}),
-                               ("/v1/completions", {**OK, "context": [huge]}),
-                               ("/v1/contexts", {"text": huge}),
-                               ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": huge}]})]:
+            for path, body in [
+                ("/v1/completions", {**OK, "prompt": huge}),
+                ("/v1/completions", {**OK, "context": [huge]}),
+                ("/v1/contexts", {"text": huge}),
+                ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": huge}]}),
+            ]:
                 t0 = time.monotonic()
                 err = expect(post_raw(url, path, body), 413, tmp_path=tmp_path)
                 assert "characters" in err["message"] and time.monotonic() - t0 < 3
@@ -116,7 +120,8 @@ def test_bad_values_get_4xx_not_500(model, tmp_path):
             err = expect(post_raw(url, path, body), 400, "invalid_text")
             assert "surrogate" in err["message"]
         # options the docs say are refused are refused; a harmless one is accepted
-        for extra in [{"repetition_penalty": 1.2}, {"logprobs": 0}, {"logprobs": True}, {"response_format": {"type": "json_object"}}]:
+        for extra in [{"repetition_penalty": 1.2}, {"logprobs": 0}, {"logprobs": True},
+                      {"response_format": {"type": "json_object"}}]:
             expect(post_raw(url, "/v1/completions", {**OK, **extra}), 400, "unsupported")
         assert post_raw(url, "/v1/completions", {**OK, "response_format": {"type": "text"}}).status_code == 200
         assert post_raw(url, "/v1/chat/completions", {**chat, "logprobs": False}).status_code == 200
@@ -190,11 +195,15 @@ def test_store_faults_over_http(model, tmp_path, monkeypatch):
         assert "upload it again" in err["message"]
         up = httpx.post(f"{url}/v1/contexts", json={"text": DOC + " third"})  # found corrupt by the upload: re-encoded
         assert up.status_code == 201 and up.json()["id"] == reup["id"] and up.json()["created"]
-        assert sorted(d["id"] for d in httpx.get(f"{url}/v1/contexts").json()["data"]) == sorted([doc["id"], reup["id"]])
+        assert sorted(d["id"] for d in httpx.get(f"{url}/v1/contexts").json()["data"]) == sorted(
+            [doc["id"], reup["id"]]
+        )
         again = httpx.post(f"{url}/v1/contexts", json={"text": DOC + " other"})  # the text again: stored anew
         assert again.status_code == 201 and again.json()["id"] == bad["id"]
         assert httpx.post(f"{url}/v1/completions", json={**OK, "context": [bad["id"]]}).status_code == 200
-        assert httpx.post(f"{url}/v1/completions", json={**OK, "context": [doc["id"]]}).status_code == 200  # read-only ok
+        assert (
+            httpx.post(f"{url}/v1/completions", json={**OK, "context": [doc["id"]]}).status_code == 200
+        )  # read-only ok
         monkeypatch.setattr(os, "unlink", refuse)
         monkeypatch.setattr(Path, "unlink", refuse)
         expect(httpx.delete(f"{url}/v1/contexts/{doc['id']}"), 507, "store_unwritable", tmp_path=tmp_path)
@@ -204,7 +213,9 @@ def test_store_faults_over_http(model, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(ContextStates, "save", full)
-        err = expect(httpx.post(f"{url}/v1/contexts", json={"text": "a new document"}), 507, "store_full", tmp_path=tmp_path)
+        err = expect(
+            httpx.post(f"{url}/v1/contexts", json={"text": "a new document"}), 507, "store_full", tmp_path=tmp_path
+        )
 
 
 def test_concurrent_uploads_of_one_text_encode_it_once(model, tmp_path):
@@ -213,7 +224,9 @@ def test_concurrent_uploads_of_one_text_encode_it_once(model, tmp_path):
         with live_server(model, tmp_path) as url:
             async def main():
                 async with httpx.AsyncClient(timeout=60) as http:
-                    return await asyncio.gather(*(http.post(f"{url}/v1/contexts", json={"text": DOC}) for _ in range(5)))
+                    return await asyncio.gather(
+                        *(http.post(f"{url}/v1/contexts", json={"text": DOC}) for _ in range(5))
+                    )
 
             responses = asyncio.run(main())
             assert sorted(r.status_code for r in responses) == [200] * 4 + [201]
@@ -227,7 +240,9 @@ def test_concurrent_uploads_of_one_text_encode_it_once(model, tmp_path):
 def test_latency_histograms(model, tmp_path):
     with live_server(model, tmp_path) as url:
         httpx.post(f"{url}/v1/completions", json={**OK, "max_tokens": 5, "ignore_eos": True})
-        with httpx.stream("POST", f"{url}/v1/completions", json={**OK, "max_tokens": 5, "ignore_eos": True, "stream": True}) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={**OK, "max_tokens": 5, "ignore_eos": True, "stream": True}
+        ) as r:
             list(r.iter_lines())
         for name in ["time_to_first_token_seconds", "inter_token_seconds", "e2e_request_seconds"]:
             assert metric(url, f"{name}_count") >= 2, name

@@ -56,7 +56,9 @@ def test_real_server_process_answers_with_a_stored_document(tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.5)
-        doc = httpx.post(f"{url}/v1/contexts", json={"text": "Emma Woodhouse, handsome, clever, and rich."}, timeout=60).json()
+        doc = httpx.post(
+            f"{url}/v1/contexts", json={"text": "Emma Woodhouse, handsome, clever, and rich."}, timeout=60
+        ).json()
         oa = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         out = oa.chat.completions.create(model="cepe-smollm2-135m-minilm-l6-zero", max_tokens=4, temperature=0,
                                          messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -62,12 +62,15 @@ def test_completion_uses_stored_document(model, tmp_path):
                                                               "temperature": 0, "context": [doc["id"]]}).json()
         assert raw_http["usage"]["context_tokens"] == doc["tokens"] and raw_http["choices"][0]["text"] == want
         # raw text in `context` gives the same answer as the stored encoding of that text
-        raw = oa.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0, extra_body={"context": [DOC]})
+        raw = oa.completions.create(
+            model="tiny", prompt="Hello", max_tokens=10, temperature=0, extra_body={"context": [DOC]}
+        )
         assert raw.choices[0].text == want
         assert metric(url, "encoded_tokens_total") == 2 * doc["tokens"]
         # chat, with a stored and a raw document together (explicit {"id"} / {"text"} items)
         chat = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                          temperature=0, extra_body={"context": [{"id": doc["id"]}, {"text": "more text"}]})
+                                          temperature=0,
+                                          extra_body={"context": [{"id": doc["id"]}, {"text": "more text"}]})
         assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
         assert chat.choices[0].finish_reason in ("stop", "length")
         # several prompts x n in one request
@@ -86,11 +89,17 @@ def test_streaming_matches_non_streaming(model, tmp_path):
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         assert text == whole.text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
-        assert chunks[-1].usage.completion_tokens == len(model.tokenizer(whole.text, add_special_tokens=False)["input_ids"])
+        assert chunks[-1].usage.completion_tokens == len(
+            model.tokenizer(whole.text, add_special_tokens=False)["input_ids"]
+        )
         assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 2  # really incremental
 
         msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-        chat = oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+        chat = (
+            oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
         parts = list(oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True))
         assert parts[0].choices[0].delta.role == "assistant"
         assert "".join(p.choices[0].delta.content or "" for p in parts) == chat
@@ -123,8 +132,11 @@ def test_batched_requests_match_one_at_a_time(model, tmp_path, batching):
             got = [None] * len(cases)
 
             def ask(i, prompt, d, n):
-                got[i] = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": n,
-                                                                   "temperature": 0, "context": [ids[d]]}, timeout=30).json()
+                got[i] = httpx.post(
+                    f"{url}/v1/completions",
+                    json={"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0, "context": [ids[d]]},
+                    timeout=30,
+                ).json()
 
             askers = [threading.Thread(target=ask, args=(i, *c)) for i, c in enumerate(cases)]
             for t in askers:
@@ -143,15 +155,25 @@ def test_batched_requests_match_one_at_a_time(model, tmp_path, batching):
 def test_sampling_seed_and_stop(model, tmp_path):
     with live_server(model, tmp_path) as url:
         oa = client(url)
-        a = oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, seed=7).choices[0].text
-        b = oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, seed=7).choices[0].text
+        a = (
+            oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+            .choices[0]
+            .text
+        )
+        b = (
+            oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+            .choices[0]
+            .text
+        )
         assert a == b  # a seeded request samples the same
         greedy = oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0).choices[0].text
         assert len(greedy) >= 4
         stop = greedy[2:4]
         cut = oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=[stop]).choices[0]
         assert cut.finish_reason == "stop" and cut.text == greedy[: greedy.index(stop)]
-        streamed = oa.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=stop, stream=True)
+        streamed = oa.completions.create(
+            model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=stop, stream=True
+        )
         assert "".join(c.choices[0].text for c in streamed) == cut.text  # a stop string never leaks into a stream
 
 
@@ -195,8 +217,8 @@ def test_bad_input_gets_4xx_json_and_server_keeps_serving(model, tmp_path):
                 assert err["code"] == code, err
 
         # API key: missing and wrong, on every route (unknown routes included)
-        for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/health"), ("POST", "/v1/completions"),
-                             ("GET", "/v1/contexts"), ("GET", "/no/such/route")]:
+        for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/health"),
+                             ("POST", "/v1/completions"), ("GET", "/v1/contexts"), ("GET", "/no/such/route")]:
             expect(401, httpx.request(method, f"{url}{path}", json=ok), "invalid_api_key")
             expect(401, httpx.request(method, f"{url}{path}", json=ok, headers={"Authorization": "Bearer wrong"}))
         with pytest.raises(openai.AuthenticationError):
@@ -212,7 +234,9 @@ def test_bad_input_gets_4xx_json_and_server_keeps_serving(model, tmp_path):
         for bad in ["ctx-../../etc/passwd", "ctx-" + "A" * 64, "ctx-" + "0" * 63 + "/"]:
             expect(400, h.post("/v1/completions", json={**ok, "context": [bad]}), "invalid_context_id")
             expect(400, h.post("/v1/completions", json={**ok, "context": [{"id": bad}]}), "invalid_context_id")
-        expect(400, h.post("/v1/completions", json={**ok, "context": [{"id": "../../etc/passwd"}]}), "invalid_context_id")
+        expect(
+            400, h.post("/v1/completions", json={**ok, "context": [{"id": "../../etc/passwd"}]}), "invalid_context_id"
+        )
         for path in ["/v1/contexts/ctx-..%2F..%2Fetc%2Fpasswd", "/v1/contexts/..%2F..%2Fstore", "/v1/contexts/%2e%2e"]:
             r = h.get(path)
             assert r.status_code in (400, 404) and "error" in r.json()
@@ -237,7 +261,9 @@ def test_bad_input_gets_4xx_json_and_server_keeps_serving(model, tmp_path):
 
         # invalid JSON (400) and well-formed JSON of the wrong shape (422)
         for path in ["/v1/completions", "/v1/chat/completions", "/v1/contexts"]:
-            expect(400, h.post(path, content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"}))
+            expect(
+                400, h.post(path, content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"})
+            )
         expect(422, h.post("/v1/completions", json={"model": "tiny"}))
         expect(422, h.post("/v1/completions", json={**ok, "temperature": "hot"}))
         expect(422, h.post("/v1/chat/completions", json={"model": "tiny", "messages": []}))
@@ -250,8 +276,14 @@ def test_bad_input_gets_4xx_json_and_server_keeps_serving(model, tmp_path):
         # token limits beyond the configured maximum (400), and other refusals
         expect(400, h.post("/v1/completions", json={**ok, "max_tokens": 33}), "max_tokens_too_large")
         with pytest.raises(openai.BadRequestError):
-            client(url, KEY).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1000)
-        expect(400, h.post("/v1/completions", json={**ok, "prompt": "p" * 500, "max_tokens": 32}), "context_length_exceeded")
+            client(url, KEY).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1000
+            )
+        expect(
+            400,
+            h.post("/v1/completions", json={**ok, "prompt": "p" * 500, "max_tokens": 32}),
+            "context_length_exceeded",
+        )
         expect(404, h.post("/v1/completions", json={**ok, "model": "gpt-4"}), "model_not_found")
         expect(400, h.post("/v1/completions", json={**ok, "logprobs": 3}), "unsupported")
         expect(400, h.post("/v1/completions", json={**ok, "n": 2, "stream": True}))
@@ -280,7 +312,8 @@ def test_concurrent_clients_all_answered_or_refused(model, tmp_path):
             async def one_client(c: int, http: httpx.AsyncClient):
                 results = []
                 for k in range(4):
-                    body = {"model": "tiny", "prompt": f"client {c} request {k}", "max_tokens": 4 + (c + k) % 5, "temperature": 0}
+                    body = {"model": "tiny", "prompt": f"client {c} request {k}", "max_tokens": 4 + (c + k) % 5,
+                            "temperature": 0}
                     if c % 2:
                         body["context"] = [doc_id]
                     r = await http.post(f"{url}/v1/completions", json=body)
@@ -358,8 +391,10 @@ def test_generation_timeout(model, tmp_path):
             assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
             assert time.monotonic() - t0 < 2.5
             with pytest.raises(openai.APIError, match="timed out"):
-                list(client(url).completions.create(model="tiny", prompt="slow", max_tokens=100, temperature=0, stream=True,
-                                                    extra_body={"ignore_eos": True}))
+                list(
+                    client(url).completions.create(model="tiny", prompt="slow", max_tokens=100, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True})
+                )
             assert metric(url, "timeouts_total") == 2
             quick = client(url).completions.create(model="tiny", prompt="ok", max_tokens=2)
             assert quick.choices[0].finish_reason in ("stop", "length")
@@ -377,7 +412,10 @@ def test_metrics_and_json_logs(model, tmp_path):
     logger.setLevel(logging.INFO)
     try:
         with live_server(model, tmp_path) as url:
-            httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "count me", "max_tokens": 5, "ignore_eos": True})
+            httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "tiny", "prompt": "count me", "max_tokens": 5, "ignore_eos": True},
+            )
             text = httpx.get(f"{url}/metrics").text
             for name in ["requests_total", "tokens_per_second", "queue_depth", "store_bytes", "generated_tokens_total"]:
                 assert f"\ncepe_{name}" in text
@@ -387,7 +425,9 @@ def test_metrics_and_json_logs(model, tmp_path):
         logger.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     requests = [e for e in lines if e.get("event") == "request"]
-    assert any(e["route"] == "/v1/completions" and e["status"] == 200 and e["ms"] >= 0 and e["request_id"] for e in requests)
+    assert any(
+        e["route"] == "/v1/completions" and e["status"] == 200 and e["ms"] >= 0 and e["request_id"] for e in requests
+    )
     assert any(e.get("event") == "join" and e["size"] == 1 for e in lines)  # continuous batching
     assert any(e.get("event") == "leave" and e["new_tokens"] == 5 for e in lines)
     assert any(e.get("event") == "ready" for e in lines)

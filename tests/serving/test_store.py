@@ -26,8 +26,11 @@ def test_content_id_is_per_text_and_encoder(tmp_path):
     assert parse_id(a.content_id("text")) == a.content_id("text")[4:]
 
 
-@pytest.mark.parametrize("bad", ["../etc/passwd", "ctx-../../x", "ctx-" + "A" * 64, "ctx-" + "0" * 63, "ctx-" + "0" * 65,
-                                 "0" * 64, "ctx-" + "0" * 63 + "/", "ctx-" + "0" * 63 + "\n", "", None, 7])
+@pytest.mark.parametrize(
+    "bad",
+    ["../etc/passwd", "ctx-../../x", "ctx-" + "A" * 64, "ctx-" + "0" * 63, "ctx-" + "0" * 65, "0" * 64,
+     "ctx-" + "0" * 63 + "/", "ctx-" + "0" * 63 + "\n", "", None, 7],
+)
 def test_ids_that_could_name_a_path_are_refused(tmp_path, bad):
     store = DocumentStore(tmp_path, FP, 2**20)
     with pytest.raises(InvalidContextId):
@@ -79,7 +82,9 @@ def test_scan_skips_foreign_and_broken_files(tmp_path):
     assert not (tmp_path / "leftover.safetensors.tmp").exists()
     assert (tmp_path / f"{foreign[4:]}.safetensors").exists()  # left alone
     with pytest.raises(ValueError, match="one document"):
-        reopened.put(reopened.content_id("x"), ContextStates(torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool), FP))
+        reopened.put(
+            reopened.content_id("x"), ContextStates(torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool), FP)
+        )
 
 
 def test_recent_documents_stay_in_memory_with_their_cache(tmp_path):

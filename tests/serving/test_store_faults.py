@@ -125,7 +125,9 @@ def test_memory_cache_is_a_bound_counting_cross_attention_cache(tmp_path):
     store.get(big)  # larger than the whole budget: served, never kept
     assert store.memory_bytes <= budget and store.get(big) is not store.get(big)
     a = store.get(small)
-    a.cross_cache.store(0, torch.zeros(1, 1, 10, 200), torch.zeros(1, 1, 10, 200), policy="cache")  # more than predicted
+    a.cross_cache.store(
+        0, torch.zeros(1, 1, 10, 200), torch.zeros(1, 1, 10, 200), policy="cache"
+    )  # more than predicted
     assert store.get(small) is a and store.memory_bytes <= budget  # served, then dropped: it no longer fits
     assert store.get(small) is not a
 
@@ -138,7 +140,7 @@ def _replica(root: str, seed: int, rounds: int, budget: int, out) -> None:
     rng = random.Random(seed)
     store = DocumentStore(root, FP, budget)
     errors = []
-    for r in range(rounds):
+    for _ in range(rounds):
         text = f"doc {rng.randrange(12)}"
         doc = store.content_id(text)
         action = rng.random()

@@ -23,17 +23,25 @@ def register(subparsers) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--store", default="~/.cache/cepe/store", help="document store folder")
-    s.add_argument("--store-budget-mb", type=float, default=1024.0, help="store size; least recently used documents go first")
+    s.add_argument(
+        "--store-budget-mb", type=float, default=1024.0, help="store size; least recently used documents go first"
+    )
     s.add_argument("--memory-cache-mb", type=float, default=1024.0,
                    help="recently used documents kept in memory with their cross-attention keys/values")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones get 429")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    s.add_argument("--batching", choices=["continuous", "static"], default="continuous",
-                   help="continuous: requests join and leave the running batch at every step; static: a batch runs to its end")
+    s.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default="continuous",
+        help="continuous: requests join and leave the running batch at every step; static: a batch runs to its end",
+    )
     s.add_argument("--batch-memory-mb", type=float, default=4096.0,
                    help="continuous batching: most memory the running batch's decoder cache and contexts may hold")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    s.add_argument("--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request")
+    s.add_argument(
+        "--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request"
+    )
     s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queueing included")
     p.set_defaults(func=serve)
@@ -63,18 +71,26 @@ def serve(args: argparse.Namespace) -> int:
     from .app import API_KEY_ENV, ServeConfig, create_app
     from .metrics import setup_json_logging
 
-    for flag in ("max_queue", "max_batch", "max_tokens", "max_context_tokens", "port", "timeout", "max_body_mb", "batch_memory_mb"):
+    for flag in ("max_queue", "max_batch", "max_tokens", "max_context_tokens", "port", "timeout", "max_body_mb",
+                 "batch_memory_mb"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     setup_json_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServeConfig(
-        model_name=args.model_name or default_model_name(args), store_dir=args.store, store_budget_mb=args.store_budget_mb,
+        model_name=args.model_name or default_model_name(args),
+        store_dir=args.store,
+        store_budget_mb=args.store_budget_mb,
         memory_cache_mb=args.memory_cache_mb,
-        max_queue=args.max_queue, max_batch=args.max_batch, max_tokens=args.max_tokens,
-        max_context_tokens=args.max_context_tokens, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
-        batching=args.batching, batch_memory_mb=args.batch_memory_mb,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        max_tokens=args.max_tokens,
+        max_context_tokens=args.max_context_tokens,
+        max_body_mb=args.max_body_mb,
+        timeout_s=args.timeout,
+        batching=args.batching,
+        batch_memory_mb=args.batch_memory_mb,
     )
     app = create_app(load_model(args), config)
     if not _is_loopback(args.host) and not config.api_key:

@@ -91,7 +91,11 @@ class ContinuousBatcher:
             nonlocal rows, length, width, remaining
             if rows >= self.max_batch:
                 return False
-            size = (max(length, len(job.prompt_ids)), max(remaining, job.sampling.max_tokens), max(width, self._width(job)))
+            size = (
+                max(length, len(job.prompt_ids)),
+                max(remaining, job.sampling.max_tokens),
+                max(width, self._width(job)),
+            )
             if self.footprint(rows + 1, *size) > self.budget and rows > 0:
                 return False  # waits until rows leave; an empty batch takes it (and refuses it if it is alone too big)
             rows += 1
@@ -133,7 +137,10 @@ class ContinuousBatcher:
             if now > job.deadline:
                 self.metrics.add("timeouts")
                 job.emit("error", 504, "request timed out while queued", "timeout")
-            elif not self.rows and self.footprint(1, len(job.prompt_ids), job.sampling.max_tokens, self._width(job)) > self.budget:
+            elif (
+                not self.rows
+                and self.footprint(1, len(job.prompt_ids), job.sampling.max_tokens, self._width(job)) > self.budget
+            ):
                 need = self.footprint(1, len(job.prompt_ids), job.sampling.max_tokens, self._width(job))
                 job.emit("error", 413, f"this request needs {need / 2**20:.1f} MiB of batch memory (decoder cache and "
                          f"context), more than the {self.budget / 2**20:.1f} MiB budget (--batch-memory-mb)",
@@ -165,7 +172,9 @@ class ContinuousBatcher:
         self.batch.join(joiner)
         self.contexts.join(contexts)
         self.rows += [rows[i] for i in keep]
-        self.tokens = tokens[keep] if self.tokens is None else torch.cat([self.tokens, tokens[keep].to(self.tokens.device)])
+        self.tokens = (
+            tokens[keep] if self.tokens is None else torch.cat([self.tokens, tokens[keep].to(self.tokens.device)])
+        )
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
 
     @torch.no_grad()
@@ -185,8 +194,13 @@ class ContinuousBatcher:
                     row.fail(503, "server is shutting down", "server_error")
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) < len(self.rows):
-            log.info("leave", extra={"fields": {"event": "leave", "size": len(self.rows) - len(keep), "running": len(keep),
-                                                "new_tokens": sum(len(r.ids) for r in self.rows if r.done)}})
+            log.info(
+                "leave",
+                extra={
+                    "fields": {"event": "leave", "size": len(self.rows) - len(keep), "running": len(keep),
+                               "new_tokens": sum(len(r.ids) for r in self.rows if r.done)}
+                },
+            )
             if keep:
                 self.batch.keep(keep)
                 self.contexts.keep(keep)

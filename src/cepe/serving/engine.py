@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -110,7 +111,7 @@ class GenerateJob(Job):
 class Scheduler:
     """A bounded FIFO of jobs served by one worker thread that calls `runner.run(batch)`."""
 
-    def __init__(self, runner: "Runner", max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05,
+    def __init__(self, runner: Runner, max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05,
                  batching: Literal["static", "continuous"] = "static", batch_memory_bytes: int = 2**32):
         if batching not in ("static", "continuous"):
             raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
@@ -270,7 +271,7 @@ class Scheduler:
 class _Row:
     """One sequence of a running batch: decodes its text, applies stop strings, limits, deadline."""
 
-    def __init__(self, job: GenerateJob, runner: "Runner"):
+    def __init__(self, job: GenerateJob, runner: Runner):
         self.job, self.runner, self.s = job, runner, job.sampling
         self.ids: list[int] = []
         self.sent = 0  # characters already emitted
@@ -337,7 +338,10 @@ class Runner:
     def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, metrics):
         self.model, self.tokenizer, self.lock, self.metrics = model, tokenizer, tokenizer_lock, metrics
         eos = set()
-        for src in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for src in (
+            getattr(tokenizer, "eos_token_id", None),
+            getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        ):
             eos.update(src if isinstance(src, (list, tuple)) else [src] if src is not None else [])
         self.eos_ids = eos
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -363,7 +367,9 @@ class Runner:
             ids, mask = self.model.tokenize_context(list(documents))  # (1, N, L)
         dev = self.model.device
         parts = [
-            self.model.encode(ids[:, i : i + ENCODE_CHUNKS_PER_PASS].to(dev), mask[:, i : i + ENCODE_CHUNKS_PER_PASS].to(dev))
+            self.model.encode(
+                ids[:, i : i + ENCODE_CHUNKS_PER_PASS].to(dev), mask[:, i : i + ENCODE_CHUNKS_PER_PASS].to(dev)
+            )
             for i in range(0, ids.shape[1], ENCODE_CHUNKS_PER_PASS)
         ]
         states = ContextStates.concat(parts) if len(parts) > 1 else parts[0]
@@ -426,7 +432,12 @@ class Runner:
         self.metrics.add("batched_requests", b)
         self.metrics.add("prompt_tokens", sum(len(j.prompt_ids) for j in jobs))
         self.metrics.add("context_tokens", sum(j.context_tokens for j in jobs))
-        log.info("batch", extra={"fields": {
-            "event": "batch", "size": b, "prompt_len": t, "context_len": 0 if context is None else context.hidden_states.shape[1],
-            "steps": steps, "prefill_ms": round(1000 * t_prefill, 1), "total_ms": round(1000 * elapsed, 1),
-            "new_tokens": sum(len(r.ids) for r in rows)}})
+        log.info(
+            "batch",
+            extra={
+                "fields": {"event": "batch", "size": b, "prompt_len": t,
+                           "context_len": 0 if context is None else context.hidden_states.shape[1], "steps": steps,
+                           "prefill_ms": round(1000 * t_prefill, 1), "total_ms": round(1000 * elapsed, 1),
+                           "new_tokens": sum(len(r.ids) for r in rows)}
+            },
+        )

@@ -61,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passage-tokens", type=int, default=512, help="stored passage for the concurrency runs")
     p.add_argument("--doc-tokens", type=int, default=10_000, help="document for the reuse run")
     p.add_argument("--questions", type=int, default=4)
-    p.add_argument("--book", default=None, help="a plain-text book (default: the first Austen novel of the shared data)")
+    p.add_argument(
+        "--book", default=None, help="a plain-text book (default: the first Austen novel of the shared data)"
+    )
     p.add_argument("--out", default="runs/serve_load")
     p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
     return p.parse_args(argv)
@@ -207,7 +209,8 @@ async def concurrency_level(http, model, clients: int, total: int, context: list
     ok = [r for r in results if r["status"] == 200]
     lat = [r["latency_s"] for r in ok]
     return {"clients": clients, "requests": total, "ok": len(ok), "wall_s": wall, "requests_per_s": len(ok) / wall,
-            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "p50_s": percentile(lat, 50),
+            "p99_s": percentile(lat, 99),
             "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 50),
             "loadavg_1m_start": load0, "loadavg_1m_end": os.getloadavg()[0]}
 
@@ -230,7 +233,9 @@ async def measure(args, url: str) -> dict:
             as_text.append(await ask(http, model, QUESTIONS[i % len(QUESTIONS)], [doc], args.max_tokens))
             bar.update(1)
         t0 = time.perf_counter()
-        stored = (await http.post("/v1/contexts", json={"text": doc, "name": f"{book} ({args.doc_tokens} tokens)"})).json()
+        stored = (
+            await http.post("/v1/contexts", json={"text": doc, "name": f"{book} ({args.doc_tokens} tokens)"})
+        ).json()
         store_s = time.perf_counter() - t0
         as_id = []
         for i in range(args.questions):
@@ -259,7 +264,10 @@ async def measure(args, url: str) -> dict:
         await ask(http, model, QUESTIONS[0], [pid], args.max_tokens)
         await asyncio.gather(*(ask(http, model, QUESTIONS[0], [pid], args.max_tokens) for _ in range(args.max_batch)))
         bar.update(3)
-        rows = [await concurrency_level(http, model, c, n, [pid], args.max_tokens, bar) for c, n in zip(args.concurrency, levels)]
+        rows = [
+            await concurrency_level(http, model, c, n, [pid], args.max_tokens, bar)
+            for c, n in zip(args.concurrency, levels)
+        ]
         bar.close()
         metrics = (await http.get("/metrics")).text
     batches = _metric(metrics, "batches_total")
@@ -278,13 +286,19 @@ def conditions(args) -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cpu_count": os.cpu_count(), "server_threads": args.threads,
-            "loadavg_before": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "decoder": args.decoder, "encoder": args.encoder,
-            "adapter": args.adapter, "init": args.init if args.adapter == "none" else None, "max_tokens": args.max_tokens,
-            "max_batch": args.max_batch, "note": args.note}
+    cpu = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "server_threads": args.threads, "loadavg_before": os.getloadavg(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "decoder": args.decoder,
+            "encoder": args.encoder, "adapter": args.adapter, "init": args.init if args.adapter == "none" else None,
+            "max_tokens": args.max_tokens, "max_batch": args.max_batch, "note": args.note}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -343,16 +357,26 @@ def main(argv=None) -> int:
     result["conditions"] = cond
     (out / "load.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "load.png")
-    print(f"\n{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'load1m':>7}")
+    print(
+        f"\n{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
+        f"{'TTFT p50':>9} {'load1m':>7}"
+    )
     for r in result["concurrency"]:
-        print(f"{r['clients']:>7} {r['ok']:>4}/{r['requests']:<3} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} "
-              f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['ttft_p50_s']:>9.2f} {r['loadavg_1m_end']:>7.1f}")
+        print(
+            f"{r['clients']:>7} {r['ok']:>4}/{r['requests']:<3} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} "
+            f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['ttft_p50_s']:>9.2f} {r['loadavg_1m_end']:>7.1f}"
+        )
     u = result["reuse"]
     print(f"\n{u['doc_tokens']}-token document, {args.max_tokens}-token answers (mean s per question):")
-    print(f"  no context {u['no_context_s']:.2f} | text every time {u['text_mean_s']:.2f} | stored: encode+store once "
-          f"{u['store_s']:.2f}, 1st question {u['stored_first_s']:.2f}, later {u['stored_hot_mean_s'] or float('nan'):.2f}")
-    print(f"  saved per question {u['saved_per_question_s']:.2f} s (first question {u['saved_first_question_s']:.2f} s); "
-          f"storing pays off after {u['break_even_questions']:.1f} questions")
+    print(
+        f"  no context {u['no_context_s']:.2f} | text every time {u['text_mean_s']:.2f} | stored: encode+store once "
+        f"{u['store_s']:.2f}, 1st question {u['stored_first_s']:.2f}, "
+        f"later {u['stored_hot_mean_s'] or float('nan'):.2f}"
+    )
+    print(
+        f"  saved per question {u['saved_per_question_s']:.2f} s (first question {u['saved_first_question_s']:.2f} s); "
+        f"storing pays off after {u['break_even_questions']:.1f} questions"
+    )
     print(f"results: {out / 'load.json'}, {out / 'load.png'}")
     return 0
 

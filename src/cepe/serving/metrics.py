@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -41,8 +41,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("cepe_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.request_seconds = Counter("cepe_request_seconds", "time spent answering HTTP requests, by route", ["route"],
-                                       registry=r)
+        self.request_seconds = Counter(
+            "cepe_request_seconds", "time spent answering HTTP requests, by route", ["route"], registry=r
+        )
         self.counters = {name: Counter(f"cepe_{name}", help_, registry=r) for name, help_ in COUNTERS.items()}
         self.ttft = Histogram("cepe_time_to_first_token_seconds", "request arrival to its first generated text",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -97,8 +98,11 @@ class _Gauges:
 
     def collect(self):
         m = self.metrics
-        yield GaugeMetricFamily("cepe_tokens_per_second", f"generated tokens per second over the last {RATE_WINDOW_S:g} s",
-                                value=round(m.tokens_per_second(), 3))
+        yield GaugeMetricFamily(
+            "cepe_tokens_per_second",
+            f"generated tokens per second over the last {RATE_WINDOW_S:g} s",
+            value=round(m.tokens_per_second(), 3),
+        )
         for name, value in m._gauges.items():
             yield GaugeMetricFamily(f"cepe_{name}", name.replace("_", " "), value=value)
         yield GaugeMetricFamily("cepe_uptime_seconds", "seconds since start", value=round(time.time() - m.started, 1))

@@ -49,13 +49,17 @@ class Gate:
 
         try:
             if self.api_key and not self._authorized(headers):
-                return await error_response(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
-                                    "invalid_api_key")(scope, receive, send_logged)
+                return await error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                            "authentication_error", "invalid_api_key")(scope, receive, send_logged)
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 too_big = length.isdigit()
-                return await error_response(413 if too_big else 400, f"request body exceeds {self.max_body} bytes (--max-body-mb)"
-                                    if too_big else "invalid Content-Length")(scope, receive, send_logged)
+                return await error_response(
+                    413 if too_big else 400,
+                    f"request body exceeds {self.max_body} bytes (--max-body-mb)"
+                    if too_big
+                    else "invalid Content-Length",
+                )(scope, receive, send_logged)
             await self.app(scope, receive_limited, send_logged)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -67,7 +67,7 @@ class ContextRef(BaseModel):
 
 
 # A string item is a stored id when it starts with "ctx-", raw text otherwise.
-ContextItem = Union[str, ContextRef]
+ContextItem = str | ContextRef
 
 
 class _Request(_TextOnly):
@@ -146,7 +146,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -158,16 +160,31 @@ def usage_body(usages: list[dict], prompts_counted: int | None = None) -> dict:
 
 
 def completion_body(rid: str, model: str, texts: list[str], reasons: list[str], usage: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
-            "usage": usage}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ],
+        "usage": usage,
+    }
 
 
 def chat_body(rid: str, model: str, texts: list[str], reasons: list[str], usage: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                        for i, (t, r) in enumerate(zip(texts, reasons))],
-            "usage": usage}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ],
+        "usage": usage,
+    }
 
 
 def completion_chunk(rid: str, model: str, text: str, reason: str | None, created: int) -> dict:
@@ -188,8 +205,8 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, headers=None,
-           param: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                   headers=None, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
 
 

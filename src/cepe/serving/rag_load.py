@@ -59,9 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=512, help="most requests per level")
     p.add_argument("--level-seconds", type=float, default=15.0, help="no new request after this long in a level")
     p.add_argument("--max-tokens", type=int, default=32, help="answer length (mean, under --lengths mixed)")
-    p.add_argument("--lengths", choices=["mixed", "fixed"], default="mixed",
-                   help="mixed: answers of 1/4, 7/4, 1/2 and 3/2 x --max-tokens in turn (as real answers vary; a static "
-                        "batch runs until its longest row ends); fixed: all --max-tokens")
+    p.add_argument(
+        "--lengths",
+        choices=["mixed", "fixed"],
+        default="mixed",
+        help="mixed: answers of 1/4, 7/4, 1/2 and 3/2 x --max-tokens in turn (as real answers vary; a static "
+        "batch runs until its longest row ends); fixed: all --max-tokens",
+    )
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--batch-memory-mb", type=float, default=40960.0)
     p.add_argument("--fault", action="store_true", help="also the kill -9 run")
@@ -76,7 +80,9 @@ def retrieve(data: Path, n_questions: int, k: int) -> tuple[list[str], list[list
     """The first `n_questions` NQ questions, each with its top-`k` BM25 passage ids; passage texts."""
     from ..evaluation.retrieval import BM25Retriever
 
-    questions = [json.loads(line)["question"] for line in (data / "questions.jsonl").read_text().splitlines()][:n_questions]
+    questions = [json.loads(line)["question"] for line in (data / "questions.jsonl").read_text().splitlines()][
+        :n_questions
+    ]
     pool = [json.loads(line) for line in (data / "passages.jsonl").read_text().splitlines() if line.strip()]
     bm25 = BM25Retriever([p["text"] for p in pool])
     ranked = [[pool[i]["id"] for i, _ in bm25.search(q, k)] for q in tqdm(questions, desc="BM25", unit="q")]
@@ -115,7 +121,9 @@ def answer_length(args, i: int) -> int:
     return max(1, int(args.max_tokens * (0.25, 1.75, 0.5, 1.5)[i % 4]))
 
 
-def request_body(model: str, mode: str, question: str, passages: list[str], ctx_ids: list[str], max_tokens: int) -> dict:
+def request_body(
+    model: str, mode: str, question: str, passages: list[str], ctx_ids: list[str], max_tokens: int
+) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     if mode == "decoder":
@@ -149,7 +157,7 @@ async def level(http, bodies: list[dict], clients: int, args, bar) -> dict:
     ok = [r for r in results if r["status"] == 200]
     ttft = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
     gaps = [g for r in ok for g in r["gaps_s"]]
-    pct = lambda v, q: percentile(v, q) if v else None
+    pct = lambda v, q: percentile(v, q) if v else None  # noqa: E731
     return {"clients": clients, "requests": len(results), "ok": len(ok), "wall_s": wall,
             "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_s": pct(gaps, 50),
@@ -173,8 +181,10 @@ async def run_mode(args, url: str, mode: str, data) -> dict:
             upload_s = time.perf_counter() - t0
             if len(ctx) != len(unique):
                 raise RuntimeError(f"only {len(ctx)} of {len(unique)} passages stored")
-        bodies = [request_body(model, mode, q, [texts[p] for p in ids], [ctx.get(p) for p in ids], answer_length(args, i))
-                  for i, (q, ids) in enumerate(zip(questions, ranked))]
+        bodies = [
+            request_body(model, mode, q, [texts[p] for p in ids], [ctx.get(p) for p in ids], answer_length(args, i))
+            for i, (q, ids) in enumerate(zip(questions, ranked))
+        ]
         await asyncio.gather(*(stream_chat(http, b) for b in bodies[:8]))  # warm-up, not measured
         rows = []
         bar = tqdm(total=len(args.concurrency) * args.requests, desc=mode, unit="req")
@@ -251,8 +261,11 @@ async def fault_run(args, flags: list[str], log: Path, data) -> dict:
                 if meta.status_code != 200 or cid not in listed:
                     bad.append((pid, meta.status_code))
             for pid, text in before.items():
-                r = await http.post("/v1/completions", json={"model": model, "prompt": "The passage says", "max_tokens": 8,
-                                                             "temperature": 0, "context": [acked[pid]]})
+                r = await http.post(
+                    "/v1/completions",
+                    json={"model": model, "prompt": "The passage says", "max_tokens": 8, "temperature": 0,
+                          "context": [acked[pid]]},
+                )
                 same += r.status_code == 200 and r.json()["choices"][0]["text"] == text
     finally:
         stop_server(proc)
@@ -279,7 +292,9 @@ def plot(result: dict, path: Path) -> None:
         axes[1].plot(xs, [r["ttft_p99_s"] or float("nan") for r in m["levels"]], st, label=f"{lab} p99")
         axes[1].plot(xs, [r["ttft_p50_s"] or float("nan") for r in m["levels"]], st, alpha=0.4, label=f"{lab} p50")
         axes[2].plot(xs, [1000 * (r["itl_p99_s"] or float("nan")) for r in m["levels"]], st, label=f"{lab} p99")
-        axes[2].plot(xs, [1000 * (r["itl_p50_s"] or float("nan")) for r in m["levels"]], st, alpha=0.4, label=f"{lab} p50")
+        axes[2].plot(
+            xs, [1000 * (r["itl_p50_s"] or float("nan")) for r in m["levels"]], st, alpha=0.4, label=f"{lab} p50"
+        )
     for ax, title, unit in zip(axes, ["throughput", "time to first token", "inter-token latency"],
                                ["generated tokens / s", "seconds", "ms"]):
         ax.set_xscale("log", base=2)
@@ -290,8 +305,11 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
     c = result["conditions"]
-    fig.suptitle(f"NQ RAG load, {result['k']} BM25 passages, {c['lengths']} answers of {c['max_tokens']} tokens (mean); "
-                 f"{c.get('device_name') or c['cpu']}", fontsize=10)
+    fig.suptitle(
+        f"NQ RAG load, {result['k']} BM25 passages, {c['lengths']} answers of {c['max_tokens']} tokens (mean); "
+        f"{c.get('device_name') or c['cpu']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -301,12 +319,14 @@ def table(result: dict) -> str:
     head = f"{'mode':<11} {'clients':>7} {'ok/req':>9} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} " \
            f"{'ITL p50 ms':>10} {'ITL p99 ms':>10}"
     lines = [head]
-    f = lambda v, k=1.0: "-" if v is None else f"{k * v:.2f}"
+    f = lambda v, k=1.0: "-" if v is None else f"{k * v:.2f}"  # noqa: E731
     for m in result["modes"]:
         for r in m["levels"]:
-            lines.append(f"{m['mode']:<11} {r['clients']:>7} {r['ok']:>4}/{r['requests']:<4} {r['requests_per_s']:>7.2f} "
-                         f"{r['tokens_per_s']:>8.1f} {f(r['ttft_p50_s']):>9} {f(r['ttft_p99_s']):>9} "
-                         f"{f(r['itl_p50_s'], 1000):>10} {f(r['itl_p99_s'], 1000):>10}")
+            lines.append(
+                f"{m['mode']:<11} {r['clients']:>7} {r['ok']:>4}/{r['requests']:<4} {r['requests_per_s']:>7.2f} "
+                f"{r['tokens_per_s']:>8.1f} {f(r['ttft_p50_s']):>9} {f(r['ttft_p99_s']):>9} "
+                f"{f(r['itl_p50_s'], 1000):>10} {f(r['itl_p99_s'], 1000):>10}"
+            )
     if result.get("fault"):
         fr = result["fault"]
         lines.append(f"fault: {fr['requests']} requests {fr['outcomes']}; {fr['acknowledged_documents']} acknowledged "

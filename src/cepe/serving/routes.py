@@ -80,7 +80,9 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
 
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+        return error_response(
+            e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error"
+        )
 
     @app.exception_handler(ValueError)
     async def _value(request, e: ValueError):
@@ -97,8 +99,12 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(svc.metrics.started),
-                                            "owned_by": "cepe"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": config.model_name, "object": "model", "created": int(svc.metrics.started), "owned_by": "cepe"}
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -69,7 +69,9 @@ class Service:
         self.tokenizer = tokenizer or model.tokenizer
         self.encoder_tokenizer = encoder_tokenizer or model.encoder_tokenizer
         if self.tokenizer is None or self.encoder_tokenizer is None:
-            raise ValueError("serving needs the decoder's and the encoder's tokenizers (model.tokenizer, model.encoder_tokenizer)")
+            raise ValueError(
+                "serving needs the decoder's and the encoder's tokenizers (model.tokenizer, model.encoder_tokenizer)"
+            )
         model.tokenizer, model.encoder_tokenizer = self.tokenizer, self.encoder_tokenizer
         from ..model.loading import unbounded
 
@@ -83,9 +85,11 @@ class Service:
         self.lock = threading.Lock()  # the worker's tokenizers, one call at a time (fast tokenizers are not re-entrant)
         self.text = TextTokenizers(self.tokenizer, self.encoder_tokenizer)  # the handlers' own copies
         self.store = DocumentStore(config.store_dir, model.encoder_fingerprint, int(config.store_budget_mb * 2**20),
-                                   int(config.memory_cache_mb * 2**20), kv_bytes_per_token=_cross_kv_bytes_per_token(model))
-        self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue, config.max_batch,
-                                   self.metrics, batching=config.batching, batch_memory_bytes=int(config.batch_memory_mb * 2**20))
+                                   int(config.memory_cache_mb * 2**20),
+                                   kv_bytes_per_token=_cross_kv_bytes_per_token(model))
+        self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue,
+                                   config.max_batch, self.metrics, batching=config.batching,
+                                   batch_memory_bytes=int(config.batch_memory_mb * 2**20))
         width = model.encoder.hidden_size
         self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
         self.max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
@@ -173,7 +177,9 @@ class Service:
                     if time.monotonic() > deadline:
                         for j in jobs:
                             self.scheduler.cancel(j, "timeouts")
-                        raise ApiError(504, f"request timed out after {self.config.timeout_s:g} s (--timeout)", "timeout")
+                        raise ApiError(
+                            504, f"request timed out after {self.config.timeout_s:g} s (--timeout)", "timeout"
+                        ) from None
                     continue
                 if event[0] != "delta":
                     pending.discard(idx)
@@ -203,13 +209,19 @@ class Service:
         if bad := req.unsupported():
             raise ApiError(400, f"unsupported option(s): {', '.join(bad)}", code="unsupported")
         if max_tokens > self.config.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit {self.config.max_tokens} (--max-tokens)",
-                           param="max_tokens", code="max_tokens_too_large")
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} exceeds this server's limit {self.config.max_tokens} (--max-tokens)",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         if choices > self.config.max_queue:
             raise ApiError(400, f"{choices} choices requested (prompts x n): more than the queue holds, "
                            f"{self.config.max_queue} (--max-queue)", param="n", code="too_many_choices")
         if choices > self.config.max_batch:
-            raise ApiError(400, f"{choices} choices requested (prompts x n); at most {self.config.max_batch}", param="n")
+            raise ApiError(
+                400, f"{choices} choices requested (prompts x n); at most {self.config.max_batch}", param="n"
+            )
         if req.stream and choices != 1:
             raise ApiError(400, "streaming supports one prompt and n=1", param="n")
         if len(req.stop_list()) > 4:
@@ -241,8 +253,11 @@ class Service:
         self.submit(jobs)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return StreamingResponse(self._stream(request, jobs, sink, rid, chat, req.include_usage(), cached, clock),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self._stream(request, jobs, sink, rid, chat, req.include_usage(), cached, clock),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         texts, reasons, usages = [""] * len(jobs), [None] * len(jobs), [None] * len(jobs)
         async with aclosing(self.events(request, jobs, sink)) as events:
             async for i, event in events:

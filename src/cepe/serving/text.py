@@ -38,7 +38,9 @@ class TextTokenizers:
         self.decoder_chars, self.encoder_chars = chars_per_token(self.decoder), chars_per_token(self.encoder)
         self.lock = threading.Lock()
 
-    def check_chars(self, n_chars: int, limit_tokens: int, per_token: int, what: str, limit_name: str, code: str) -> None:
+    def check_chars(
+        self, n_chars: int, limit_tokens: int, per_token: int, what: str, limit_name: str, code: str
+    ) -> None:
         """413 when `n_chars` characters cannot be `limit_tokens` tokens or fewer."""
         most = limit_tokens * per_token
         if n_chars > most:

@@ -34,7 +34,9 @@ async def read_document(request: Request, max_bytes: int) -> tuple[str, str | No
         try:
             text = (await upload.read()).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ApiError(400, f"{upload.filename}: not UTF-8 text ({e.reason} at byte {e.start})", param="file") from e
+            raise ApiError(
+                400, f"{upload.filename}: not UTF-8 text ({e.reason} at byte {e.start})", param="file"
+            ) from e
         name = name if isinstance(name, str) and name else upload.filename
     elif ctype == "application/json":
         try:
@@ -120,6 +122,11 @@ class Uploads:
         info, evicted, created = await asyncio.to_thread(svc.store.put, doc_id, states, name)
         if not created:  # another server process stored it meanwhile
             return JSONResponse({**info.to_json(), "created": False}, status_code=200)
-        log.info("context stored", extra={"fields": {"event": "context_stored", "id": doc_id, "tokens": info.tokens,
-                                                     "bytes": info.bytes, "ms": round(1000 * (time.perf_counter() - t0), 1)}})
+        log.info(
+            "context stored",
+            extra={
+                "fields": {"event": "context_stored", "id": doc_id, "tokens": info.tokens, "bytes": info.bytes,
+                           "ms": round(1000 * (time.perf_counter() - t0), 1)}
+            },
+        )
         return JSONResponse({**info.to_json(), "created": True, "evicted": evicted}, status_code=201)
