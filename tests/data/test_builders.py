@@ -30,18 +30,25 @@ def _doc(rng: np.random.Generator, n_words: int, records: bool) -> str:
 def mix(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
     rng = np.random.default_rng(0)
-    for category, sources in {"books": ["austen", "melville"], "code": ["python", "ruby"], "reference": ["wiki"]}.items():
+    for category, sources in {
+        "books": ["austen", "melville"],
+        "code": ["python", "ruby"],
+        "reference": ["wiki"],
+    }.items():
         for source in sources:
             path = root / "train" / category / f"{source}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            rows = [{"source": source, "title": f"{source} {i}", "text": _doc(rng, 900, category == "code")} for i in range(3)]
+            rows = [
+                {"source": source, "title": f"{source} {i}", "text": _doc(rng, 900, category == "code")}
+                for i in range(3)
+            ]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
 def _data(tmp_path, mix, **kw):
-    base = {"train": [str(mix / "train")], "cache_dir": str(tmp_path / "cache"), "context_tokens": 1024, "min_context_tokens": 64,
-            "decoder_tokens": 256, "extensions": [".jsonl"]}
+    base = {"train": [str(mix / "train")], "cache_dir": str(tmp_path / "cache"), "context_tokens": 1024,
+            "min_context_tokens": 64, "decoder_tokens": 256, "extensions": [".jsonl"]}
     base.update(kw)
     tok = byte_tokenizer()
     return build_data(DataConfig(**base), tok, tok, progress=False), tok
@@ -90,7 +97,9 @@ def test_stream_is_a_pure_function_of_the_index(tmp_path, mix):
     # a resumed run reads from its step on, in another order, in another process: same samples
     for i in [37, 5, 1000, 6, 5]:
         a, b = data.train[i], again.train[i]
-        assert a["kind"] == b["kind"] and (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+        assert (
+            a["kind"] == b["kind"] and (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+        )
         assert all((x == y).all() for x, y in zip(a["context"], b["context"]))
     assert len({data.train[i]["kind"] for i in range(60)}) == 5
 
@@ -148,13 +157,17 @@ def test_demonstration_labels_scored_and_learnable_from_the_context(tmp_path, mi
             a, b = runs[0]
             assert tok.decode(s["input_ids"][a:b].tolist()).strip() not in tok.decode(s["input_ids"][:a].tolist())
         else:
-            names = {"category": {"books", "code", "reference"}, "source": {"austen", "melville", "python", "ruby", "wiki"}}
+            names = {
+                "category": {"books", "code", "reference"},
+                "source": {"austen", "melville", "python", "ruby", "wiki"},
+            }
             assert set(s["shown_labels"]) <= names[s["label_kind"]]
     assert kinds == {"category", "source"} and 5 < renamed < 35
 
 
 def test_retrieval_same_source(tmp_path, mix):
-    data, _ = _data(tmp_path, mix, mixture={"retrieval": 1.0}, retrieval=RetrievalConfig(k=3, passage_tokens=64, scope="same_source"))
+    data, _ = _data(tmp_path, mix, mixture={"retrieval": 1.0},
+                    retrieval=RetrievalConfig(k=3, passage_tokens=64, scope="same_source"))
     b = data.train.builders["retrieval"]
     names = b.corpus.decoder.names
     doc, _ = b.pick_window(np.random.default_rng(0))
@@ -167,7 +180,9 @@ def test_retrieval_same_source(tmp_path, mix):
 
 
 def test_decoder_bos_before_every_window(tmp_path, mix):
-    data, tok = _data(tmp_path, mix, decoder_bos=True, decoder_windows=[64, 128], mixture={"long_document": 1, "copying": 1})
+    data, tok = _data(
+        tmp_path, mix, decoder_bos=True, decoder_windows=[64, 128], mixture={"long_document": 1, "copying": 1}
+    )
     for i in range(10):
         s = data.train[i]
         assert s["input_ids"][0] == tok.bos_token_id and s["labels"][0] == -100

@@ -14,10 +14,12 @@ from cepe.data import Collator, DataConfig, build_data
 from cepe.data.pipeline import decoder_bos
 
 BOOK = Path(__file__).resolve().parents[3] / "shared" / "data" / "books" / "austen" / "persuasion.txt"
-ENGLISH = ("The history of the city dates back to the Roman period, when a small settlement was founded on the banks "
-           "of the river. Over the following centuries it grew into an important trading centre, and by the Middle Ages "
-           "it had become one of the largest towns in the region. Today it is known for its university, its museums "
-           "and its old churches.")
+ENGLISH = (
+    "The history of the city dates back to the Roman period, when a small settlement was founded on the banks "
+    "of the river. Over the following centuries it grew into an important trading centre, and by the Middle Ages "
+    "it had become one of the largest towns in the region. Today it is known for its university, its museums "
+    "and its old churches."
+)
 
 
 def test_gemma_asset_is_assembled_from_its_parts_in_order():

@@ -57,7 +57,8 @@ def test_writer_format_and_layout(src, tmp_path):
     out = tmp_path / "out"
     _build(src, out)
     files = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/*.jsonl"))
-    assert files == ["heldout/code/py_held.jsonl", "heldout/techdocs/pg.jsonl", "train/code/py.jsonl", "train/techdocs/sq.jsonl"]
+    assert files == ["heldout/code/py_held.jsonl", "heldout/techdocs/pg.jsonl", "train/code/py.jsonl",
+                     "train/techdocs/sq.jsonl"]
     for f in files:
         for line in (out / f).read_text().splitlines():
             row = json.loads(line)
@@ -93,7 +94,9 @@ def test_heldout_text_never_reaches_train(src, tmp_path):
     manifest = _build(src, out)
     assert manifest["heldout"] == ["pg", "py_held"]
     assert manifest["sources"]["sq"]["dropped_heldout_copies"] == 1
-    held = "".join((out / "heldout" / c / f).read_text() for c, f in (("techdocs", "pg.jsonl"), ("code", "py_held.jsonl")))
+    held = "".join(
+        (out / "heldout" / c / f).read_text() for c, f in (("techdocs", "pg.jsonl"), ("code", "py_held.jsonl"))
+    )
     train = "".join(p.read_text() for p in (out / "train").glob("*/*.jsonl"))
     assert "Page 3" in held and "Page 3" not in train
     assert "json/decoder.py" in held and "json/decoder.py" not in train
@@ -105,7 +108,7 @@ def test_manifest_describes_each_file(src, tmp_path):
     _build(src, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "test" and set(manifest["sources"]) == {"pg", "sq", "py", "py_held"}
-    for name, e in manifest["sources"].items():
+    for e in manifest["sources"].values():
         data = (out / e["path"]).read_bytes()
         assert e["sha256"] == hashlib.sha256(data).hexdigest() and e["bytes"] == len(data)
         rows = [json.loads(x) for x in data.decode().splitlines()]

@@ -16,7 +16,8 @@ def test_normalize_newlines_controls_blank_runs():
 
 
 def test_gutenberg_header_and_footer_removed():
-    raw = b"licence blah\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nCall me Ishmael.\n*** END OF THE PROJECT\nfooter"
+    raw = (b"licence blah\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nCall me Ishmael.\n"
+           b"*** END OF THE PROJECT\nfooter")
     [(title, text)] = clean.gutenberg("moby", raw)
     assert text.strip() == "Call me Ishmael." and title == "moby"
 
@@ -26,7 +27,13 @@ def test_html_skips_navigation_and_scripts_keeps_pre_lines():
             '<script>var x = 1;</script><h1>Heading</h1><p>Some   text\nacross lines.</p>'
             '<pre>line 1\n  line 2</pre><br><div class="navfooter">Next</div><p>After</p></body></html>')
     text = clean.html_to_text(page)
-    assert "Prev" not in text and "Up" not in text and "unclosed" not in text and "Next" not in text and "var x" not in text
+    assert (
+        "Prev" not in text
+        and "Up" not in text
+        and "unclosed" not in text
+        and "Next" not in text
+        and "var x" not in text
+    )
     assert "Heading" in text and "Some text across lines." in text and "line 1\n  line 2" in text
     assert text.rstrip().endswith("After")
 
@@ -64,7 +71,9 @@ def test_dictd_entries_in_file_order_without_metadata(tmp_path):
         index.append(f"{word}\t{_b64(pos)}\t{_b64(n)}")
         pos += n
     index.append(f"00-other-alias\t{_b64(0)}\t{_b64(len(entries[0].encode()))}")  # metadata alias
-    index.append(f"fruit\t{_b64(len(entries[0].encode()))}\t{_b64(len(entries[1].encode()))}")  # 2nd headword, same entry
+    index.append(
+        f"fruit\t{_b64(len(entries[0].encode()))}\t{_b64(len(entries[1].encode()))}"
+    )  # 2nd headword, same entry
     (tmp_path / "d.index").write_text("\n".join(sorted(index)) + "\n")
     got = clean.dict_entries((tmp_path / "d.index").read_text(), text.encode())
     assert [w for w, _ in got] == ["apple", "pear"]

@@ -26,7 +26,9 @@ def test_minilm_context_precedes_the_smollm2_window(tmp_path):
     enc_tok = AutoTokenizer.from_pretrained(str(assets.locate("minilm-l6")))
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "persuasion.txt").write_text(BOOK.read_text()[:60000])
-    cfg = DataConfig(train=[str(tmp_path / "books")], cache_dir=str(tmp_path / "cache"), context_tokens=512, decoder_tokens=128)
+    cfg = DataConfig(
+        train=[str(tmp_path / "books")], cache_dir=str(tmp_path / "cache"), context_tokens=512, decoder_tokens=128
+    )
     data = build_data(cfg, dec_tok, enc_tok, progress=False)
     text = (tmp_path / "books" / "persuasion.txt").read_text()
     store = data.train.builders["long_document"].corpus.decoder

@@ -75,7 +75,9 @@ def test_retrieval_passages_come_from_other_documents(tmp_path, corpus):
 
 
 def test_mixture_weights_masking_and_determinism(tmp_path, corpus):
-    cfg = _cfg(tmp_path, corpus, mixture={"warmup": 1.0, "long_document": 3.0}, min_context_tokens=16, encoder_mask_prob=0.3)
+    cfg = _cfg(
+        tmp_path, corpus, mixture={"warmup": 1.0, "long_document": 3.0}, min_context_tokens=16, encoder_mask_prob=0.3
+    )
     data = build_data(cfg, byte_tokenizer(), word_tokenizer(), progress=False)
     kinds = Counter(data.train[i]["kind"] for i in range(400))
     assert 0.68 < kinds["long_document"] / 400 < 0.82
@@ -89,12 +91,18 @@ def test_mixture_weights_masking_and_determinism(tmp_path, corpus):
 
 def test_every_document_too_short_is_an_error(tmp_path):
     root = write_corpus(tmp_path / "short", {"a.txt": 5, "b.txt": 8})
-    with pytest.raises(ValueError, match=rf"{root}.*no document is long enough for the long_document builder.*2 of 2 documents skipped"):
+    with pytest.raises(
+        ValueError, match=rf"{root}.*no document is long enough for the long_document builder.*2 of 2 documents skipped"
+    ):
         build_data(_cfg(tmp_path, root), byte_tokenizer(), word_tokenizer(), progress=False)
 
 
 def test_heldout_split_by_document(tmp_path):
-    names = [f"lib/email/m{i}.py" for i in range(3)] + [f"lib/x/f{i}.py" for i in range(20)] + ["books/persuasion.txt", "lib/json/a.py"]
+    names = (
+        [f"lib/email/m{i}.py" for i in range(3)]
+        + [f"lib/x/f{i}.py" for i in range(20)]
+        + ["books/persuasion.txt", "lib/json/a.py"]
+    )
     held = split_documents(names, ["email/", "persuasion.txt"], 0.0, seed=0)
     assert [n for n, h in zip(names, held) if h] == names[:3] + ["books/persuasion.txt"]
     r1 = split_documents(names, ["json/"], 0.25, seed=1)
@@ -118,7 +126,8 @@ def test_heldout_documents_never_feed_training(tmp_path, corpus):
 
 
 def test_collator_shapes(tmp_path, corpus):
-    data = build_data(_cfg(tmp_path, corpus, min_context_tokens=16), byte_tokenizer(), word_tokenizer(), teacher_tokens=20, progress=False)
+    data = build_data(_cfg(tmp_path, corpus, min_context_tokens=16), byte_tokenizer(), word_tokenizer(),
+                      teacher_tokens=20, progress=False)
     batch = Collator(chunk_size=16, prefix=[2], suffix=[3], encoder_pad_id=0)([data.train[i] for i in range(3)])
     assert batch["input_ids"].shape == batch["labels"].shape == (3, 32)
     b, n, length = batch["context_input_ids"].shape

@@ -86,7 +86,9 @@ def test_store_round_trip_and_limits(tmp_path):
     assert reopened.num_tokens == store.num_tokens
     # max_tokens stops after the document that reaches it
     first = len(text_of(0, 40).encode())
-    s2 = build_token_stores(iter_documents([str(root)]), {"decoder": tok}, tmp_path / "s2", max_tokens=first - 5, progress=False)
+    s2 = build_token_stores(
+        iter_documents([str(root)]), {"decoder": tok}, tmp_path / "s2", max_tokens=first - 5, progress=False
+    )
     assert s2["decoder"].names == ["c/a.txt"]
 
 
@@ -95,7 +97,9 @@ def test_two_tokenizers_cover_the_same_text(tmp_path):
     root = write_corpus(tmp_path / "c", {"a.txt": 300})
     text = (root / "a.txt").read_text()
     dec_tok, enc_tok = byte_tokenizer(), word_tokenizer()
-    stores = build_token_stores(iter_documents([str(root)]), {"decoder": dec_tok, "encoder": enc_tok}, tmp_path / "s", progress=False)
+    stores = build_token_stores(
+        iter_documents([str(root)]), {"decoder": dec_tok, "encoder": enc_tok}, tmp_path / "s", progress=False
+    )
     dec, enc = stores["decoder"], stores["encoder"]
     for p in (0, 1, 57, 400, dec.doc_len(0) - 1):
         c = dec.char_start(0, p)

@@ -43,7 +43,9 @@ def test_topk_kl_zero_when_student_matches_the_teacher():
     # with every token kept it is the full KL
     t = _logits(4)
     full = t.softmax(-1).topk(20, dim=-1)
-    torch.testing.assert_close(topk_kl_divergence(s, full.indices, full.values, labels), kl_divergence(s, t, labels), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        topk_kl_divergence(s, full.indices, full.values, labels), kl_divergence(s, t, labels), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_cross_entropy_matches_the_decoder_loss():
@@ -88,7 +90,11 @@ def test_distillation_gradients_reach_only_trainable_parameters():
     batch = _batch()
     teacher = online_teacher_logits(m, batch)
     assert not teacher.requires_grad
-    out = m(batch["input_ids"], context_input_ids=batch["context_input_ids"], context_attention_mask=batch["context_attention_mask"])
+    out = m(
+        batch["input_ids"],
+        context_input_ids=batch["context_input_ids"],
+        context_attention_mask=batch["context_attention_mask"],
+    )
     ce, _ = cross_entropy(out.logits, batch["labels"])
     (ce + 2.0 * kl_divergence(out.logits, teacher, batch["labels"])).backward()
     trainable = {id(p) for p in m.adapter_parameters()}

@@ -26,7 +26,13 @@ def test_train_and_dry_run(capsys, tmp_path):
     assert main(["train", "--config", str(TINY), f"output_dir={tmp_path}", "--dry-run"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["trainable_params"] > 0 and "synthetic" in report["data"]
-    assert main(["train", "--config", str(TINY), f"output_dir={tmp_path}", "max_steps=2", "train.eval_samples=16", "--no-progress"]) == 0
+    assert (
+        main(
+            ["train", "--config", str(TINY), f"output_dir={tmp_path}", "max_steps=2", "train.eval_samples=16",
+             "--no-progress"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "held-out accuracy with context" in out and (tmp_path / "adapter" / "config.json").is_file()
 

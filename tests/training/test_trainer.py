@@ -21,7 +21,8 @@ def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_pat
     summary = trainer.fit()
     assert same(decoder_before, state(trainer.unwrapped.decoder))
     assert summary["steps"] == 6 and summary["global_batch"] == 8 and summary["samples"] == 48
-    for key in ("accuracy_with_context", "accuracy_without_context", "ppl_with_context", "ppl_without_context", "chance"):
+    for key in ("accuracy_with_context", "accuracy_without_context", "ppl_with_context", "ppl_without_context",
+                "chance"):
         assert key in summary
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
@@ -58,7 +59,9 @@ def test_checkpoint_from_another_config_or_corrupted_is_refused(tmp_path):
     out = tmp_path / "run"
     Trainer(tiny_config(out, "train.save_every=2", "max_steps=2"), progress=False).fit()
     (ckpt,) = list_checkpoints(out)
-    with pytest.raises(ValueError, match=r"trainer_state\.json: checkpoint was written by another config \(train\.lr: 0\.003 -> 0\.01"):
+    with pytest.raises(
+        ValueError, match=r"trainer_state\.json: checkpoint was written by another config \(train\.lr: 0\.003 -> 0\.01"
+    ):
         Trainer(tiny_config(out, "train.save_every=2", "max_steps=2", "train.lr=0.01"), progress=False).fit()
     with pytest.raises(ValueError, match="already has checkpoints"):
         Trainer(tiny_config(out, "train.save_every=2", "max_steps=2", "train.resume=none"), progress=False).fit()
@@ -127,8 +130,8 @@ def test_really_killed_process_resumes_exactly(tmp_path):
     args = ("max_steps=40", "train.save_every=5", "train.log_every=5")
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "cepe.cli", "train", "--config", str(TINY), f"output_dir={killed}", "train.batch_size=8",
-           "train.eval_every=0", "train.eval_samples=32", *args, "--no-progress"]
+    cmd = [sys.executable, "-m", "cepe.cli", "train", "--config", str(TINY), f"output_dir={killed}",
+           "train.batch_size=8", "train.eval_every=0", "train.eval_samples=32", *args, "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not list_checkpoints(killed) and time.time() < deadline and proc.poll() is None:
@@ -159,7 +162,9 @@ def test_precomputed_teacher_file(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
     assert len(rows) == 2 and all(r["kl"] > 0 for r in rows)
     with pytest.raises(ValueError, match=r"teacher\.safetensors: written for other data"):
-        Trainer(load_config(None, base + use + ["data.decoder_tokens=16", f"output_dir={tmp_path / 'r2'}"]), progress=False)
+        Trainer(
+            load_config(None, base + use + ["data.decoder_tokens=16", f"output_dir={tmp_path / 'r2'}"]), progress=False
+        )
     with pytest.raises(ValueError, match=r"teacher\.safetensors: holds 4 samples, training reads 6"):
         Trainer(load_config(None, base + use + ["max_steps=3", f"output_dir={tmp_path / 'r3'}"]), progress=False)
 
@@ -167,7 +172,8 @@ def test_precomputed_teacher_file(tmp_path):
 def test_tied_decoder_with_decoder_derived_encoder_checkpoints_and_resumes(tmp_path):
     # the frozen embedding is also the LM head and the encoder's table: three names, one tensor, which
     # safetensors refuses to save; a checkpoint holds the trainable tensors only
-    args = ("train.save_every=3", "model.tiny.tie_word_embeddings=true", "model.encoder=decoder", "model.encoder_num_layers=2")
+    args = ("train.save_every=3", "model.tiny.tie_word_embeddings=true", "model.encoder=decoder",
+            "model.encoder_num_layers=2")
     full = Trainer(tiny_config(tmp_path / "full", *args), progress=False)
     full.fit()
     killed = tmp_path / "killed"

@@ -61,7 +61,9 @@ class DataConfig:
     extensions: list[str] = field(default_factory=lambda: [".txt", ".py", ".md"])
     max_files: int | None = None
     max_tokens: int | None = None  # stop tokenizing after this many decoder tokens
-    on_unreadable: str = "error"  # "error", "skip" (skipped files are listed in the run folder) or "replace" (bad bytes -> U+FFFD)
+    on_unreadable: str = (
+        "error"  # "error", "skip" (skipped files are listed in the run folder) or "replace" (bad bytes -> U+FFFD)
+    )
     # held-out split, by document: names matching `heldout` patterns ("persuasion.txt", "email/",
     # globs) plus a random `heldout_fraction` of the rest, fixed by `seed`
     heldout: list[str] = field(default_factory=list)
@@ -116,7 +118,8 @@ class DataConfig:
         if self.retrieval.scope not in ("any", "same_source"):
             raise ValueError(f"data.retrieval.scope must be 'any' or 'same_source', got {self.retrieval.scope!r}")
         for name, pair in (("copying.span_tokens", self.copying.span_tokens), ("copying.queries", self.copying.queries),
-                           ("copying.records", self.copying.records), ("demonstrations.classes", self.demonstrations.classes),
+                           ("copying.records", self.copying.records),
+                           ("demonstrations.classes", self.demonstrations.classes),
                            ("demonstrations.context_examples", self.demonstrations.context_examples),
                            ("demonstrations.decoder_examples", self.demonstrations.decoder_examples),
                            ("demonstrations.example_tokens", self.demonstrations.example_tokens)):

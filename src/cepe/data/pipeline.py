@@ -41,7 +41,15 @@ def _sources_key(cfg: DataConfig) -> str:
         path = Path(src).expanduser().resolve()
         if not path.exists():
             raise FileNotFoundError(f"data.train: {src} does not exist")
-        files = [path] if path.is_file() else (sorted(p for p in path.rglob("*") if p.is_file()) if is_saved_dataset(path) else list_files(path, cfg.extensions))
+        files = (
+            [path]
+            if path.is_file()
+            else (
+                sorted(p for p in path.rglob("*") if p.is_file())
+                if is_saved_dataset(path)
+                else list_files(path, cfg.extensions)
+            )
+        )
         h.update(str(path).encode())
         for f in files:
             st = f.stat()
@@ -80,8 +88,9 @@ def load_token_stores(cfg: DataConfig, tokenizer: Any, encoder_tokenizer: Any, p
         raise ValueError(f"data.train {cfg.train}: no documents (empty corpus)")
     if dec.num_tokens == 0:
         raise ValueError(f"data.train {cfg.train}: all {len(dec)} documents are empty (empty corpus)")
-    info = {"store": str(folder), "documents": len(dec), "decoder_tokens": dec.num_tokens, "encoder_tokens": enc.num_tokens,
-            "files": report.files, "skipped_unreadable": report.skipped_unreadable, "shared_tokenizer": shared}
+    info = {"store": str(folder), "documents": len(dec), "decoder_tokens": dec.num_tokens,
+            "encoder_tokens": enc.num_tokens, "files": report.files, "skipped_unreadable": report.skipped_unreadable,
+            "shared_tokenizer": shared}
     return dec, enc, info
 
 
@@ -116,7 +125,9 @@ def decoder_bos(cfg: DataConfig, tokenizer: Any) -> int | None:
     return int(bos) if wanted else None
 
 
-def _builders(corpus: Corpus, cfg: DataConfig, codec: TextCodec, teacher_tokens: int, pool: PassagePool | None) -> dict[str, Any]:
+def _builders(
+    corpus: Corpus, cfg: DataConfig, codec: TextCodec, teacher_tokens: int, pool: PassagePool | None
+) -> dict[str, Any]:
     out = {}
     for kind, weight in cfg.mixture.items():
         if weight <= 0:

@@ -121,7 +121,11 @@ class WarmupBuilder(_WindowBuilder):
         dec = self.corpus.decoder
         c_lo, c_hi = dec.char_start(doc, p), dec.char_start(doc, p + d)
         # the teacher reads the window as is: the "context" is the window itself
-        return {**self.window(doc, p, d), "context": [self.corpus.encoder_span(doc, c_lo, c_hi)], "teacher_prefix": np.zeros(0, np.int64)}
+        return {
+            **self.window(doc, p, d),
+            "context": [self.corpus.encoder_span(doc, c_lo, c_hi)],
+            "teacher_prefix": np.zeros(0, np.int64),
+        }
 
 
 class LongDocumentBuilder(_WindowBuilder):
@@ -176,7 +180,8 @@ class SyntheticBuilder:
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         ex = make_example(self.cfg, rng)
-        return {"input_ids": ex["input_ids"], "labels": ex["labels"], "context": [ex["context"]], "teacher_prefix": ex["context"]}
+        return {"input_ids": ex["input_ids"], "labels": ex["labels"], "context": [ex["context"]],
+                "teacher_prefix": ex["context"]}
 
 
 def block_window(seed: int, split: int, windows: list[int], block: int) -> int:
@@ -217,7 +222,9 @@ class SampleStream(torch.utils.data.Dataset):
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))] if len(self.kinds) > 1 else self.kinds[0]
         sample = self.builders[kind].sample(rng, self.window_of(index))
         if self.mask_prob > 0:
-            sample["context"] = [np.where(rng.random(len(c)) < self.mask_prob, self.mask_id, c) for c in sample["context"]]
+            sample["context"] = [
+                np.where(rng.random(len(c)) < self.mask_prob, self.mask_id, c) for c in sample["context"]
+            ]
         if self.bos_id is not None:
             # Gemma reads <bos> first (without it English ppl 6.6 -> 68.7); no loss on it
             sample["input_ids"] = np.concatenate([[self.bos_id], sample["input_ids"]]).astype(np.int64)
@@ -232,13 +239,17 @@ class Collator:
     Decoder windows of different lengths are right-padded to the longest (D) with the decoder's
     pad id and label -100: the decoder is causal, so a real token never sees a pad."""
 
-    def __init__(self, chunk_size: int, prefix: list[int], suffix: list[int], encoder_pad_id: int, decoder_pad_id: int = 0):
+    def __init__(
+        self, chunk_size: int, prefix: list[int], suffix: list[int], encoder_pad_id: int, decoder_pad_id: int = 0
+    ):
         self.chunk_size, self.prefix, self.suffix = chunk_size, prefix, suffix
         self.encoder_pad_id, self.decoder_pad_id = encoder_pad_id, decoder_pad_id
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         per_example = [
-            chunk_token_ids([c.tolist() for c in s["context"]], self.chunk_size, self.encoder_pad_id, self.prefix, self.suffix)
+            chunk_token_ids(
+                [c.tolist() for c in s["context"]], self.chunk_size, self.encoder_pad_id, self.prefix, self.suffix
+            )
             for s in samples
         ]
         ctx_ids, ctx_mask = pad_chunk_batch(per_example, self.encoder_pad_id)

@@ -49,4 +49,8 @@ def make_example(cfg: SyntheticConfig, rng: np.random.Generator) -> dict:
     input_ids = np.stack([np.full(cfg.num_queries, QUERY), keys[asked], values[asked]], axis=1).reshape(-1)
     labels = np.full_like(input_ids, -100)
     labels[2::3] = input_ids[2::3]
-    return {"context": context.astype(np.int64), "input_ids": input_ids.astype(np.int64), "labels": labels.astype(np.int64)}
+    return {
+        "context": context.astype(np.int64),
+        "input_ids": input_ids.astype(np.int64),
+        "labels": labels.astype(np.int64),
+    }

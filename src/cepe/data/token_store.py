@@ -52,12 +52,19 @@ class TokenStore:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{meta_path}: not a readable token store ({e}); delete the folder to rebuild it") from e
         if self.meta.get("version") != STORE_VERSION:
-            raise ValueError(f"{self.folder}: token store version {self.meta.get('version')} != {STORE_VERSION}; delete it to rebuild")
+            raise ValueError(
+                f"{self.folder}: token store version {self.meta.get('version')} != {STORE_VERSION}; "
+                "delete it to rebuild"
+            )
         n = self.meta["num_tokens"]
         dtype = np.dtype(self.meta["dtype"])
         # np.memmap refuses empty files: a store of empty documents holds no arrays
-        self.tokens = np.memmap(self.folder / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-        self.ends = np.memmap(self.folder / "ends.bin", dtype=np.uint32, mode="r", shape=(n,)) if n else np.zeros(0, np.uint32)
+        self.tokens = (
+            np.memmap(self.folder / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        )
+        self.ends = (
+            np.memmap(self.folder / "ends.bin", dtype=np.uint32, mode="r", shape=(n,)) if n else np.zeros(0, np.uint32)
+        )
         self.offsets = np.load(self.folder / "offsets.npy")
         self.names: list[str] = json.loads((self.folder / "names.json").read_text())
         if len(self.offsets) != len(self.names) + 1 or int(self.offsets[-1]) != n:
@@ -187,7 +194,7 @@ def build_token_stores(
             total += flush()
             batch = []
         bar.close()
-        for name, w in writers.items():
+        for w in writers.values():
             w.close(names, tokenizer_hash(w.tokenizer))
         if folder.exists():
             shutil.rmtree(folder)

@@ -18,8 +18,8 @@ def tiny_decoder(t: TinyConfig, vocab_size: int, attn_implementation: str | None
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-        max_position_embeddings=t.max_positions, initializer_range=t.init_std, tie_word_embeddings=t.tie_word_embeddings,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        max_position_embeddings=t.max_positions, initializer_range=t.init_std,
+        tie_word_embeddings=t.tie_word_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     cfg._attn_implementation = attn_implementation or "sdpa"
     return AutoModelForCausalLM.from_config(cfg).eval()

@@ -12,16 +12,27 @@ def register(subparsers) -> None:
         help="train a CEPE adapter (warmup, long-document, distilled) from a YAML recipe",
         description="Train a CEPE adapter. Overrides are dotted keys, e.g. output_dir=runs/x "
         "train.max_steps=50 data.train=/path/to/texts (max_steps= is short for train.max_steps=). "
-        "Run under `accelerate launch --config_file configs/accelerate/ddp.yaml -m cepe.cli train ...` for several GPUs.",
+        "Run under `accelerate launch --config_file configs/accelerate/ddp.yaml -m cepe.cli train ...` "
+        "for several GPUs.",
     )
     p.add_argument("--config", help="YAML recipe (see configs/)")
     # REMAINDER: options may also come after the overrides (`... max_steps=5 --no-progress`)
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="config overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="build the model and the data, print their sizes, and exit")
-    p.add_argument("--write-teacher", metavar="FILE", help="precompute top-k teacher probabilities for distill.teacher=file, then exit")
-    p.add_argument("--teacher", help="with --write-teacher: a teacher decoder sharing the tokenizer (default: the base decoder)")
-    p.add_argument("--teacher-samples", type=int, help="with --write-teacher: number of samples (default: max_steps x batch x grad_accum)")
+    p.add_argument(
+        "--write-teacher",
+        metavar="FILE",
+        help="precompute top-k teacher probabilities for distill.teacher=file, then exit",
+    )
+    p.add_argument(
+        "--teacher", help="with --write-teacher: a teacher decoder sharing the tokenizer (default: the base decoder)"
+    )
+    p.add_argument(
+        "--teacher-samples",
+        type=int,
+        help="with --write-teacher: number of samples (default: max_steps x batch x grad_accum)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run, _train_parser=p)
 
@@ -57,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     if args.write_teacher:
         from .trainer import write_teacher_file
 
-        path = write_teacher_file(cfg, args.write_teacher, teacher=args.teacher, samples=args.teacher_samples, progress=progress)
+        path = write_teacher_file(
+            cfg, args.write_teacher, teacher=args.teacher, samples=args.teacher_samples, progress=progress
+        )
         print(f"teacher top-{cfg.distill.topk} written to {path}")
         return 0
     from .trainer import Trainer

@@ -117,7 +117,9 @@ class RunConfig:
         m.dtype = dtype_name(m.dtype)  # fp32 / bf16: the old spellings, with a FutureWarning
         if t.freeze_encoder:
             # the model owns encoder trainability (recorded in the adapter's config); the old key maps onto it
-            warnings.warn("train.freeze_encoder is deprecated: use model.encoder_frozen=all", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "train.freeze_encoder is deprecated: use model.encoder_frozen=all", FutureWarning, stacklevel=2
+            )
             m.encoder_frozen, t.freeze_encoder = "all", False
         if m.encoder_frozen not in (None, "embeddings", "all"):
             raise ValueError(f"model.encoder_frozen must be null, embeddings or all, got {m.encoder_frozen!r}")
@@ -141,7 +143,8 @@ class RunConfig:
 # fields that do not change what is trained: a checkpoint stays valid when they change
 RUNTIME_KEYS = {
     "output_dir", "train.resume", "train.log_every", "train.eval_every", "train.eval_samples", "train.eval_batch_size",
-    "train.save_every", "train.keep_checkpoints", "train.peak_tflops", "train.cpu_threads", "data.num_workers", "data.cache_dir",
+    "train.save_every", "train.keep_checkpoints", "train.peak_tflops", "train.cpu_threads", "data.num_workers",
+    "data.cache_dir",
 }
 
 

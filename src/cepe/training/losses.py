@@ -64,7 +64,9 @@ def online_teacher_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor
     seq = torch.cat([prefix, ids], dim=1)
     mask = torch.cat([pmask, torch.ones_like(ids)], dim=1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=seq, attention_mask=mask, position_ids=position_ids, logits_to_keep=ids.shape[1], use_cache=False)
+    out = model(
+        input_ids=seq, attention_mask=mask, position_ids=position_ids, logits_to_keep=ids.shape[1], use_cache=False
+    )
     return out.logits
 
 
@@ -109,7 +111,9 @@ class TeacherFile:
 
 
 @torch.no_grad()
-def teacher_topk(teacher, batch: dict[str, torch.Tensor], k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_topk(
+    teacher, batch: dict[str, torch.Tensor], k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k token ids and probabilities of a teacher decoder at every decoder position."""
     logits = online_teacher_logits(teacher, batch).float()
     probs = F.softmax(logits / temperature, dim=-1)

@@ -18,7 +18,11 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.is_file():  # resuming: forget what was logged after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -54,7 +58,11 @@ def plot_metrics(run_dir: Path) -> None:
 
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval/ppl_with_context"], r["eval/ppl_without_context"]) for r in rows if "eval/ppl_with_context" in r]
+    evals = [
+        (r["step"], r["eval/ppl_with_context"], r["eval/ppl_without_context"])
+        for r in rows
+        if "eval/ppl_with_context" in r
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     if train:
         axes[0].plot(*zip(*train), label="train loss")
@@ -74,7 +82,8 @@ def plot_metrics(run_dir: Path) -> None:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    rows = [("steps", summary["steps"]), ("seconds", summary["seconds"]), ("decoder tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+    rows = [("steps", summary["steps"]), ("seconds", summary["seconds"]),
+            ("decoder tokens/s", f"{summary['tokens_per_s']:,.0f}"),
             ("final train loss", _fmt(summary.get("final_loss")))]
     for tag in ("with_context", "without_context"):
         if f"ppl_{tag}" in summary:

@@ -49,7 +49,9 @@ def trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> d
     tensor under the one name `named_parameters()` lists, but keeps its aliases: with a tied-embedding
     decoder and the decoder-derived encoder, `decoder.lm_head.weight` and the encoder's embedding (one
     frozen tensor) would stay, and safetensors refuses to save shared tensors."""
-    frozen = {n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen = {
+        n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad
+    }
     return {k: v for k, v in state.items() if k not in frozen}
 
 

@@ -6,4 +6,5 @@ from .demonstrations import DemonstrationsBuilder
 from .retrieval import PassagePool, RetrievalBuilder
 from .text import TextCodec, category_of, source_of
 
-__all__ = ["CopyingBuilder", "DemonstrationsBuilder", "PassagePool", "RetrievalBuilder", "TextCodec", "category_of", "source_of"]
+__all__ = ["CopyingBuilder", "DemonstrationsBuilder", "PassagePool", "RetrievalBuilder", "TextCodec", "category_of",
+           "source_of"]

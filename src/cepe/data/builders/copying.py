@@ -26,7 +26,12 @@ from .text import TextCodec, one_line
 
 CONTINUE_CUES = ('\n\nQuoting the passage above: "', "\n\nAs it was written earlier:\n", "\n\n> ", "\n\n[repeated] ",
                  "\n\nThe text said: ")
-LOOKUP_CUES = ("\n\nFrom the text above:\n", "\n\nLooked up in the context:\n", "\n\n# values defined earlier\n", "\n\n")
+LOOKUP_CUES = (
+    "\n\nFrom the text above:\n",
+    "\n\nLooked up in the context:\n",
+    "\n\n# values defined earlier\n",
+    "\n\n",
+)
 RECORD = re.compile(r"^[ \t]*(?:def |class |function |fn |func |let |const |var |export |set )?"
                     r"([A-Za-z_][\w.\-]{1,40})[ \t]*(=|:|->|\()[ \t]*(\S[^\n]{2,80}?)[ \t]*$", re.MULTILINE)
 WORD = re.compile(r"\b[A-Za-z][A-Za-z'-]{3,24}\b")
@@ -107,7 +112,9 @@ class CopyingBuilder(LongDocumentBuilder):
         s = int(rng.integers(len(ctx) - span - k + 1))
         return [(cue, False), (ctx[s : s + k], False), (ctx[s + k : s + k + span], True)], None
 
-    def _queries(self, rng: np.random.Generator, pairs: list[tuple[str, str]], prompt, budget: int, cue: str, tail: str = "\n"):
+    def _queries(
+        self, rng: np.random.Generator, pairs: list[tuple[str, str]], prompt, budget: int, cue: str, tail: str = "\n"
+    ):
         """Cue, then `prompt(key)` (no loss) + value (loss) + `tail` (the rest of the line), while they fit."""
         lo, hi = self.cfg.copying.queries
         segments = [(self.codec.dec(cue), False)]
@@ -133,7 +140,8 @@ class CopyingBuilder(LongDocumentBuilder):
         if records:
             seps = dict(records)
             pairs = [(k, v) for k, (_, v) in records]
-            return self._queries(rng, pairs, lambda k: f"{k} {seps[k][0]} " if seps[k][0] != "(" else f"{k}(", budget, cue), None
+            prompt = lambda k: f"{k} {seps[k][0]} " if seps[k][0] != "(" else f"{k}("  # noqa: E731
+            return self._queries(rng, pairs, prompt, budget, cue), None
         pairs = self._followers(rng, text, once=True)
         if not pairs:
             return None

@@ -108,7 +108,18 @@ class DemonstrationsBuilder(_WindowBuilder):
         doc, p = self.pick_window(rng, d)
         head = self.corpus.decoder_tokens(doc, p, p + d - used)
         ids = np.concatenate([head] + [s for s, _ in segments]).astype(np.int64)
-        labels = np.concatenate([head] + [s if y else np.full(len(s), -100, np.int64) for s, y in segments]).astype(np.int64)
-        return {"input_ids": ids, "labels": labels, "doc": doc, "position": p, "context": [self.codec.enc(context_text)],
-                "teacher_prefix": self.codec.dec(context_text)[-self.teacher_tokens :] if self.teacher_tokens else np.zeros(0, np.int64),
-                "label_kind": what, "renamed": bool(renamed), "shown_labels": [str(s) for s in shown]}
+        masked = [s if y else np.full(len(s), -100, np.int64) for s, y in segments]
+        labels = np.concatenate([head] + masked).astype(np.int64)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "doc": doc,
+            "position": p,
+            "context": [self.codec.enc(context_text)],
+            "teacher_prefix": self.codec.dec(context_text)[-self.teacher_tokens :]
+            if self.teacher_tokens
+            else np.zeros(0, np.int64),
+            "label_kind": what,
+            "renamed": bool(renamed),
+            "shown_labels": [str(s) for s in shown],
+        }

@@ -34,7 +34,9 @@ class PassagePool:
         names = corpus.decoder.names
         sources = sorted({source_of(names[int(d)]) for d in corpus.docs})
         self.source_ids = {s: i for i, s in enumerate(sources)}
-        self.passage_source = np.array([self.source_ids[source_of(names[int(d)])] for d in self.spans[:, 0]], dtype=np.int64)
+        self.passage_source = np.array(
+            [self.source_ids[source_of(names[int(d)])] for d in self.spans[:, 0]], dtype=np.int64
+        )
         texts = [decode(self.decoder_tokens(i).tolist()) for i in range(len(self.spans))]
         self.bm25 = bm25s.BM25()
         self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)

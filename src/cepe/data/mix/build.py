@@ -142,8 +142,10 @@ def build_source(source: Source, src_dir: Path, out: Path, doc_chars: int = DOC_
     of its pieces under "_hashes")."""
     inputs = list_inputs(src_dir, source)
     if not inputs:
-        raise FileNotFoundError(f"{source.name}: no input files matched {list(source.files)} in "
-                                f"{[str(unpacked_dir(src_dir, PACKAGES[p])) for p in source.packages]}; run `cepe data fetch`")
+        raise FileNotFoundError(
+            f"{source.name}: no input files matched {list(source.files)} in "
+            f"{[str(unpacked_dir(src_dir, PACKAGES[p])) for p in source.packages]}; run `cepe data fetch`"
+        )
     seen: set[str] = set()
     stats = {"pieces": 0, "dropped_duplicates": 0, "dropped_heldout_copies": 0, "capped": False}
 
@@ -249,7 +251,9 @@ def totals(entries: dict[str, dict]) -> dict:
     """{split: {category: {sources, documents, characters, bytes}}}."""
     out: dict[str, dict] = {}
     for e in entries.values():
-        row = out.setdefault(e["split"], {}).setdefault(e["category"], {"sources": 0, "documents": 0, "characters": 0, "bytes": 0})
+        row = out.setdefault(e["split"], {}).setdefault(
+            e["category"], {"sources": 0, "documents": 0, "characters": 0, "bytes": 0}
+        )
         row["sources"] += 1
         for k in ("documents", "characters", "bytes"):
             row[k] += e[k]

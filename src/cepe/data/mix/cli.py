@@ -48,7 +48,10 @@ def _fetch(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
     for r in rows:
         print(f"{r['registry']:7s} {r['package']:28s} {r['version']:32s} {r['status']}")
-    print(f"{sum(r['status'] == 'fetched' for r in rows)} fetched, {sum(r['status'] == 'skipped' for r in rows)} already there")
+    print(
+        f"{sum(r['status'] == 'fetched' for r in rows)} fetched, "
+        f"{sum(r['status'] == 'skipped' for r in rows)} already there"
+    )
     return 0
 
 

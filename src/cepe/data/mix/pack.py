@@ -121,7 +121,9 @@ def subset(out: Path, dest: Path, train_chars: int) -> dict:
     cats = sorted({entries[n]["category"] for n in train})
     budget: dict[str, float] = {}
     left = float(train_chars)
-    for ci, cat in enumerate(sorted(cats, key=lambda c: sum(entries[n]["characters"] for n in train if entries[n]["category"] == c))):
+    for ci, cat in enumerate(
+        sorted(cats, key=lambda c: sum(entries[n]["characters"] for n in train if entries[n]["category"] == c))
+    ):
         share = left / (len(cats) - ci)
         names = sorted((n for n in train if entries[n]["category"] == cat), key=lambda n: entries[n]["characters"])
         for si, name in enumerate(names):
@@ -141,7 +143,8 @@ def subset(out: Path, dest: Path, train_chars: int) -> dict:
         chars = sum(len(json.loads(line)["text"]) for line in lines)
         new[name] = {**e, "documents": len(lines), "characters": chars, "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest()}
-    result = {**manifest, "subset_of": str(out), "subset_train_chars": train_chars, "sources": new, "totals": totals(new)}
+    result = {**manifest, "subset_of": str(out), "subset_train_chars": train_chars, "sources": new,
+              "totals": totals(new)}
     (dest / "manifest.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
 
