@@ -122,7 +122,9 @@ def check(blocks, shape, device, dtype, configs, kernels) -> dict:
         w = absorb(blk)
         for kernel in kernels:
             try:
-                errs[kernel] = rel_err(absorbed_cross_attention(blk, h, states, mask, scale, weights=w, kernel=kernel), exact)
+                errs[kernel] = rel_err(
+                    absorbed_cross_attention(blk, h, states, mask, scale, weights=w, kernel=kernel), exact
+                )
             except Exception as e:
                 errs[kernel] = f"{type(e).__name__}: {str(e)[:200]}"
         out[f"layer{i}_rel_err_vs_fp32"] = errs
@@ -270,7 +272,7 @@ def table(rows: list[dict]) -> str:
              f"{'held GB':>8}  status"]
     for r in rows:
         k = f"{r['context'] // 1024}K" if r["context"] >= 1024 else str(r["context"])
-        f = lambda key, fmt: "-" if r.get(key) is None else format(r[key], fmt)  # noqa: E731
+        f = lambda key, fmt, r=r: "-" if r.get(key) is None else format(r[key], fmt)  # noqa: E731
         lines.append(f"{k:>8} {r['layers']:>6} {r['method']:<11} {f('ms', '9.3f')} {f('spread', '7.1%')} "
                      f"{f('gb_per_s', '7.0f')} {f('peak_gb', '8.1f')} {f('held_context_gb', '8.2f')}  "
                      f"{'' if r['status'] == 'ok' else r['status']}")
@@ -286,7 +288,8 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     layers = max(r["layers"] for r in result["rows"])
-    for method, style in (("cache", "s-"), ("matmul", "o--"), ("triton", "o-"), ("triton-int8", "^-"), ("triton-fp8", "v-")):
+    for method, style in (("cache", "s-"), ("matmul", "o--"), ("triton", "o-"), ("triton-int8", "^-"),
+                          ("triton-fp8", "v-")):
         for ax, n in ((axes[0], 1), (axes[1], layers)):
             rs = [r for r in rows if r["method"] == method and r["layers"] == n]
             ax.plot([r["context"] for r in rs], [r["ms"] for r in rs], style, label=method)

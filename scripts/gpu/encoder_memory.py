@@ -66,13 +66,28 @@ def main() -> int:
     rows = []
     for backend in ("default", "efficient", "math"):
         for per_pass in ("all", "1024", "256"):
-            r = subprocess.run([sys.executable, __file__, "--chunks", str(a.chunks), "--one", str(a.chunks), per_pass, backend],
-                               capture_output=True, text=True, check=False)
-            row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"backend": backend, "per_pass": per_pass, "error": r.stderr[-300:]}
+            r = subprocess.run(
+                [sys.executable, __file__, "--chunks", str(a.chunks), "--one", str(a.chunks), per_pass, backend],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            row = (
+                json.loads(r.stdout.strip().splitlines()[-1])
+                if r.returncode == 0
+                else {"backend": backend, "per_pass": per_pass, "error": r.stderr[-300:]}
+            )
             rows.append(row)
-            print(f"{backend:9s} per_pass={per_pass:5s} " + (
-                f"peak alloc {row['peak_allocated_gib']:.1f} GiB, reserved {row['reserved_gib']:.1f}, device used {row['device_used_gib']:.1f}"
-                if row.get("ok") else f"FAILED {row.get('error', '')[:200]}"), flush=True)
+            print(
+                f"{backend:9s} per_pass={per_pass:5s} "
+                + (
+                    f"peak alloc {row['peak_allocated_gib']:.1f} GiB, reserved {row['reserved_gib']:.1f}, "
+                    f"device used {row['device_used_gib']:.1f}"
+                    if row.get("ok")
+                    else f"FAILED {row.get('error', '')[:200]}"
+                ),
+                flush=True,
+            )
     Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 

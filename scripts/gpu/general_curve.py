@@ -47,7 +47,11 @@ def main() -> None:
     for run in args.runs:
         cfg = load_config(str(run / "config.yaml"), [])
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        evals = [(r["step"], r["eval/loss_with_context"], r.get("eval/loss_without_context")) for r in rows if "eval/loss_with_context" in r]
+        evals = [
+            (r["step"], r["eval/loss_with_context"], r.get("eval/loss_without_context"))
+            for r in rows
+            if "eval/loss_with_context" in r
+        ]
         if not evals:
             print(f"{run}: no held-out evaluation yet")
             continue
@@ -56,9 +60,15 @@ def main() -> None:
         ax.plot(x, [e for _, e, _ in evals], marker="o", label=f"{run.name} with context")
         if evals[0][2] is not None:
             ax.axhline(evals[0][2], ls="--", color="gray", lw=0.8)
-        table[run.name] = [{"step": s, "tokens": int(tok[s - 1]), "loss_with_context": e, "loss_without_context": n} for s, e, n in evals]
+        table[run.name] = [
+            {"step": s, "tokens": int(tok[s - 1]), "loss_with_context": e, "loss_without_context": n}
+            for s, e, n in evals
+        ]
         for s, e, n in evals:
-            print(f"{run.name:<24} step {s:>6}  {tok[s - 1] / 1e6:9.1f}M tokens  held-out loss {e:.4f}  (no context {n:.4f})")
+            print(
+                f"{run.name:<24} step {s:>6}  {tok[s - 1] / 1e6:9.1f}M tokens  "
+                f"held-out loss {e:.4f}  (no context {n:.4f})"
+            )
     ax.set_xlabel("decoder tokens trained (M)")
     ax.set_ylabel("held-out loss")
     ax.set_title("held-out loss vs tokens trained (dashed: the decoder without context)")

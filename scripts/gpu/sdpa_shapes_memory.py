@@ -20,7 +20,9 @@ def one(backend: str, shapes: int) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION]}[backend]
+    order = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION]}[
+        backend
+    ]
     total = torch.cuda.mem_get_info()[1]
     rows = []
     q = torch.randn(64, 9, 1, 64, device="cuda", dtype=torch.bfloat16)
@@ -37,8 +39,11 @@ def one(backend: str, shapes: int) -> list[dict]:
         if (i + 1) % (shapes // 6) == 0:
             torch.cuda.synchronize()
             used = total - torch.cuda.mem_get_info()[0]
-            rows.append({"backend": backend, "shapes": i + 1, "outside_allocator_gib": (used - torch.cuda.memory_reserved()) / 2**30,
-                         "reserved_gib": torch.cuda.memory_reserved() / 2**30})
+            rows.append(
+                {"backend": backend, "shapes": i + 1,
+                 "outside_allocator_gib": (used - torch.cuda.memory_reserved()) / 2**30,
+                 "reserved_gib": torch.cuda.memory_reserved() / 2**30}
+            )
     return rows
 
 
@@ -53,8 +58,13 @@ def main() -> int:
         return 0
     rows = []
     for backend in ("default", "cudnn", "efficient"):
-        r = subprocess.run([sys.executable, __file__, "--shapes", str(a.shapes), "--one", backend], capture_output=True, text=True, check=False)
-        got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else [{"backend": backend, "error": r.stderr[-400:]}]
+        r = subprocess.run([sys.executable, __file__, "--shapes", str(a.shapes), "--one", backend], capture_output=True,
+                           text=True, check=False)
+        got = (
+            json.loads(r.stdout.strip().splitlines()[-1])
+            if r.returncode == 0
+            else [{"backend": backend, "error": r.stderr[-400:]}]
+        )
         rows += got
         for row in got:
             print(row, flush=True)

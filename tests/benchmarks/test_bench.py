@@ -113,7 +113,9 @@ def test_static_cache_decoding_matches_generate(bench_model, policy):
     model.config.kv_policy = policy
     inputs = make_inputs(model, total=64, score=16, device="cpu")
     try:
-        ours = decode_static(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 10, mode="eager")
+        ours = decode_static(
+            model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 10, mode="eager"
+        )
         theirs = decode_hf(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 10)
     finally:
         model.config.kv_policy = "recompute"
@@ -231,7 +233,8 @@ def test_cli_smoke_writes_json_and_plot(tmp_path, capsys):
             assert r[key], key
     assert "bench --smoke" in rows[0]["command"]
     kinds = {(r["task"], r["method"], r.get("mode")) for r in rows}
-    assert {("score", "cepe", None), ("score", "full", None), ("decode", "cepe", "eager"), ("decode", "full", "hf")} <= kinds
+    assert {("score", "cepe", None), ("score", "full", None), ("decode", "cepe", "eager"),
+            ("decode", "full", "hf")} <= kinds
     assert {r["policy_used"] for r in rows if r["task"] == "decode" and r["method"] == "cepe"} >= {"recompute", "cache"}
     out = capsys.readouterr().out
     assert "CEPE speed-up" in out and "ms/tok" in out

@@ -69,7 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=("kernels", "score", "decode", "ttft"),
                    help="kernels: cross-attention alone under each SDPA kernel (CUDA only); "
                         "ttft: a 512-token question over a stored document")
-    g.add_argument("--policies", type=_names(set(POLICIES)), default=POLICIES, help="cross-attention key/value policies")
+    g.add_argument(
+        "--policies", type=_names(set(POLICIES)), default=POLICIES, help="cross-attention key/value policies"
+    )
     g.add_argument("--decode-mode", default="graph", choices=("graph", "eager"))
     g.add_argument("--hf-lengths", type=_lengths, default=(), help="also time model.generate at these lengths")
     g.add_argument("--hf-policies", type=_names(set(POLICIES)), default=("recompute", "cache"))

@@ -91,7 +91,8 @@ class DecodeStep:
         self.step.add_(1)
 
     def save(self) -> list[torch.Tensor]:
-        return [self.token.clone(), self.step.clone()] + [l.cumulative_length.clone() for l in self.state.cache.layers]
+        lengths = [layer.cumulative_length.clone() for layer in self.state.cache.layers]
+        return [self.token.clone(), self.step.clone()] + lengths
 
     def restore(self, saved: list[torch.Tensor]) -> None:
         self.token.copy_(saved[0])
@@ -126,7 +127,8 @@ def timed(device, fn) -> float:
 
 @torch.no_grad()
 def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, context_ids: torch.Tensor | None,
-                  context_mask: torch.Tensor | None, new_tokens: int, mode: str = "graph", check_tokens: int = 8) -> dict:
+                  context_mask: torch.Tensor | None, new_tokens: int, mode: str = "graph",
+                  check_tokens: int = 8) -> dict:
     """Time to first token (encode + prefill) and seconds per token over `new_tokens - 1` steps.
 
     mode "graph": steps replayed from a CUDA graph; the first `check_tokens` are also run eagerly
@@ -188,7 +190,6 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
     result["s_per_token"] = dt / max(n_steps, 1)
     result["tokens"] = step.tokens.tolist()
     result["graph_matches_eager"] = bool(torch.equal(step.tokens[: k + 1], eager_tokens))
-    del graph
     return result
 
 

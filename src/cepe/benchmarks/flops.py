@@ -27,7 +27,7 @@ class StackShape:
     mlp_matrices: int = 3  # gated MLP (SwiGLU: gate, up, down); 2 for BERT's plain MLP
 
     @classmethod
-    def from_config(cls, cfg: PretrainedConfig, layers: int | None = None) -> "StackShape":
+    def from_config(cls, cfg: PretrainedConfig, layers: int | None = None) -> StackShape:
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         gated = cfg.model_type not in ("bert", "roberta", "xlm-roberta", "camembert", "mpnet", "distilbert")
@@ -76,7 +76,7 @@ class CrossShape:
     encoder_hidden: int
 
     @classmethod
-    def from_model(cls, model) -> "CrossShape":
+    def from_model(cls, model) -> CrossShape:
         blocks = list(model.cross_attn.values())
         b = blocks[0]
         return cls(len(blocks), b.q_proj.in_features, b.num_heads, b.num_kv_heads, b.head_dim, b.k_proj.in_features)

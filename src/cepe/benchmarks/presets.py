@@ -46,15 +46,21 @@ class ModelSpec:
         d, e = self.decoder, self.encoder
         out = {
             "name": self.name,
-            "decoder": {k: getattr(d, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
-                                                        "num_key_value_heads", "intermediate_size", "vocab_size")},
+            "decoder": {
+                k: getattr(d, k, None)
+                for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                          "num_key_value_heads", "intermediate_size", "vocab_size")
+            },
             "encoder_kind": self.encoder_kind,
             "chunk_size": self.chunk_size,
             "cross_attn_num_kv_heads": self.cross_attn_num_kv_heads,
         }
         if e is not None:
-            out["encoder"] = {k: getattr(e, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
-                                                               "num_attention_heads", "intermediate_size", "vocab_size")}
+            out["encoder"] = {
+                k: getattr(e, k, None)
+                for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                          "vocab_size")
+            }
         else:
             out["encoder"] = {"decoder_layers": self.encoder_layers}
         return out
@@ -63,7 +69,8 @@ class ModelSpec:
 def _llama(**kw) -> PretrainedConfig:
     theta = kw.pop("rope_theta", 10000.0)
     base = dict(hidden_act="silu", rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": theta})
+                pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": theta})
     base.update(kw)
     return AutoConfig.for_model("llama", **base)
 
@@ -91,8 +98,9 @@ def _preset(name: str) -> ModelSpec:
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      tie_word_embeddings=True, rope_theta=100000.0)
         # paired with the MiniLM-L6 encoder shape, as in the library's released adapter
-        enc = AutoConfig.for_model("bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                   intermediate_size=1536, max_position_embeddings=512, pad_token_id=0)
+        enc = AutoConfig.for_model("bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                                   num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512,
+                                   pad_token_id=0)
         return ModelSpec(name, dec, enc, "hf")
     if name == "tiny":  # CPU smoke test: seconds, not minutes
         dec = _llama(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -20,7 +20,6 @@ def score_table(result: dict) -> str:
     lines = [f"{'method':<6} {'length':>6} {'time s':>8} {'spread':>14} {'1st/med':>7} {'tok/s':>9} {'peak GB':>8} "
              f"{'TFLOP/s':>8} {'MFU':>5}  status"]
     for r in rows:
-        ok = r["status"] == "ok"
         lines.append(
             f"{r['method']:<6} {_k(r['total_len']):>6} {_f(r.get('time_s'), '8.3f'):>8} {spread(r):>14} "
             f"{_f(r.get('first_over_median'), '7.2f'):>7} "
@@ -86,7 +85,9 @@ def ttft_table(result: dict) -> str:
     t = {(r["method"], r["total_len"]): r["time_s"] for r in rows if r["status"] == "ok"}
     speed = {n: t[("full", n)] / t[("cepe", n)] for (m, n) in sorted(t) if m == "cepe" and ("full", n) in t}
     if speed:
-        lines.append("CEPE TTFT speed-up over full attention: " + ", ".join(f"{_k(n)} {s:.0f}x" for n, s in speed.items()))
+        lines.append(
+            "CEPE TTFT speed-up over full attention: " + ", ".join(f"{_k(n)} {s:.0f}x" for n, s in speed.items())
+        )
     return "\n".join(lines)
 
 
@@ -105,14 +106,20 @@ def kernel_table(result: dict) -> str:
 
 
 def speedups(result: dict) -> dict[int, float]:
-    t = {(r["method"], r["total_len"]): r["time_s"] for r in result["rows"] if r["task"] == "score" and r["status"] == "ok"}
+    t = {
+        (r["method"], r["total_len"]): r["time_s"]
+        for r in result["rows"]
+        if r["task"] == "score" and r["status"] == "ok"
+    }
     return {n: t[("full", n)] / t[("cepe", n)] for (m, n) in sorted(t) if m == "cepe" and ("full", n) in t}
 
 
 def summary(result: dict) -> str:
     env, c = result["env"], result.get("ceilings", {})
-    head = (f"{result['model']['name']} on {env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
-            f"{env['dtype']} | {env['attention']}")
+    head = (
+        f"{result['model']['name']} on {env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
+        f"{env['dtype']} | {env['attention']}"
+    )
     if c.get("matmul_tflops"):
         head += f" | ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s"
     acc = result["model"].get("bytes_per_context_token")
@@ -152,14 +159,17 @@ def plot(result: dict, path: str | Path) -> None:
                     ax.axvline(r["total_len"], color=style["color"], ls=":", lw=1)
                     ax.annotate("OOM", (r["total_len"], 0.5), xycoords=("data", "axes fraction"), color=style["color"])
     dec = [r for r in rows if r["task"] == "decode" and r["status"] == "ok"]
-    series = sorted({(r["method"], r["policy"], r["mode"]) for r in dec} - {("cepe", "none", "graph"), ("cepe", "none", "eager")})
+    series = sorted(
+        {(r["method"], r["policy"], r["mode"]) for r in dec} - {("cepe", "none", "graph"), ("cepe", "none", "eager")}
+    )
     for method, policy, mode in series:
         rs = [r for r in dec if (r["method"], r["policy"], r["mode"]) == (method, policy, mode)]
         if method == "cepe":  # without context (length <= D) CEPE is the plain decoder: the series' first point
             rs = [r for r in dec if (r["method"], r["policy"], r["mode"]) == ("cepe", "none", mode)] + rs
         name = "full attention" if method == "full" else f"CEPE {policy}"
-        axes[2].plot([r["total_len"] for r in rs], [r["ms_per_token"] for r in rs], marker="o" if method == "cepe" else "s",
-                     ls="-" if mode == "graph" else "--", label=f"{name} ({mode})")
+        axes[2].plot([r["total_len"] for r in rs], [r["ms_per_token"] for r in rs],
+                     marker="o" if method == "cepe" else "s", ls="-" if mode == "graph" else "--",
+                     label=f"{name} ({mode})")
     for r in rows:
         if r["task"] == "decode" and r["status"] == "oom":
             axes[2].annotate(f"{names.get(r['method'], r['method'])}: OOM", (r["total_len"], 0.95),
@@ -185,7 +195,10 @@ def plot(result: dict, path: str | Path) -> None:
             ax.legend(fontsize=8)
     axes[0].set_yscale("log")
     env = result["env"]
-    fig.suptitle(f"{result['model']['name']} shapes, random weights, {env['dtype']} | {env['device']} | {env['date']}", fontsize=10)
+    fig.suptitle(
+        f"{result['model']['name']} shapes, random weights, {env['dtype']} | {env['device']} | {env['date']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

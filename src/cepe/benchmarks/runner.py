@@ -52,7 +52,9 @@ class BenchConfig:
     decode_mode: str = "graph"  # graph | eager (CPU always eager)
     hf_lengths: tuple[int, ...] = ()  # also time `generate` (dynamic cache, eager) at these lengths
     hf_policies: tuple[str, ...] = ("recompute", "cache")
-    kv_budget_gb: float | str | None = "free"  # `auto` policy budget: GB, "free" (fits in free memory), None (library's)
+    kv_budget_gb: float | str | None = (
+        "free"  # `auto` policy budget: GB, "free" (fits in free memory), None (library's)
+    )
     device: str = "cuda"
     dtype: str = "bfloat16"
     sdpa: str = "default"
@@ -192,7 +194,8 @@ class Bench:
             m.config.kv_policy = policy
             if policy == "auto":
                 m.config.kv_cache_budget_bytes = self._kv_budget(total, d, context)
-            ids, cids, cmask, weights = inputs.decoder_ids, inputs.context_ids, inputs.context_mask, self.cepe_weight_bytes
+            ids, cids, cmask, weights = (inputs.decoder_ids, inputs.context_ids, inputs.context_mask,
+                                         self.cepe_weight_bytes)
         else:
             ids, cids, cmask, weights = inputs.full_ids, None, None, self.full_weight_bytes
         mem = PeakMemory(self.device, weights)
@@ -272,7 +275,9 @@ class Bench:
             with mem:
                 timing = self._time(first_token_fn(m, method, inputs, stored))
             if stored is not None:
-                extra.update(load_time(stored, self.device), stored_state_bytes_per_token=stored.hidden_states[0, 0].nbytes)
+                extra.update(
+                    load_time(stored, self.device), stored_state_bytes_per_token=stored.hidden_states[0, 0].nbytes
+                )
             return timing
 
         try:
@@ -318,7 +323,7 @@ class Bench:
                            kv_heads=x.kv_heads, heads=x.heads, status="ok", error=None)
                 try:
                     with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-                        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                        fn = lambda q=q: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
                         ref = fn()
                         times = _event_times(fn, reps=10 if phase == "prefill" else 50)
                     t = median(times)
@@ -327,7 +332,7 @@ class Bench:
                 except RuntimeError as e:
                     row.update(status="error", error=str(e).splitlines()[0][:200])
                 self._row(**row)
-        del k, v
+        k = v = None  # drop the tensors (the lambdas above read these names) before freeing the cache
         free_memory(self.device)
 
     # ------------------------------------------------------------------ plan

@@ -7,10 +7,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import torch
 
@@ -97,8 +97,9 @@ def time_until_stable(fn: Callable[[], object], device, reps: int = 3, tolerance
     so a fixed single warm-up call is not enough.
 
     Bounded: at most `max_calls` calls, or `long_max_calls` when a call takes over `long_s` seconds
-    (those need only `long_reps` agreeing calls: full attention over 256K tokens takes ~50 s a call). If the bound is hit, the last calls are reported
-    with `converged` False. `untimed_first`: the first call is not even timed (compilation)."""
+    (those need only `long_reps` agreeing calls: full attention over 256K tokens takes ~50 s a call).
+    If the bound is hit, the last calls are reported with `converged` False. `untimed_first`: the
+    first call is not even timed (compilation)."""
     timer = Timer(device)
     if untimed_first:
         timer(fn, reps=0, warmup=1)
@@ -225,5 +226,5 @@ def environment(device, dtype: torch.dtype, sdpa: str, command: str) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "attention": f"sdpa:{sdpa}",
         "command": command,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -32,8 +32,8 @@ def _partials_kernel(
     q_ptr, e_ptr, mask_ptr, scale_ptr, acc_ptr, m_ptr, l_ptr,
     R, S, HE, tokens_per_split, n_row_blocks,
     sq_b, sq_r, se_b, se_s, sm_b, ss_b, sa_b, sa_p, sa_r, sml_b, sml_p,
-    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_dv = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -112,7 +112,8 @@ def _programs() -> int:
 
 
 def attend_states(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None, *,
-                  state_scale: torch.Tensor | None = None, block_r: int = 32, block_s: int = 64, block_e: int = 128, block_dv: int = 256,
+                  state_scale: torch.Tensor | None = None,
+                  block_r: int = 32, block_s: int = 64, block_e: int = 128, block_dv: int = 256,
                   splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """softmax(q states^T) states: q (B, R, He) pre-scaled, states (B, S, He), key_mask (B, S) bool
     or None. Returns (B, R, He) in q's dtype. 8-bit states: `states` int8 or float8_e4m3fn data
@@ -150,7 +151,8 @@ def attend_states(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor 
         q.stride(0), q.stride(1), states.stride(0), states.stride(1),
         mask.stride(0) if key_mask is not None else 0, scale.stride(0) if state_scale is not None else 0,
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        DOT_F32=_INTERPRETED, HAS_MASK=key_mask is not None, HAS_SCALE=state_scale is not None, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_DV=block_dv,
+        DOT_F32=_INTERPRETED, HAS_MASK=key_mask is not None, HAS_SCALE=state_scale is not None,
+        BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_DV=block_dv,
         num_warps=num_warps, num_stages=num_stages,
     )
     return combine(acc, m, l).to(out_dtype)
