@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, BertConfig, BertModel, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)

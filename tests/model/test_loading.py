@@ -36,9 +36,18 @@ def _logits(model) -> torch.Tensor:
 def test_spelling_helpers():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new spellings never warn
-        assert dtype_name("bfloat16") == "bfloat16" and dtype_name(torch.float16) == "float16" and dtype_name(None) is None
-        assert encoder_name("decoder") == "decoder" and encoder_name("minilm-l6") == "minilm-l6" and encoder_name(None) is None
-        assert adapter_and_init(None, "copy") == (None, "copy") and adapter_and_init("released", None) == ("released", None)
+        assert (
+            dtype_name("bfloat16") == "bfloat16" and dtype_name(torch.float16) == "float16" and dtype_name(None) is None
+        )
+        assert (
+            encoder_name("decoder") == "decoder"
+            and encoder_name("minilm-l6") == "minilm-l6"
+            and encoder_name(None) is None
+        )
+        assert adapter_and_init(None, "copy") == (None, "copy") and adapter_and_init("released", None) == (
+            "released",
+            None,
+        )
     for old, new in (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")):
         with pytest.warns(FutureWarning, match=f"'{new}'"):
             assert dtype_name(old) == new

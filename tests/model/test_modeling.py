@@ -205,7 +205,9 @@ def test_save_load_round_trip_exact(tmp_path, encoder):
     assert not any("embed_tokens" in k for k in keys)
     loaded = CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=None)
     ids, ctx = _ids(), _ctx()
-    torch.testing.assert_close(loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0
+    )
 
 
 def test_load_refuses_other_base_and_corrupted_files(tmp_path):
@@ -235,7 +237,9 @@ def test_bad_context_input_is_rejected():
 
 
 def test_layer_selection_and_gqa():
-    m = CepeForCausalLM.from_base(tiny_decoder(), tiny_bert(), chunk_size=8, cross_attn_layers="every:2", cross_attn_num_kv_heads=1)
+    m = CepeForCausalLM.from_base(
+        tiny_decoder(), tiny_bert(), chunk_size=8, cross_attn_layers="every:2", cross_attn_num_kv_heads=1
+    )
     assert list(m.cross_attn.keys()) == ["1"]
     blk = m.cross_attn["1"]
     assert blk.k_proj.weight.shape == (8, 24)  # one kv head of 8 dims, from the 24-wide encoder
@@ -299,7 +303,9 @@ def test_frozen_encoder_embeddings_are_not_saved_and_load_from_base(tmp_path):
     assert not any("embeddings" in k for k in keys) and any(k.startswith("encoder.") for k in keys)
     loaded = CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=tiny_bert())
     ids, ctx = _ids(), _ctx()
-    torch.testing.assert_close(loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.eval()(ids, context_input_ids=ctx).logits, m(ids, context_input_ids=ctx).logits, rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="frozen encoder"):
         CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"), encoder=tiny_bert(seed=5))
 
@@ -383,7 +389,9 @@ def test_length_scaling_override_on_load_is_validated(tmp_path):
     m = tiny_cepe("llama", "bert")
     m.save_pretrained(tmp_path / "a")
     dec = m.decoder
-    loaded = CepeForCausalLM.from_pretrained(tmp_path / "a", decoder=dec, encoder=tiny_bert(), cross_attn_length_scaling="64")
+    loaded = CepeForCausalLM.from_pretrained(
+        tmp_path / "a", decoder=dec, encoder=tiny_bert(), cross_attn_length_scaling="64"
+    )
     assert loaded.config.cross_attn_length_scaling == 64
     with pytest.raises(ValueError, match="cross_attn_length_scaling"):
         CepeForCausalLM.from_pretrained(tmp_path / "a", decoder=dec, encoder=tiny_bert(), cross_attn_length_scaling=1)
@@ -406,6 +414,8 @@ def test_run_time_overrides_on_load_and_auto_class(tmp_path):
     auto = AutoModelForCausalLM.from_pretrained(tmp_path, decoder=dec, kv_policy="auto")
     assert isinstance(auto, CepeForCausalLM) and auto.config.kv_policy == "auto"
     ids, ctx = _ids(), _ctx(vocab=90)
-    torch.testing.assert_close(auto.eval()(ids, context_input_ids=ctx).logits, loaded.eval()(ids, context_input_ids=ctx).logits)
+    torch.testing.assert_close(
+        auto.eval()(ids, context_input_ids=ctx).logits, loaded.eval()(ids, context_input_ids=ctx).logits
+    )
     with pytest.raises(ValueError, match="kv_policy"):
         AutoModelForCausalLM.from_pretrained(tmp_path, decoder=dec, kv_policy="cach")

@@ -104,7 +104,7 @@ class ContextStates:
     attention_mask: torch.Tensor
     encoder_hash: str | None = None
     cross_cache: CrossAttentionCache = field(default_factory=CrossAttentionCache, repr=False, compare=False)
-    parent: "ContextStates | None" = field(default=None, repr=False, compare=False)
+    parent: ContextStates | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -124,18 +124,18 @@ class ContextStates:
         own = sum(t.numel() * t.element_size() for t in (self.hidden_states, self.attention_mask))
         return own + self.cross_cache.nbytes()
 
-    def expanded(self, batch_size: int) -> "ContextStates":
+    def expanded(self, batch_size: int) -> ContextStates:
         """`expand_to(batch_size)`, kept in `cross_cache`: the expansion's cached keys/values
         survive from one decoding step to the next."""
         if batch_size == self.batch_size:
             return self
         return self.cross_cache.expansion(batch_size, lambda: self.expand_to(batch_size))
 
-    def to(self, *args, **kwargs) -> "ContextStates":
+    def to(self, *args, **kwargs) -> ContextStates:
         h = self.hidden_states.to(*args, **kwargs)
         return ContextStates(h, self.attention_mask.to(h.device), self.encoder_hash)
 
-    def expand_to(self, batch_size: int) -> "ContextStates":
+    def expand_to(self, batch_size: int) -> ContextStates:
         """Repeat each example's context for `batch_size // B` consecutive rows (beams, samples,
         or one document shared by many prompts)."""
         b = self.batch_size
@@ -153,7 +153,7 @@ class ContextStates:
         return out
 
     @staticmethod
-    def concat(parts: list["ContextStates"]) -> "ContextStates":
+    def concat(parts: list[ContextStates]) -> ContextStates:
         """Join several single-example contexts (e.g. stored documents) into one example's context."""
         if not parts:
             raise ValueError("no context to concatenate")
@@ -181,7 +181,7 @@ class ContextStates:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ContextStates":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ContextStates:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no context file at {path}")

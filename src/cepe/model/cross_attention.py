@@ -98,7 +98,7 @@ class CrossAttention(nn.Module):
         encoder_hidden_size: int,
         num_kv_heads: int | None,
         init: str,
-    ) -> "CrossAttention":
+    ) -> CrossAttention:
         """Build a block for one decoder layer, initialised from that layer's self-attention.
 
         `copy`: query, output and norm copied; key/value from the self-attention's key/value,
@@ -145,7 +145,7 @@ def _decode_kernels():
 
 def layer_heads(attn: nn.Module, w_q: torch.Tensor) -> int:
     cfg = getattr(attn, "config", None)
-    return getattr(cfg, "num_attention_heads", None) or getattr(attn, "num_heads")
+    return getattr(cfg, "num_attention_heads", None) or attn.num_heads
 
 
 def _kv_init(w: torch.Tensor, head_dim: int, num_kv_heads: int, in_features: int) -> torch.Tensor:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ def cache_keyword(model: nn.Module) -> str:
     return _cache_keyword(type(_inner_decoder(model)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword(cls: type) -> str:  # once per class: decoding steps must not pay for `inspect`
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
@@ -254,7 +255,9 @@ class Batch:
         layers = list(getattr(self.cache, "layers", []))
         for layer in layers:
             if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-                raise NotImplementedError(f"joining batches needs full-attention cache layers, got {type(layer).__name__}")
+                raise NotImplementedError(
+                    f"joining batches needs full-attention cache layers, got {type(layer).__name__}"
+                )
         return layers
 
     def _trim(self) -> None:

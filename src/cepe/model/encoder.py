@@ -42,7 +42,7 @@ class HFEncoder(ContextEncoder):
         self.hidden_size = cfg.hidden_size
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> "HFEncoder":
+    def from_config(cls, config: PretrainedConfig) -> HFEncoder:
         return cls(
             AutoModel.from_config(config, add_pooling_layer=False)
             if _has_pooler(config)
@@ -81,7 +81,7 @@ class DecoderDerivedEncoder(ContextEncoder):
         self.hidden_size = cfg.hidden_size
 
     @classmethod
-    def from_decoder(cls, decoder: nn.Module, num_layers: int) -> "DecoderDerivedEncoder":
+    def from_decoder(cls, decoder: nn.Module, num_layers: int) -> DecoderDerivedEncoder:
         inner = decoder.get_decoder()
         enc = cls(decoder.config, num_layers, embed_tokens=inner.embed_tokens)
         src = {k: v for k, v in inner.state_dict().items() if not k.startswith("embed_tokens.")}

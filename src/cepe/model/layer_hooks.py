@@ -14,8 +14,8 @@ by setting what its hooks read; two CEPE models on one decoder each read only th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -7,8 +7,8 @@ values per token in every layer instead, and full attention 2 x kv heads x d per
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
