@@ -34,7 +34,7 @@ TRITON = pytest.param("triton", marks=pytest.mark.skipif(not _triton_interpreter
                                                           reason="needs triton and TRITON_INTERPRET=1 on the CPU"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _blocks(family: str, kv_heads: int):
     model = tiny_cepe(family, cross_attn_num_kv_heads=kv_heads)
     return list(model.cross_attn.values())

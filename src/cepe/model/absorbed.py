@@ -90,7 +90,8 @@ def absorb(block: CrossAttention, form: str = "auto") -> AbsorbedWeights:
     wo = block.o_proj.weight.float().view(-1, hkv, g, d)
     query_key = torch.einsum("kde,kjdh->kjeh", wk, wq).reshape(hq * he, -1)
     value_out = torch.einsum("okjd,kde->okje", wo, wv).reshape(wo.shape[0], hq * he)
-    return AbsorbedWeights(**base, query_key=query_key.to(dtype).contiguous(), value_out=value_out.to(dtype).contiguous())
+    return AbsorbedWeights(**base, query_key=query_key.to(dtype).contiguous(),
+                           value_out=value_out.to(dtype).contiguous())
 
 
 def absorbed_queries(block: CrossAttention, weights: AbsorbedWeights, hidden_states: torch.Tensor,

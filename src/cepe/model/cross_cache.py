@@ -4,7 +4,8 @@ context is reused (decoding steps, prompts sharing a document, a server's hot do
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 

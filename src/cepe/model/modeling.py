@@ -110,7 +110,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         gguf_file: str | None = None,
         tokenizer: Any = None,
         encoder_tokenizer: Any = None,
-    ) -> "CepeForCausalLM":
+    ) -> CepeForCausalLM:
         """Wrap a base decoder (instance, folder, GGUF or asset name like `smollm2-135m`) with a
         context encoder (instance, folder, asset name like `minilm-l6`, or None for the
         decoder-derived encoder) and freshly initialised cross-attention."""
@@ -408,7 +408,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         tokenizer: Any = None,
         check_base: bool = True,
         **kwargs,
-    ) -> "CepeForCausalLM":
+    ) -> CepeForCausalLM:
         """Load an adapter folder onto its base decoder (instance, path, or the provenance
         recorded in the config). Refuses a decoder whose weights differ from the one trained on.
         Keyword arguments override the run-time settings (`RUNTIME_SETTINGS`: `kv_policy`,
