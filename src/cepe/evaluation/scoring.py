@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..model.decoding import Row, pick
+
 if TYPE_CHECKING:
     from .methods import Method
 
@@ -74,16 +76,15 @@ def greedy_generate(
     """Greedy continuation of `request.tokens`, one full forward per new token (any method).
 
     Methods with a cached fast path (`Method.generate`) must return the same tokens."""
-    tokens = list(request.tokens)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
+    if max_new_tokens < 1:
+        return []
+    # the decoding module's row keeps the stop and length rules; only the forward differs (no cache)
+    row = Row(list(request.tokens), max_new_tokens, stop_ids=frozenset(stop_ids))
+    while not row.done:
+        tokens = row.prompt + row.tokens
         step = replace(request, tokens=tokens, score_start=len(tokens))
-        nxt = int(method.log_probs(step, 1)[0].argmax())
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        tokens.append(nxt)
-    return out
+        row.push(int(pick(method.log_probs(step, 1)[0][None].float(), [row.sampler])[0]))
+    return row.tokens
 
 
 def label_log_likelihoods(method: Method, prompt: Request, candidates: list[list[int]]) -> list[tuple[float, int]]:
