@@ -81,6 +81,11 @@ def test_flop_counter_against_a_hand_count():
     step = F.decode_step_cost(dec, self_kv_len=6, cross=cross, context=8, policy="cache", dtype_bytes=2)
     weights = 2 * 576 + 8 * 10
     assert step["bytes"] == 2 * weights + 6 * (2 * 2 * 1 * 4 * 2) + 2 * 128 * 2 + 2 * 2 * 1 * 4 * 8 * 2
+    absorbed = F.decode_step_cost(dec, self_kv_len=6, cross=cross, context=8, policy="absorbed", dtype_bytes=2)
+    # per layer: q,o and k,v weights once, the 8 x 4 states twice; no keys/values
+    assert absorbed["bytes"] == step["bytes"] - 2 * 2 * 1 * 4 * 8 * 2 + 2 * (2 * 4 * 4 + 2 * 8 * 4) * 2
+    # per layer: q,o 2*128; absorbing 2*2*2*4*4 = 128; scores and mix over He = 4 wide states 4*2*4*8 = 256
+    assert absorbed["flops"] == step["flops"] - 2 * (2 * 128 + 4 * 2 * 4 * 8) + 2 * (2 * 128 + 128 + 256)
 
 
 def test_flop_counter_matches_torch_count_on_the_real_model():
@@ -107,7 +112,7 @@ def test_flop_counter_matches_torch_count_on_the_real_model():
 
 
 # ---------------------------------------------------------------- decoding
-@pytest.mark.parametrize("policy", ["recompute", "cache", "auto"])
+@pytest.mark.parametrize("policy", ["recompute", "cache", "absorbed", "auto"])
 def test_static_cache_decoding_matches_generate(bench_model, policy):
     _, model = bench_model
     model.config.kv_policy = policy
@@ -120,7 +125,7 @@ def test_static_cache_decoding_matches_generate(bench_model, policy):
     finally:
         model.config.kv_policy = "recompute"
     assert ours["tokens"] == theirs["tokens"] and len(ours["tokens"]) == 10
-    assert ours["policy_used"] == ("recompute" if policy == "recompute" else "cache")
+    assert ours["policy_used"] == ("cache" if policy == "auto" else policy)
     full = decode_static(model, "full", inputs.full_ids, None, None, 10, mode="eager")
     assert full["tokens"] == decode_hf(model, "full", inputs.full_ids, None, None, 10)["tokens"]
 
@@ -164,7 +169,8 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method,policy", [("cepe", "recompute"), ("cepe", "cache"), ("full", "recompute")])
+@pytest.mark.parametrize("method,policy", [("cepe", "recompute"), ("cepe", "cache"), ("cepe", "absorbed"),
+                                           ("full", "recompute")])
 def test_decoding_step_never_syncs_with_the_host(method, policy):
     model = build_model(get_spec("tiny"), "cpu", torch.float32)
     model.config.kv_policy = policy

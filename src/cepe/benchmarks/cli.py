@@ -13,7 +13,7 @@ import sys
 from ..cli_options import add_model_arguments
 from .presets import PRESETS
 from .report import _k
-from .runner import DEFAULT_LENGTHS, POLICIES, BenchConfig, run_bench
+from .runner import DEFAULT_LENGTHS, DEFAULT_POLICIES, POLICIES, BenchConfig, run_bench
 
 SMOKE = dict(preset="tiny", lengths=(16, 32, 64), score_tokens=16, new_tokens=8, device="cpu", dtype="float32",
              hf_lengths=(32,), reps=2, question_tokens=8)
@@ -69,9 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=("kernels", "score", "decode", "ttft"),
                    help="kernels: cross-attention alone under each SDPA kernel (CUDA only); "
                         "ttft: a 512-token question over a stored document")
-    g.add_argument(
-        "--policies", type=_names(set(POLICIES)), default=POLICIES, help="cross-attention key/value policies"
-    )
+    g.add_argument("--policies", type=_names(set(POLICIES)), default=DEFAULT_POLICIES,
+                   help="cross-attention key/value policies, of: " + ", ".join(POLICIES))
     g.add_argument("--decode-mode", default="graph", choices=("graph", "eager"))
     g.add_argument("--hf-lengths", type=_lengths, default=(), help="also time model.generate at these lengths")
     g.add_argument("--hf-policies", type=_names(set(POLICIES)), default=("recompute", "cache"))

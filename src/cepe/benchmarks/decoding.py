@@ -8,7 +8,8 @@ Two ways to run the decoding steps, both through the library's model object:
   and replay it. A replay launches the same kernels as the eager step with no Python or launch
   gaps, and needs no host synchronisation, so 127 replays run back to back. Cross-attention keys
   and values follow the model's `kv_policy`: `cache` reuses the ones projected at prefill,
-  `recompute` projects them from the encoder states inside every step.
+  `recompute` projects them from the encoder states inside every step, `absorbed` keeps none and
+  attends over the encoder states with the projections absorbed (`cepe.model.absorbed`).
 
 CPU runs the same step eagerly (`eager` mode), which is how tests check it against `generate`.
 """
@@ -196,7 +197,7 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
 def _policy_used(ctx: ContextStates | None) -> str:
     if ctx is None:
         return "none"
-    return "cache" if ctx.cross_cache.filled else "recompute"
+    return ctx.cross_cache.policy or ("cache" if ctx.cross_cache.filled else "recompute")  # auto: its choice
 
 
 class _Clock(BaseStreamer):

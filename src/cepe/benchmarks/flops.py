@@ -144,12 +144,18 @@ def decode_step_cost(dec: StackShape, self_kv_len: int, cross: CrossShape | None
     """FLOPs and the fewest device-memory bytes of one decoding step (batch 1).
 
     Bytes: every matmul weight once (the embedding table: one row, ignored), the self-attention cache
-    up to `self_kv_len`, and for cross-attention either the cached keys/values (`cache`) or the
-    encoder states plus the keys/values the library writes and reads back (`recompute`)."""
+    up to `self_kv_len`, and for cross-attention either the cached keys/values (`cache`), the
+    encoder states plus the keys/values the library writes and reads back (`recompute`), or the
+    encoder states read twice per layer by the two matmuls of `absorbed` (He-wide heads)."""
     weights = dec.layers * dec.layer_params + dec.hidden * dec.vocab
     flops = 2 * weights + dec.attention_flops(self_kv_len)
     nbytes = weights * dtype_bytes + self_kv_len * dec.kv_bytes_per_token(dtype_bytes)
-    if cross is not None and context > 0:
+    if cross is not None and context > 0 and policy == "absorbed":
+        c = cross
+        absorb = 2 * 2 * c.heads * c.head_dim * c.encoder_hidden  # q~ = W_k^T q, then W_v on the mix
+        flops += c.layers * (2 * c.query_params + absorb + 4 * c.heads * c.encoder_hidden * context)
+        nbytes += c.layers * (c.query_params + c.kv_params + 2 * context * c.encoder_hidden) * dtype_bytes
+    elif cross is not None and context > 0:
         x = cross.flops(1, context, project_keys=policy == "recompute")
         flops += x["q_o"] + x["k_v"] + x["attention"]
         nbytes += cross.layers * cross.query_params * dtype_bytes

@@ -31,7 +31,8 @@ GB = 1e9
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 # full attention's prefill is quadratic: ~12 s at 128K, ~50 s at 256K and ~200 s at 512K on an H100/H200
 FULL_MAX_LEN = 262144
-POLICIES = ("recompute", "cache", "auto")
+POLICIES = ("recompute", "cache", "absorbed", "auto")
+DEFAULT_POLICIES = ("recompute", "cache", "auto")  # `auto` turns absorbed where the cache does not fit
 
 
 @dataclass
@@ -48,7 +49,7 @@ class BenchConfig:
     tasks: tuple[str, ...] = ("kernels", "score", "decode", "ttft")
     question_tokens: int = 512  # ttft: a question of this many tokens over a stored document
     full_max_len: int | None = FULL_MAX_LEN  # full attention is not run beyond this total length
-    policies: tuple[str, ...] = POLICIES
+    policies: tuple[str, ...] = DEFAULT_POLICIES
     decode_mode: str = "graph"  # graph | eager (CPU always eager)
     hf_lengths: tuple[int, ...] = ()  # also time `generate` (dynamic cache, eager) at these lengths
     hf_policies: tuple[str, ...] = ("recompute", "cache")

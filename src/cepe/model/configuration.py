@@ -7,7 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 CROSS_ATTN_INITS = ("copy", "zero")
-KV_POLICIES = ("recompute", "cache", "auto")
+KV_POLICIES = ("recompute", "cache", "absorbed", "auto")
 ENCODER_TYPES = ("hf", "decoder")
 
 
@@ -84,7 +84,10 @@ class CepeConfig(PretrainedConfig):
         cross_attn_init: `"copy"` (from the layer's self-attention, as in the paper) or `"zero"`
             (output projection zero: the model starts exactly as the base decoder).
         kv_policy: cross-attention keys/values during generation: `"recompute"` every step (the
-            paper), `"cache"` once per call, or `"auto"` (cache when it fits the memory budget).
+            paper), `"cache"` once per call, `"absorbed"` (none kept: decoding steps attend over the
+            encoder states with the key/value projections absorbed into query and output: He values
+            per context token for all layers instead of 2 x Hkv x d per layer; `cepe.model.absorbed`), or `"auto"`
+            (cache when it fits `kv_cache_budget_bytes`, else absorbed).
         cross_attn_length_scaling: `None` (off) or the context length L (tokens) the adapter was
             trained on: a row with n > L real context tokens has its cross-attention logits multiplied
             by log(L) / log(n), so attention spreads over a longer context as it did over L tokens

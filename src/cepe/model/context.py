@@ -120,8 +120,10 @@ class ContextStates:
         return self.encoder_hash
 
     def nbytes(self) -> int:
-        """Bytes held: states, mask, and whatever the model cached for them (`cross_cache`)."""
-        own = sum(t.numel() * t.element_size() for t in (self.hidden_states, self.attention_mask))
+        """Bytes held: states, mask, and whatever the model cached for them (`cross_cache`). A
+        broadcast view (stride 0 over the batch: `expand_to` of one example) holds none of its own."""
+        tensors = (self.hidden_states, self.attention_mask)
+        own = sum(t.numel() * t.element_size() for t in tensors if t.shape[0] == 1 or t.stride(0) != 0)
         return own + self.cross_cache.nbytes()
 
     def expanded(self, batch_size: int) -> ContextStates:
@@ -137,20 +139,20 @@ class ContextStates:
 
     def expand_to(self, batch_size: int) -> ContextStates:
         """Repeat each example's context for `batch_size // B` consecutive rows (beams, samples,
-        or one document shared by many prompts)."""
+        or one document shared by many prompts); one example is repeated as a broadcast view."""
         b = self.batch_size
         if b == batch_size:
             return self
         if batch_size % b:
             raise ValueError(f"context batch {b} does not divide input batch {batch_size}")
         r = batch_size // b
-        out = ContextStates(
-            self.hidden_states.repeat_interleave(r, dim=0),
-            self.attention_mask.repeat_interleave(r, dim=0),
-            self.encoder_hash,
-            parent=self,  # cached cross keys/values are computed once on the parent and repeated
-        )
-        return out
+        if b == 1:  # a view, no copy: the model reads an expansion's states through its parent
+            states, mask = self.hidden_states.expand(r, -1, -1), self.attention_mask.expand(r, -1)
+        else:
+            states = self.hidden_states.repeat_interleave(r, dim=0)
+            mask = self.attention_mask.repeat_interleave(r, dim=0)
+        # cached cross keys/values are computed once on the parent and repeated
+        return ContextStates(states, mask, self.encoder_hash, parent=self)
 
     @staticmethod
     def concat(parts: list[ContextStates]) -> ContextStates:

@@ -19,7 +19,9 @@ class CrossAttentionCache:
     """Per-context cross-attention state, filled lazily by the model.
 
     - keys/values per decoder layer index, each (B, Hkv, S, d): kept only under the `cache` policy
-      (or `auto` within its budget); `policy` names the policy that filled them (None: empty).
+      (or `auto` within its budget). `policy` names the policy that served the context: "cache"
+      (these keys/values), "absorbed" (none kept: steps read the encoder states), or None
+      (`recompute`, or not used yet); `auto` records the one it chose.
     - the key padding mask (B, S) bool, or None when no key is padding: decided once per context,
       so a decoding step needs no device sync and SDPA may take its mask-free fused kernel.
     - the length-scaling logit scale (B,) per trained length L (None: no row is longer than L);

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
+from .absorbed import AbsorbedWeightsCache, absorbed_delta
 from .adapter_io import (  # noqa: F401 (names importable from here, as before the split)
     ADAPTER_FILE,
     ADAPTER_INDEX,
@@ -33,7 +34,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
     Parameters live in three places: `decoder` (the base `*ForCausalLM`, frozen, keys unchanged),
     `encoder` (a `ContextEncoder`) and `cross_attn` (one `CrossAttention` per selected layer, keyed
-    by layer index). Only `encoder` and `cross_attn` are saved by `save_pretrained`.
+    by layer index). Only `encoder` and `cross_attn` are saved by `save_pretrained`. `absorbed_weights`
+    holds `cross_attn`'s absorbed projections for `kv_policy="absorbed"` (derived, never saved).
 
     Context enters as chunk ids `context_input_ids` (B, N, L) with `context_attention_mask`
     (B, N, L), or as an already encoded `context` (`ContextStates`, e.g. from `encode_context`).
@@ -86,6 +88,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         )
         self.encoder_tokenizer = encoder_tokenizer
         self.tokenizer = tokenizer
+        self.absorbed_weights = AbsorbedWeightsCache()  # for kv_policy "absorbed"; re-absorbed when weights change
         install_cross_attention_hooks(self, layers, config.selected_layers(), self.family, self._cross_delta)
         self.freeze_base()
         if getattr(decoder, "generation_config", None) is not None:
@@ -214,21 +217,29 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         block = self.cross_attn[str(idx)]
         kv = ctx.cross_cache.keys_values(idx)
         if kv is None:
-            keep = self._use_kv_cache(ctx)
-            if ctx.parent is not None:
+            policy = self._kv_policy(ctx)
+            parent = ctx.parent
+            if policy == "absorbed":  # decode from the encoder states; K/V only for many query rows, not kept
+                src = parent if parent is not None else ctx
+                ctx.cross_cache.policy = src.cross_cache.policy = "absorbed"
+                delta = absorbed_delta(block, h, src, self._key_mask(src), self._logit_scale(src),
+                                       self.absorbed_weights.get(idx, block))
+                if delta is not None:
+                    return delta
+            keep = policy == "cache"
+            if parent is not None:
                 # an expanded context (beams, label candidates, one document shared by many prompts):
                 # project the parent's states once and repeat the keys/values, instead of projecting
                 # B copies (under every policy; `cache` also keeps them for the next steps)
-                parent = ctx.parent
                 pkv = parent.cross_cache.keys_values(idx) or block.project_kv(parent.hidden_states)
                 if keep:
-                    parent.cross_cache.store(idx, *pkv, policy=self.config.kv_policy)
+                    parent.cross_cache.store(idx, *pkv, policy=policy)
                 r = ctx.batch_size // parent.batch_size
                 kv = tuple(t.repeat_interleave(r, dim=0) for t in pkv)
             else:
                 kv = block.project_kv(ctx.hidden_states)
             if keep:
-                ctx.cross_cache.store(idx, *kv, policy=self.config.kv_policy)
+                ctx.cross_cache.store(idx, *kv, policy=policy)
         return block(h, *kv, self._key_mask(ctx), self._logit_scale(ctx))
 
     def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
@@ -242,13 +253,16 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         """The context's padding mask, or None when nothing is padding (decided once per context)."""
         return ctx.cross_cache.key_mask(ctx.attention_mask)
 
-    def _use_kv_cache(self, ctx: ContextStates) -> bool:
-        if torch.is_grad_enabled() and self.training:
-            return False
+    def _kv_policy(self, ctx: ContextStates) -> str:
+        """The policy this forward follows: `auto` resolved (cache when its keys/values fit
+        `kv_cache_budget_bytes`, else absorbed); `recompute` in training, and for `absorbed` whenever
+        grad is enabled (absorbed weights are computed without grad: K/V would get none)."""
         policy = self.config.kv_policy
         if policy == "auto":
-            return self.cross_kv_cache_bytes(ctx) <= self.config.kv_cache_budget_bytes
-        return policy == "cache"
+            policy = "cache" if self.cross_kv_cache_bytes(ctx) <= self.config.kv_cache_budget_bytes else "absorbed"
+        if torch.is_grad_enabled() and (self.training or policy == "absorbed"):
+            return "recompute"
+        return policy
 
     def cross_kv_cache_bytes(self, ctx: ContextStates) -> int:
         """Memory the `cache` policy would hold for this context: 2 x layers x B x Hkv x S x d."""
