@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     )
     s.add_argument("--memory-cache-mb", type=float, default=1024.0,
                    help="recently used documents kept in memory with their cross-attention keys/values")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting jobs (one per completion choice or upload) before new requests get 429")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="waiting jobs (one per completion choice or upload) before new requests get 429")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument(
         "--batching",
