@@ -30,7 +30,7 @@ import torch
 
 from ..model import decoding
 from .batch_context import RowContexts, context_bytes_per_token
-from .engine import GenerateJob, Job, Runner, _Row
+from .engine import GenerateJob, Job, Runner, _Row, still_wanted
 
 if TYPE_CHECKING:
     from .engine import Scheduler
@@ -130,18 +130,11 @@ class ContinuousBatcher:
 
     @torch.no_grad()
     def _join(self, jobs: list[GenerateJob]) -> None:
-        now, live = time.monotonic(), []
-        for job in jobs:
-            if job.cancelled.is_set():
-                continue
-            if now > job.deadline:
-                self.metrics.add("timeouts")
-                job.emit("error", 504, "request timed out while queued", "timeout")
-            elif (
-                not self.rows
-                and self.footprint(1, len(job.prompt_ids), job.sampling.max_tokens, self._width(job)) > self.budget
-            ):
-                need = self.footprint(1, len(job.prompt_ids), job.sampling.max_tokens, self._width(job))
+        live = []
+        for job in still_wanted(jobs, self.metrics):
+            # an empty batch that cannot hold the request alone will never hold it: refuse at once
+            if not self.rows and (need := self.footprint(1, len(job.prompt_ids), job.sampling.max_tokens,
+                                                         self._width(job))) > self.budget:
                 job.emit("error", 413, f"this request needs {need / 2**20:.1f} MiB of batch memory (decoder cache and "
                          f"context), more than the {self.budget / 2**20:.1f} MiB budget (--batch-memory-mb)",
                          "invalid_request_error", "request_too_large")

@@ -37,6 +37,21 @@ log = logging.getLogger("cepe.serving")
 ENCODE_CHUNKS_PER_PASS = 64  # encoder passes over at most this many chunks (bounds peak memory)
 
 
+def still_wanted(jobs: list, metrics) -> list:
+    """The jobs still worth running: cancelled ones are dropped, and those past their deadline are
+    answered 504 (and counted) here, before any model work."""
+    now, live = time.monotonic(), []
+    for job in jobs:
+        if job.cancelled.is_set():
+            continue
+        if now > job.deadline:
+            metrics.add("timeouts")
+            job.emit("error", 504, "request timed out while queued", "timeout")
+        else:
+            live.append(job)
+    return live
+
+
 class QueueFull(Exception):
     """The bounded queue has no room (HTTP 429)."""
 
@@ -243,15 +258,7 @@ class Scheduler:
             batch = self._take()
             if batch is None:
                 return
-            now, live = time.monotonic(), []
-            for job in batch:
-                if job.cancelled.is_set():
-                    continue
-                if now > job.deadline:
-                    self.metrics.add("timeouts")
-                    job.emit("error", 504, "request timed out while queued", "timeout")
-                else:
-                    live.append(job)
+            live = still_wanted(batch, self.metrics)
             try:
                 if live:
                     self.runner.run(live, should_stop=lambda: self._stopping)
