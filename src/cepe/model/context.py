@@ -170,6 +170,26 @@ class ContextStates:
             parts[0].encoder_hash,
         )
 
+    @staticmethod
+    def stack_padded(rows: list[ContextStates | None], device=None) -> ContextStates | None:
+        """Single-example contexts (1, S_i, He), one per row (None: a row without context), right-padded
+        into one (B, max S_i, He) batch on `device` (default: the first context's). A row without
+        context keeps an all-padding mask, so its cross-attention adds nothing; no context at all: None."""
+        present = [c for c in rows if c is not None]
+        if not present:
+            return None
+        ref = present[0].hidden_states
+        device = ref.device if device is None else device
+        width = max(c.hidden_states.shape[1] for c in present)
+        hidden = torch.zeros((len(rows), width, ref.shape[-1]), dtype=ref.dtype, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+        for i, c in enumerate(rows):
+            if c is not None:
+                s = c.hidden_states.shape[1]
+                hidden[i, :s] = c.hidden_states[0].to(device)
+                mask[i, :s] = c.attention_mask[0].to(device)
+        return ContextStates(hidden, mask, present[0].encoder_hash)
+
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (only real tokens are kept)."""
         meta = {"format": "cepe-context", "fingerprint": self.encoder_hash or "", "batch_size": str(self.batch_size)}

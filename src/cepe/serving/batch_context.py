@@ -44,21 +44,12 @@ class RowContexts:
         """Each row's documents (single-example `ContextStates`, possibly none) joined, padded,
         and their keys/values projected (one projection per layer for all rows)."""
         joined = [ContextStates.concat(list(docs)) if docs else None for docs in per_row]
-        present = [c for c in joined if c is not None]
-        if not present:
-            return cls(model, len(per_row))
         dev = next(iter(model.cross_attn.values())).q_proj.weight.device
-        width = max(c.hidden_states.shape[1] for c in present)
-        ref = present[0].hidden_states
-        hidden = torch.zeros((len(per_row), width, ref.shape[-1]), dtype=ref.dtype, device=dev)
-        mask = torch.zeros((len(per_row), width), dtype=torch.bool, device=dev)
-        for i, c in enumerate(joined):
-            if c is not None:
-                s = c.hidden_states.shape[1]
-                hidden[i, :s] = c.hidden_states[0].to(dev)
-                mask[i, :s] = c.attention_mask[0].to(dev)
-        kv = {int(idx): block.project_kv(hidden) for idx, block in model.cross_attn.items()}
-        return cls(model, len(per_row), hidden, mask, kv, present[0].encoder_hash)
+        states = ContextStates.stack_padded(joined, dev)
+        if states is None:
+            return cls(model, len(per_row))
+        kv = {int(idx): block.project_kv(states.hidden_states) for idx, block in model.cross_attn.items()}
+        return cls(model, len(per_row), states.hidden_states, states.attention_mask, kv, states.encoder_hash)
 
     @property
     def width(self) -> int:

@@ -393,20 +393,8 @@ class Runner:
             shared = first[0]
             return shared if shared.hidden_states.device == self.model.device else shared.to(self.model.device)
         per_job = [ContextStates.concat(job.contexts) if job.contexts else None for job in jobs]
-        present = [c for c in per_job if c is not None]
-        if not present:
-            return None
-        s_max = max(c.hidden_states.shape[1] for c in present)
-        ref = present[0].hidden_states
-        hidden = ref.new_zeros((len(jobs), s_max, ref.shape[-1]))
-        mask = torch.zeros((len(jobs), s_max), dtype=torch.bool, device=ref.device)
-        for i, c in enumerate(per_job):
-            if c is not None:  # a row without context keeps an all-padding mask: cross-attention adds nothing
-                s = c.hidden_states.shape[1]
-                hidden[i, :s] = c.hidden_states[0]
-                mask[i, :s] = c.attention_mask[0]
         # on the model's device once, so the cross-attention key/value cache survives every step
-        return ContextStates(hidden, mask, present[0].encoder_hash).to(self.model.device)
+        return ContextStates.stack_padded(per_job, self.model.device)
 
     @torch.no_grad()
     def generate(self, jobs: list[GenerateJob], should_stop: Callable[[], bool]) -> None:
