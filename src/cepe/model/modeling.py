@@ -27,6 +27,7 @@ from .cross_attention import CrossAttention
 from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks
 from .families import decoder_layers, family_of
 from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
+from .stored_states import cross_kv_bytes_per_token
 
 
 class CepeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -267,8 +268,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def cross_kv_cache_bytes(self, ctx: ContextStates) -> int:
         """Memory the `cache` policy would hold for this context: 2 x layers x B x Hkv x S x d."""
         b, s, _ = ctx.hidden_states.shape
-        per_layer = sum(2 * b * blk.num_kv_heads * s * blk.head_dim for blk in self.cross_attn.values())
-        return per_layer * self.cross_attn[next(iter(self.cross_attn))].q_proj.weight.element_size()
+        blocks = list(self.cross_attn.values())
+        return b * s * cross_kv_bytes_per_token(blocks, blocks[0].q_proj.weight.element_size())
 
     # ------------------------------------------------------------------ context
     def encode(self, context_input_ids: torch.Tensor,

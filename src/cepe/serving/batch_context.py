@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..model.context import ContextStates
+from ..model.stored_states import cross_kv_bytes_per_token
 
 
 def context_bytes_per_token(model) -> int:
     """Device bytes one context position costs a running batch: encoder state, mask, and the
     keys and values of every cross-attention layer."""
     blocks = list(model.cross_attn.values())
-    elem = blocks[0].k_proj.weight.element_size()
-    kv = sum((b.k_proj.out_features + b.v_proj.out_features) for b in blocks) * elem
+    kv = cross_kv_bytes_per_token(blocks, blocks[0].k_proj.weight.element_size())
     return kv + model.encoder.hidden_size * next(model.encoder.parameters()).element_size() + 1
 
 

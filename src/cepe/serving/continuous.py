@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model import decoding
+from ..model.stored_states import full_attention_kv_bytes_per_token
 from .batch_context import RowContexts, context_bytes_per_token
 from .engine import GenerateJob, Job, Runner, _Row, still_wanted
 
@@ -40,12 +41,7 @@ log = logging.getLogger("cepe.serving")
 
 def decoder_bytes_per_token(model) -> int:
     """Bytes of the decoder's key/value cache per position of one row (all layers)."""
-    cfg = model.config.text_config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    elem = next(model.decoder.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
+    return full_attention_kv_bytes_per_token(model.config, next(model.decoder.parameters()).element_size())
 
 
 class ContinuousBatcher:

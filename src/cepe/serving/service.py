@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..model.stored_states import cross_kv_bytes_per_token
 from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
 from .metrics import Metrics, RequestClock
 from .protocol import (
@@ -330,7 +331,5 @@ class Service:
 
 def _cross_kv_bytes_per_token(model) -> int:
     """Bytes of cross-attention keys and values the model caches per context token (all layers)."""
-    from ..model.cross_attention import CrossAttention
-
-    return sum((m.k_proj.out_features + m.v_proj.out_features) * m.k_proj.weight.element_size()
-               for m in model.modules() if isinstance(m, CrossAttention))
+    blocks = list(model.cross_attn.values())
+    return cross_kv_bytes_per_token(blocks, blocks[0].k_proj.weight.element_size())
