@@ -32,6 +32,16 @@ def char_tokenizer(chars: str, specials: dict[str, str], lowercase: bool = False
     return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
+class NullMetrics:
+    """Stands in for the server's metrics where a test drives the engine directly."""
+
+    def add(self, *a):
+        pass
+
+    def generated(self, n):
+        pass
+
+
 def tiny_serving_model(init: str = "copy"):
     """tiny_cepe (llama decoder, 96 ids; BERT encoder, 80 ids; chunks of 8) with both tokenizers."""
     model = tiny_cepe("llama", "bert", chunk_size=8, init=init)

@@ -8,17 +8,9 @@ import time
 
 import pytest
 import torch
-from serving_harness import slow_down, tiny_serving_model
+from serving_harness import NullMetrics, slow_down, tiny_serving_model
 
 from cepe.serving.engine import GenerateJob, Runner, Sampling, Scheduler
-
-
-class _Metrics:
-    def add(self, *a):
-        pass
-
-    def generated(self, n):
-        pass
 
 
 class _DirectLoop:
@@ -33,8 +25,8 @@ class Harness:
 
     def __init__(self, model, batching="continuous", **kw):
         self.model = model
-        self.runner = Runner(model, model.tokenizer, threading.Lock(), _Metrics())
-        self.scheduler = Scheduler(self.runner, max_queue=64, metrics=_Metrics(), batching=batching,
+        self.runner = Runner(model, model.tokenizer, threading.Lock(), NullMetrics())
+        self.scheduler = Scheduler(self.runner, max_queue=64, metrics=NullMetrics(), batching=batching,
                                    **{"max_batch": 8, **kw})
         self.sink: queue.Queue = queue.Queue()
         self.jobs: list[GenerateJob] = []

@@ -6,17 +6,9 @@ import asyncio
 import threading
 import time
 
-from serving_harness import tiny_serving_model
+from serving_harness import NullMetrics, tiny_serving_model
 
 from cepe.serving.engine import GenerateJob, Runner, Sampling
-
-
-class _Metrics:
-    def add(self, *a):
-        pass
-
-    def generated(self, n):
-        pass
 
 
 def _run(runner: Runner, samplings: list[Sampling]) -> list[tuple]:
@@ -41,7 +33,7 @@ def _run(runner: Runner, samplings: list[Sampling]) -> list[tuple]:
 
 def test_one_rows_extreme_settings_never_fail_or_change_the_others():
     model = tiny_serving_model()
-    runner = Runner(model, model.tokenizer, threading.Lock(), _Metrics())
+    runner = Runner(model, model.tokenizer, threading.Lock(), NullMetrics())
     seeded = Sampling(max_tokens=8, temperature=0.9, top_p=0.95, ignore_eos=True, seed=123)
     greedy = Sampling(max_tokens=8, temperature=0.0, ignore_eos=True)
     alone = _run(runner, [seeded, greedy])
