@@ -19,7 +19,9 @@ restart on the same store. Checked: every request ended with an answer or an err
 (HTTP status, SSE error event, or a broken connection; none hung), and every acknowledged
 document is listed, whole, and gives the same greedy answer as before the crash.
 
-Writes `rag_load.json`, `rag_load.png` to `--out` and prints a table.
+Writes `rag_load.json`, `rag_load.png` to `--out` and prints a table. `--write-subset DIR` writes
+instead the questions used, with their rankings over the full pool, and the passages they name
+(xz-compressed, about 0.5 MB for 128 questions): a `--data` small enough to travel to the GPU machine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import lzma
 import os
 import signal
 import sys
@@ -43,7 +46,8 @@ from .loadtest import conditions, launch_server, percentile, stop_server, stream
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cepe.serving.rag_load", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/qa/nq", help="folder with questions.jsonl and passages.jsonl")
+    p.add_argument("--data", default="/work/shared/data/qa/nq",
+                   help="folder with questions.jsonl and passages.jsonl (or .jsonl.xz, as --write-subset writes)")
     p.add_argument("--decoder", default="smollm2-135m")
     p.add_argument("--encoder", default="minilm-l6")
     p.add_argument("--adapter", default="released", help="adapter folder, 'released', or 'none' (then --init)")
@@ -72,21 +76,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fault-clients", type=int, default=32)
     p.add_argument("--out", default="runs/rag_load")
     p.add_argument("--note", default="")
+    p.add_argument("--write-subset", metavar="DIR", default=None,
+                   help="only write the first --questions questions with their --k BM25 ids and those passages "
+                        "(xz) to DIR, a --data for the GPU machine (~0.5 MB for 128 questions instead of 10 MB)")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------- data
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of `path`, or of `path`.xz when only that is there (the set sent to the GPU machine)."""
+    xz = path.with_name(path.name + ".xz")
+    text = lzma.open(xz, "rt").read() if not path.exists() and xz.exists() else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def retrieve(data: Path, n_questions: int, k: int) -> tuple[list[str], list[list[str]], dict[str, str]]:
-    """The first `n_questions` NQ questions, each with its top-`k` BM25 passage ids; passage texts."""
+    """The first `n_questions` NQ questions, each with its top-`k` BM25 passage ids; passage texts.
+
+    A question that carries its ranking (`bm25`: ids, best first, as `write_subset` stores it) keeps
+    it: BM25 over a subset of the pool would rank differently (the IDF changes)."""
+    rows = read_jsonl(data / "questions.jsonl")[:n_questions]
+    pool = read_jsonl(data / "passages.jsonl")
+    texts = {p["id"]: p["text"] for p in pool}
+    questions = [r["question"] for r in rows]
+    if any("bm25" in r for r in rows):
+        short = [len(r.get("bm25", ())) for r in rows if len(r.get("bm25", ())) < k]
+        if short:
+            raise ValueError(f"{data}: a question carries {min(short)} ranked passages, fewer than k = {k}")
+        return questions, [r["bm25"][:k] for r in rows], texts
     from ..evaluation.retrieval import BM25Retriever
 
-    questions = [json.loads(line)["question"] for line in (data / "questions.jsonl").read_text().splitlines()][
-        :n_questions
-    ]
-    pool = [json.loads(line) for line in (data / "passages.jsonl").read_text().splitlines() if line.strip()]
     bm25 = BM25Retriever([p["text"] for p in pool])
     ranked = [[pool[i]["id"] for i, _ in bm25.search(q, k)] for q in tqdm(questions, desc="BM25", unit="q")]
-    return questions, ranked, {p["id"]: p["text"] for p in pool}
+    return questions, ranked, texts
+
+
+def write_subset(data: Path, out: Path, n_questions: int, k: int, extra: int = 520) -> dict:
+    """What the GPU run needs, small enough to travel with the checkout: the first `n_questions`
+    questions, each with its top-`k` ids over the FULL pool (`bm25`), and only the passages they
+    name, plus the pool's first `extra` ids (the fault run's fresh uploads are the first ids not yet
+    stored: the same as from the full pool, for up to 128 --fault-clients), xz-compressed."""
+    questions, ranked, texts = retrieve(data, n_questions, k)
+    rows = read_jsonl(data / "questions.jsonl")[:n_questions]
+    named = {p for ids in ranked for p in ids}
+    keep = named | set(sorted(texts)[:extra])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in (("questions.jsonl", [{**r, "bm25": ids} for r, ids in zip(rows, ranked)]),
+                          ("passages.jsonl", [{"id": p, "text": texts[p]} for p in sorted(keep)])):
+        (out / name).unlink(missing_ok=True)  # `retrieve` would read it before the .xz
+        with lzma.open(out / f"{name}.xz", "wt", preset=9) as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+    return {"questions": len(rows), "k": k, "passages": len(keep), "named": len(named),
+            "bytes": sum(f.stat().st_size for f in out.glob("*.xz"))}
 
 
 def server_flags(args, store: Path, batching: str) -> list[str]:
@@ -338,6 +379,9 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.write_subset:
+        print(json.dumps(write_subset(Path(args.data), Path(args.write_subset), args.questions, args.k)))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cond = conditions(argparse.Namespace(**{**vars(args), "threads": args.threads, "max_batch": args.max_batch}))

@@ -1,0 +1,66 @@
+"""The RAG load's data: the small NQ set sent to the GPU machine (`--write-subset`) gives the same
+questions, the same full-pool BM25 rankings and the same passage texts as the full set."""
+
+from __future__ import annotations
+
+import json
+import lzma
+
+import pytest
+
+from cepe.serving.rag_load import read_jsonl, retrieve, write_subset
+
+pytest.importorskip("bm25s")
+
+TOPICS = ["river", "castle", "violin", "glacier", "volcano", "harbour", "orchard", "comet"]
+
+
+def _nq(folder, n_passages: int = 60):
+    """A toy NQ folder: passages about overlapping topics, questions naming two topics each."""
+    folder.mkdir()
+    passages = [
+        {"id": f"p{i:03d}", "text": f"{TOPICS[i % 8]} {TOPICS[(i * 3) % 8]} story number {i} " + "filler " * (i % 5)}
+        for i in range(n_passages)
+    ]
+    questions = [
+        {"question": f"where is the {TOPICS[q]} near the {TOPICS[(q + 3) % 8]}?", "answers": ["x"]} for q in range(8)
+    ]
+    for name, rows in (("passages.jsonl", passages), ("questions.jsonl", questions)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_subset_keeps_full_pool_rankings_and_texts(tmp_path):
+    full = _nq(tmp_path / "nq")
+    questions, ranked, texts = retrieve(full, 5, 4)
+    info = write_subset(full, tmp_path / "sub", 5, 4, extra=3)
+    sub = tmp_path / "sub"
+    assert sorted(p.name for p in sub.iterdir()) == ["passages.jsonl.xz", "questions.jsonl.xz"]
+    q2, r2, t2 = retrieve(sub, 5, 4)
+    assert (q2, r2) == (questions, ranked)
+    named = {p for ids in ranked for p in ids}
+    # only the named passages and the pool's first ids (the fault run's fresh uploads) travel
+    assert set(t2) == named | set(sorted(texts)[:3]) and len(t2) < len(texts) == 60
+    assert all(t2[p] == texts[p] for p in t2)
+    assert info["passages"] == len(t2) and info["named"] == len(named)
+    # fewer questions from the same subset: the first ones, same rankings
+    assert retrieve(sub, 2, 3)[1] == [ids[:3] for ids in ranked[:2]]
+
+
+def test_a_carried_ranking_is_used_as_is_and_must_be_long_enough(tmp_path):
+    folder = _nq(tmp_path / "nq", n_passages=20)
+    rows = read_jsonl(folder / "questions.jsonl")[:2]
+    carried = [["p019", "p000", "p007"], ["p003", "p011", "p002"]]  # not what BM25 would return
+    (folder / "questions.jsonl").write_text("".join(json.dumps({**r, "bm25": c}) + "\n" for r, c in zip(rows, carried)))
+    assert retrieve(folder, 2, 3)[1] == carried
+    assert retrieve(folder, 2, 2)[1] == [c[:2] for c in carried]
+    with pytest.raises(ValueError, match="fewer than k = 4"):
+        retrieve(folder, 2, 4)
+
+
+def test_read_jsonl_prefers_the_plain_file_and_reads_xz(tmp_path):
+    with lzma.open(tmp_path / "a.jsonl.xz", "wt") as f:
+        f.write('{"id": 1}\n\n{"id": 2}\n')
+    assert read_jsonl(tmp_path / "a.jsonl") == [{"id": 1}, {"id": 2}]
+    (tmp_path / "a.jsonl").write_text('{"id": 3}\n')
+    assert read_jsonl(tmp_path / "a.jsonl") == [{"id": 3}]
