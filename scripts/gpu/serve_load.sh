@@ -3,38 +3,68 @@
 # behind `cepe serve`, NQ questions with 20 BM25 passages each, at 1/8/32/128 concurrent clients:
 #   CEPE + continuous batching | CEPE + static batching (passages from the store, by id)
 #   | SmolLM2 with the passages in its own window (same server, no context)
-# then the fault run (kill -9 under load, restart, every acknowledged document checked). ~7-9 minutes.
+# then the fault run (kill -9 under load, restart, every acknowledged document checked).
+# Made to fit ONE device call: about 3.5 minutes at the defaults (5 server starts, 3 x 4 levels of
+# LEVEL_S seconds plus their tails, the uploads, the fault run), +36 s when the GGUF still has to be
+# converted (scripts/gpu/bootstrap.sh; skipped when $CEPE_HOME/models already has it).
 #
-# Needs on the machine (see docs/training.md, "Training on the lent H100"): the models
-# (/root/smollm2.gguf + /root/minilm, or $CEPE_HOME/models already made by scripts/gpu/bootstrap.sh),
-# NQ in /root/data/nq (questions.jsonl, passages.jsonl), and the serving wheels in .whl (the machine
-# lacks fastapi, starlette, pydantic, uvicorn, python-multipart, bm25s; fetch them here with
-#   pip download --no-deps -d .whl --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
-#     fastapi starlette pydantic pydantic_core annotated-types typing-inspection python-multipart uvicorn bm25s
-# and carry .whl). weights/ (the released adapter) travels with the checkout.
-#   bash scripts/gpu/serve_load.sh                    # writes to $OUT: rag_load.{json,png}, serve_load.log, server.log.gz
-#   QUESTIONS=128 LEVEL_S=12 CLIENTS="1 8 32 128" bash scripts/gpu/serve_load.sh
-# CPU dry run at tiny scale (zero-initialised CEPE = SmolLM2; docs/serving.md):
-#   CEPE_HOME=~/.cache/cepe NQ=/work/shared/data/qa/nq MODEL="--adapter none --init zero" DEVICE=cpu \
+# Needs on the machine: the models (/root/smollm2.gguf + /root/minilm, as ../shared/tools/gpu_pack.sh
+# leaves them, or $CEPE_HOME/models already made by scripts/gpu/bootstrap.sh). Carried (ignored folders,
+# 64 MiB per call with weights/ at 55 MB and the tracked files at 60 MB in all: keep these small):
+#   .whl     the serving wheels for Python 3.12 (about 4 MB; the image lacks fastapi, starlette, pydantic,
+#            uvicorn, python-multipart, prometheus_client and maybe httpx). Here:
+#              pip download --no-deps -d .whl --python-version 3.12 --platform manylinux2014_x86_64 \
+#                --platform manylinux_2_17_x86_64 --only-binary=:all: <the pins in docs/serving.md>
+#   .gpu/nq  the NQ questions used, each with its BM25 ranking over the full pool, and the passages they
+#            name (0.46 MB for 128 questions, instead of 10 MB). Here, after any gpu_pack.sh (it empties .gpu):
+#              python3 -m cepe.serving.rag_load --questions 128 --k 20 --write-subset .gpu/nq
+# Only the wheels that pip finds missing (or too old) in the image are installed, into /root/site:
+# nothing the image's torch/transformers import is shadowed. If pip cannot tell, all are installed.
+#   bash scripts/gpu/serve_load.sh       # writes to $OUT: rag_load.{json,png}, serve_load.log, server.log.gz
+#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 bash scripts/gpu/serve_load.sh   # the defaults
+# CPU dry run at tiny scale (docs/serving.md; NQ=/work/shared/data/qa/nq instead runs BM25 over the full pool
+# there, same rankings; MODEL="--adapter none --init zero" for zero-initialised CEPE = SmolLM2):
+#   CEPE_HOME=~/.cache/cepe DEVICE=cpu DTYPE=float32 \
 #   QUESTIONS=4 CLIENTS="1 2 4" LEVEL_S=10 MAX_TOKENS=8 FAULT_CLIENTS=4 OUT=runs/serve_load_cpu bash scripts/gpu/serve_load.sh
 set -euo pipefail
 export CEPE_HOME=${CEPE_HOME:-/root/cepe_home}
 export PYTHONPATH=/root/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_MININTERVAL=15
 OUT=${OUT:-/tmp/out}
-NQ=${NQ:-/root/data/nq}
-mkdir -p "$OUT"
-if ! python3 -c "import fastapi, uvicorn, multipart, bm25s" 2>/dev/null; then
-  mkdir -p /root/site && pip install -q --no-deps --no-index --target /root/site .whl/*.whl
+WHL=${WHL:-.whl}
+if [ -z "${NQ:-}" ]; then
+  if [ -d .gpu/nq ]; then NQ=.gpu/nq; else NQ=/root/data/nq; fi
 fi
-[ -f "$CEPE_HOME/models/smollm2-135m/config.json" ] || bash scripts/gpu/bootstrap.sh
-(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | tee "$OUT/serve_load.log"
+mkdir -p "$OUT" && : > "$OUT/serve_load.log"
+stamp() { echo "[serve_load] $1 at $SECONDS s" | tee -a "$OUT/serve_load.log"; }
+need="fastapi uvicorn python-multipart prometheus_client httpx bm25s"
+# find_spec, not import: importing bm25s where JAX is installed starts JAX on the GPU (src/cepe/data/bm25.py)
+if ! python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+    ('fastapi', 'uvicorn', 'multipart', 'prometheus_client', 'httpx', 'bm25s')))"; then
+  mkdir -p /root/site
+  # pip's dry run resolves against what the image has; its report names the wheels still needed
+  whls=$(PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --dry-run --no-index --find-links "$WHL" --report - $need \
+    | python3 -c 'import json, sys, urllib.parse as u
+print(" ".join(u.unquote(u.urlparse(i["download_info"]["url"]).path) for i in json.load(sys.stdin)["install"]))' 2>/dev/null) \
+    || whls=""
+  [ -n "$whls" ] || { echo "pip's dry run named nothing: installing every wheel"; whls=$(ls "$WHL"/*.whl | grep -v /gguf-); }
+  echo "installing into /root/site: $(for w in $whls; do basename "$w"; done | tr '\n' ' ')" | tee -a "$OUT/serve_load.log"
+  # shellcheck disable=SC2086
+  python3 -m pip install -q --no-deps --no-index --target /root/site $whls
+fi
+if [ ! -f "$CEPE_HOME/models/smollm2-135m/config.json" ]; then
+  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /root/site "$WHL"/gguf-*.whl
+  bash scripts/gpu/bootstrap.sh
+fi
+stamp "wheels and models ready"
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | tee -a "$OUT/serve_load.log"
 # shellcheck disable=SC2086
 python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
-  --modes continuous static decoder --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-128}" --k 20 \
-  --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-12}" --max-batch 128 \
+  --modes continuous static decoder --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
+  --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-8}" --max-batch 128 \
   --batch-memory-mb 40960 --fault --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?
-log=$(grep -o 'server log: .*' "$OUT/serve_load.log" | tail -1 | cut -d' ' -f3)
+stamp "done"
+log=$(grep -o 'server log: .*' "$OUT/serve_load.log" | tail -1 | cut -d' ' -f3 || true)
 [ -n "$log" ] && [ -f "$log" ] && gzip -c "$log" > "$OUT/server.log.gz"
 exit "${status:-0}"
