@@ -12,6 +12,7 @@
 #                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only;
 #                  also kept as $ROOT/runs/general_STAGE/latest_adapter for `eval`. WORKERS (default 6) DataLoader
 #                  workers, with a watchdog that goes on without them if no step is logged for STALL s
+#   bash scripts/gpu/general.sh retrieval STAGE  # pass key at 4K/16K/64K, RULER needles + variable tracking at 16K
 #   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
 #                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override)
 # Dry run on a CPU: ROOT=/tmp/g MIX=fixtures DEVICE=cpu DTYPE=float32 EXTRA="train.max_steps=4 ..." bash ... train smollm2 60
@@ -116,5 +117,17 @@ PY
       done
     done
     ;;
-  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | eval smollm2|gemma3"; exit 2 ;;
+  retrieval)
+    # issue 15's retrieval targets through the encoder: pass key (key in the encoder, D = 256) at
+    # 4K/16K/64K, depths 0-0.9; RULER's single/multi-key needles and variable tracking at 16K
+    stage=${2:?usage: retrieval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/latest_adapter}
+    common=(--adapter "$adapter" --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --out "$OUT" --no-progress)
+    python3 -m cepe.cli eval passkey "${common[@]}" --lengths ${PK_LENGTHS:-4K,16K,64K} -D 256 \
+      --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --trials ${PK_TRIALS:-4} --methods cepe,truncated \
+      --name passkey_${stage}
+    python3 -m cepe.cli eval ruler "${common[@]}" --lengths ${RULER_LENGTHS:-16K} \
+      --tasks ${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,vt} --samples ${RULER_SAMPLES:-16} \
+      --methods cepe --name ruler_${stage}
+    ;;
+  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | eval smollm2|gemma3 | retrieval smollm2|gemma3"; exit 2 ;;
 esac
