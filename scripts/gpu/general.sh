@@ -9,7 +9,9 @@
 #                  STAGE: smollm2 | gemma3 (configs/general_STAGE.yaml). Resumes from the last checkpoint
 #                  under /root/runs/general_STAGE; stops (SIGKILL, checkpoints are atomic) after MAX_SECONDS
 #                  (default 540); brings back the latest adapter as bf16 shards < 16 MiB plus run_STAGE.tar.gz
-#                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only
+#                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only;
+#                  also kept as $ROOT/runs/general_STAGE/latest_adapter for `eval`. WORKERS (default 6) DataLoader
+#                  workers, with a watchdog that goes on without them if no step is logged for STALL s
 #   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
 #                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override)
 # Dry run on a CPU: ROOT=/tmp/g MIX=fixtures DEVICE=cpu DTYPE=float32 EXTRA="train.max_steps=4 ..." bash ... train smollm2 60
@@ -41,11 +43,30 @@ case "${1:-}" in
     ;;
   train)
     stage=${2:?usage: train smollm2|gemma3 [MAX_SECONDS]}; max=${3:-540}; run=$ROOT/runs/general_$stage
+    t0=$(date +%s)
+    train() {  # $1 seconds, $2 DataLoader workers
+      timeout -s KILL "$1" python3 -m cepe.training.cli --config configs/general_$stage.yaml \
+        "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=$2 \
+        ${INIT:+model.init_adapter=$INIT} ${EXTRA:-} --no-progress
+    }
     set +e
-    timeout -s KILL "$max" python3 -m cepe.training.cli --config configs/general_$stage.yaml \
-      "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=${WORKERS:-0} \
-      ${INIT:+model.init_adapter=$INIT} ${EXTRA:-} --no-progress
-    rc=$?; [ $rc = 137 ] && echo "stopped at MAX_SECONDS=$max: the last checkpoint is kept" || echo "train exit $rc"
+    train "$max" "${WORKERS:-6}" &
+    pid=$!
+    # watchdog: DataLoader workers once hung (forked after JAX's threads; JAX is now kept out). No new
+    # metrics line for STALL seconds once training logs: kill, go on without workers for the time left
+    while kill -0 $pid 2>/dev/null; do
+      sleep 10
+      m=$run/metrics.jsonl; last=$( [ -f $m ] && stat -c %Y $m || echo $t0); [ $last -lt $t0 ] && last=$t0
+      age=$(( $(date +%s) - last ))
+      if [ "${WORKERS:-6}" != 0 ] && [ $age -gt ${STALL:-240} ]; then
+        echo "no training step for ${age}s with ${WORKERS:-6} workers: restarting with none"
+        pkill -KILL -f cepe.training.cli; wait $pid
+        left=$(( max - ($(date +%s) - t0) )); [ $left -gt 30 ] && { train "$left" 0 & pid=$!; }
+        WORKERS=0
+      fi
+    done
+    wait $pid; rc=$?
+    [ $rc = 137 ] && echo "stopped at MAX_SECONDS=$max: the last checkpoint is kept" || echo "train exit $rc"
     set -e
     # the newest adapter: the final one if the run ended, else the last checkpoint's weights
     python3 - "$run" "$OUT/adapter_$stage" "${ADAPTER:-1}" <<'PY'
@@ -78,12 +99,13 @@ PY
       $( [ -d "$OUT/adapter_$stage" ] && echo -C "$OUT/adapter_$stage" $(cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$') ) \
       || echo "nothing to archive yet"
     if [ -d "$OUT/adapter_$stage" ]; then
+      rm -rf "$run/latest_adapter" && cp -r "$OUT/adapter_$stage" "$run/latest_adapter"  # for `eval` on this machine
       (cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$' | xargs rm -f && mv model*.safetensors "$OUT"/ && cd .. && rmdir "adapter_$stage")
     fi
     ls -la "$OUT"
     ;;
   eval)
-    stage=${2:?usage: eval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/adapter}
+    stage=${2:?usage: eval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/latest_adapter}
     [ -d "$adapter" ] || python3 -c "print('no final adapter at $adapter: set ADAPTER_DIR')"
     for cat in ${CATEGORIES:-$(ls "$MIX/heldout")}; do
       for d in ${DS:-256 512 1024 2048}; do

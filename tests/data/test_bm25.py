@@ -20,6 +20,23 @@ def test_import_confines_jax_to_the_cpu_unless_the_user_chose(preset, expected):
     assert out.stdout.strip() == expected
 
 
+def test_import_hides_an_installed_jax(tmp_path):
+    # a stand-in JAX that leaves a mark when imported: bm25s must not import it
+    (tmp_path / "jax").mkdir()
+    mark = tmp_path / "imported"
+    (tmp_path / "jax" / "__init__.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    (tmp_path / "jax" / "lax.py").write_text("def top_k(x, k):\n    return x[:k], list(range(k))\n")
+    probe = ("import sys; from cepe.data.bm25 import import_bm25s; b = import_bm25s(); "
+             "print(b.selection.JAX_IS_AVAILABLE, 'jax' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"] and not mark.exists()
+    # the stand-in is importable, so without the hiding bm25s would have taken it
+    plain = subprocess.run([sys.executable, "-c", "import bm25s.selection as s; print(s.JAX_IS_AVAILABLE)"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "True" and mark.exists()
+
+
 def test_retrievers_rank_with_the_numpy_backend():
     from cepe.evaluation.retrieval import BM25Retriever
 

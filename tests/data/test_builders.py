@@ -10,7 +10,7 @@ import pytest
 
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
 from cepe.data.builders import category_of, source_of
-from cepe.data.config import RetrievalConfig
+from cepe.data.config import CopyingConfig, RetrievalConfig
 
 VOCAB = [f"{a}{b}{c}" for a in "bcdfglmnprstvz" for b in "aeiou" for c in ("n", "r", "st", "ll", "mo")]
 
@@ -188,3 +188,27 @@ def test_decoder_bos_before_every_window(tmp_path, mix):
         assert s["input_ids"][0] == tok.bos_token_id and s["labels"][0] == -100
         assert len(s["input_ids"]) == data.train.window_of(i) + 1
         assert tok.bos_token_id not in s["input_ids"][1:].tolist()
+
+
+def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):
+    # bytes as tokens: a question takes ~60 of them, so the task gets 200
+    data, tok = _data(tmp_path, mix, decoder_windows=[400, 512], window_block=2, mixture={"facts": 1.0},
+                      copying=CopyingConfig(task_tokens=200))
+    formats = set()
+    for i in range(60):
+        s = data.train[i]
+        assert len(s["input_ids"]) == data.train.window_of(i)
+        assert "copy_format" in s, "every window of the mix has room for a question"
+        formats.add(s["copy_format"])
+        (context,) = s["context"]
+        context = tok.decode(context.tolist())
+        assert len(s["context"][0]) <= 1024
+        runs = _scored_runs(s)
+        assert runs and len(s["input_ids"]) - runs[0][0] <= 200 + 1
+        for a, b in runs:
+            answer = tok.decode(s["input_ids"][a:b].tolist()).strip()
+            assert answer not in tok.decode(s["input_ids"][:a].tolist())  # not readable in the decoder
+            # multi-value and chain answers list several items, each stated in the context
+            for item in answer.replace(", ", " ").split(" ") if s["copy_format"] != "facts_single" else [answer]:
+                assert item in context, (s["copy_format"], item)
+    assert formats == {"facts_single", "facts_multi", "facts_chain"}

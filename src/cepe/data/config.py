@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .corpus import ON_UNREADABLE
 from .synthetic import SyntheticConfig
 
-BUILDERS = ("warmup", "long_document", "retrieval", "copying", "demonstrations")
+BUILDERS = ("warmup", "long_document", "retrieval", "copying", "facts", "demonstrations")
 
 
 @dataclass
@@ -32,6 +32,16 @@ class CopyingConfig:
     span_tokens: list[int] = field(default_factory=lambda: [8, 48])  # copied span length range
     queries: list[int] = field(default_factory=lambda: [2, 6])  # lookups per sample (records, lines)
     records: list[int] = field(default_factory=lambda: [8, 48])  # records in a synthesised table
+
+
+@dataclass
+class FactsConfig:
+    """`facts` builder: random facts placed at random depths of the context, asked after the window
+    (loss on the values; the task shares `copying.task_tokens`)."""
+
+    facts: list[int] = field(default_factory=lambda: [1, 8])  # facts in a `single` sample's context
+    queries: list[int] = field(default_factory=lambda: [1, 3])  # of them asked
+    formats: dict[str, float] = field(default_factory=lambda: {"single": 0.6, "multi": 0.2, "chain": 0.2})
 
 
 @dataclass
@@ -89,6 +99,7 @@ class DataConfig:
     encoder_mask_prob: float = 0.0  # replace encoder tokens by [MASK] with this probability
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     copying: CopyingConfig = field(default_factory=CopyingConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)
     demonstrations: DemonstrationsConfig = field(default_factory=DemonstrationsConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 0  # DataLoader worker processes building samples
@@ -118,13 +129,18 @@ class DataConfig:
         if self.retrieval.scope not in ("any", "same_source"):
             raise ValueError(f"data.retrieval.scope must be 'any' or 'same_source', got {self.retrieval.scope!r}")
         for name, pair in (("copying.span_tokens", self.copying.span_tokens), ("copying.queries", self.copying.queries),
-                           ("copying.records", self.copying.records),
+                           ("copying.records", self.copying.records), ("facts.facts", self.facts.facts),
+                           ("facts.queries", self.facts.queries),
                            ("demonstrations.classes", self.demonstrations.classes),
                            ("demonstrations.context_examples", self.demonstrations.context_examples),
                            ("demonstrations.decoder_examples", self.demonstrations.decoder_examples),
                            ("demonstrations.example_tokens", self.demonstrations.example_tokens)):
             if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
                 raise ValueError(f"data.{name}: a range [lo, hi] with 1 <= lo <= hi, got {pair}")
+        unknown = sorted(set(self.facts.formats) - {"single", "multi", "chain"})
+        if unknown or any(w < 0 for w in self.facts.formats.values()) or sum(self.facts.formats.values()) <= 0:
+            raise ValueError(f"data.facts.formats: weights of single, multi, chain (non-negative, positive sum), "
+                             f"got {self.facts.formats}")
         if self.demonstrations.classes[0] < 2:
             raise ValueError("data.demonstrations.classes: at least 2 labels per sample")
 

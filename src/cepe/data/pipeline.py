@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .builders import CopyingBuilder, DemonstrationsBuilder, PassagePool, RetrievalBuilder, TextCodec
+from .builders import CopyingBuilder, DemonstrationsBuilder, FactsBuilder, PassagePool, RetrievalBuilder, TextCodec
 from .config import DataConfig
 from .corpus import CorpusReport, is_saved_dataset, iter_documents, list_files, matches
 from .samples import Corpus, LongDocumentBuilder, SampleStream, SyntheticBuilder, TooShort, WarmupBuilder
@@ -140,6 +140,8 @@ def _builders(
             out[kind] = RetrievalBuilder(corpus, cfg, pool, teacher_tokens)
         elif kind == "copying":
             out[kind] = CopyingBuilder(corpus, cfg, codec, teacher_tokens)
+        elif kind == "facts":
+            out[kind] = FactsBuilder(corpus, cfg, codec, teacher_tokens)
         elif kind == "demonstrations":
             out[kind] = DemonstrationsBuilder(corpus, cfg, codec, teacher_tokens)
     return out

@@ -1,10 +1,11 @@
 """Sample builders beyond the plain text windows of `cepe.data.samples`: retrieved passages,
-copying and lookup through the encoder, labelled demonstrations."""
+copying and lookup through the encoder, random facts to look up, labelled demonstrations."""
 
 from .copying import CopyingBuilder
 from .demonstrations import DemonstrationsBuilder
+from .facts import FactsBuilder
 from .retrieval import PassagePool, RetrievalBuilder
 from .text import TextCodec, category_of, source_of
 
-__all__ = ["CopyingBuilder", "DemonstrationsBuilder", "PassagePool", "RetrievalBuilder", "TextCodec", "category_of",
-           "source_of"]
+__all__ = ["CopyingBuilder", "DemonstrationsBuilder", "FactsBuilder", "PassagePool", "RetrievalBuilder", "TextCodec",
+           "category_of", "source_of"]

@@ -26,6 +26,9 @@ class TextCodec:
     def decode(self, ids) -> str:
         return self.decoder.decode([int(i) for i in ids])
 
+    def decode_encoder(self, ids) -> str:
+        return self.encoder.decode([int(i) for i in ids])
+
 
 def source_of(name: str) -> str:
     """The source a document comes from: its `.jsonl` file (`train/books/austen.jsonl:3` ->

@@ -1,0 +1,208 @@
+"""Lookup of stated facts through the encoder: short statements with random values are placed at
+random depths of a long-document context; after the window the decoder is asked for some of them
+and must reproduce the value (loss on the value tokens, and on the window's text as in
+`long_document`).
+
+Unlike `copying`, whose answers are real text the decoder can partly guess, the values here are
+random draws (numbers, codes, hex ids, dates, words): the loss on them falls only by reading the
+encoder, which is the skill needle-in-a-haystack retrieval, multi-value lookup and variable
+tracking ask for. Keys, wordings and value types vary per sample; no evaluation template is used.
+Formats, one per sample:
+    single  1-8 facts with distinct keys, 1-3 of them asked
+    multi   one key stated 2-4 times with different values, all asked in order of appearance
+    chain   a value assigned to a name, then names assigned from names (with a distractor chain);
+            asked for every name that holds the value, in order
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any
+
+import numpy as np
+
+from ..config import DataConfig
+from ..samples import Corpus
+from .copying import WORD, CopyingBuilder
+from .text import TextCodec
+
+ATTRIBUTES = ("code", "number", "ID", "access code", "serial number", "account number", "ticket number",
+              "secret word", "password", "lucky number", "room number", "extension", "reference", "PIN",
+              "token", "label", "call sign", "order number", "tracking number", "license number")
+# statement wordings in the context: {k} key, {a} attribute, {v} value
+STATEMENTS = (
+    "The {a} of {k} is {v}.", "{k}'s {a} is {v}.", "Note: the {a} for {k} is {v}.",
+    "Remember that {k} has the {a} {v}.", "{v} is the {a} of {k}.", "{k} - {a}: {v}", "[{k}] {a} = {v}",
+    '{k}.{u} = "{v}"', "| {k} | {a} | {v} |", "For the record, {k} was given {a} {v}.",
+    "Important: {k} uses {a} {v}.", "({k}, {a}: {v})",
+)
+# questions in the decoder; the answer follows as " {v}"
+QUESTIONS = (
+    "What is the {a} of {k}? The {a} of {k} is", "Q: What {a} does {k} have?\nA:", "{k}'s {a}:",
+    "Looking back at the text, the {a} for {k} was", "The {a} of {k}, as stated above, is",
+    "{k} -> {a} =", "Answer: the {a} of {k} is", "Which {a} belongs to {k}? It is",
+)
+MULTI_STATEMENTS = ("One {a} of {k} is {v}.", "{k} also has the {a} {v}.", "Another {a} for {k}: {v}.",
+                    "{k} is listed with {a} {v}.")
+MULTI_QUESTIONS = ("List every {a} of {k}, in the order given:", "All {a}s of {k} mentioned above:",
+                   "Q: Which {a}s does {k} have?\nA:")
+ASSIGNMENTS = ("{x} = {y}", "let {x} = {y};", "set {x} to {y}.", "{x} := {y}", "{x} is assigned {y}.",
+               "{x} takes the value of {y}.")
+CHAIN_QUESTIONS = ("Which names hold the value {v}? In order:", "Every variable equal to {v}:",
+                   "Q: Which names end up with {v}?\nA:")
+CUES = ("\n\n", "\n\nQuestions about the text above.\n", "\n\n---\n", "\n\nFrom memory of the text:\n")
+SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+
+
+class FactsBuilder(CopyingBuilder):
+    """Long-document windows whose context holds random facts, ending in questions about them."""
+
+    kind = "facts"
+    FORMATS = ("single", "multi", "chain")
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig, codec: TextCodec, teacher_tokens: int = 0):
+        super().__init__(corpus, cfg, codec, teacher_tokens)
+        weights = np.array([cfg.facts.formats.get(f, 0.0) for f in self.FORMATS], dtype=np.float64)
+        self.format_p = weights / weights.sum()
+
+    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
+        base = super(CopyingBuilder, self).sample(rng, d)  # a plain long-document window
+        ids, (context,) = base["input_ids"], base["context"]
+        budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
+        text = self.codec.decode(self._context_decoder_tokens(base["doc"], base["position"], len(context)))
+        words = sorted(set(WORD.findall(text))) or ["river", "lantern", "copper", "meadow"]
+        for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
+            fmt = self.FORMATS[int(rng.choice(len(self.FORMATS), p=self.format_p))]
+            statements, qa = getattr(self, f"_{fmt}")(rng, words)
+            segments = self._segments(rng, qa, budget)
+            out = self._assemble(ids, segments) if segments else None
+            if out is None:
+                continue
+            new_context = self._place(rng, text, statements, len(context))
+            base.update(out, context=[new_context], copy_format=f"facts_{fmt}")
+            return base
+        return base
+
+    # ------------------------------------------------------------------ facts
+    def _single(self, rng, words):
+        lo, hi = self.cfg.facts.facts
+        n = int(rng.integers(lo, hi + 1))
+        keys = _distinct(lambda: _key(rng, words), n)
+        statements, qa = [], []
+        for k in keys:
+            a, v = _pick(rng, ATTRIBUTES), _value(rng, words)
+            form = _pick(rng, STATEMENTS)
+            statements.append(form.format(k=k, a=a, u=a.replace(" ", "_"), v=v))
+            qa.append((_pick(rng, QUESTIONS).format(k=k, a=a), v))
+        lo, hi = self.cfg.facts.queries
+        asked = rng.permutation(len(qa))[: int(rng.integers(lo, hi + 1))]
+        return statements, [qa[int(i)] for i in asked]
+
+    def _multi(self, rng, words):
+        k, a = _key(rng, words), _pick(rng, ATTRIBUTES)
+        kind = int(rng.integers(5))
+        values = _distinct(lambda: _value(rng, words, kind), int(rng.integers(2, 5)))
+        statements = [_pick(rng, MULTI_STATEMENTS).format(k=k, a=a, v=v) for v in values]
+        return statements, [(_pick(rng, MULTI_QUESTIONS).format(k=k, a=a), ", ".join(values))]
+
+    def _chain(self, rng, words):
+        names = _distinct(lambda: _name(rng), 8)
+        form = _pick(rng, ASSIGNMENTS)
+        values = _distinct(lambda: _digits(rng, int(rng.integers(4, 8))), 2)
+        hops = int(rng.integers(1, 5))
+        chains = [names[: hops + 1], names[hops + 1 : hops + 1 + int(rng.integers(1, 4))]]
+        statements = []
+        for chain, v in zip(chains, values):
+            statements.append(form.format(x=chain[0], y=v))
+            statements += [form.format(x=x, y=prev) for prev, x in zip(chain, chain[1:])]
+        if rng.random() < 0.5:  # the distractor's assignments interleave with the target's
+            order = np.argsort(rng.random(len(statements)) + np.array(
+                [i for c in chains for i in range(len(c))], dtype=np.float64))
+            statements = [statements[int(i)] for i in order]
+        # placement keeps statement order (depth increases along the list): a hop always follows its source
+        return statements, [(_pick(rng, CHAIN_QUESTIONS).format(v=values[0]), " ".join(chains[0]))]
+
+    # ------------------------------------------------------------------ assembly
+    def _segments(self, rng, qa: list[tuple[str, str]], budget: int) -> list[tuple[np.ndarray, bool]] | None:
+        """Cue, then per question: the question (no loss), " value" (loss), the line's end."""
+        segments = [(self.codec.dec(_pick(rng, CUES)), False)]
+        used = len(segments[0][0])
+        for question, value in qa:
+            q, a, end = self.codec.dec(question), self.codec.dec(" " + value), self.codec.dec(".\n")
+            if used + len(q) + len(a) + len(end) > budget:
+                break
+            segments += [(q, False), (a, True), (end, False)]
+            used += len(q) + len(a) + len(end)
+        return segments if len(segments) > 1 else None
+
+    def _place(self, rng, text: str, statements: list[str], n_context: int) -> np.ndarray:
+        """The context's text with `statements` inserted at word boundaries, in order, at random
+        depths; cut at its start so it keeps its encoder length -> (n_context,) encoder ids."""
+        inserts = [" " + s + " " for s in statements]
+        extra = sum(len(self.codec.enc(s)) for s in inserts)
+        ids = self.codec.enc(text)
+        if extra < len(ids):  # room for the statements: the oldest text makes it
+            text = self.codec.decode_encoder(ids[extra:])
+        bounds = [m.start() for m in re.finditer(r"\s", text)] or [len(text)]
+        at = np.sort(rng.choice(bounds, size=len(inserts)))
+        pieces, prev = [], 0
+        for pos, s in zip(at, inserts):
+            pieces += [text[prev:int(pos)], s]
+            prev = int(pos)
+        pieces.append(text[prev:])
+        out = self.codec.enc("".join(pieces))
+        # a token or two more than before, where inserts change how the text around them merges
+        return out[-n_context:] if extra < len(ids) else out
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _distinct(draw, n: int) -> list[str]:
+    out: list[str] = []
+    for _ in range(20 * n):
+        x = draw()
+        if x not in out:
+            out.append(x)
+        if len(out) == n:
+            break
+    return out
+
+
+def _key(rng: np.random.Generator, words: list[str]) -> str:
+    """A made-up name, a word of the text with a number, or an identifier."""
+    r = int(rng.integers(3))
+    if r == 0:
+        return "".join(_pick(rng, SYLLABLES) for _ in range(int(rng.integers(2, 4)))).capitalize()
+    if r == 1:
+        return f"{_pick(rng, words).lower()}-{int(rng.integers(2, 100))}"
+    return f"{_pick(rng, ('user', 'item', 'node', 'unit', 'case', 'agent'))}_{int(rng.integers(10, 10000))}"
+
+
+def _name(rng: np.random.Generator) -> str:
+    if rng.random() < 0.5:
+        return "".join(rng.choice(list(string.ascii_uppercase), int(rng.integers(3, 6))))
+    return "".join(_pick(rng, SYLLABLES) for _ in range(2)) + str(int(rng.integers(10)))
+
+
+def _digits(rng: np.random.Generator, n: int) -> str:
+    return str(int(rng.integers(1, 10))) + "".join(str(int(d)) for d in rng.integers(0, 10, n - 1))
+
+
+def _value(rng: np.random.Generator, words: list[str], kind: int | None = None) -> str:
+    """A random value: digits, an alphanumeric code, hex, a date or two words of the text."""
+    kind = int(rng.integers(5)) if kind is None else kind
+    if kind == 0:
+        return _digits(rng, int(rng.integers(2, 11)))
+    if kind == 1:
+        code = "".join(rng.choice(list(string.ascii_uppercase + string.digits), int(rng.integers(4, 9))))
+        return code if rng.random() < 0.5 else code[: len(code) // 2] + "-" + code[len(code) // 2 :]
+    if kind == 2:
+        h = "".join(rng.choice(list("0123456789abcdef"), 32))
+        return h[: int(rng.integers(6, 13))] if rng.random() < 0.7 else \
+            f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+    if kind == 3:
+        return f"{int(rng.integers(1700, 2100))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}"
+    return " ".join(_pick(rng, words).lower() for _ in range(int(rng.integers(1, 3))))
