@@ -80,8 +80,9 @@ def test_collator_pads_variable_windows(tmp_path, mix):
     lens = [len(s["input_ids"]) for s in samples]
     assert set(lens) == {64, 256}
     batch = Collator(chunk_size=32, prefix=[], suffix=[], encoder_pad_id=0, decoder_pad_id=7)(samples)
-    assert set(batch) == {"input_ids", "labels", "context_input_ids", "context_attention_mask", "teacher_prefix_ids",
-                          "teacher_prefix_mask", "index"}
+    assert set(batch) == {"input_ids", "labels", "task_mask", "context_input_ids", "context_attention_mask",
+                          "teacher_prefix_ids", "teacher_prefix_mask", "index"}
+    assert not batch["task_mask"].any()  # plain text: no answers
     assert batch["input_ids"].shape == batch["labels"].shape == (8, 256)
     for i, n in enumerate(lens):
         assert batch["input_ids"][i, :n].tolist() == samples[i]["input_ids"].tolist()
@@ -205,6 +206,8 @@ def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):
         assert len(s["context"][0]) <= 1024
         runs = _scored_runs(s)
         assert runs and len(s["input_ids"]) - runs[0][0] <= 200 + 1
+        # the task mask marks exactly the answers
+        assert np.flatnonzero(s["task_mask"]).tolist() == [j for a, b in runs for j in range(a, b)]
         for a, b in runs:
             answer = tok.decode(s["input_ids"][a:b].tolist()).strip()
             assert answer not in tok.decode(s["input_ids"][:a].tolist())  # not readable in the decoder

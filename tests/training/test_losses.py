@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_cepe
 
-from cepe.training.losses import cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
+from cepe.training.losses import cross_entropy, kl_divergence, online_teacher_logits, task_weights, topk_kl_divergence
 
 
 def _logits(seed: int, shape=(2, 6, 20)) -> torch.Tensor:
@@ -55,6 +55,30 @@ def test_cross_entropy_matches_the_decoder_loss():
     ce, n = cross_entropy(out.logits, ids)
     torch.testing.assert_close(ce, out.loss)
     assert n == 2 * 8
+
+
+def test_task_answers_weigh_task_weight_times_the_rest_of_their_row():
+    labels = torch.arange(12).repeat(3, 1)
+    labels[:, :2] = -100  # positions 0-1 unlabelled: loss positions 1.. are 10 labelled tokens
+    task = torch.zeros(3, 12, dtype=torch.bool)
+    task[0, 10:] = True  # row 0: 2 answer tokens after 8 text tokens
+    task[1, 2:12] = True  # row 1: answers only, nothing to balance: weight 1 each
+    # row 2: no task tokens
+    w = task_weights(labels, task, 1.0)
+    assert w.shape == (3, 11)
+    assert w[0, 9:].tolist() == [4.0, 4.0] and w[0, 1:9].eq(1).all() and w[0, 0] == 0
+    assert w[1, 1:].eq(1).all() and w[2, 1:].eq(1).all() and w[:, 0].eq(0).all()
+    assert task_weights(labels, task, 0.0).eq(labels[:, 1:] != -100).all()
+    assert w[0, 9:].sum() == 1.0 * w[0, 1:9].sum()  # the answers weigh as much as the text
+    # the weighted mean: answers' losses count four times
+    logits = _logits(3, (3, 12, 20))
+    labels[:, 2:] %= 20
+    ce, n = cross_entropy(logits, labels, task, 1.0)
+    per = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 20), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="none").view(3, 11)
+    assert n == 30
+    torch.testing.assert_close(ce, (per * w).sum() / w.sum())
+    torch.testing.assert_close(cross_entropy(logits, labels, task, 0.0)[0], cross_entropy(logits, labels)[0])
 
 
 def _batch(b=2, d=7, t=5):

@@ -24,6 +24,8 @@ def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_pat
     for key in ("accuracy_with_context", "accuracy_without_context", "ppl_with_context", "ppl_without_context",
                 "chance"):
         assert key in summary
+    # every label of the key-value task is an answer read from the context
+    assert summary["task_accuracy_with_context"] == summary["accuracy_with_context"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert (out / "metrics.png").is_file() and any((out / "tensorboard").iterdir())

@@ -181,7 +181,7 @@ class SyntheticBuilder:
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         ex = make_example(self.cfg, rng)
         return {"input_ids": ex["input_ids"], "labels": ex["labels"], "context": [ex["context"]],
-                "teacher_prefix": ex["context"]}
+                "teacher_prefix": ex["context"], "task_mask": ex["labels"] != -100}
 
 
 def block_window(seed: int, split: int, windows: list[int], block: int) -> int:
@@ -234,7 +234,8 @@ class SampleStream(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Samples -> tensors: input_ids, labels (B, D); context_input_ids, context_attention_mask
+    """Samples -> tensors: input_ids, labels, task_mask (B, D) (True on the answer tokens of
+    copying, facts and demonstration tasks); context_input_ids, context_attention_mask
     (B, N, L); teacher_prefix_ids, teacher_prefix_mask (B, T) left-padded; index (B,).
     Decoder windows of different lengths are right-padded to the longest (D) with the decoder's
     pad id and label -100: the decoder is causal, so a real token never sees a pad."""
@@ -264,13 +265,17 @@ class Collator:
         d = max(len(s["input_ids"]) for s in samples)
         input_ids = torch.full((len(samples), d), self.decoder_pad_id, dtype=torch.long)
         labels = torch.full((len(samples), d), -100, dtype=torch.long)
+        task_mask = torch.zeros((len(samples), d), dtype=torch.bool)
         for i, s in enumerate(samples):
             n = len(s["input_ids"])
             input_ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.as_tensor(s["labels"], dtype=torch.long)
+            if "task_mask" in s:
+                task_mask[i, :n] = torch.as_tensor(s["task_mask"], dtype=torch.bool)
         return {
             "input_ids": input_ids,
             "labels": labels,
+            "task_mask": task_mask,
             "context_input_ids": ctx_ids,
             "context_attention_mask": ctx_mask,
             "teacher_prefix_ids": prefix_ids,

@@ -76,6 +76,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_samples: int = 64
+    # loss weight of copy/lookup/label answers: per row, together `task_weight` x the row's other
+    # labelled tokens (0: a plain token mean; `cepe.training.losses.task_weights`)
+    task_weight: float = 0.0
     eval_batch_size: int | None = None
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2

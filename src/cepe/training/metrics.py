@@ -89,6 +89,8 @@ def print_table(summary: dict[str, Any]) -> None:
         if f"ppl_{tag}" in summary:
             rows.append((f"held-out ppl {tag.replace('_', ' ')}", _fmt(summary[f"ppl_{tag}"])))
             rows.append((f"held-out accuracy {tag.replace('_', ' ')}", _fmt(summary[f"accuracy_{tag}"])))
+        if f"task_accuracy_{tag}" in summary:
+            rows.append((f"held-out answer accuracy {tag.replace('_', ' ')}", _fmt(summary[f"task_accuracy_{tag}"])))
     if "chance" in summary:
         rows.append(("chance accuracy", _fmt(summary["chance"])))
     if "mfu" in summary:

@@ -178,7 +178,7 @@ class Trainer:
         # the context is an argument of the student's forward, so the teacher may run after it
         online = self.cfg.distilling and self.teacher_file is None
         teacher = online_teacher_logits(self.model, batch) if online else None
-        ce, _ = cross_entropy(out.logits, batch["labels"])
+        ce, _ = cross_entropy(out.logits, batch["labels"], batch.get("task_mask"), self.cfg.train.task_weight)
         parts = {"ce": ce.detach()}
         loss = d.lm_coef * ce
         if self.cfg.distilling:
@@ -261,7 +261,8 @@ class Trainer:
         results = {}
         modes = (True,) if self._eval_no_context is not None else (True, False)
         for with_context in modes:
-            sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, tokens, correct
+            # loss, tokens, correct, then tokens and correct among the tasks' answers (copy, facts, labels)
+            sums = torch.zeros(5, dtype=torch.float64, device=self.acc.device)
             for i in range(0, len(mine), bs):
                 batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
                 keys = ("context_input_ids", "context_attention_mask") if with_context else ()
@@ -278,12 +279,17 @@ class Trainer:
                 else:
                     pred = logits.argmax(-1)
                 sums[2] += ((pred == labels) & valid).sum()
+                task = batch["task_mask"][:, 1:] & valid
+                sums[3] += task.sum()
+                sums[4] += ((pred == labels) & task).sum()
             sums = self.acc.reduce(sums, reduction="sum")
-            loss, n, correct = (float(x) for x in sums)
+            loss, n, correct, n_task, task_correct = (float(x) for x in sums)
             tag = "with_context" if with_context else "without_context"
             results[f"loss_{tag}"] = loss / max(n, 1)
             results[f"ppl_{tag}"] = math.exp(min(loss / max(n, 1), 50))
             results[f"accuracy_{tag}"] = correct / max(n, 1)
+            if n_task:  # next-token accuracy on the answers only: does the adapter read the context?
+                results[f"task_accuracy_{tag}"] = task_correct / n_task
         self.model.train()
         if self._eval_no_context is None:
             self._eval_no_context = {k: v for k, v in results.items() if k.endswith("without_context")}
@@ -364,8 +370,10 @@ class Trainer:
         if ev:
             log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
             if meter is not None:
+                task = "".join(f", answers {ev[f'task_accuracy_{t}']:.1%} {t.replace('_', ' ')}"
+                               for t in ("with_context", "without_context") if f"task_accuracy_{t}" in ev)
                 meter.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
-                            f"{ev['ppl_without_context']:.3f} without")
+                            f"{ev['ppl_without_context']:.3f} without{task}")
         return ev
 
     def _finish(self, ev: dict, meter: _Meter) -> dict[str, Any]:

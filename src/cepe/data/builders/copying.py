@@ -86,13 +86,14 @@ class CopyingBuilder(LongDocumentBuilder):
         return self.corpus.decoder_tokens(doc, min(q, p), p)
 
     def _assemble(self, ids: np.ndarray, segments: list[tuple[np.ndarray, bool]]) -> dict | None:
-        """Window head + task segments (ids, scored) -> input_ids/labels of len(ids), or None if an
-        answer already occurs in the decoder's text before it."""
+        """Window head + task segments (ids, scored) -> input_ids/labels of len(ids) and task_mask
+        (True on the answers' tokens), or None if an answer already occurs in the decoder's text
+        before it."""
         task = sum(len(s) for s, _ in segments)
         keep = len(ids) - task
         if task == 0 or keep < 1:
             return None
-        parts, labels = [ids[:keep]], [ids[:keep]]
+        parts, labels, task = [ids[:keep]], [ids[:keep]], [np.zeros(keep, dtype=bool)]
         for seg, scored in segments:
             if scored:
                 answer = self.codec.decode(seg).strip()
@@ -100,7 +101,9 @@ class CopyingBuilder(LongDocumentBuilder):
                     return None
             parts.append(seg)
             labels.append(seg if scored else np.full(len(seg), -100, dtype=np.int64))
-        return {"input_ids": np.concatenate(parts).astype(np.int64), "labels": np.concatenate(labels).astype(np.int64)}
+            task.append(np.full(len(seg), scored, dtype=bool))
+        return {"input_ids": np.concatenate(parts).astype(np.int64), "labels": np.concatenate(labels).astype(np.int64),
+                "task_mask": np.concatenate(task)}
 
     def _continue(self, rng: np.random.Generator, ctx: np.ndarray, budget: int):
         lo, hi = self.cfg.copying.span_tokens

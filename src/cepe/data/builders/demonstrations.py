@@ -110,9 +110,11 @@ class DemonstrationsBuilder(_WindowBuilder):
         ids = np.concatenate([head] + [s for s, _ in segments]).astype(np.int64)
         masked = [s if y else np.full(len(s), -100, np.int64) for s, y in segments]
         labels = np.concatenate([head] + masked).astype(np.int64)
+        task = np.concatenate([np.zeros(len(head), bool)] + [np.full(len(s), y, bool) for s, y in segments])
         return {
             "input_ids": ids,
             "labels": labels,
+            "task_mask": task,
             "doc": doc,
             "position": p,
             "context": [self.codec.enc(context_text)],
