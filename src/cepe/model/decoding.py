@@ -143,9 +143,13 @@ def pick(logits: torch.Tensor, samplers: list[Sampler | None]) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,): argmax for greedy rows and rows without a sampler
     (finished ones), each other row by its own `Sampler`."""
     tokens = logits.argmax(-1)
-    for i, sampler in enumerate(samplers):
-        if sampler is not None and not sampler.params.greedy:
-            tokens[i] = sampler(logits[i])
+    sampled = [i for i, s in enumerate(samplers) if s is not None and not s.params.greedy]
+    if sampled:
+        # the samplers draw on the CPU: one device-to-host copy of all their rows, and one copy
+        # of their tokens back, not one synchronising transfer per row and direction
+        rows = logits[sampled].float().cpu()
+        picked = [samplers[i](rows[j]) for j, i in enumerate(sampled)]
+        tokens[torch.tensor(sampled, device=tokens.device)] = torch.tensor(picked, device=tokens.device)
     return tokens
 
 
