@@ -45,6 +45,10 @@ case "${1:-}" in
   train)
     stage=${2:?usage: train smollm2|gemma3 [MAX_SECONDS]}; max=${3:-540}; run=$ROOT/runs/general_$stage
     t0=$(date +%s)
+    # a run resumes only under the same config: remember the INIT it started from for later calls
+    mkdir -p "$run"
+    if [ -n "${INIT:-}" ]; then echo "$INIT" > "$run/init_adapter.txt"
+    elif [ -f "$run/init_adapter.txt" ]; then INIT=$(cat "$run/init_adapter.txt"); echo "resuming the run started from INIT=$INIT"; fi
     train() {  # $1 seconds, $2 DataLoader workers
       timeout -s KILL "$1" python3 -m cepe.training.cli --config configs/general_$stage.yaml \
         "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=$2 \

@@ -4,6 +4,7 @@ text it never trained on (Persuasion is held out of training)."""
 from __future__ import annotations
 
 import math
+from importlib import resources
 
 import pytest
 import torch
@@ -39,6 +40,17 @@ def test_context_lowers_perplexity_on_held_out_passage(released):
     with_context = window_perplexity(released, ids, window=512, scored=256, context_tokens=3584)
     assert math.isfinite(with_context)
     assert with_context < 0.95 * alone, (alone, with_context)
+
+
+def test_context_lowers_perplexity_on_prose_unlike_austen(released):
+    # Moby-Dick, chapters 1-3: held out of every training mix (issue 15's held-out split), and
+    # neither Austen nor Python
+    torch.manual_seed(0)
+    text = resources.files("cepe").joinpath("resources/moby_dick_ch1-3.txt").read_text(encoding="utf-8")
+    ids = released.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:4096]
+    alone = window_perplexity(released, ids, window=512, scored=256, context_tokens=0)
+    with_context = window_perplexity(released, ids, window=512, scored=256, context_tokens=3584)
+    assert with_context < 0.98 * alone, (alone, with_context)
 
 
 def test_released_adapter_refuses_another_base_decoder(tmp_path):

@@ -186,3 +186,9 @@ def test_tied_decoder_with_decoder_derived_encoder_checkpoints_and_resumes(tmp_p
     a, b = losses(tmp_path / "full"), losses(killed)
     assert all(a[s] == b[s] for s in a), (a, b)
     assert same(state(full.unwrapped.cross_attn), state(resumed.unwrapped.cross_attn))
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, "train.save_every=1", "train.keep_checkpoints=2"), progress=False).fit()
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000005", "step_00000006"]

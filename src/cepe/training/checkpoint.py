@@ -93,7 +93,7 @@ def finalize(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(final.parent.parent)[:-keep] if keep > 0 else []:  # final: RUN/checkpoints/step_N
         shutil.rmtree(old, ignore_errors=True)
     return final
 
