@@ -7,9 +7,13 @@ Times, at each batch size B (rows with their own contexts, greedy, every row dec
   worker    one iteration of the continuous batcher (`ContinuousBatcher._step`): rows, detokenising,
             stop checks, events to an asyncio loop running in another thread, as the server does.
 loop = worker - batch (the serving loop's own cost); overhead = worker - floor. `--profile` prints cProfile's hottest functions of the worker's steps.
+`--count-ops` counts the aten operators of one step instead (each a kernel launch on a GPU; views, which
+launch nothing, counted apart): the bare decoder step, the CEPE step with and without its context, and
+the cross-attention's share per cross-attention layer.
 
     PYTHONPATH=src python3 scripts/bench_serve_step.py --model tiny --batch 1 8 32 128
     PYTHONPATH=src python3 scripts/bench_serve_step.py --model smollm2 --batch 1 8 32 128 --steps 8
+    PYTHONPATH=src python3 scripts/bench_serve_step.py --model shape --batch 1 32 --count-ops
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=4, help="documents per row (each its own ContextStates)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="cProfile the worker's steps at the largest batch")
+    p.add_argument("--count-ops", action="store_true", help="count the aten operators of one step (no timing)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     return p.parse_args(argv)
 
@@ -148,6 +154,55 @@ def batch_step(model, prompt_ids, ctxs, steps: int) -> float:
     return timed(step, steps)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it: `kernels` (each a kernel launch on a GPU) and
+    `views` (metadata only, no launch: view, transpose, slice..., and `_unsafe_view`, which the
+    schema does not mark as a view but which only reshapes the fresh output of a matmul)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view or func is torch.ops.aten._unsafe_view.default:
+            self.views += 1
+        else:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(step) -> OpCounter:
+    """The operators of one call of `step` (after one uncounted call: caches filled)."""
+    step()
+    with OpCounter() as counter:
+        step()
+    return counter
+
+
+@torch.no_grad()
+def count_ops(model, prompt_ids, ctxs) -> dict:
+    """Operators of one decoding step: the bare decoder (`floor`), `decoding.Batch.step` of the CEPE
+    model with the batched context (`cepe`) and without it (`nocontext`); `per_xattn_layer` = (cepe -
+    nocontext) / cross-attention layers, the cross-attention's own operators."""
+    from cepe.model import decoding
+    from cepe.serving.batch_context import RowContexts
+
+    out = {}
+    for name, net, kwargs in (("floor", model.decoder, {}), ("nocontext", model, {}),
+                              ("cepe", model, {"context": RowContexts.build(model, ctxs).context})):
+        batch = decoding.Batch(net, pad_id=0, **kwargs)
+        state = {"tokens": batch.prefill(prompt_ids).argmax(-1)}
+
+        def step():
+            state["tokens"] = batch.step(state["tokens"]).argmax(-1)
+
+        counter = count_step(step)
+        out[name] = {"kernels": counter.kernels, "views": counter.views}
+    layers = len(model.cross_attn)
+    out["per_xattn_layer"] = {k: (out["cepe"][k] - out["nocontext"][k]) / layers for k in ("kernels", "views")}
+    return out
+
+
 class _Sinks:
     """An asyncio loop in its own thread draining every job's queue, as the HTTP handlers do."""
 
@@ -209,6 +264,8 @@ def main(argv=None) -> int:
     model = load(args.model).eval()
     if args.threads:  # after loading: the tiny model's test helpers set their own
         torch.set_num_threads(args.threads)
+    if args.count_ops:
+        return print_op_counts(model, args)
     sinks = _Sinks()
     rows = []
     print(f"{'B':>5} {'floor ms':>9} {'batch ms':>9} {'worker ms':>10} {'loop ms':>8} {'overhead ms':>12}")
@@ -226,6 +283,21 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
                                                "args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+def print_op_counts(model, args) -> int:
+    rows = []
+    print(f"{'B':>5} {'floor':>13} {'cepe nocontext':>15} {'cepe':>13} {'per xattn layer':>16}   (kernels + views)")
+    for b in args.batch:
+        p, c = prompts(model, b, args.prompt_tokens), contexts(model, b, args.context_tokens, args.docs)
+        n = count_ops(model, p, c)
+        rows.append({"batch": b, **n})
+        cell = {k: f"{v['kernels']:g} + {v['views']:g}" for k, v in n.items()}
+        print(f"{b:>5} {cell['floor']:>13} {cell['nocontext']:>15} {cell['cepe']:>13} {cell['per_xattn_layer']:>16}",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "args": vars(args), "op_counts": rows}, indent=1))
     return 0
 
 
