@@ -133,7 +133,9 @@ def test_auto_chooses_absorbed_when_the_cache_does_not_fit(absorbed_calls):
         with torch.no_grad():
             m(ids, context=fresh)
         assert fresh.cross_cache.policy == chosen
-        assert fresh.cross_cache.nbytes() == (0 if chosen == "absorbed" else m.cross_kv_cache_bytes(ctx))
+        # `cache` also holds the fp32 padding bias (B, S) its steps read (`ContextBias`)
+        bias = 0 if bool(ctx.attention_mask.all()) else ctx.attention_mask.numel() * 4
+        assert fresh.cross_cache.nbytes() == (0 if chosen == "absorbed" else m.cross_kv_cache_bytes(ctx) + bias)
     assert len(absorbed_calls) == len(m.cross_attn)
 
 

@@ -4,11 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass(frozen=True)
+class ContextBias:
+    """A context's padding and length scaling in the forms the attention consumes. Built once per
+    context (`CrossAttentionCache.bias`), so a decoding step spends no operator on them in any layer.
+
+    key_bias (B, 1, 1, S): 0 at real keys, -inf at padding (what SDPA makes of a bool mask); a row
+        with no real key is 0 everywhere (softmax over nothing would be NaN: it attends anywhere and
+        `row_gate` zeroes it); None when no key is padding (SDPA may then take its fused flash kernel).
+    row_gate (B, 1, 1): 1 for rows with a real key, 0 for rows without; None when known to be all 1.
+    query_scale (B, 1, 1, 1): the per-row length-scaling factor on the queries; None for 1.
+    """
+
+    key_bias: torch.Tensor | None = None
+    row_gate: torch.Tensor | None = None
+    query_scale: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, key_mask: torch.Tensor | None, logit_scale: torch.Tensor | None, dtype: torch.dtype,
+              every_row_has_keys: bool = False) -> ContextBias:
+        """key_mask (B, S) bool (True = real token) or None; logit_scale (B,) or None; tensors in
+        `dtype`. every_row_has_keys: known (read once per context) to hold, so no gate is needed."""
+        query_scale = None if logit_scale is None else logit_scale.to(dtype).view(-1, 1, 1, 1)
+        if key_mask is None:
+            return cls(query_scale=query_scale)
+        has_context = key_mask.any(dim=-1)  # (B,)
+        attend = key_mask | ~has_context[:, None]
+        key_bias = torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
+        row_gate = None if every_row_has_keys else has_context.to(dtype).view(-1, 1, 1)
+        return cls(key_bias[:, None, None, :], row_gate, query_scale)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.key_bias, self.row_gate, self.query_scale) if t is not None]
 
 
 class CrossAttention(nn.Module):
@@ -61,13 +96,18 @@ class CrossAttention(nn.Module):
         value: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         logit_scale: torch.Tensor | None = None,
+        *,
+        bias: ContextBias | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, T, H); key/value (B, Hkv, S, d); key_mask (B, S) bool, True = real token,
         or None when no key is padding (SDPA can then take its fused flash kernel); logit_scale
-        (B,): per-row factor on the attention logits (length scaling), None for 1.
+        (B,): per-row factor on the attention logits (length scaling), None for 1. `bias`: the two
+        already in the attention's forms (`ContextBias`, built once per context), used instead.
 
         Returns the delta (B, T, H) to add to the residual stream. Rows whose context is entirely
         padding get a zero delta (as if they had no context)."""
+        if bias is None:
+            bias = ContextBias.build(key_mask, logit_scale, self.q_proj.weight.dtype)
         b, t, _ = hidden_states.shape
         kv_heads = key.shape[1]
         group = self.num_heads // kv_heads
@@ -75,20 +115,14 @@ class CrossAttention(nn.Module):
         # grouped-query without copying keys/values: cross-attention has no causal order, so the
         # `group` query heads that share a key/value head are stacked along the query axis
         q = q.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, self.head_dim)
-        if logit_scale is not None:  # scaling the queries scales q.k and leaves the kernel choice alone
-            q = q * logit_scale.to(q.dtype).view(b, 1, 1, 1)
-        mask = None
-        if key_mask is not None:
-            has_context = key_mask.any(dim=-1)  # (B,)
-            # a row with no real key would softmax over nothing (NaN): let it attend anywhere, then zero it
-            mask = (key_mask | ~has_context[:, None])[:, None, None, :]
+        if bias.query_scale is not None:  # scaling the queries scales q.k and leaves the kernel choice alone
+            q = q * _in(bias.query_scale, q.dtype)
+        mask = None if bias.key_bias is None else _in(bias.key_bias, q.dtype)
         with _decode_kernels() if q.is_cuda and q.shape[-2] <= 64 else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
         out = out.view(b, kv_heads, group, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = self.o_proj(out)
-        if key_mask is None:
-            return out
-        return out * has_context[:, None, None].to(out.dtype)
+        return out if bias.row_gate is None else out * _in(bias.row_gate, out.dtype)
 
     @classmethod
     def from_self_attention(
@@ -130,6 +164,11 @@ class CrossAttention(nn.Module):
         for p in block.parameters():
             p.requires_grad_(True)
         return block
+
+
+def _in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`; no operator when it already is (the usual case: built in the weights' dtype)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _decode_kernels():

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cross_attention import ContextBias
+
 if TYPE_CHECKING:
     from .context import ContextStates
 
@@ -26,6 +28,7 @@ class CrossAttentionCache:
       so a decoding step needs no device sync and SDPA may take its mask-free fused kernel.
     - the length-scaling logit scale (B,) per trained length L (None: no row is longer than L);
       keyed by L so a changed setting is never served a stale factor.
+    - `ContextBias` (the mask and logit scale in the attention's forms) per trained length and dtype.
     - expansions of the context to a larger batch (beams, one document for many prompts), by batch
       size, so their cached keys/values survive from one decoding step to the next.
     - `verified_by`: id of the model that checked the encoder hash (once per model, not per step).
@@ -35,7 +38,9 @@ class CrossAttentionCache:
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.policy: str | None = None
         self._key_mask: torch.Tensor | None | object = _UNSET
+        self._every_row_has_keys = True  # decided with the key mask
         self._logit_scales: dict[int, torch.Tensor | None] = {}
+        self._biases: dict[tuple[int | None, torch.dtype], ContextBias] = {}
         self._expansions: dict[int, ContextStates] = {}
         self.verified_by: int | None = None
 
@@ -62,7 +67,10 @@ class CrossAttentionCache:
     def key_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """attention_mask (B, S) bool -> itself, or None when nothing is padding."""
         if self._key_mask is _UNSET:
-            self._key_mask = None if bool(attention_mask.all()) else attention_mask
+            # one device read (a synchronisation on a GPU) per context for both facts
+            no_padding, self._every_row_has_keys = torch.stack(
+                [attention_mask.all(), attention_mask.any(-1).all()]).tolist()
+            self._key_mask = None if no_padding else attention_mask
         return self._key_mask
 
     def logit_scale(self, attention_mask: torch.Tensor, trained_length: int) -> torch.Tensor | None:
@@ -74,6 +82,16 @@ class CrossAttentionCache:
             self._logit_scales[trained_length] = scale if bool((n > trained_length).any()) else None
         return self._logit_scales[trained_length]
 
+    def bias(self, attention_mask: torch.Tensor, trained_length: int | None, dtype: torch.dtype) -> ContextBias:
+        """`key_mask` and `logit_scale` (None when `trained_length` is None) as a `ContextBias` in
+        `dtype`, built the first time: every layer of every step then reuses its tensors."""
+        key = (trained_length, dtype)
+        if key not in self._biases:
+            scale = None if trained_length is None else self.logit_scale(attention_mask, trained_length)
+            mask = self.key_mask(attention_mask)
+            self._biases[key] = ContextBias.build(mask, scale, dtype, every_row_has_keys=self._every_row_has_keys)
+        return self._biases[key]
+
     def expansion(self, batch_size: int, build: Callable[[], ContextStates]) -> ContextStates:
         """The context expanded to `batch_size` rows, built by `build()` the first time."""
         if batch_size not in self._expansions:
@@ -82,11 +100,11 @@ class CrossAttentionCache:
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Device bytes this cache holds: keys/values, logit scales and expanded contexts (their
+        """Device bytes this cache holds: keys/values, logit scales, biases and expanded contexts (their
         states and caches). The key mask is the context's own attention mask, not a copy."""
         tensors = [t for kv in self._kv.values() for t in kv] + [
             s for s in self._logit_scales.values() if s is not None
-        ]
+        ] + [t for b in self._biases.values() for t in b.tensors()]
         held = sum(t.numel() * t.element_size() for t in tensors)
         return held + sum(e.nbytes() for e in self._expansions.values())
 

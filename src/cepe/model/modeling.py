@@ -241,7 +241,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 kv = block.project_kv(ctx.hidden_states)
             if keep:
                 ctx.cross_cache.store(idx, *kv, policy=policy)
-        return block(h, *kv, self._key_mask(ctx), self._logit_scale(ctx))
+        trained = self.config.cross_attn_length_scaling
+        return block(h, *kv, bias=ctx.cross_cache.bias(ctx.attention_mask, trained, block.q_proj.weight.dtype))
 
     def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
         """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
