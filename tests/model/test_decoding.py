@@ -120,6 +120,29 @@ def test_cache_keyword_follows_the_decoder():
     assert decoding.new_cache(dec).get_seq_length() == 0 and VOCAB == dec.config.vocab_size
 
 
+def _assert_pads(batch: Batch) -> None:
+    """The host's record of each row's left padding is the mask's leading zeros."""
+    leading = [int(row.tolist().index(1)) if 1 in row.tolist() else len(row) for row in batch.mask]
+    assert batch.pads == leading
+
+
+def test_step_without_padding_gives_the_masked_logits():
+    """Unpadded rows step without a mask (no device read of it): the logits are those with the
+    all-ones mask."""
+    dec = tiny_decoder()
+    with torch.no_grad():
+        batch = Batch(dec)
+        batch.prefill([[3, 4, 5], [6, 7, 8]])
+        assert batch.pads == [0, 0]
+        cache_copy = [(layer.keys.clone(), layer.values.clone()) for layer in batch.cache.layers]
+        got = batch.step(torch.tensor([9, 10]))
+        for layer, (k, v) in zip(batch.cache.layers, cache_copy):
+            layer.keys, layer.values = k, v
+        want = decoding.forward(dec, torch.tensor([[9], [10]]), batch.cache, attention_mask=batch.mask,
+                                position_ids=torch.tensor([[3], [3]])).logits[:, -1].float()
+    assert torch.equal(got, want)
+
+
 def test_join_adds_rows_mid_way_with_their_own_lengths():
     """Rows prefilled on their own join a running batch between steps (its cache and theirs are
     left-padded to a common length), leave it at different times, and each row's tokens are those
@@ -138,6 +161,7 @@ def test_join_adds_rows_mid_way_with_their_own_lengths():
                 joiner = Batch(dec)
                 first = joiner.prefill([prompts[i] for i in new]).argmax(-1)
                 batch.join(joiner)
+                _assert_pads(batch)
                 for i, tok in zip(new, first.tolist()):
                     order.append(i)
                     rows[i] = tok
@@ -151,6 +175,7 @@ def test_join_adds_rows_mid_way_with_their_own_lengths():
             if done:
                 width = batch.length
                 batch.keep(keep)
+                _assert_pads(batch)
                 order = [order[k] for k in keep]
                 if 0 in done:  # the longest row left: its left padding is gone
                     assert batch.length < width and bool(batch.mask[:, 0].any())

@@ -197,6 +197,10 @@ def test_cancelling_a_running_row_frees_its_slot(model):
     assert h.first_token_at[waiting.index] - t0 < 1.0  # started at once, not after 200 tokens (4 s)
 
 
+def _last_used(mask) -> list[int]:
+    return [int(row.nonzero().max()) + 1 if row.any() else 0 for row in mask]
+
+
 def test_row_contexts_join_and_keep_equal_building_them_together(model):
     """Joining rows (with or without context, narrower or wider) and dropping rows gives the same
     padded states, mask and keys/values as building the remaining rows at once (up to padding)."""
@@ -210,6 +214,7 @@ def test_row_contexts_join_and_keep_equal_building_them_together(model):
             joined.join(RowContexts.build(model, order[split:]))
             whole = RowContexts.build(model, order)
             assert joined.size == whole.size == 4
+            assert joined.ends == _last_used(joined.mask)  # the host's record, without reading the device
             s = whole.width
             assert joined.width >= s and not joined.mask[:, s:].any()
             assert torch.equal(joined.mask[:, :s], whole.mask)
@@ -220,6 +225,7 @@ def test_row_contexts_join_and_keep_equal_building_them_together(model):
             assert (joined.mask is None) == (kept.mask is None)
             if kept.mask is not None:  # fresh encodings end in chunk padding, which keep() trims
                 assert joined.width == int(kept.mask.any(0).nonzero().max()) + 1
+                assert joined.ends == _last_used(joined.mask)
     empty = RowContexts.build(model, [[], []])
     assert empty.context is None and empty.width == 0
     empty.join(RowContexts.build(model, [docs[0]]))

@@ -143,9 +143,13 @@ def pick(logits: torch.Tensor, samplers: list[Sampler | None]) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,): argmax for greedy rows and rows without a sampler
     (finished ones), each other row by its own `Sampler`."""
     tokens = logits.argmax(-1)
-    for i, sampler in enumerate(samplers):
-        if sampler is not None and not sampler.params.greedy:
-            tokens[i] = sampler(logits[i])
+    sampled = [i for i, s in enumerate(samplers) if s is not None and not s.params.greedy]
+    if sampled:
+        # the samplers draw on the CPU: one device-to-host copy of all their rows, and one copy
+        # of their tokens back, not one synchronising transfer per row and direction
+        rows = logits[sampled].float().cpu()
+        picked = [samplers[i](rows[j]) for j, i in enumerate(sampled)]
+        tokens[torch.tensor(sampled, device=tokens.device)] = torch.tensor(picked, device=tokens.device)
     return tokens
 
 
@@ -189,10 +193,14 @@ class Batch:
         self.model, self.pad_id, self.kwargs = model, pad_id, forward_kwargs
         self.device = next(model.parameters()).device
         self.cache = self.mask = self.next_positions = None
+        # each row's left padding columns, kept on the host: trimming and the step's mask need no
+        # device read (a synchronisation on a GPU)
+        self.pads: list[int] = []
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Run the left-padded prompts once, keeping their keys/values in a fresh cache."""
         ids, mask = left_pad(prompts, self.pad_id)
+        self.pads = [ids.shape[1] - len(p) for p in prompts]
         ids, self.mask = ids.to(self.device), mask.to(self.device)
         pos = positions(self.mask)
         self.cache = new_cache(self.model)
@@ -201,9 +209,11 @@ class Batch:
         return out.logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (B,) and run it."""
+        """Append one token per row (B,) and run it. Without padding the decoder gets no mask: it
+        would find the all-ones mask needless itself, after reading it from the device."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
-        out = forward(self.model, tokens.view(-1, 1).to(self.device), self.cache, attention_mask=self.mask,
+        mask = self.mask if any(self.pads) else None
+        out = forward(self.model, tokens.view(-1, 1).to(self.device), self.cache, attention_mask=mask,
                       position_ids=self.next_positions, **self.kwargs)
         self.next_positions = self.next_positions + 1
         return out.logits[:, -1].float()
@@ -214,6 +224,7 @@ class Batch:
         index = torch.tensor(indices, dtype=torch.long, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask, self.next_positions = self.mask[index], self.next_positions[index]
+        self.pads = [self.pads[i] for i in indices]
         self._trim()
 
     @property
@@ -235,8 +246,10 @@ class Batch:
             return
         if self.size == 0:
             self.cache, self.mask, self.next_positions = other.cache, other.mask, other.next_positions
+            self.pads = list(other.pads)
             return
         width = max(self.length, other.length)
+        self.pads = [p + width - self.length for p in self.pads] + [p + width - other.length for p in other.pads]
         mine, theirs = self._layers(), other._layers()
         if len(mine) != len(theirs):
             raise ValueError(f"cannot join caches of {len(mine)} and {len(theirs)} layers")
@@ -264,11 +277,12 @@ class Batch:
         """Drop leading columns that no row attends to (left padding of rows that have left)."""
         if self.size == 0:
             return
-        first = int(self.mask.any(0).long().argmax())
-        if first > 0:
+        first = min(self.pads)  # the first column some row attends to (none: keep all)
+        if 0 < first < self.length:
             for layer in self._layers():
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self.mask = self.mask[:, first:]
+            self.pads = [p - first for p in self.pads]
 
 
 @torch.no_grad()

@@ -37,6 +37,9 @@ class RowContexts:
         self.model, self.size = model, size
         self.hidden, self.mask, self.kv, self.encoder_hash = hidden, mask, kv or {}, encoder_hash
         self._context: ContextStates | None = None
+        # per row, one past its last real context position, kept on the host: rows leaving then
+        # need no device read (a synchronisation on a GPU) to find the columns still used
+        self.ends = [0] * size if mask is None else _ends(mask)
 
     @classmethod
     @torch.no_grad()
@@ -74,27 +77,27 @@ class RowContexts:
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows; drop trailing columns that were only the leavers' context."""
         self.size, self._context = len(indices), None
+        self.ends = [self.ends[i] for i in indices]
         if self.mask is None:
             return
-        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask[index]
-        used = self.mask.any(0)
-        if not bool(used.any()):  # no row left with context
+        width = max(self.ends, default=0)
+        if width == 0:  # no row left with context
             self.hidden = self.mask = None
             self.kv = {}
             return
-        width = used.shape[0] - int(used.flip(0).long().argmax())
-        self.mask, self.hidden = self.mask[:, :width], self.hidden[index, :width]
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        self.mask, self.hidden = self.mask[index, :width], self.hidden[index, :width]
         self.kv = {layer: (k[index, :, :width], v[index, :, :width]) for layer, (k, v) in self.kv.items()}
 
     def join(self, other: RowContexts) -> None:
         """Append `other`'s rows, both sides right-padded to the wider context."""
         if other.size == 0:
             return
+        ends = self.ends + other.ends
         if self.size == 0 or (self.mask is None and other.mask is None):
             size = self.size + other.size
             self.__dict__.update(other.__dict__)
-            self.size, self._context = size, None
+            self.size, self.ends, self._context = size, ends, None
             return
         a, b = self._padded_parts(other), other._padded_parts(self)
         width = max(self.width, other.width)
@@ -108,6 +111,7 @@ class RowContexts:
         self.kv = {layer: tuple(torch.cat([pad(x, 1), pad(y, 1)]) for x, y in zip(a[2][layer], b[2][layer]))
                    for layer in a[2]}
         self.size += other.size
+        self.ends = ends
         self.encoder_hash = self.encoder_hash or other.encoder_hash
         self._context = None
 
@@ -121,3 +125,9 @@ class RowContexts:
         kv = {layer: tuple(t.new_zeros((self.size, t.shape[1], 1, t.shape[3])) for t in pair)
               for layer, pair in like.kv.items()}
         return h, m, kv
+
+
+def _ends(mask: torch.Tensor) -> list[int]:
+    """(B, S) bool mask -> per row, one past its last True column (0: none)."""
+    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.long() * columns).amax(1).tolist() if mask.shape[1] else [0] * mask.shape[0]

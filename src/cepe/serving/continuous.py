@@ -31,7 +31,8 @@ import torch
 from ..model import decoding
 from ..model.stored_states import full_attention_kv_bytes_per_token
 from .batch_context import RowContexts, context_bytes_per_token
-from .engine import GenerateJob, Job, Runner, _Row, still_wanted
+from .engine import GenerateJob, Job, Runner, still_wanted
+from .rows import Outbox, Row, push_tokens
 
 if TYPE_CHECKING:
     from .engine import Scheduler
@@ -53,9 +54,12 @@ class ContinuousBatcher:
         self.dec_bytes = decoder_bytes_per_token(self.model)
         self.ctx_bytes = context_bytes_per_token(self.model)
         self.peak_bytes = 0  # the most the batch ever held (tests check it against the budget)
+        self.outbox = Outbox()  # the rows' events of one step, delivered together
         self._reset()
 
     def _reset(self) -> None:
+        for row in getattr(self, "rows", []):
+            row.job.outbox = None
         self.rows: list = []
         self.batch = decoding.Batch(self.model, self.runner.pad_id)
         self.contexts = RowContexts(self.model, 0)
@@ -107,6 +111,7 @@ class ContinuousBatcher:
             if jobs is None:  # stopping
                 for row in self.rows:
                     row.fail(503, "server is shutting down", "server_error")
+                self.outbox.flush()
                 return
             if jobs and jobs[0].kind != "generate":
                 self.scheduler.run_alone(jobs[0])
@@ -114,6 +119,7 @@ class ContinuousBatcher:
             try:
                 if jobs:
                     self._join(jobs)
+                    self.outbox.flush()  # first tokens go out before the next step runs
                 if self.rows:
                     self._step()
             except Exception as e:  # keep serving: report to the rows of this batch only
@@ -122,6 +128,8 @@ class ContinuousBatcher:
                     if not row.done:
                         row.fail(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
                 self._reset()
+            finally:
+                self.outbox.flush()
             self.scheduler.running = len(self.rows)
 
     @torch.no_grad()
@@ -139,13 +147,14 @@ class ContinuousBatcher:
         if not live:
             return
         t0 = time.perf_counter()
-        rows = [_Row(job, self.runner) for job in live]
+        for job in live:
+            job.outbox = self.outbox
+        rows = [Row(job, self.runner) for job in live]
         contexts = RowContexts.build(self.model, [job.contexts for job in live])
         joiner = decoding.Batch(self.model, self.runner.pad_id, context=contexts.context)
         logits = joiner.prefill([job.prompt_ids for job in live])
         tokens = decoding.pick(logits, [r.sampler for r in rows])
-        for row, token in zip(rows, tokens.tolist()):
-            row.push(token)
+        push_tokens(rows, tokens.tolist(), self.runner.detokenizer)
         self.metrics.generated(len(rows))
         self.metrics.add("prompt_tokens", sum(len(j.prompt_ids) for j in live))
         self.metrics.add("context_tokens", sum(j.context_tokens for j in live))
@@ -154,6 +163,7 @@ class ContinuousBatcher:
             "event": "join", "size": len(live), "running": len(self.rows), "prompt_len": joiner.length,
             "context_len": contexts.width, "prefill_ms": round(1000 * (time.perf_counter() - t0), 1)}})
         if len(keep) < len(rows):
+            self._leave(rows)
             joiner.keep(keep)
             contexts.keep(keep)
         if not keep:
@@ -166,14 +176,20 @@ class ContinuousBatcher:
         )
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
 
+    @staticmethod
+    def _leave(rows: list[Row]) -> None:
+        """Finished rows' jobs emit directly again (their last events are already in the outbox)."""
+        for row in rows:
+            if row.done:
+                row.job.outbox = None
+
     @torch.no_grad()
     def _step(self) -> None:
         self.batch.kwargs["context"] = self.contexts.context
         logits = self.batch.step(self.tokens)
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
         tokens = decoding.pick(logits, [r.sampler for r in self.rows])
-        for row, token in zip(self.rows, tokens.tolist()):
-            row.push(token)
+        push_tokens(self.rows, tokens.tolist(), self.runner.detokenizer)
         self.metrics.generated(len(self.rows))
         self.metrics.add("batches")
         self.metrics.add("batched_requests", len(self.rows))
@@ -183,6 +199,7 @@ class ContinuousBatcher:
                     row.fail(503, "server is shutting down", "server_error")
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) < len(self.rows):
+            self._leave(self.rows)
             log.info(
                 "leave",
                 extra={

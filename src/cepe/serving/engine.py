@@ -31,6 +31,7 @@ import torch
 
 from ..model import decoding
 from ..model.context import ContextStates
+from .rows import Detokenizer, Outbox, Row, push_tokens
 
 log = logging.getLogger("cepe.serving")
 
@@ -83,10 +84,13 @@ class Job:
         self.cancelled = threading.Event()
         self.finished = False
         self.enqueued = time.monotonic()
+        self.outbox: Outbox | None = None  # set by a batcher that delivers a step's events together
 
     def emit(self, *event: Any) -> None:
         if event[0] in ("done", "error"):
             self.finished = True
+        if self.outbox is not None:
+            return self.outbox.put(self.loop, self.sink, (self.index, event))
         try:
             self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, event))
         except RuntimeError:  # the handler's loop is gone: nobody is listening
@@ -275,70 +279,6 @@ class Scheduler:
                 self.running = 0
 
 
-class _Row:
-    """One sequence of a running batch: decodes its text, applies stop strings, limits, deadline."""
-
-    def __init__(self, job: GenerateJob, runner: Runner):
-        self.job, self.runner, self.s = job, runner, job.sampling
-        self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
-        self.done = False
-        # a generator per row: a seeded request samples the same in any batch
-        self.sampler = decoding.Sampler(decoding.SamplingParams(self.s.temperature, self.s.top_p, seed=self.s.seed))
-
-    def _text(self) -> str:
-        return self.runner.decode(self.ids)
-
-    def _flush(self, text: str, final: bool) -> None:
-        safe = len(text)
-        if not final:
-            # hold back an incomplete UTF-8 character and anything that may begin a stop string
-            while safe > self.sent and text[safe - 1] == "\ufffd":
-                safe -= 1
-            for stop in self.s.stop:
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-        if safe > self.sent:
-            self.job.emit("delta", text[self.sent : safe])
-            self.sent = safe
-
-    def finish(self, reason: str, text: str | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._flush(self._text() if text is None else text, final=True)
-        usage = {"prompt_tokens": len(self.job.prompt_ids), "completion_tokens": len(self.ids),
-                 "context_tokens": self.job.context_tokens}
-        self.job.emit("done", reason, usage)
-
-    def fail(self, status: int, message: str, kind: str) -> None:
-        self.done = True
-        self.job.emit("error", status, message, kind)
-
-    def push(self, token: int) -> None:
-        """Take the token sampled for this row; decide whether the row is finished."""
-        if self.done:
-            return
-        if self.job.cancelled.is_set():  # counted by whoever cancelled it
-            self.done = True
-            return
-        if time.monotonic() > self.job.deadline:
-            self.runner.metrics.add("timeouts")
-            return self.fail(504, f"generation timed out after {len(self.ids)} tokens", "timeout")
-        if token in self.runner.eos_ids and not self.s.ignore_eos:
-            return self.finish("stop")
-        self.ids.append(token)
-        text = self._text()
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.s.stop) if i >= 0]
-        if hits:
-            return self.finish("stop", text[: min(hits)])
-        if len(self.ids) >= self.s.max_tokens:
-            return self.finish("length", text)
-        self._flush(text, final=False)
-
-
 class Runner:
     """Runs the model for the worker: encodes documents and decodes batches token by token."""
 
@@ -353,10 +293,7 @@ class Runner:
         self.eos_ids = eos
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
-
-    def decode(self, ids: list[int]) -> str:
-        with self.lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.detokenizer = Detokenizer(tokenizer, tokenizer_lock)
 
     def run(self, jobs: list[Job], should_stop: Callable[[], bool] = lambda: False) -> None:
         if jobs[0].kind == "encode":
@@ -398,30 +335,37 @@ class Runner:
 
     @torch.no_grad()
     def generate(self, jobs: list[GenerateJob], should_stop: Callable[[], bool]) -> None:
-        rows = [_Row(job, self) for job in jobs]
+        rows = [Row(job, self) for job in jobs]
         context = self._batch_context(jobs)
         b, t = len(jobs), max(len(j.prompt_ids) for j in jobs)
         batch = decoding.Batch(self.model, self.pad_id, context=context)
         t0 = time.perf_counter()
         logits = batch.prefill([j.prompt_ids for j in jobs])  # left-padded: every row's next token is last
         t_prefill = time.perf_counter() - t0
-        steps = 0
-        for _ in range(max(j.sampling.max_tokens for j in jobs)):
-            tokens = decoding.pick(logits, [None if r.done else r.sampler for r in rows])
-            live = sum(not r.done for r in rows)
-            for row, tok in zip(rows, tokens.tolist()):
-                row.push(tok)
-            self.metrics.generated(live)
-            steps += 1
-            if should_stop():
-                for row in rows:
-                    if not row.done:
-                        row.fail(503, "server is shutting down", "server_error")
-            if all(r.done for r in rows):
-                break
-            logits = batch.step(tokens)
-        for row in rows:
-            row.finish("length")
+        steps, outbox = 0, Outbox()
+        for job in jobs:
+            job.outbox = outbox  # a step's deltas reach the handlers' loop in one wake-up
+        try:
+            for _ in range(max(j.sampling.max_tokens for j in jobs)):
+                tokens = decoding.pick(logits, [None if r.done else r.sampler for r in rows])
+                live = sum(not r.done for r in rows)
+                push_tokens(rows, tokens.tolist(), self.detokenizer)
+                outbox.flush()
+                self.metrics.generated(live)
+                steps += 1
+                if should_stop():
+                    for row in rows:
+                        if not row.done:
+                            row.fail(503, "server is shutting down", "server_error")
+                if all(r.done for r in rows):
+                    break
+                logits = batch.step(tokens)
+            for row in rows:
+                row.finish("length")
+        finally:
+            for job in jobs:
+                job.outbox = None
+            outbox.flush()
         elapsed = time.perf_counter() - t0
         self.metrics.add("batches")
         self.metrics.add("batched_requests", b)
