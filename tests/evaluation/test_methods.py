@@ -161,6 +161,28 @@ def test_all_methods_score_the_same_positions():
         torch.testing.assert_close(score(m, bare), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_bos_comes_first_for_every_method():
+    # Gemma's decoder reads <bos> first (CEPE was trained with it before each window): every
+    # method's decoder input starts with it, the scored positions stay the same
+    model = tiny_cepe("llama", "decoder", init="zero")
+    bos = 3
+    names = ["cepe", "truncated", "full", "streamingllm", "replug"]
+    methods = build_methods(names, model, window=32, replug_chunk_tokens=8, bos=bos)
+    toks = random_ids(16, 31)
+    bare = Request(tokens=toks, prefix=[5, 6], score_start=9)
+    ref = direct(model.decoder, [bos, 5, 6] + toks, 3 + 9)
+    assert not torch.allclose(ref, direct(model.decoder, [5, 6] + toks, 2 + 9))
+    for name, m in methods.items():
+        torch.testing.assert_close(score(m, bare), ref, rtol=1e-5, atol=1e-5, msg=name)
+        assert m.decoder_length(bare) == 3 + 16
+    with_ctx = Request(tokens=toks, context=[random_ids(12, 32)], score_start=9)
+    full = direct(model.decoder, [bos] + with_ctx.context[0] + toks, 1 + 12 + 9)
+    torch.testing.assert_close(score(methods["full"], with_ctx), full, rtol=1e-5, atol=1e-5)
+    assert methods["truncated"].generate(bare, 4) == greedy_generate(methods["truncated"], bare, 4)
+    # without bos (SmolLM2): unchanged
+    assert build_methods(["truncated"], model)["truncated"].bos == ()
+
+
 def test_cached_generation_equals_greedy_loop():
     model = tiny_cepe("llama", "decoder", init="copy")
     methods = build_methods(["cepe", "truncated", "full", "replug", "streamingllm"], model, window=24)

@@ -112,14 +112,20 @@ def split_documents(names: list[str], patterns: list[str], fraction: float, seed
     return held
 
 
+def tokenizer_bos(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer puts it before text itself (Gemma, through its post-processor:
+    its add_bos_token reads False), else None (SmolLM2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos) if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def decoder_bos(cfg: DataConfig, tokenizer: Any) -> int | None:
     """The BOS id put before every decoder window (`data.decoder_bos`; auto: when the decoder's
     tokenizer adds one itself, as Gemma's does; SmolLM2's GGUF BOS is a chat token and is off)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     wanted = cfg.decoder_bos
     if wanted is None:
-        # Gemma's tokenizer adds <bos> through its post-processor (its add_bos_token reads False)
-        wanted = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        wanted = tokenizer_bos(tokenizer) is not None
     if wanted and bos is None:
         raise ValueError("data.decoder_bos=true: the decoder's tokenizer has no BOS token")
     return int(bos) if wanted else None

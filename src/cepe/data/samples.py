@@ -229,6 +229,8 @@ class SampleStream(torch.utils.data.Dataset):
             # Gemma reads <bos> first (without it English ppl 6.6 -> 68.7); no loss on it
             sample["input_ids"] = np.concatenate([[self.bos_id], sample["input_ids"]]).astype(np.int64)
             sample["labels"] = np.concatenate([[-100], sample["labels"]]).astype(np.int64)
+            if "task_mask" in sample:  # answers stay where they are: one position later
+                sample["task_mask"] = np.concatenate([[False], sample["task_mask"]]).astype(bool)
         sample["kind"], sample["index"] = kind, int(index)
         return sample
 

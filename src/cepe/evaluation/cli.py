@@ -162,16 +162,21 @@ def _setup(args):
     window = args.stream_window or getattr(args, "decoder_tokens", None) or 512
     # long-text tasks split their one context document into REPLUG passes; passage tasks do not
     replug_chunk = (args.replug_chunk or args.decoder_tokens) if hasattr(args, "replug_chunk") else None
+    from ..data.pipeline import tokenizer_bos
+
+    bos = tokenizer_bos(em.tokenizer)  # Gemma reads <bos> first, as CEPE was trained (data.decoder_bos)
     methods = build_methods(
         names, em.cepe, em.decoder, window=window, num_sinks=args.sinks, rope_factor=args.rope_factor,
         full_max_length=getattr(args, "full_window", None), replug_weighting=args.replug_weighting,
         replug_chunk_tokens=replug_chunk, replug_batch_size=args.batch_size, pad_id=em.pad_id,
+        bos=bos,
     )
     for name, folder in extra:
         if name in methods:
             raise ValueError(f"--compare-adapter name {name!r} is already a method")
         add_adapter(em, name, folder)
         methods[name] = Cepe(em.others[name], pad_id=em.pad_id, name=name)
+        methods[name].bos = () if bos is None else (bos,)
     if args.length_scaling is not None:
         from ..model.configuration import length_scaling
 

@@ -70,6 +70,12 @@ class Method:
 
     name: str = "method"
     reads_context: bool = True
+    bos: tuple[int, ...] = ()  # read before everything (build_methods(bos=...)): Gemma's <bos>
+
+    def head(self, request: Request) -> list[int]:
+        """The ids every layout starts with: the decoder's <bos> if it reads one (as CEPE's
+        training put it before each window: `data.decoder_bos`), then the request's prefix."""
+        return [*self.bos, *request.prefix]
 
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
         raise NotImplementedError
@@ -90,7 +96,7 @@ class Method:
 
     def decoder_length(self, request: Request) -> int:
         """Longest sequence the decoder runs on for this request."""
-        return len(request.prefix) + len(request.tokens)
+        return len(self.head(request)) + len(request.tokens)
 
     def decoder_rows(self, request: Request) -> int:
         """Decoder sequences one request takes in a batch (REPLUG: one per pass)."""
@@ -109,17 +115,17 @@ class Truncated(Method):
         self.decoder, self.pad_id, self.name = decoder, pad_id, name
 
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
-        ids = torch.tensor([request.prefix + request.tokens])
+        ids = torch.tensor([self.head(request) + request.tokens])
         return decoder_log_probs(self.decoder, ids, last)[0]
 
     def log_probs_batch(self, requests: list[Request], last: int) -> torch.Tensor:
-        return _padded_log_probs(self.decoder, [r.prefix + r.tokens for r in requests], last, self.pad_id)
+        return _padded_log_probs(self.decoder, [self.head(r) + r.tokens for r in requests], last, self.pad_id)
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
-        return _greedy(self.decoder, [request.prefix + request.tokens], max_new_tokens, stop_ids, self.pad_id)[0]
+        return _greedy(self.decoder, [self.head(request) + request.tokens], max_new_tokens, stop_ids, self.pad_id)[0]
 
     def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
-        rows = [r.prefix + r.tokens for r in requests]
+        rows = [self.head(r) + r.tokens for r in requests]
         return _greedy(self.decoder, rows, max_new_tokens, stop_ids, self.pad_id)
 
 
@@ -141,7 +147,7 @@ class Full(Method):
         self.name = "full" if rope is None else f"full-{rope}"
 
     def ids(self, request: Request) -> list[int]:
-        ids = request.prefix + request.context_ids() + request.tokens
+        ids = self.head(request) + request.context_ids() + request.tokens
         if len(ids) > self.max_length:
             raise DoesNotFit(f"{self.name}: {len(ids)} tokens exceed its window of {self.max_length}")
         return ids
@@ -150,7 +156,7 @@ class Full(Method):
         return self.rope_factor if self.rope_factor is not None else max(1.0, length / self.window)
 
     def decoder_length(self, request: Request) -> int:
-        return len(request.prefix) + len(request.context_ids()) + len(request.tokens)
+        return len(self.head(request)) + len(request.context_ids()) + len(request.tokens)
 
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
         ids = self.ids(request)
@@ -161,8 +167,8 @@ class Full(Method):
         if self.rope is not None:  # the scaling factor depends on each request's length
             return super().log_probs_batch(requests, last)
         rows = [self.ids(r) for r in requests]  # also refuses a request over the window (DoesNotFit)
-        shared = requests[0].prefix + requests[0].context_ids()
-        if len(shared) >= 64 and all(r.prefix + r.context_ids() == shared and len(r.tokens) >= last for r in requests):
+        shared = self.head(requests[0]) + requests[0].context_ids()
+        if len(shared) >= 64 and all(self.head(r) + r.context_ids() == shared and len(r.tokens) >= last for r in requests):
             # candidates of one prompt (and, in ICL, every prompt) share the long context: its
             # keys/values are computed once and kept, only each row's own tokens run
             return self._prefix.log_probs(self.decoder, shared, [r.tokens for r in requests], last)
@@ -189,10 +195,10 @@ class StreamingLLM(Method):
         self.name = "streamingllm"
 
     def decoder_length(self, request: Request) -> int:
-        return min(self.window, len(request.prefix) + len(request.context_ids()) + len(request.tokens))
+        return min(self.window, len(self.head(request)) + len(request.context_ids()) + len(request.tokens))
 
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
-        ids = torch.tensor([request.prefix + request.context_ids() + request.tokens])
+        ids = torch.tensor([self.head(request) + request.context_ids() + request.tokens])
         if ids.shape[1] <= self.window:  # nothing evicted yet: the plain causal decoder
             return decoder_log_probs(self.decoder, ids, last)[0]
         with sink_attention(self.decoder, self.num_sinks, self.window, self.block):
@@ -245,7 +251,7 @@ class Replug(Method):
 
     def passes(self, request: Request) -> list[list[int]]:
         docs = self.documents(request) or [[]]
-        return [request.prefix + doc + request.tokens for doc in docs]
+        return [self.head(request) + doc + request.tokens for doc in docs]
 
     def decoder_length(self, request: Request) -> int:
         return max(len(p) for p in self.passes(request))
@@ -346,7 +352,7 @@ class Cepe(Method):
         return self._cache[1]
 
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
-        ids = torch.tensor([request.prefix + request.tokens], device=_device(self.model))
+        ids = torch.tensor([self.head(request) + request.tokens], device=_device(self.model))
         out = self.model(input_ids=ids, context=self.context(request), logits_to_keep=last, use_cache=False)
         return out.logits[0, -last:].float().log_softmax(-1)
 
@@ -354,12 +360,12 @@ class Cepe(Method):
         same = all(r.context == requests[0].context for r in requests)
         # one shared context (label candidates of one prompt) is encoded once and expanded
         ctx = self.context(requests[0]) if same else self.batch_context(requests)
-        return _padded_log_probs(self.model, [r.prefix + r.tokens for r in requests], last, self.pad_id,
+        return _padded_log_probs(self.model, [self.head(r) + r.tokens for r in requests], last, self.pad_id,
                                  **({"context": ctx} if ctx is not None else {}))
 
     def generate(self, request: Request, max_new_tokens: int, stop_ids=frozenset()) -> list[int]:
         ctx = self.context(request)
-        return _greedy(self.model, [request.prefix + request.tokens], max_new_tokens, stop_ids, self.pad_id,
+        return _greedy(self.model, [self.head(request) + request.tokens], max_new_tokens, stop_ids, self.pad_id,
                        **({"context": ctx} if ctx is not None else {}))[0]
 
     def batch_context(self, requests: list[Request]):
@@ -375,7 +381,7 @@ class Cepe(Method):
 
     def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
         ctx = self.batch_context(requests)
-        rows = [r.prefix + r.tokens for r in requests]
+        rows = [self.head(r) + r.tokens for r in requests]
         return _greedy(self.model, rows, max_new_tokens, stop_ids, self.pad_id,
                        **({"context": ctx} if ctx is not None else {}))
 
@@ -397,10 +403,11 @@ def build_methods(
     replug_batch_size: int = 4,
     pad_id: int = 0,
     to_encoder: Callable | None = None,
+    bos: int | None = None,
 ) -> dict[str, Method]:
     """Methods by name. `model` is a `CepeForCausalLM` (needed for `cepe`); base-decoder methods
     use `decoder` or else `model.decoder`. `window` is StreamingLLM's cache (default: the
-    decoder window D of the task)."""
+    decoder window D of the task). `bos`: put before every method's decoder input (Gemma)."""
     decoder = decoder if decoder is not None else getattr(model, "decoder", None)
     if decoder is None:
         raise ValueError("no decoder: pass a CEPE model or a base decoder")
@@ -422,5 +429,6 @@ def build_methods(
                                batch_size=replug_batch_size, pad_id=pad_id)
         else:
             raise ValueError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+        out[name].bos = () if bos is None else (int(bos),)
     return out
 
