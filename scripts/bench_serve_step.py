@@ -6,7 +6,8 @@ Times, at each batch size B (rows with their own contexts, greedy, every row dec
             and one transfer of the tokens to the host: what the one decoding loop adds;
   worker    one iteration of the continuous batcher (`ContinuousBatcher._step`): rows, detokenising,
             stop checks, events to an asyncio loop running in another thread, as the server does.
-loop = worker - batch (the serving loop's own cost); overhead = worker - floor. `--profile` prints cProfile's hottest functions of the worker's steps.
+loop = worker - batch (the serving loop's own cost); overhead = worker - floor. `--profile` prints
+cProfile's hottest functions of the worker's steps.
 `--count-ops` counts the aten operators of one step instead (each a kernel launch on a GPU; views, which
 launch nothing, counted apart): the bare decoder step, the CEPE step with and without its context, and
 the cross-attention's share per cross-attention layer.
@@ -193,7 +194,7 @@ def count_ops(model, prompt_ids, ctxs) -> dict:
         batch = decoding.Batch(net, pad_id=0, **kwargs)
         state = {"tokens": batch.prefill(prompt_ids).argmax(-1)}
 
-        def step():
+        def step(batch=batch, state=state):  # bound now: called within this iteration
             state["tokens"] = batch.step(state["tokens"]).argmax(-1)
 
         counter = count_step(step)

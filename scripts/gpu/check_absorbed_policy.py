@@ -2,7 +2,8 @@
 peak memory and eager time per decoding step of each policy, greedy-token agreement, and every
 step's logits teacher-forced on the `cache` run's tokens (relative error, argmax agreement).
 
-    PYTHONPATH=src python3 scripts/gpu/check_absorbed_policy.py --preset llama2-7b --context 16K,128K,512K,1024K --out $OUT
+    PYTHONPATH=src python3 scripts/gpu/check_absorbed_policy.py --preset llama2-7b \
+        --context 16K,128K,512K,1024K --out $OUT
     PYTHONPATH=src python3 scripts/gpu/check_absorbed_policy.py --preset tiny --context 512 --device cpu
 
 The context is encoded once per length with grad off, then each run gets a fresh `ContextStates`

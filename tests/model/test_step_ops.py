@@ -9,7 +9,6 @@ from conftest import tiny_cepe
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cepe.model import decoding
-from cepe.model.cross_attention import ContextBias
 from cepe.model.cross_cache import CrossAttentionCache
 
 # rms norm (6), q and o projections, attention, the two residual adds of the layer hooks
@@ -83,7 +82,8 @@ def test_context_bias_gives_the_masked_attention():
         assert torch.equal(got, block(h, k, v, key_mask, cache.logit_scale(key_mask, 4)))
         q = block.q_proj(block.norm(h)).view(3, 2, 4, 8).transpose(1, 2)  # (B, Hq, T, d)
         scale = torch.log(torch.tensor(4.0)) / torch.log(torch.tensor(7.0))
-        logits = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * block.scaling * torch.tensor([scale, 1, 1]).view(3, 1, 1, 1)
+        row_scale = torch.tensor([scale, 1, 1]).view(3, 1, 1, 1)
+        logits = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * block.scaling * row_scale
         p = logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
         expect = block.o_proj((p @ v.repeat_interleave(2, dim=1)).transpose(1, 2).reshape(3, 2, 32))
     torch.testing.assert_close(got, expect)

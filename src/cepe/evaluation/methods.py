@@ -168,7 +168,8 @@ class Full(Method):
             return super().log_probs_batch(requests, last)
         rows = [self.ids(r) for r in requests]  # also refuses a request over the window (DoesNotFit)
         shared = self.head(requests[0]) + requests[0].context_ids()
-        if len(shared) >= 64 and all(self.head(r) + r.context_ids() == shared and len(r.tokens) >= last for r in requests):
+        same = all(self.head(r) + r.context_ids() == shared and len(r.tokens) >= last for r in requests)
+        if len(shared) >= 64 and same:
             # candidates of one prompt (and, in ICL, every prompt) share the long context: its
             # keys/values are computed once and kept, only each row's own tokens run
             return self._prefix.log_probs(self.decoder, shared, [r.tokens for r in requests], last)
