@@ -8,7 +8,8 @@ random draws (numbers, codes, hex ids, dates, words): the loss on them falls onl
 encoder, which is the skill needle-in-a-haystack retrieval, multi-value lookup and variable
 tracking ask for. Keys, wordings and value types vary per sample; no evaluation template is used.
 Formats, one per sample:
-    single  1-8 facts with distinct keys, 1-3 of them asked
+    single  1-8 facts with distinct keys, 1-3 of them asked (a lone fact is stated without a key
+            in 30% of one-fact samples: "the code is ...")
     multi   one key stated 2-4 times with different values, all asked in order of appearance
     chain   a value assigned to a name, then names assigned from names (with a distractor chain);
             asked for every name that holds the value, in order
@@ -43,6 +44,11 @@ QUESTIONS = (
     "Looking back at the text, the {a} for {k} was", "The {a} of {k}, as stated above, is",
     "{k} -> {a} =", "Answer: the {a} of {k} is", "Which {a} belongs to {k}? It is",
 )
+# one fact and no key: "the code is ..." (a lone secret in a long text, asked without naming its owner)
+KEYLESS_STATEMENTS = ("The {a} is {v}.", "Remember: the {a} is {v}.", "{v} is the {a}.", "Your {a} is {v}. Keep it.",
+                      "(The {a} for today: {v}.)")
+KEYLESS_QUESTIONS = ("What is the {a}? The {a} is", "Q: What was the {a}?\nA:", "The {a} mentioned above is",
+                     "Recall the {a}:")
 MULTI_STATEMENTS = ("One {a} of {k} is {v}.", "{k} also has the {a} {v}.", "Another {a} for {k}: {v}.",
                     "{k} is listed with {a} {v}.")
 MULTI_QUESTIONS = ("List every {a} of {k}, in the order given:", "All {a}s of {k} mentioned above:",
@@ -88,6 +94,9 @@ class FactsBuilder(CopyingBuilder):
     def _single(self, rng, words):
         lo, hi = self.cfg.facts.facts
         n = int(rng.integers(lo, hi + 1))
+        if n == 1 and rng.random() < 0.3:
+            a, v = _pick(rng, ATTRIBUTES), _value(rng, words)
+            return [_pick(rng, KEYLESS_STATEMENTS).format(a=a, v=v)], [(_pick(rng, KEYLESS_QUESTIONS).format(a=a), v)]
         keys = _distinct(lambda: _key(rng, words), n)
         statements, qa = [], []
         for k in keys:
