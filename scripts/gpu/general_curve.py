@@ -1,4 +1,5 @@
-"""Held-out loss against decoder tokens trained, from a run folder (metrics.jsonl + config.yaml).
+"""Held-out loss against decoder tokens trained, from a run folder (metrics.jsonl + config.yaml),
+and beside it the held-out answer accuracy (copy, facts and label answers only) where it was logged.
 
 Tokens per step follow from the config alone (the windows are a pure function of the sample
 index, `cepe.data.samples.block_window`), so this also works on a metrics file brought back here.
@@ -42,7 +43,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax_task) = plt.subplots(1, 2, figsize=(12, 4))
     table = {}
     for run in args.runs:
         cfg = load_config(str(run / "config.yaml"), [])
@@ -60,19 +61,34 @@ def main() -> None:
         ax.plot(x, [e for _, e, _ in evals], marker="o", label=f"{run.name} with context")
         if evals[0][2] is not None:
             ax.axhline(evals[0][2], ls="--", color="gray", lw=0.8)
+        task = {r["step"]: (r["eval/task_accuracy_with_context"], r.get("eval/task_accuracy_without_context"))
+                for r in rows if "eval/task_accuracy_with_context" in r}
+        if task:
+            steps = sorted(task)
+            ax_task.plot([tok[s - 1] / 1e6 for s in steps], [100 * task[s][0] for s in steps], marker="o",
+                         label=f"{run.name} with context")
+            if task[steps[0]][1] is not None:
+                ax_task.axhline(100 * task[steps[0]][1], ls="--", color="gray", lw=0.8)
         table[run.name] = [
-            {"step": s, "tokens": int(tok[s - 1]), "loss_with_context": e, "loss_without_context": n}
+            {"step": s, "tokens": int(tok[s - 1]), "loss_with_context": e, "loss_without_context": n,
+             **({"answer_accuracy_with_context": task[s][0]} if s in task else {})}
             for s, e, n in evals
         ]
         for s, e, n in evals:
+            answers = f"  answers {100 * task[s][0]:.1f}%" if s in task else ""
             print(
                 f"{run.name:<24} step {s:>6}  {tok[s - 1] / 1e6:9.1f}M tokens  "
-                f"held-out loss {e:.4f}  (no context {n:.4f})"
+                f"held-out loss {e:.4f}  (no context {n:.4f}){answers}"
             )
     ax.set_xlabel("decoder tokens trained (M)")
     ax.set_ylabel("held-out loss")
     ax.set_title("held-out loss vs tokens trained (dashed: the decoder without context)")
     ax.legend()
+    ax_task.set_xlabel("decoder tokens trained (M)")
+    ax_task.set_ylabel("held-out answer accuracy (%)")
+    ax_task.set_title("answers read from the context (dashed: without context)")
+    if ax_task.lines:
+        ax_task.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     args.out.with_suffix(".json").write_text(json.dumps(table, indent=1))
