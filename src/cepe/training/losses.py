@@ -25,7 +25,7 @@ def task_weights(labels: torch.Tensor, task_mask: torch.Tensor, task_weight: flo
     in a token mean its gradient all but vanishes. With `task_weight` w > 0 the answer tokens of
     each row together weigh w times its other labelled tokens (never less than 1 each); w = 0:
     every labelled token weighs 1."""
-    valid = labels[:, 1:] != -100
+    valid = loss_mask(labels)
     weights = valid.float()
     if task_weight <= 0:
         return weights

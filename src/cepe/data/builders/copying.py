@@ -118,17 +118,23 @@ class CopyingBuilder(LongDocumentBuilder):
     def _queries(
         self, rng: np.random.Generator, pairs: list[tuple[str, str]], prompt, budget: int, cue: str, tail: str = "\n"
     ):
-        """Cue, then `prompt(key)` (no loss) + value (loss) + `tail` (the rest of the line), while they fit."""
+        """Cue, then `prompt(key)` (no loss) + value (loss) + `tail` (the rest of the line), for
+        `copying.queries` random pairs, while they fit."""
         lo, hi = self.cfg.copying.queries
+        picked = rng.permutation(len(pairs))[: int(rng.integers(lo, hi + 1))]
+        return self._qa_segments(cue, ((prompt(pairs[int(i)][0]), pairs[int(i)][1], tail) for i in picked), budget)
+
+    def _qa_segments(self, cue: str, items, budget: int) -> list[tuple[np.ndarray, bool]] | None:
+        """Cue, then per (question, answer, tail) of `items`: the question and tail unscored, the
+        answer scored, while the task's tokens fit `budget`; None if not one does."""
         segments = [(self.codec.dec(cue), False)]
         used = len(segments[0][0])
-        for i in rng.permutation(len(pairs))[: int(rng.integers(lo, hi + 1))]:
-            key, value = pairs[int(i)]
-            q, a, nl = self.codec.dec(prompt(key)), self.codec.dec(value), self.codec.dec(tail)
-            if used + len(q) + len(a) + len(nl) > budget:
+        for question, answer, tail in items:
+            q, a, t = self.codec.dec(question), self.codec.dec(answer), self.codec.dec(tail)
+            if used + len(q) + len(a) + len(t) > budget:
                 break
-            segments += [(q, False), (a, True), (nl, False)]
-            used += len(q) + len(a) + len(nl)
+            segments += [(q, False), (a, True), (t, False)]
+            used += len(q) + len(a) + len(t)
         return segments if len(segments) > 1 else None
 
     def _lookup(self, rng: np.random.Generator, ctx: np.ndarray, budget: int):

@@ -135,15 +135,7 @@ class FactsBuilder(CopyingBuilder):
     # ------------------------------------------------------------------ assembly
     def _segments(self, rng, qa: list[tuple[str, str]], budget: int) -> list[tuple[np.ndarray, bool]] | None:
         """Cue, then per question: the question (no loss), " value" (loss), the line's end."""
-        segments = [(self.codec.dec(_pick(rng, CUES)), False)]
-        used = len(segments[0][0])
-        for question, value in qa:
-            q, a, end = self.codec.dec(question), self.codec.dec(" " + value), self.codec.dec(".\n")
-            if used + len(q) + len(a) + len(end) > budget:
-                break
-            segments += [(q, False), (a, True), (end, False)]
-            used += len(q) + len(a) + len(end)
-        return segments if len(segments) > 1 else None
+        return self._qa_segments(_pick(rng, CUES), ((q, " " + v, ".\n") for q, v in qa), budget)
 
     def _place(self, rng, text: str, statements: list[str], n_context: int) -> np.ndarray:
         """The context's text with `statements` inserted at word boundaries, in order, at random
