@@ -4,13 +4,15 @@ out as `cepe data build` writes it (OUT/train/<category>/<source>.jsonl)."""
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
 
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
 from cepe.data.builders import category_of, source_of
-from cepe.data.config import CopyingConfig, RetrievalConfig
+from cepe.data.builders.facts import _repeated
+from cepe.data.config import CopyingConfig, FactsConfig, RetrievalConfig
 
 VOCAB = [f"{a}{b}{c}" for a in "bcdfglmnprstvz" for b in "aeiou" for c in ("n", "r", "st", "ll", "mo")]
 
@@ -223,3 +225,35 @@ def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):
             for item in answer.replace(", ", " ").split(" ") if s["copy_format"] != "facts_single" else [answer]:
                 assert item in context, (s["copy_format"], item)
     assert formats == {"facts_single", "facts_multi", "facts_chain"}
+
+
+def test_repeated_haystack_is_one_span_of_the_text():
+    text = "Call me Ishmael. Some years ago I went to sea. It is a way I have. " * 3 + "The end came at last."
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        out = _repeated(rng, text)
+        assert len(out) >= len(text)
+        unit = out[: len(out) // 4]
+        # a span repeated: the text is its first span again and again
+        span = next(out[:n] for n in range(1, len(out)) if out[n:].startswith(" " + out[:n]) and
+                    out.replace(out[:n], "").strip() == "")
+        assert span in text and out.count(span) >= 2, unit
+
+
+def test_facts_in_a_repeated_haystack_still_answer_from_the_context(tmp_path, mix):
+    def squeezed(repeat):  # zlib's ratio on the contexts: a repeated span compresses far better than text
+        data, tok = _data(tmp_path / str(repeat), mix, decoder_windows=[400], window_block=2, mixture={"facts": 1.0},
+                          copying=CopyingConfig(task_tokens=200), facts=FactsConfig(repeat=repeat, same_attribute=1.0))
+        ratios = []
+        for i in range(20):
+            s = data.train[i]
+            context = tok.decode(s["context"][0].tolist())
+            ratios.append(len(zlib.compress(context.encode())) / len(context.encode()))
+            for a, b in _scored_runs(s):
+                answer = tok.decode(s["input_ids"][a:b].tolist()).strip()
+                for item in answer.replace(", ", " ").split(" ") if s["copy_format"] != "facts_single" else [answer]:
+                    assert item in context
+        return float(np.median(ratios))
+
+    r1, r0 = squeezed(1.0), squeezed(0.0)
+    assert r1 < 0.6 * r0

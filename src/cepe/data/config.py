@@ -42,6 +42,10 @@ class FactsConfig:
     facts: list[int] = field(default_factory=lambda: [1, 8])  # facts in a `single` sample's context
     queries: list[int] = field(default_factory=lambda: [1, 3])  # of them asked
     formats: dict[str, float] = field(default_factory=lambda: {"single": 0.6, "multi": 0.2, "chain": 0.2})
+    # share of samples whose context is one short span of its own text repeated (a noise haystack:
+    # the query must match the fact's words, not just the last token before the value)
+    repeat: float = 0.3
+    same_attribute: float = 0.5  # share of `single` samples whose facts all share one attribute (distractors)
 
 
 @dataclass

@@ -13,6 +13,9 @@ Formats, one per sample:
     multi   one key stated 2-4 times with different values, all asked in order of appearance
     chain   a value assigned to a name, then names assigned from names (with a distractor chain);
             asked for every name that holds the value, in order
+In `facts.repeat` of the samples the context is a short span of its own text repeated to full length
+(a noise haystack): there, copying whatever usually follows the question's last word ("... is")
+gives the haystack's word, so only matching the fact's own words finds the value.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class FactsBuilder(CopyingBuilder):
         budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
         text = self.codec.decode(self._context_decoder_tokens(base["doc"], base["position"], len(context)))
         words = sorted(set(WORD.findall(text))) or ["river", "lantern", "copper", "meadow"]
+        if rng.random() < self.cfg.facts.repeat:
+            text = _repeated(rng, text)
         for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
             fmt = self.FORMATS[int(rng.choice(len(self.FORMATS), p=self.format_p))]
             statements, qa = getattr(self, f"_{fmt}")(rng, words)
@@ -98,9 +103,10 @@ class FactsBuilder(CopyingBuilder):
             a, v = _pick(rng, ATTRIBUTES), _value(rng, words)
             return [_pick(rng, KEYLESS_STATEMENTS).format(a=a, v=v)], [(_pick(rng, KEYLESS_QUESTIONS).format(a=a), v)]
         keys = _distinct(lambda: _key(rng, words), n)
+        shared = _pick(rng, ATTRIBUTES) if rng.random() < self.cfg.facts.same_attribute else None
         statements, qa = [], []
         for k in keys:
-            a, v = _pick(rng, ATTRIBUTES), _value(rng, words)
+            a, v = shared or _pick(rng, ATTRIBUTES), _value(rng, words)
             form = _pick(rng, STATEMENTS)
             statements.append(form.format(k=k, a=a, u=a.replace(" ", "_"), v=v))
             qa.append((_pick(rng, QUESTIONS).format(k=k, a=a), v))
@@ -142,9 +148,9 @@ class FactsBuilder(CopyingBuilder):
         depths; cut at its start so it keeps its encoder length -> (n_context,) encoder ids."""
         inserts = [" " + s + " " for s in statements]
         extra = sum(len(self.codec.enc(s)) for s in inserts)
-        ids = self.codec.enc(text)
-        if extra < len(ids):  # room for the statements: the oldest text makes it
-            text = self.codec.decode_encoder(ids[extra:])
+        ids, keep = self.codec.enc(text), n_context - extra
+        if 0 < keep < len(ids):  # room for the statements: the oldest text makes it
+            text = self.codec.decode_encoder(ids[-keep:])
         bounds = [m.start() for m in re.finditer(r"\s", text)] or [len(text)]
         at = np.sort(rng.choice(bounds, size=len(inserts)))
         pieces, prev = [], 0
@@ -154,7 +160,21 @@ class FactsBuilder(CopyingBuilder):
         pieces.append(text[prev:])
         out = self.codec.enc("".join(pieces))
         # a token or two more than before, where inserts change how the text around them merges
-        return out[-n_context:] if extra < len(ids) else out
+        return out[-n_context:] if keep > 0 else out
+
+
+def _repeated(rng: np.random.Generator, text: str) -> str:
+    """One span of `text` (1-4 sentences, or 8-60 words) repeated to at least its length."""
+    if rng.random() < 0.5:
+        sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if x.strip()]
+        i = int(rng.integers(max(1, len(sentences) - 4) + 1)) if sentences else 0
+        span = " ".join(sentences[i : i + int(rng.integers(1, 5))])
+    else:
+        words = text.split()
+        i = int(rng.integers(max(1, len(words) - 8)))
+        span = " ".join(words[i : i + int(rng.integers(8, 61))])
+    span = span.strip() or "The river runs past the mill."
+    return " ".join([span] * (len(text) // (len(span) + 1) + 1))
 
 
 def _pick(rng: np.random.Generator, options):
