@@ -108,9 +108,12 @@ def test_stream_is_a_pure_function_of_the_index(tmp_path, mix):
 
 
 def _scored_runs(s: dict) -> list[tuple[int, int]]:
-    """Labelled runs after the first unlabelled token: the task's answers."""
-    lab = s["labels"] != -100
-    first = int(np.argmin(lab[1:])) + 1
+    """The task's answers: runs of `task_mask`, else labelled runs after the first unlabelled token."""
+    if "task_mask" in s:
+        lab, first = np.asarray(s["task_mask"], dtype=bool), 0
+    else:
+        lab = s["labels"] != -100
+        first = int(np.argmin(lab[1:])) + 1
     runs, i = [], first
     while i < len(lab):
         if lab[i]:
@@ -219,7 +222,8 @@ def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):
         # the task mask marks exactly the answers
         assert np.flatnonzero(s["task_mask"]).tolist() == [j for a, b in runs for j in range(a, b)]
         for a, b in runs:
-            answer = tok.decode(s["input_ids"][a:b].tolist()).strip()
+            answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
+            assert tok.decode(s["input_ids"][b - 1 : b].tolist()) == "."  # where the answer ends, scored
             assert answer not in tok.decode(s["input_ids"][:a].tolist())  # not readable in the decoder
             # multi-value and chain answers list several items, each stated in the context
             for item in answer.replace(", ", " ").split(" ") if s["copy_format"] != "facts_single" else [answer]:
@@ -250,7 +254,8 @@ def test_facts_in_a_repeated_haystack_still_answer_from_the_context(tmp_path, mi
             context = tok.decode(s["context"][0].tolist())
             ratios.append(len(zlib.compress(context.encode())) / len(context.encode()))
             for a, b in _scored_runs(s):
-                answer = tok.decode(s["input_ids"][a:b].tolist()).strip()
+                answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
+                assert tok.decode(s["input_ids"][b - 1 : b].tolist()) == "."  # where the answer ends, scored
                 for item in answer.replace(", ", " ").split(" ") if s["copy_format"] != "facts_single" else [answer]:
                     assert item in context
         return float(np.median(ratios))
@@ -270,7 +275,8 @@ def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
         s = data.train[i]
         context = tok.decode(s["context"][0].tolist())
         for a, b in _scored_runs(s):
-            before, answer = tok.decode(s["input_ids"][:a].tolist()), tok.decode(s["input_ids"][a:b].tolist()).strip()
+            before = tok.decode(s["input_ids"][:a].tolist())
+            answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
             # the question names an attribute and nothing else; the context states that attribute's value
             found = [(q, at) for q in KEYLESS_QUESTIONS for at in ATTRIBUTES if before.endswith(q.format(a=at))]
             assert found, before[-80:]
@@ -278,3 +284,20 @@ def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
             assert answer in context and attribute in context
             asked += 1
     assert asked >= 20
+
+
+def test_facts_windows_may_open_with_an_unscored_instruction(tmp_path, mix):
+    from cepe.data.builders.facts import INSTRUCTIONS
+
+    data, tok = _data(tmp_path, mix, decoder_windows=[400], window_block=2, mixture={"facts": 1.0},
+                      copying=CopyingConfig(task_tokens=200), facts=FactsConfig(instruction=1.0))
+    opened = 0
+    for i in range(16):
+        s = data.train[i]
+        text = tok.decode(s["input_ids"].tolist())
+        first = [x for x in INSTRUCTIONS if text.startswith(x)]
+        if first:
+            opened += 1
+            assert (s["labels"][: len(first[0])] == -100).all() and (s["labels"][len(first[0]) :] != -100).any()
+        assert _scored_runs(s) and s["task_mask"].any()
+    assert opened >= 14

@@ -47,6 +47,7 @@ class FactsConfig:
     repeat: float = 0.3
     same_attribute: float = 0.5  # share of keyed `single` samples whose facts all share one attribute (distractors)
     keyless: float = 0.35  # share of `single` samples whose facts have no name: told apart by attribute alone
+    instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)
 
 
 @dataclass

@@ -61,6 +61,16 @@ ASSIGNMENTS = ("{x} = {y}", "let {x} = {y};", "set {x} to {y}.", "{x} := {y}", "
                "{x} takes the value of {y}.")
 CHAIN_QUESTIONS = ("Which names hold the value {v}? In order:", "Every variable equal to {v}:",
                    "Q: Which names end up with {v}?\nA:")
+# opening a window: a user's prompt often starts with an instruction, which must not stop the model
+# from reading the context
+INSTRUCTIONS = (
+    "Read the document below. You will be asked about details in it.\n\n",
+    "The following text may contain facts you need later. Pay attention.\n\n",
+    "Answer questions about the text exactly, using what it states.\n\n",
+    "You are a careful assistant. Use the text you were given to answer.\n\n",
+    "Below is part of a long document; questions about the whole document follow.\n\n",
+    "Instructions: keep track of names, numbers and codes in the text.\n\n",
+)
 CUES = ("\n\n", "\n\nQuestions about the text above.\n", "\n\n---\n", "\n\nFrom memory of the text:\n")
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
 
@@ -92,6 +102,8 @@ class FactsBuilder(CopyingBuilder):
             if out is None:
                 continue
             new_context = self._place(rng, text, statements, len(context))
+            if rng.random() < self.cfg.facts.instruction:
+                out = self._instructed(rng, out)
             base.update(out, context=[new_context], copy_format=f"facts_{fmt}")
             return base
         return base
@@ -153,7 +165,17 @@ class FactsBuilder(CopyingBuilder):
         return statements, [(_pick(rng, CHAIN_QUESTIONS).format(v=values[0]), " ".join(chains[0]))]
 
     # ------------------------------------------------------------------ assembly
-    def _segments(self, rng, qa: list[tuple[str, str]], budget: int) -> list[tuple[np.ndarray, bool]] | None:
+    def _instructed(self, rng, out: dict) -> dict:
+        """The window's first tokens replaced by an instruction (no loss on it)."""
+        instruction = self.codec.dec(_pick(rng, INSTRUCTIONS))
+        n = len(instruction)
+        if 4 * n > len(out["input_ids"]) or out["task_mask"][:n].any():
+            return out
+        ids, labels = out["input_ids"].copy(), out["labels"].copy()
+        ids[:n], labels[:n] = instruction, -100
+        return dict(out, input_ids=ids, labels=labels)
+
+    def _segments(self, rng, qa: list[tuple[str, str]], budget: int) -> list[tuple[np.ndarray, bool | str]] | None:
         """Cue, then per question: the question (no loss), " value" (loss), the line's end."""
         return self._qa_segments(_pick(rng, CUES), ((q, " " + v, ".\n") for q, v in qa), budget)
 
