@@ -257,3 +257,24 @@ def test_facts_in_a_repeated_haystack_still_answer_from_the_context(tmp_path, mi
 
     r1, r0 = squeezed(1.0), squeezed(0.0)
     assert r1 < 0.6 * r0
+
+
+def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
+    from cepe.data.builders.facts import ATTRIBUTES, KEYLESS_QUESTIONS
+
+    data, tok = _data(tmp_path, mix, decoder_windows=[400], window_block=2, mixture={"facts": 1.0},
+                      copying=CopyingConfig(task_tokens=200),
+                      facts=FactsConfig(keyless=1.0, repeat=0.0, formats={"single": 1.0}))
+    asked = 0
+    for i in range(20):
+        s = data.train[i]
+        context = tok.decode(s["context"][0].tolist())
+        for a, b in _scored_runs(s):
+            before, answer = tok.decode(s["input_ids"][:a].tolist()), tok.decode(s["input_ids"][a:b].tolist()).strip()
+            # the question names an attribute and nothing else; the context states that attribute's value
+            found = [(q, at) for q in KEYLESS_QUESTIONS for at in ATTRIBUTES if before.endswith(q.format(a=at))]
+            assert found, before[-80:]
+            attribute = max((at for _, at in found), key=len)
+            assert answer in context and attribute in context
+            asked += 1
+    assert asked >= 20

@@ -226,6 +226,24 @@ def test_passkey_prompt_and_run(model, tok):
     assert header[-1] == "all" and len(rows) == 5
 
 
+def test_passkey_long_filler_is_read_to_the_length_not_repeated_whole(tok):
+    # a book as filler is longer than the prompt: it must be cut to the length, with the needle at
+    # its depth (a whole-book unit once gave 0 units: the needle sat next to the question)
+    book = " ".join(f"Sentence number {i} of the long book goes on." for i in range(400))
+    for length in (900, 1500):  # bytes as tokens
+        depths = []
+        for d in (0.1, 0.5, 0.9):
+            intro, body = passkey.build_prompt(tok, length, d, "12345", filler=book)
+            assert abs(len(intro) + len(body) - length) <= 1
+            text = tok.decode(body)
+            assert text.endswith(passkey.QUESTION) and text.startswith("Sentence number 0")
+            depths.append(text.index("The pass key is 12345") / len(text))
+            assert text[: text.index("The pass key")].rstrip().endswith(".")  # starts a sentence
+        assert depths[0] < 0.2 and 0.4 < depths[1] < 0.6 and depths[2] > 0.75, depths
+    short = passkey.build_prompt(tok, 300, 0.5, "12345", filler="Tiny. ")
+    assert tok.decode(short[1]).count("Tiny.") > 10  # a short filler still repeats in whole units
+
+
 def test_cepe_on_hf_encoder_uses_text(tok):
     """With an HF encoder, CEPE decodes the context to text and re-tokenizes it with the encoder's
     tokenizer (here the same character tokenizer)."""

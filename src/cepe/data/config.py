@@ -45,7 +45,8 @@ class FactsConfig:
     # share of samples whose context is one short span of its own text repeated (a noise haystack:
     # the query must match the fact's words, not just the last token before the value)
     repeat: float = 0.3
-    same_attribute: float = 0.5  # share of `single` samples whose facts all share one attribute (distractors)
+    same_attribute: float = 0.5  # share of keyed `single` samples whose facts all share one attribute (distractors)
+    keyless: float = 0.35  # share of `single` samples whose facts have no name: told apart by attribute alone
 
 
 @dataclass

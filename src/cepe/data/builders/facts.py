@@ -8,8 +8,9 @@ random draws (numbers, codes, hex ids, dates, words): the loss on them falls onl
 encoder, which is the skill needle-in-a-haystack retrieval, multi-value lookup and variable
 tracking ask for. Keys, wordings and value types vary per sample; no evaluation template is used.
 Formats, one per sample:
-    single  1-8 facts with distinct keys, 1-3 of them asked (a lone fact is stated without a key
-            in 30% of one-fact samples: "the code is ...")
+    single  1-8 facts with distinct keys, 1-3 of them asked; in `facts.keyless` of the samples the
+            facts have no name and distinct attributes ("the ticket number is ..."), asked by the
+            attribute alone; in `facts.same_attribute` of the others all share one attribute
     multi   one key stated 2-4 times with different values, all asked in order of appearance
     chain   a value assigned to a name, then names assigned from names (with a distractor chain);
             asked for every name that holds the value, in order
@@ -49,9 +50,9 @@ QUESTIONS = (
 )
 # one fact and no key: "the code is ..." (a lone secret in a long text, asked without naming its owner)
 KEYLESS_STATEMENTS = ("The {a} is {v}.", "Remember: the {a} is {v}.", "{v} is the {a}.", "Your {a} is {v}. Keep it.",
-                      "(The {a} for today: {v}.)")
+                      "(The {a} for today: {v}.)", "Please note the {a}: {v}.", "The {a} you will need is {v}.")
 KEYLESS_QUESTIONS = ("What is the {a}? The {a} is", "Q: What was the {a}?\nA:", "The {a} mentioned above is",
-                     "Recall the {a}:")
+                     "Recall the {a}:", "Which {a} was given in the text? It was", "Tell me the {a}. The {a} is")
 MULTI_STATEMENTS = ("One {a} of {k} is {v}.", "{k} also has the {a} {v}.", "Another {a} for {k}: {v}.",
                     "{k} is listed with {a} {v}.")
 MULTI_QUESTIONS = ("List every {a} of {k}, in the order given:", "All {a}s of {k} mentioned above:",
@@ -99,9 +100,8 @@ class FactsBuilder(CopyingBuilder):
     def _single(self, rng, words):
         lo, hi = self.cfg.facts.facts
         n = int(rng.integers(lo, hi + 1))
-        if n == 1 and rng.random() < 0.3:
-            a, v = _pick(rng, ATTRIBUTES), _value(rng, words)
-            return [_pick(rng, KEYLESS_STATEMENTS).format(a=a, v=v)], [(_pick(rng, KEYLESS_QUESTIONS).format(a=a), v)]
+        if rng.random() < self.cfg.facts.keyless:
+            return self._keyless(rng, words, n)
         keys = _distinct(lambda: _key(rng, words), n)
         shared = _pick(rng, ATTRIBUTES) if rng.random() < self.cfg.facts.same_attribute else None
         statements, qa = [], []
@@ -112,6 +112,20 @@ class FactsBuilder(CopyingBuilder):
             qa.append((_pick(rng, QUESTIONS).format(k=k, a=a), v))
         lo, hi = self.cfg.facts.queries
         asked = rng.permutation(len(qa))[: int(rng.integers(lo, hi + 1))]
+        return statements, [qa[int(i)] for i in asked]
+
+    def _keyless(self, rng, words, n):
+        """n facts without a name, one per attribute; 1-3 asked by their attribute."""
+        attributes: list[str] = []
+        for i in rng.permutation(len(ATTRIBUTES)):  # none inside another ("number", "room number")
+            a = ATTRIBUTES[int(i)]
+            if len(attributes) < n and not any(a in b or b in a for b in attributes):
+                attributes.append(a)
+        values = [_value(rng, words) for _ in attributes]
+        statements = [_pick(rng, KEYLESS_STATEMENTS).format(a=a, v=v) for a, v in zip(attributes, values)]
+        qa = [(_pick(rng, KEYLESS_QUESTIONS).format(a=a), v) for a, v in zip(attributes, values)]
+        lo, hi = self.cfg.facts.queries
+        asked = rng.permutation(n)[: int(rng.integers(lo, hi + 1))]
         return statements, [qa[int(i)] for i in asked]
 
     def _multi(self, rng, words):

@@ -48,8 +48,10 @@ class PasskeySettings:
 def build_prompt(
     tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER
 ) -> tuple[list[int], list[int]]:
-    """(instruction, body) of about `length` tokens in all: the body is filler units with the
-    needle after round(depth * units), then the question."""
+    """(instruction, body) of about `length` tokens in all: the body is filler with the needle at
+    `depth`, then the question. A short filler (the built-in sentences) is repeated in whole units,
+    the needle between two of them; a long one (a book) is read from its start for as many tokens as
+    the length needs (cycling if it is too short), the needle at the sentence end nearest the depth."""
     intro, needle, question = (
         encode(tokenizer, INTRO),
         encode(tokenizer, NEEDLE.format(key=key)),
@@ -58,9 +60,24 @@ def build_prompt(
     unit = encode(tokenizer, filler)
     if not unit:
         raise ValueError("empty filler text")
-    units = max(0, (length - len(intro) - len(needle) - len(question)) // len(unit))
-    at = round(depth * units)
-    return intro, unit * at + needle + unit * (units - at) + question
+    room = max(0, length - len(intro) - len(needle) - len(question))
+    if 2 * len(unit) <= room:
+        units = room // len(unit)
+        at = round(depth * units)
+        return intro, unit * at + needle + unit * (units - at) + question
+    hay = (unit * (room // len(unit) + 1))[:room]
+    at = _sentence_end_before(tokenizer, hay, round(depth * room))
+    return intro, hay[:at] + needle + hay[at:] + question
+
+
+def _sentence_end_before(tokenizer: Any, ids: list[int], at: int, reach: int = 128) -> int:
+    """The position after the last token ending a sentence in ids[at - reach : at] (else `at`), so a
+    needle in running text starts a sentence."""
+    for i in range(at, max(0, at - reach), -1):
+        piece = tokenizer.decode(ids[i - 1 : i])
+        if piece.rstrip().endswith((".", "!", "?")) or piece.endswith("\n"):
+            return i
+    return at
 
 
 def make_request(intro: list[int], body: list[int], s: PasskeySettings) -> Request:
