@@ -4,10 +4,14 @@ Times, at each batch size B (rows with their own contexts, greedy, every row dec
   floor     one bare decoder forward of one token per row with its key/value cache: the compute;
   batch     one `decoding.Batch.step` of the CEPE model with a batched context, plus `decoding.pick`
             and one transfer of the tokens to the host: what the one decoding loop adds;
+  static    the same on the server's bucketed static buffers (`StaticBatch.step`, `--cuda-graphs on`):
+            on a CUDA device its step is a captured CUDA graph, replayed; on the CPU it runs eagerly;
   worker    one iteration of the continuous batcher (`ContinuousBatcher._step`): rows, detokenising,
-            stop checks, events to an asyncio loop running in another thread, as the server does.
+            stop checks, events to an asyncio loop running in another thread, as the server does
+            (`worker static`: the same with `--cuda-graphs on`).
 loop = worker - batch (the serving loop's own cost); overhead = worker - floor. `--profile` prints
-cProfile's hottest functions of the worker's steps.
+cProfile's hottest functions of the worker's steps. On a GPU every timed call ends with a device
+synchronisation (`--device cuda --dtype bfloat16`).
 `--count-ops` counts the aten operators of one step instead (each a kernel launch on a GPU; views, which
 launch nothing, counted apart): the bare decoder step, the CEPE step with and without its context, and
 the cross-attention's share per cross-attention layer.
@@ -15,6 +19,7 @@ the cross-attention's share per cross-attention layer.
     PYTHONPATH=src python3 scripts/bench_serve_step.py --model tiny --batch 1 8 32 128
     PYTHONPATH=src python3 scripts/bench_serve_step.py --model smollm2 --batch 1 8 32 128 --steps 8
     PYTHONPATH=src python3 scripts/bench_serve_step.py --model shape --batch 1 32 --count-ops
+    PYTHONPATH=src python3 scripts/bench_serve_step.py --model smollm2 --device cuda --dtype bfloat16   # on the GPU
 """
 
 from __future__ import annotations
@@ -49,22 +54,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-tokens", type=int, default=256, help="context positions per row (several documents)")
     p.add_argument("--docs", type=int, default=4, help="documents per row (each its own ContextStates)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (captured steps need cuda)")
+    p.add_argument("--dtype", default="float32", help="the model's dtype (the server's default on a GPU: bfloat16)")
     p.add_argument("--profile", action="store_true", help="cProfile the worker's steps at the largest batch")
     p.add_argument("--count-ops", action="store_true", help="count the aten operators of one step (no timing)")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     return p.parse_args(argv)
 
 
-def load(name: str):
+def load(name: str, device: str = "cpu", dtype: str = "float32"):
     if name in ("tiny", "shape"):
         sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "serving")]
         from serving_harness import tiny_serving_model
 
         tiny = tiny_serving_model()
-        return tiny if name == "tiny" else smollm2_shape(tiny)
+        model = tiny if name == "tiny" else smollm2_shape(tiny)
+        return model.to(device=device, dtype=getattr(torch, dtype))
     from cepe.model.loading import load_model
 
-    return load_model(adapter="released", dtype="float32", kv_policy="cache")
+    return load_model(adapter="released", dtype=dtype, device=device, kv_policy="cache")
 
 
 def smollm2_shape(tiny):
@@ -106,12 +114,16 @@ def prompts(model, rows: int, tokens: int, seed: int = 1) -> list[list[int]]:
 
 
 def timed(fn, steps: int) -> float:
-    """Median seconds of one call over `steps` calls, after two untimed ones."""
+    """Median seconds of one call over `steps` calls (each ended by a device synchronisation), after
+    two untimed ones."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn(), fn()
     times = []
     for _ in range(steps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -153,6 +165,33 @@ def batch_step(model, prompt_ids, ctxs, steps: int) -> float:
         state["tokens"].tolist()
 
     return timed(step, steps)
+
+
+@torch.no_grad()
+def static_step(model, prompt_ids, ctxs, steps: int) -> float:
+    """`batch_step` on the server's bucketed static buffers (`StaticBatch`): captured and replayed
+    on a CUDA device (the capture in the untimed first call), eager on the CPU."""
+    from cepe.model import decoding
+    from cepe.serving.batch_context import RowContexts
+    from cepe.serving.captured import StepGraphs
+    from cepe.serving.static_batch import StaticBatch
+
+    rc = RowContexts.build(model, ctxs)
+    joiner = decoding.Batch(model, pad_id=0, context=rc.context)
+    samplers = [decoding.Sampler() for _ in prompt_ids]
+    state = {"tokens": decoding.pick(joiner.prefill(prompt_ids), samplers)}
+    graphs = StepGraphs(capture_graphs=next(model.parameters()).is_cuda)
+    batch = StaticBatch(model, len(prompt_ids), 2**40, graphs)
+    batch.join(joiner, rc, joiner.length + steps + 4)
+
+    def step():
+        state["tokens"] = decoding.pick(batch.step(state["tokens"]), samplers)
+        state["tokens"].tolist()
+
+    seconds = timed(step, steps)
+    if graphs.capture_graphs and not graphs.captures:
+        print("warning: the step was not captured (see the log): timed eagerly", file=sys.stderr)
+    return seconds
 
 
 class OpCounter(TorchDispatchMode):
@@ -237,8 +276,9 @@ class _Sinks:
 
 
 @torch.no_grad()
-def worker_step(model, prompt_ids, ctxs, steps: int, sinks: _Sinks, profile: bool) -> float:
-    """One `ContinuousBatcher._step` with every row joined (greedy, ignore_eos, no stop)."""
+def worker_step(model, prompt_ids, ctxs, steps: int, sinks: _Sinks, profile: bool, graphs: str = "off") -> float:
+    """One `ContinuousBatcher._step` with every row joined (greedy, ignore_eos, no stop), with
+    `--cuda-graphs graphs`."""
     from cepe.serving.continuous import ContinuousBatcher
     from cepe.serving.engine import GenerateJob, Runner, Sampling, Scheduler
     from cepe.serving.metrics import Metrics
@@ -246,8 +286,9 @@ def worker_step(model, prompt_ids, ctxs, steps: int, sinks: _Sinks, profile: boo
     metrics = Metrics()
     runner = Runner(model, model.tokenizer, threading.Lock(), metrics)
     scheduler = Scheduler(runner, max_queue=4096, max_batch=4096, metrics=metrics, batching="continuous")
-    batcher = ContinuousBatcher(scheduler, runner, max_batch=4096, budget_bytes=2**40)
-    jobs = [GenerateJob(p, Sampling(max_tokens=10_000, temperature=0.0, ignore_eos=True), c, sink=sinks.queue(),
+    batcher = ContinuousBatcher(scheduler, runner, max_batch=len(prompt_ids), budget_bytes=2**40, cuda_graphs=graphs)
+    # enough tokens for every timed step (static buffers hold what a row may generate: keep it small)
+    jobs = [GenerateJob(p, Sampling(max_tokens=steps + 4, temperature=0.0, ignore_eos=True), c, sink=sinks.queue(),
                         loop=sinks.loop, deadline=time.monotonic() + 3600) for p, c in zip(prompt_ids, ctxs)]
     batcher._join(jobs)
     if not profile:
@@ -262,28 +303,33 @@ def worker_step(model, prompt_ids, ctxs, steps: int, sinks: _Sinks, profile: boo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model = load(args.model).eval()
+    model = load(args.model, args.device, args.dtype).eval()
     if args.threads:  # after loading: the tiny model's test helpers set their own
         torch.set_num_threads(args.threads)
     if args.count_ops:
         return print_op_counts(model, args)
     sinks = _Sinks()
     rows = []
-    print(f"{'B':>5} {'floor ms':>9} {'batch ms':>9} {'worker ms':>10} {'loop ms':>8} {'overhead ms':>12}")
+    print(f"{'B':>5} {'floor ms':>9} {'batch ms':>9} {'static ms':>10} {'worker ms':>10} {'w.static ms':>12} "
+          f"{'loop ms':>8} {'overhead ms':>12}")
     for b in args.batch:
         p, c = prompts(model, b, args.prompt_tokens), contexts(model, b, args.context_tokens, args.docs)
         floor = floor_step(model, p, args.steps)
         batch = batch_step(model, p, c, args.steps)
+        static = static_step(model, p, c, args.steps)
         worker = worker_step(model, p, c, args.steps, sinks, args.profile and b == max(args.batch))
+        wstatic = worker_step(model, p, c, args.steps, sinks, False, graphs="on")
         over = worker - floor
-        rows.append({"batch": b, "floor_ms": 1e3 * floor, "batch_ms": 1e3 * batch, "worker_ms": 1e3 * worker,
+        rows.append({"batch": b, "floor_ms": 1e3 * floor, "batch_ms": 1e3 * batch, "static_ms": 1e3 * static,
+                     "worker_ms": 1e3 * worker, "worker_static_ms": 1e3 * wstatic,
                      "loop_ms": 1e3 * (worker - batch), "overhead_ms": 1e3 * over})
-        print(f"{b:>5} {1e3 * floor:>9.2f} {1e3 * batch:>9.2f} {1e3 * worker:>10.2f} {1e3 * (worker - batch):>8.2f} "
-              f"{1e3 * over:>12.2f}", flush=True)
+        print(f"{b:>5} {1e3 * floor:>9.2f} {1e3 * batch:>9.2f} {1e3 * static:>10.2f} {1e3 * worker:>10.2f} "
+              f"{1e3 * wstatic:>12.2f} {1e3 * (worker - batch):>8.2f} {1e3 * over:>12.2f}", flush=True)
     sinks.close()
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
-                                               "args": vars(args), "rows": rows}, indent=1))
+                                               "device": args.device, "dtype": args.dtype, "args": vars(args),
+                                               "rows": rows}, indent=1))
     return 0
 
 

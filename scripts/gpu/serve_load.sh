@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Issue 17's serving measurement on the lent H200 (docs/serving.md, "RAG load"): the released adapter
 # behind `cepe serve`, NQ questions with 20 BM25 passages each, at 1/8/32/128 concurrent clients:
-#   CEPE + continuous batching | CEPE + static batching (passages from the store, by id)
-#   | SmolLM2 with the passages in its own window (same server, no context)
+#   CEPE + continuous batching, captured decoding steps (--cuda-graphs auto: CUDA graphs on the GPU)
+#   | CEPE + continuous batching, eager steps (mode `eager`: --cuda-graphs off, as the 2026-12-01 run)
+#   | CEPE + static batching (passages from the store, by id)
+#   | SmolLM2 with the passages in its own window (same server, no context, captured steps)
 # then the fault run (kill -9 under load, restart, every acknowledged document checked).
-# Made to fit ONE device call: about 3.5 minutes at the defaults (5 server starts, 3 x 4 levels of
-# LEVEL_S seconds plus their tails, the uploads, the fault run), +36 s when the GGUF still has to be
-# converted (scripts/gpu/bootstrap.sh; skipped when $CEPE_HOME/models already has it).
+# Made to fit ONE device call (10 minutes at most): about 7 minutes at the defaults, estimated (the
+# 2026-12-01 run of three modes took 330 s; a fourth adds a server start and 4 levels of LEVEL_S
+# seconds plus their tails; the graph captures happen inside the levels, counted in rag_load.json as
+# graph_captures / graph_capture_s), +36 s when the GGUF still has to be converted
+# (scripts/gpu/bootstrap.sh; skipped when $CEPE_HOME/models already has it).
+# MODES="continuous static decoder" CUDA_GRAPHS=off gives the 2026-12-01 run's three modes.
 #
 # Needs on the machine: the models (/root/smollm2.gguf + /root/minilm, as ../shared/tools/gpu_pack.sh
 # leaves them, or $CEPE_HOME/models already made by scripts/gpu/bootstrap.sh). Carried (ignored folders,
@@ -20,11 +25,14 @@
 #              python3 -m cepe.serving.rag_load --questions 128 --k 20 --write-subset .gpu/nq
 # Only the wheels that pip finds missing (or too old) in the image are installed, into /root/site:
 # nothing the image's torch/transformers import is shadowed. If pip cannot tell, all are installed.
-#   bash scripts/gpu/serve_load.sh       # writes to $OUT: rag_load.{json,png}, serve_load.log, server.log.gz
-#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 bash scripts/gpu/serve_load.sh   # the defaults
+#   bash scripts/gpu/serve_load.sh       # writes to $OUT: step_bench.json, rag_load.{json,png}, serve_load.log, server.log.gz
+# First (STEP_BENCH=0 skips it, ~1 minute, estimated) scripts/bench_serve_step.py times one decoding step of the
+# released adapter, eager and captured, at B = 1/8/32/128 with 4,096 context positions per row.
+#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous eager static decoder" \
+#     CUDA_GRAPHS=auto bash scripts/gpu/serve_load.sh   # the defaults
 # CPU dry run at tiny scale (docs/serving.md; NQ=/work/shared/data/qa/nq instead runs BM25 over the full pool
 # there, same rankings; MODEL="--adapter none --init zero" for zero-initialised CEPE = SmolLM2):
-#   CEPE_HOME=~/.cache/cepe DEVICE=cpu DTYPE=float32 \
+#   CEPE_HOME=~/.cache/cepe DEVICE=cpu DTYPE=float32 STEP_BENCH=0 \
 #   QUESTIONS=4 CLIENTS="1 2 4" LEVEL_S=10 MAX_TOKENS=8 FAULT_CLIENTS=4 OUT=runs/serve_load_cpu bash scripts/gpu/serve_load.sh
 set -euo pipefail
 export CEPE_HOME=${CEPE_HOME:-/root/cepe_home}
@@ -58,9 +66,15 @@ if [ ! -f "$CEPE_HOME/models/smollm2-135m/config.json" ]; then
 fi
 stamp "wheels and models ready"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | tee -a "$OUT/serve_load.log"
+if [ "${STEP_BENCH:-1}" = 1 ]; then  # one decoding step, eager vs captured, at B = 1/8/32/128 (docs/serving.md)
+  python3 scripts/bench_serve_step.py --model smollm2 --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
+    --batch ${STEP_BATCH:-1 8 32 128} --steps 16 --context-tokens 4096 --docs 16 --json "$OUT/step_bench.json" 2>&1 \
+    | tee -a "$OUT/serve_load.log" || echo "step bench failed (the load run goes on)" | tee -a "$OUT/serve_load.log"
+  stamp "step bench done"
+fi
 # shellcheck disable=SC2086
 python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
-  --modes continuous static decoder --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
+  --modes ${MODES:-continuous eager static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
   --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-8}" --max-batch 128 \
   --batch-memory-mb 40960 --fault --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cepe import CepeForCausalLM, CrossAttention
@@ -18,6 +17,7 @@ from cepe.benchmarks.decoding import DecodeStep, decode_hf, decode_static, prefi
 from cepe.benchmarks.presets import build_encoder, build_model, get_spec
 from cepe.benchmarks.runner import BenchConfig, run_bench
 from cepe.benchmarks.scoring import cepe_scores, full_scores, make_inputs
+from cepe.model.graphs import HostSyncs
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-bert"])
@@ -154,21 +154,6 @@ def test_graph_decoding_bookkeeping_with_replay_stand_in(monkeypatch):
     assert out["eager_repeats_bitwise"] and out["graph_repeats_bitwise"]
 
 
-class _HostSyncs(TorchDispatchMode):
-    """Records ops that hand a device value to the host (a CUDA graph cannot capture those)."""
-
-    SYNCS = {"_local_scalar_dense", "is_nonzero", "equal", "item"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.SYNCS:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("method,policy", [("cepe", "recompute"), ("cepe", "cache"), ("cepe", "absorbed"),
                                            ("full", "recompute")])
 def test_decoding_step_never_syncs_with_the_host(method, policy):
@@ -179,7 +164,7 @@ def test_decoding_step_never_syncs_with_the_host(method, policy):
         ctx = model.encode(inputs.context_ids, inputs.context_mask) if method == "cepe" else None
         state = prefill(model, method, inputs.decoder_ids if method == "cepe" else inputs.full_ids, ctx, 4)
         step = DecodeStep(model, method, state, 4)
-        with _HostSyncs() as syncs:
+        with HostSyncs() as syncs:
             step()
             step()
     assert syncs.seen == []

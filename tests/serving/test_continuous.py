@@ -83,10 +83,11 @@ def model():
     return tiny_serving_model()
 
 
-def test_greedy_rows_joining_mid_way_equal_one_at_a_time(model):
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_greedy_rows_joining_mid_way_equal_one_at_a_time(model, graphs):
     """A long request runs; others join at different steps with different contexts (or none),
     prompt lengths, stop strings and token limits, and leave at different steps: each answer is
-    what it is alone."""
+    what it is alone. Also with the bucketed static step (`--cuda-graphs on`: eager on the CPU)."""
     cases = [("Tell me a long story", Sampling(24, 0.0, ignore_eos=True), [DOCS[0]]),
              ("Hi", Sampling(6, 0.0, ignore_eos=True), [DOCS[1]]),
              ("A much longer prompt than the others, padded", Sampling(9, 0.0, ignore_eos=True), [DOCS[2], DOCS[1]]),
@@ -99,7 +100,7 @@ def test_greedy_rows_joining_mid_way_equal_one_at_a_time(model):
     assert want[4][1] == ("done", "stop")
     hook = slow_down(model, 0.01)
     try:
-        with Harness(model) as h:
+        with Harness(model, cuda_graphs=graphs) as h:
             h.submit(*cases[0])
             h.wait_running(1)
             for c in cases[1:3]:
@@ -113,10 +114,12 @@ def test_greedy_rows_joining_mid_way_equal_one_at_a_time(model):
         hook.remove()
     got = [(h.text.get(i, ""), h.end[i][:2]) for i in range(len(cases))]
     assert got == want
-    assert batcher.rows == [] and batcher.contexts.size == 0  # everyone left; nothing held
+    assert batcher.rows == [] and batcher.running.size == 0  # everyone left
+    assert batcher.static == (graphs == "on")
 
 
-def test_extreme_sampling_of_a_joining_row_never_changes_another(model):
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_extreme_sampling_of_a_joining_row_never_changes_another(model, graphs):
     seeded = Sampling(16, 0.9, 0.95, ignore_eos=True, seed=123)
     greedy = Sampling(16, 0.0, ignore_eos=True)
     want = [alone(model, "Once upon", seeded, [DOCS[0]]), alone(model, "Hello", greedy)]
@@ -127,7 +130,7 @@ def test_extreme_sampling_of_a_joining_row_never_changes_another(model):
     ]
     hook = slow_down(model, 0.01)
     try:
-        with Harness(model) as h:
+        with Harness(model, cuda_graphs=graphs) as h:
             h.submit("Once upon", seeded, [DOCS[0]])
             h.submit("Hello", greedy)
             h.wait_running(2)
@@ -140,19 +143,21 @@ def test_extreme_sampling_of_a_joining_row_never_changes_another(model):
     assert all(h.end[i][:2] == ("done", "length") for i in range(2, 5))
 
 
-def test_admission_never_exceeds_the_budget(model):
-    """A budget for about two rows: six requests are served two or three at a time, the batch
-    never holds more than the budget, and a request too big for an empty batch gets 413."""
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_admission_never_exceeds_the_budget(model, graphs):
+    """A budget for about two rows: six requests are served two at a time, the batch never holds
+    more than the budget, and a request too big for an empty batch gets 413. With static buffers
+    (`--cuda-graphs on`) the budget counts them padded: rows, columns and context in buckets."""
     probe = Harness(model)
     from cepe.serving.continuous import ContinuousBatcher
 
-    b = ContinuousBatcher(probe.scheduler, probe.runner, 8, 0)
+    b = ContinuousBatcher(probe.scheduler, probe.runner, 8, 0, cuda_graphs=graphs)
     ctx = model.encode_context([DOCS[2]])
     per_row = b.footprint(1, 12, 10, ctx.hidden_states.shape[1])
     budget = int(2.5 * per_row)
     hook = slow_down(model, 0.005)
     try:
-        with Harness(model, batch_memory_bytes=budget) as h:
+        with Harness(model, batch_memory_bytes=budget, cuda_graphs=graphs) as h:
             seen = []
             watcher = threading.Event()
 

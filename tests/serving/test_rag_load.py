@@ -64,3 +64,19 @@ def test_read_jsonl_prefers_the_plain_file_and_reads_xz(tmp_path):
     assert read_jsonl(tmp_path / "a.jsonl") == [{"id": 1}, {"id": 2}]
     (tmp_path / "a.jsonl").write_text('{"id": 3}\n')
     assert read_jsonl(tmp_path / "a.jsonl") == [{"id": 3}]
+
+
+def test_eager_mode_runs_the_continuous_server_without_captured_steps(tmp_path):
+    """Mode `eager` (continuous batching, `--cuda-graphs off`) against the captured default: the
+    servers differ in that flag only, and `cepe serve` accepts what they are given."""
+    from cepe.cli import build_parser
+    from cepe.serving.rag_load import parse_args, server_flags
+
+    args = parse_args(["--modes", "continuous", "eager", "--adapter", "none"])
+    assert args.cuda_graphs == "auto"
+    captured = server_flags(args, tmp_path, "continuous", args.cuda_graphs)
+    eager = server_flags(args, tmp_path, "continuous", "off")
+    assert [a for a in captured if a not in eager] == ["auto"] and [a for a in eager if a not in captured] == ["off"]
+    for flags, setting in ((captured, "auto"), (eager, "off")):
+        served = build_parser().parse_args(["serve", *flags])
+        assert served.cuda_graphs == setting and served.batching == "continuous"

@@ -112,16 +112,17 @@ def test_streaming_matches_non_streaming(model, tmp_path):
         assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("batching", ["static", "continuous"])
-def test_batched_requests_match_one_at_a_time(model, tmp_path, batching):
+@pytest.mark.parametrize("batching, graphs", [("static", "off"), ("continuous", "off"), ("continuous", "on")])
+def test_batched_requests_match_one_at_a_time(model, tmp_path, batching, graphs):
     """Requests that share a batch (left-padded prompts, right-padded contexts, their own limits)
-    get exactly what each would get alone; under continuous batching they join a running one."""
+    get exactly what each would get alone; under continuous batching they join a running one, also
+    with the bucketed static step (`--cuda-graphs on`, eager on the CPU)."""
     docs = [DOC, DOC[:-30] + " an entirely different ending."]
     cases = [("Hi", 0, 8), ("A longer prompt, padded on the left", 1, 8), ("Short limit", 0, 3)]
     want = [reference(model, p, docs[d], n) for p, d, n in cases]
     hook = slow_down(model, 0.02)
     try:
-        with live_server(model, tmp_path, max_batch=4, batching=batching) as url:
+        with live_server(model, tmp_path, max_batch=4, batching=batching, cuda_graphs=graphs) as url:
             ids = [httpx.post(f"{url}/v1/contexts", json={"text": d}).json()["id"] for d in docs]
             busy = {"model": "tiny", "prompt": "busy", "max_tokens": 25, "ignore_eos": True, "temperature": 0}
             holder = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=busy, timeout=30))

@@ -24,6 +24,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from ..model import CepeForCausalLM, ContextStates, decoding
+from ..model.graphs import capture
 from .timing import is_cuda, sync
 
 
@@ -100,22 +101,6 @@ class DecodeStep:
         self.step.copy_(saved[1])
         for layer, n in zip(self.state.cache.layers, saved[2:]):
             layer.cumulative_length.copy_(n)
-
-
-def capture(step: DecodeStep, device) -> torch.cuda.CUDAGraph:
-    """Capture one step as a CUDA graph; the state is left as it was before."""
-    saved = step.save()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the capture stream: library handles, allocator pools
-        step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    step.restore(saved)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    step.restore(saved)  # capture records without running; restore anyway in case it ran
-    return graph
 
 
 def timed(device, fn) -> float:

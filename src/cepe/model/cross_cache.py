@@ -92,6 +92,12 @@ class CrossAttentionCache:
             self._biases[key] = ContextBias.build(mask, scale, dtype, every_row_has_keys=self._every_row_has_keys)
         return self._biases[key]
 
+    def pin_bias(self, trained_length: int | None, dtype: torch.dtype, bias: ContextBias) -> None:
+        """Serve `bias` for (`trained_length`, `dtype`) from now on instead of building it from the
+        mask: for a context whose rows change in place, its owner refreshing the bias tensors (the
+        server's captured decoding steps, whose graphs read fixed tensors)."""
+        self._biases[(trained_length, dtype)] = bias
+
     def expansion(self, batch_size: int, build: Callable[[], ContextStates]) -> ContextStates:
         """The context expanded to `batch_size` rows, built by `build()` the first time."""
         if batch_size not in self._expansions:

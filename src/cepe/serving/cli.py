@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     )
     s.add_argument("--batch-memory-mb", type=float, default=4096.0,
                    help="continuous batching: most memory the running batch's decoder cache and contexts may hold")
+    s.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="continuous batching: run each decoding step on bucketed static buffers, captured as a CUDA "
+                        "graph and replayed (auto: on a CUDA device; on: also on the CPU, eagerly; off: eager steps)")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument(
         "--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request"
@@ -92,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         batching=args.batching,
         batch_memory_mb=args.batch_memory_mb,
+        cuda_graphs=args.cuda_graphs,
     )
     app = create_app(load_model(args), config)
     if not _is_loopback(args.host) and not config.api_key:

@@ -12,12 +12,18 @@ Between any two decoding steps the worker
 An encoding job at the head of the queue runs between two steps. Each row keeps its own context,
 prompt, sampling (`Sampler`), stop strings, token limit, deadline and cancellation.
 
+The running batch is held one of two ways (`--cuda-graphs`): `EagerRows`, a `decoding.Batch` and
+`RowContexts` whose tensors are re-made as rows join and leave, each step run eagerly; or a
+`StaticBatch` (`static_batch.py`), fixed buffers bucketed by rows, decoder columns and context
+positions, whose step is captured as a CUDA graph and replayed (`captured.py`).
+
 Memory. A running batch of B rows holds a decoder cache of B x T positions (T: the longest row,
 left padding included) and a context of B x S positions (S: the widest context). Admission
 counts what the batch will hold at its peak without further joins, B x ((T + the most tokens any
-row may still generate) x decoder bytes + S x context bytes); joining a row is refused while that
-would pass the budget (the row waits at the head of the queue). A job that cannot fit an empty
-batch is answered 413 at once. So the batch never holds more than the budget.
+row may still generate) x decoder bytes + S x context bytes) -- for a `StaticBatch`, the buffers
+of that shape's bucket (B, T and S rounded up, padding included); joining a row is refused while
+that would pass the budget (the row waits at the head of the queue). A job that cannot fit an
+empty batch is answered 413 at once. So the batch never holds more than the budget.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import torch
 from ..model import decoding
 from ..model.stored_states import full_attention_kv_bytes_per_token
 from .batch_context import RowContexts, context_bytes_per_token
+from .captured import StepGraphs, use_graphs
 from .engine import GenerateJob, Job, Runner, still_wanted
 from .rows import Outbox, Row, push_tokens
+from .static_batch import StaticBatch, supported
 
 if TYPE_CHECKING:
     from .engine import Scheduler
@@ -45,37 +53,91 @@ def decoder_bytes_per_token(model) -> int:
     return full_attention_kv_bytes_per_token(model.config, next(model.decoder.parameters()).element_size())
 
 
-class ContinuousBatcher:
-    """The worker loop of `Scheduler` under `batching="continuous"` (see the module doc)."""
+class EagerRows:
+    """The running batch as a `decoding.Batch` and its `RowContexts`, stepped eagerly."""
 
-    def __init__(self, scheduler: Scheduler, runner: Runner, max_batch: int, budget_bytes: int):
-        self.scheduler, self.runner, self.max_batch, self.budget = scheduler, runner, max_batch, budget_bytes
-        self.model, self.metrics = runner.model, runner.metrics
-        self.dec_bytes = decoder_bytes_per_token(self.model)
-        self.ctx_bytes = context_bytes_per_token(self.model)
-        self.peak_bytes = 0  # the most the batch ever held (tests check it against the budget)
-        self.outbox = Outbox()  # the rows' events of one step, delivered together
-        self._reset()
+    def __init__(self, model, pad_id: int):
+        self.batch, self.contexts = decoding.Batch(model, pad_id), RowContexts(model, 0)
+        self.dec_bytes, self.ctx_bytes = decoder_bytes_per_token(model), context_bytes_per_token(model)
 
-    def _reset(self) -> None:
-        for row in getattr(self, "rows", []):
-            row.job.outbox = None
-        self.rows: list = []
-        self.batch = decoding.Batch(self.model, self.runner.pad_id)
-        self.contexts = RowContexts(self.model, 0)
-        self.tokens: torch.Tensor | None = None  # (B,) each row's last token, fed at the next step
+    @property
+    def size(self) -> int:
+        return self.contexts.size
 
-    # ------------------------------------------------------------------ memory
+    @property
+    def length(self) -> int:
+        return self.batch.length
+
+    @property
+    def width(self) -> int:
+        return self.contexts.width
+
     def footprint(self, rows: int, length: int, remaining: int, width: int) -> int:
         """Bytes a batch of `rows` holds at its peak: decoder cache of `length + remaining`
         positions and a context of `width` positions per row."""
         return rows * ((length + remaining) * self.dec_bytes + width * self.ctx_bytes)
 
-    def held_bytes(self) -> int:
-        """Bytes the running batch holds now: decoder cache, context states and keys/values."""
-        layers = getattr(self.batch.cache, "layers", []) if self.rows else []
+    def nbytes(self) -> int:
+        """Bytes held now: decoder cache, context states and keys/values."""
+        layers = getattr(self.batch.cache, "layers", []) if self.size else []
         cache = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
         return cache + self.contexts.nbytes()
+
+    def join(self, joiner: decoding.Batch, contexts: RowContexts, columns: int) -> None:
+        self.batch.join(joiner)
+        self.contexts.join(contexts)
+
+    def keep(self, indices: list[int]) -> None:
+        self.batch.keep(indices)
+        self.contexts.keep(indices)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.batch.kwargs["context"] = self.contexts.context
+        return self.batch.step(tokens)
+
+
+class ContinuousBatcher:
+    """The worker loop of `Scheduler` under `batching="continuous"` (see the module doc).
+    `cuda_graphs`: "auto" | "on" | "off" (`captured.use_graphs`)."""
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, max_batch: int, budget_bytes: int,
+                 cuda_graphs: str = "auto"):
+        self.scheduler, self.runner, self.max_batch, self.budget = scheduler, runner, max_batch, budget_bytes
+        self.model, self.metrics = runner.model, runner.metrics
+        device = next(self.model.parameters()).device
+        self.static = use_graphs(cuda_graphs, device) and supported(self.model)
+        if use_graphs(cuda_graphs, device) and not self.static:
+            log.warning("captured steps need full attention in every decoder layer: decoding eagerly",
+                        extra={"fields": {"event": "cuda_graphs_off"}})
+        if self.static:
+            graphs = StepGraphs(capture_graphs=device.type == "cuda", metrics=self.metrics)
+            self.running = StaticBatch(self.model, max_batch, budget_bytes, graphs)
+        self.peak_bytes = 0  # the most the batch ever held (tests check it against the budget)
+        self.outbox = Outbox()  # the rows' events of one step, delivered together
+        self._reset()
+
+    def _reset(self, failed: bool = False) -> None:
+        """No rows. A static batch keeps its buffers and graphs for the next rows, unless a failure
+        left them in doubt."""
+        for row in getattr(self, "rows", []):
+            row.job.outbox = None
+        self.rows: list = []
+        if not self.static:
+            self.running = EagerRows(self.model, self.runner.pad_id)
+        elif failed:
+            self.running.release()
+        else:
+            self.running.clear()
+        self.tokens: torch.Tensor | None = None  # (B,) each row's last token, fed at the next step
+
+    # ------------------------------------------------------------------ memory
+    def footprint(self, rows: int, length: int, remaining: int, width: int) -> int:
+        """Bytes a batch of `rows` holds at its peak (`EagerRows.footprint`, `StaticBatch.footprint`)."""
+        return self.running.footprint(rows, length, remaining, width)
+
+    def held_bytes(self) -> int:
+        """Bytes the running batch holds now."""
+        return self.running.nbytes()
 
     @staticmethod
     def _width(job: GenerateJob) -> int:
@@ -84,8 +146,8 @@ class ContinuousBatcher:
     def _admitter(self):
         """A predicate over waiting jobs in queue order: True while the next one fits."""
         rows = len(self.rows)
-        length, width = self.batch.length if self.rows else 0, self.contexts.width
-        remaining = max((r.s.max_tokens - len(r.ids) for r in self.rows), default=0)
+        length, width = self.running.length, self.running.width
+        remaining = self._remaining()
 
         def admit(job: Job) -> bool:
             nonlocal rows, length, width, remaining
@@ -103,6 +165,9 @@ class ContinuousBatcher:
             return True
 
         return admit
+
+    def _remaining(self) -> int:
+        return max((r.s.max_tokens - len(r.ids) for r in self.rows), default=0)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -127,7 +192,7 @@ class ContinuousBatcher:
                 for row in self.rows:
                     if not row.done:
                         row.fail(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
-                self._reset()
+                self._reset(failed=True)
             finally:
                 self.outbox.flush()
             self.scheduler.running = len(self.rows)
@@ -168,8 +233,10 @@ class ContinuousBatcher:
             contexts.keep(keep)
         if not keep:
             return
-        self.batch.join(joiner)
-        self.contexts.join(contexts)
+        # the decoder columns the batch needs at its peak, as admission counted them
+        columns = max(self.running.length, joiner.length) + max(
+            self._remaining(), max(job.sampling.max_tokens for job in live))
+        self.running.join(joiner, contexts, columns)
         self.rows += [rows[i] for i in keep]
         self.tokens = (
             tokens[keep] if self.tokens is None else torch.cat([self.tokens, tokens[keep].to(self.tokens.device)])
@@ -185,8 +252,7 @@ class ContinuousBatcher:
 
     @torch.no_grad()
     def _step(self) -> None:
-        self.batch.kwargs["context"] = self.contexts.context
-        logits = self.batch.step(self.tokens)
+        logits = self.running.step(self.tokens)
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
         tokens = decoding.pick(logits, [r.sampler for r in self.rows])
         push_tokens(self.rows, tokens.tolist(), self.runner.detokenizer)
@@ -208,8 +274,7 @@ class ContinuousBatcher:
                 },
             )
             if keep:
-                self.batch.keep(keep)
-                self.contexts.keep(keep)
+                self.running.keep(keep)
                 self.rows = [self.rows[i] for i in keep]
                 tokens = tokens[keep]
             else:

@@ -30,6 +30,8 @@ COUNTERS = {
     "timeouts": "requests that ran out of time (504)",
     "cancelled": "requests whose client went away before the answer",
     "store_hits": "context uploads answered from the store without encoding",
+    "graph_captures": "decoding steps captured as CUDA graphs (one per bucket of rows, columns and context)",
+    "graph_capture_seconds": "seconds spent capturing them",
 }
 
 

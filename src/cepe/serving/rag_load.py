@@ -7,6 +7,8 @@ For each question, the `--k` best BM25 passages (the `bm25s` library, as `cepe e
 pool. Modes, each a fresh `cepe serve` on the same store folder:
 - `continuous` / `static`: CEPE, `--batching continuous|static`; every passage is uploaded once
   (`POST /v1/contexts`) and a request names its passages by id (`context`), served from the store;
+- `eager`: as `continuous`, with `--cuda-graphs off` (each decoding step eager, not a captured
+  graph; the other modes run with `--cuda-graphs` as given, by default `auto`: captured on a GPU);
 - `decoder`: the same server (continuous), the passages in the decoder's own window (in the chat
   message before the question, no `context`): SmolLM2 reading them itself.
 At each concurrency level, that many clients stream greedy answers (`ignore_eos`: exact lengths,
@@ -56,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     p.add_argument("--modes", nargs="+", default=["continuous", "static", "decoder"],
-                   choices=["continuous", "static", "decoder"])
+                   choices=["continuous", "eager", "static", "decoder"])
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="the servers' --cuda-graphs (mode `eager`: always off)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--questions", type=int, default=256, help="NQ questions used (the first ones)")
     p.add_argument("--k", type=int, default=20, help="BM25 passages per question")
@@ -130,13 +134,14 @@ def write_subset(data: Path, out: Path, n_questions: int, k: int, extra: int = 5
             "bytes": sum(f.stat().st_size for f in out.glob("*.xz"))}
 
 
-def server_flags(args, store: Path, batching: str) -> list[str]:
+def server_flags(args, store: Path, batching: str, graphs: str = "auto") -> list[str]:
     model = ["--decoder", args.decoder, "--encoder", args.encoder,
              *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter])]
     extra = [f for flag, v in (("--dtype", args.dtype), ("--device", args.device), ("--threads", args.threads))
              if v is not None for f in (flag, str(v))]
     return [*model, *extra, "--store", str(store), "--store-budget-mb", "65536", "--memory-cache-mb", "16384",
             "--batching", batching, "--max-batch", str(args.max_batch), "--batch-memory-mb", str(args.batch_memory_mb),
+            "--cuda-graphs", graphs,
             "--max-queue", str(max(256, 2 * max(args.concurrency + [args.fault_clients]))), "--timeout", "600",
             "--max-tokens", str(max(512, 2 * args.max_tokens))]
 
@@ -235,7 +240,9 @@ async def run_mode(args, url: str, mode: str, data) -> dict:
         metrics = (await http.get("/metrics")).text
     steps = _metric(metrics, "batches_total")
     return {"mode": mode, "upload_s": upload_s, "passages_stored": len(ctx), "levels": rows,
-            "mean_batch_size": _metric(metrics, "batched_requests_total") / steps if steps else None}
+            "mean_batch_size": _metric(metrics, "batched_requests_total") / steps if steps else None,
+            "graph_captures": _metric(metrics, "graph_captures_total"),
+            "graph_capture_s": _metric(metrics, "graph_capture_seconds_total")}
 
 
 # ---------------------------------------------------------------------------- fault
@@ -324,8 +331,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    styles = {"continuous": "o-", "static": "s--", "decoder": "^:"}
-    labels = {"continuous": "CEPE, continuous", "static": "CEPE, static", "decoder": "SmolLM2, passages in window"}
+    styles = {"continuous": "o-", "eager": "D-.", "static": "s--", "decoder": "^:"}
+    labels = {"continuous": "CEPE, continuous", "eager": "CEPE, continuous, eager steps", "static": "CEPE, static",
+              "decoder": "SmolLM2, passages in window"}
     for m in result["modes"]:
         xs = [r["clients"] for r in m["levels"]]
         st, lab = styles[m["mode"]], labels[m["mode"]]
@@ -389,13 +397,15 @@ def main(argv=None) -> int:
 
     cond["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cond["lengths"] = args.lengths
+    cond["cuda_graphs"] = args.cuda_graphs
     data = retrieve(Path(args.data), args.questions, args.k)
     work = Path(tempfile.mkdtemp(prefix="cepe-rag-load-"))
     print(f"server log: {work / 'server.log'}", flush=True)
     result = {"k": args.k, "questions": len(data[0]), "conditions": cond, "modes": [], "fault": None,
               "server_log": str(work / "server.log")}
     for mode in args.modes:
-        flags = server_flags(args, work / "store", "static" if mode == "static" else "continuous")
+        flags = server_flags(args, work / "store", "static" if mode == "static" else "continuous",
+                             "off" if mode == "eager" else args.cuda_graphs)
         t0 = time.perf_counter()
         proc, url = launch_server(flags, work / "server.log")
         try:
@@ -405,7 +415,7 @@ def main(argv=None) -> int:
             stop_server(proc)
         (out / "rag_load.json").write_text(json.dumps(result, indent=2))  # what is done so far survives a later failure
     if args.fault:
-        flags = server_flags(args, work / "fault_store", "continuous")
+        flags = server_flags(args, work / "fault_store", "continuous", args.cuda_graphs)
         result["fault"] = asyncio.run(fault_run(args, flags, work / "server.log", data))
     (out / "rag_load.json").write_text(json.dumps(result, indent=2))
     if result["modes"]:

@@ -55,6 +55,7 @@ class ServeConfig:
     timeout_s: float = 120.0
     batching: str = "continuous"  # or "static" (see engine.py)
     batch_memory_mb: float = 4096.0  # a continuous batch's decoder cache and contexts
+    cuda_graphs: str = "auto"  # continuous batching: captured decoding steps (auto: on a CUDA device)
     kv_policy: str | None = "auto"  # cache cross-attention keys/values across decoding steps
 
     @property
@@ -90,7 +91,8 @@ class Service:
                                    kv_bytes_per_token=_cross_kv_bytes_per_token(model))
         self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue,
                                    config.max_batch, self.metrics, batching=config.batching,
-                                   batch_memory_bytes=int(config.batch_memory_mb * 2**20))
+                                   batch_memory_bytes=int(config.batch_memory_mb * 2**20),
+                                   cuda_graphs=config.cuda_graphs)
         width = model.encoder.hidden_size
         self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
         self.max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
