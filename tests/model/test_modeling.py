@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +269,29 @@ def test_context_states_save_load_and_fingerprint(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"xx")
     with pytest.raises(ValueError):
         ContextStates.load(tmp_path / "bad.safetensors")
+
+
+def test_context_file_removed_while_read_is_missing_not_corrupt(tmp_path, monkeypatch):
+    # another replica's eviction between the existence check and the read: safetensors raises a
+    # RuntimeError; the store must see a missing file (404), not a corrupt one (which it deletes)
+    import cepe.model.context as context_module
+
+    m = tiny_cepe("llama", "bert")
+    path = tmp_path / "c.safetensors"
+    m.encode(_ctx(b=1)).save(path)
+
+    def vanish(name, device="cpu"):
+        Path(name).unlink()
+        raise RuntimeError(f"unable to open file <{name}>: No such file or directory")
+
+    monkeypatch.setattr(context_module, "load_file", vanish)
+    with pytest.raises(FileNotFoundError):
+        ContextStates.load(path)
+    monkeypatch.setattr(context_module, "load_file", lambda name, device="cpu": (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory")))
+    m.encode(_ctx(b=1)).save(path)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not blamed on the file
+        ContextStates.load(path)
 
 
 def test_chunking_never_spans_documents():

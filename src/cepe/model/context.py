@@ -213,7 +213,11 @@ class ContextStates:
 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError) as e:
+            if not path.exists():  # removed meanwhile (safetensors says so with a RuntimeError)
+                raise FileNotFoundError(f"context file {path} was removed while being read") from e
+            if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError):
+                raise  # not the file's fault (e.g. device memory)
             raise ValueError(f"{path}: not a readable context file ({e})") from e
         if meta.get("format") != "cepe-context" or set(tensors) != {"hidden_states", "attention_mask"}:
             raise ValueError(f"{path}: not a CEPE context file")

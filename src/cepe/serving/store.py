@@ -317,6 +317,8 @@ class DocumentStore:
             return None, "checksum mismatch"
         try:
             states = ContextStates.load(states_path)
+        except FileNotFoundError as e:  # removed by another replica between the checksum and the read
+            raise KeyError(f"no stored context {ID_PREFIX + hex_id}") from e
         except (OSError, ValueError):
             return None, "unreadable file"
         if states.fingerprint != self.fingerprint:
