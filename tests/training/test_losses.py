@@ -155,3 +155,14 @@ def test_the_online_teacher_may_run_before_or_after_the_student(checkpointing):
     assert first and first.keys() == after.keys()
     for name in first:
         torch.testing.assert_close(after[name], first[name], rtol=0, atol=0, msg=name)
+
+
+def test_whole_answers_counts_answers_with_every_token_right():
+    from cepe.training.metrics import whole_answers
+
+    task = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    correct = torch.tensor([[1, 1, 1, 0, 1, 0, 1, 1], [1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    # row 0: answers [1:3] right, [4:7] one wrong; row 1: [0:2] right, [5] wrong, [7] right
+    assert whole_answers(correct, task) == (5, 3)
+    assert whole_answers(torch.ones_like(task), task) == (5, 5)
+    assert whole_answers(correct, torch.zeros_like(task)) == (0, 0)

@@ -26,6 +26,7 @@ def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_pat
         assert key in summary
     # every label of the key-value task is an answer read from the context
     assert summary["task_accuracy_with_context"] == summary["accuracy_with_context"]
+    assert 0 <= summary["task_exact_with_context"] <= summary["task_accuracy_with_context"] + 1e-9
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert (out / "metrics.png").is_file() and any((out / "tensorboard").iterdir())

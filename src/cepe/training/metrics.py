@@ -7,6 +7,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
+
+def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[int, int]:
+    """(answers, answers with every token right) over the runs of `task`, both (B, T) bool.
+
+    Teacher-forced, an answer whose tokens are all the argmax is exactly what greedy decoding writes
+    (its end marker included), so this is generation's exact match at the cost of one forward."""
+    start = task & ~torch.nn.functional.pad(task[:, :-1], (1, 0))
+    run = torch.cumsum(start.long(), 1) * task  # 1, 2, ... on each row's answers, 0 elsewhere
+    wrong = torch.zeros(task.shape[0], task.shape[1] + 1, device=task.device)
+    wrong.scatter_add_(1, run, (task & ~correct).float())
+    n = int(start.sum())
+    return n, n - int((wrong[:, 1:] > 0).sum())
+
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and TensorBoard, main process only."""
@@ -91,6 +106,8 @@ def print_table(summary: dict[str, Any]) -> None:
             rows.append((f"held-out accuracy {tag.replace('_', ' ')}", _fmt(summary[f"accuracy_{tag}"])))
         if f"task_accuracy_{tag}" in summary:
             rows.append((f"held-out answer accuracy {tag.replace('_', ' ')}", _fmt(summary[f"task_accuracy_{tag}"])))
+        if f"task_exact_{tag}" in summary:
+            rows.append((f"held-out answers exact {tag.replace('_', ' ')}", _fmt(summary[f"task_exact_{tag}"])))
     if "chance" in summary:
         rows.append(("chance accuracy", _fmt(summary["chance"])))
     if "mfu" in summary:

@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .build import build_model, describe
 from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
-from .metrics import MetricsLog, plot_metrics, print_table
+from .metrics import MetricsLog, plot_metrics, print_table, whole_answers
 from .schedule import GlobalBatchSampler, lr_lambda
 from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
@@ -262,7 +262,7 @@ class Trainer:
         modes = (True,) if self._eval_no_context is not None else (True, False)
         for with_context in modes:
             # loss, tokens, correct, then tokens and correct among the tasks' answers (copy, facts, labels)
-            sums = torch.zeros(5, dtype=torch.float64, device=self.acc.device)
+            sums = torch.zeros(7, dtype=torch.float64, device=self.acc.device)  # + answers, answers all right
             for i in range(0, len(mine), bs):
                 batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
                 keys = ("context_input_ids", "context_attention_mask") if with_context else ()
@@ -282,14 +282,16 @@ class Trainer:
                 task = batch["task_mask"][:, 1:] & valid
                 sums[3] += task.sum()
                 sums[4] += ((pred == labels) & task).sum()
+                sums[5:7] += torch.tensor(whole_answers(pred == labels, task), dtype=sums.dtype, device=sums.device)
             sums = self.acc.reduce(sums, reduction="sum")
-            loss, n, correct, n_task, task_correct = (float(x) for x in sums)
+            loss, n, correct, n_task, task_correct, answers, whole = (float(x) for x in sums)
             tag = "with_context" if with_context else "without_context"
             results[f"loss_{tag}"] = loss / max(n, 1)
             results[f"ppl_{tag}"] = math.exp(min(loss / max(n, 1), 50))
             results[f"accuracy_{tag}"] = correct / max(n, 1)
             if n_task:  # next-token accuracy on the answers only: does the adapter read the context?
                 results[f"task_accuracy_{tag}"] = task_correct / n_task
+                results[f"task_exact_{tag}"] = whole / max(answers, 1)  # = greedy exact match
         self.model.train()
         if self._eval_no_context is None:
             self._eval_no_context = {k: v for k, v in results.items() if k.endswith("without_context")}
@@ -370,7 +372,8 @@ class Trainer:
         if ev:
             log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
             if meter is not None:
-                task = "".join(f", answers {ev[f'task_accuracy_{t}']:.1%} {t.replace('_', ' ')}"
+                task = "".join(f", answers {ev[f'task_accuracy_{t}']:.1%} (exact {ev[f'task_exact_{t}']:.1%}) "
+                               f"{t.replace('_', ' ')}"
                                for t in ("with_context", "without_context") if f"task_accuracy_{t}" in ev)
                 meter.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
                             f"{ev['ppl_without_context']:.3f} without{task}")
