@@ -130,6 +130,10 @@ PY
     python3 -m cepe.cli eval passkey "${common[@]}" --lengths ${PK_LENGTHS:-4K,16K,64K} -D 256 \
       --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --trials ${PK_TRIALS:-4} --methods cepe,truncated \
       --name passkey_${stage}
+    # the same key in running text (a held-out book) instead of the repeated sentences
+    python3 -m cepe.cli eval passkey "${common[@]}" --lengths ${PK_LENGTHS:-4K,16K,64K} -D 256 \
+      --depths 0,0.2,0.4,0.6,0.8,0.9 --trials 2 --methods cepe --filler src/cepe/resources/moby_dick_ch1-3.txt \
+      --name passkey_book_${stage}
     python3 -m cepe.cli eval ruler "${common[@]}" --lengths ${RULER_LENGTHS:-16K} \
       --tasks ${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,vt} --samples ${RULER_SAMPLES:-16} \
       --methods cepe --name ruler_${stage}
