@@ -11,7 +11,7 @@ import pytest
 
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
 from cepe.data.builders import category_of, source_of
-from cepe.data.builders.facts import _repeated
+from cepe.data.builders.facts import _distractors, _repeated
 from cepe.data.config import CopyingConfig, FactsConfig, RetrievalConfig
 
 VOCAB = [f"{a}{b}{c}" for a in "bcdfglmnprstvz" for b in "aeiou" for c in ("n", "r", "st", "ll", "mo")]
@@ -301,3 +301,14 @@ def test_facts_windows_may_open_with_an_unscored_instruction(tmp_path, mix):
             assert (s["labels"][: len(first[0])] == -100).all() and (s["labels"][len(first[0]) :] != -100).any()
         assert _scored_runs(s) and s["task_mask"].any()
     assert opened >= 14
+
+
+def test_distractor_haystack_states_other_names_in_the_facts_forms():
+    rng = np.random.default_rng(3)
+    words = ["whale", "number", "harpoon", "code", "sea"]
+    for _ in range(20):
+        text = _distractors(rng, words)
+        # keyless distractors never use an attribute a keyless question could ask ("the number is")
+        assert not any(f"The {a} is" in text for a in ("number", "code"))
+        hay = _repeated(rng, text, length=5000, whole=True)
+        assert len(hay) >= 5000 and hay.count(text) >= 2

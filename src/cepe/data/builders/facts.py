@@ -93,7 +93,10 @@ class FactsBuilder(CopyingBuilder):
         text = self.codec.decode(self._context_decoder_tokens(base["doc"], base["position"], len(context)))
         words = sorted(set(WORD.findall(text))) or ["river", "lantern", "copper", "meadow"]
         if rng.random() < self.cfg.facts.repeat:
-            text = _repeated(rng, text)
+            # half the noise haystacks repeat a span of the text, half repeat statements of the facts'
+            # own forms about other names and attributes (hard negatives: "the X is V" everywhere)
+            text = _repeated(rng, text) if rng.random() < 0.5 else \
+                _repeated(rng, _distractors(rng, words), length=len(text), whole=True)
         for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
             fmt = self.FORMATS[int(rng.choice(len(self.FORMATS), p=self.format_p))]
             statements, qa = getattr(self, f"_{fmt}")(rng, words)
@@ -199,8 +202,26 @@ class FactsBuilder(CopyingBuilder):
         return out[-n_context:] if keep > 0 else out
 
 
-def _repeated(rng: np.random.Generator, text: str) -> str:
-    """One span of `text` (1-4 sentences, or 8-60 words) repeated to at least its length."""
+def _distractors(rng: np.random.Generator, words: list[str]) -> str:
+    """2-5 statements in the facts' own forms about names and attributes that are never asked: a
+    text word as the attribute (none of ATTRIBUTES), or a made-up name; random values."""
+    plain = [w for w in words if not any(w.lower() in a.lower().split() for a in ATTRIBUTES)] or ["river"]
+    out = []
+    for _ in range(int(rng.integers(2, 6))):
+        if rng.random() < 0.5:
+            out.append(_pick(rng, KEYLESS_STATEMENTS).format(a=_pick(rng, plain).lower(), v=_value(rng, words)))
+        else:
+            a, k, v = _pick(rng, ATTRIBUTES), _key(rng, words), _value(rng, words)
+            out.append(_pick(rng, STATEMENTS).format(k=k, a=a, u=a.replace(" ", "_"), v=v))
+    return " ".join(out)
+
+
+def _repeated(rng: np.random.Generator, text: str, length: int | None = None, whole: bool = False) -> str:
+    """One span of `text` (1-4 sentences, or 8-60 words; all of it if `whole`) repeated to at least
+    `length` characters (default: the text's)."""
+    length = len(text) if length is None else length
+    if whole:
+        return " ".join([text] * (length // (len(text) + 1) + 1))
     if rng.random() < 0.5:
         sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if x.strip()]
         i = int(rng.integers(max(1, len(sentences) - 4) + 1)) if sentences else 0
@@ -210,7 +231,7 @@ def _repeated(rng: np.random.Generator, text: str) -> str:
         i = int(rng.integers(max(1, len(words) - 8)))
         span = " ".join(words[i : i + int(rng.integers(8, 61))])
     span = span.strip() or "The river runs past the mill."
-    return " ".join([span] * (len(text) // (len(span) + 1) + 1))
+    return " ".join([span] * (length // (len(span) + 1) + 1))
 
 
 def _pick(rng: np.random.Generator, options):
