@@ -50,6 +50,7 @@ QUESTION = "Q: In the table, what is listed for {k}?\nA: "
 # answer, but not required to be absent from the text before it
 ANSWER_END = "end"
 
+
 class CopyingBuilder(LongDocumentBuilder):
     """Long-document windows ending in a copy or lookup task whose answer only the context holds."""
 

@@ -35,6 +35,7 @@ from .text import TextCodec
 ATTRIBUTES = ("code", "number", "ID", "access code", "serial number", "account number", "ticket number",
               "secret word", "password", "lucky number", "room number", "extension", "reference", "PIN",
               "token", "label", "call sign", "order number", "tracking number", "license number")
+ATTRIBUTE_WORDS = {w for a in ATTRIBUTES for w in a.lower().split()}  # never a distractor's attribute
 # statement wordings in the context: {k} key, {a} attribute, {v} value
 STATEMENTS = (
     "The {a} of {k} is {v}.", "{k}'s {a} is {v}.", "Note: the {a} for {k} is {v}.",
@@ -205,7 +206,7 @@ class FactsBuilder(CopyingBuilder):
 def _distractors(rng: np.random.Generator, words: list[str]) -> str:
     """2-5 statements in the facts' own forms about names and attributes that are never asked: a
     text word as the attribute (none of ATTRIBUTES), or a made-up name; random values."""
-    plain = [w for w in words if not any(w.lower() in a.lower().split() for a in ATTRIBUTES)] or ["river"]
+    plain = [w for w in words if w.lower() not in ATTRIBUTE_WORDS] or ["river"]
     out = []
     for _ in range(int(rng.integers(2, 6))):
         if rng.random() < 0.5:
@@ -221,8 +222,8 @@ def _repeated(rng: np.random.Generator, text: str, length: int | None = None, wh
     `length` characters (default: the text's)."""
     length = len(text) if length is None else length
     if whole:
-        return " ".join([text] * (length // (len(text) + 1) + 1))
-    if rng.random() < 0.5:
+        span = text
+    elif rng.random() < 0.5:
         sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if x.strip()]
         i = int(rng.integers(max(1, len(sentences) - 4) + 1)) if sentences else 0
         span = " ".join(sentences[i : i + int(rng.integers(1, 5))])
