@@ -17,7 +17,7 @@ from cepe import CepeForCausalLM
 from cepe.evaluation.methods import build_methods
 from cepe.evaluation.metrics import first_integer
 from cepe.evaluation.tasks.common import encode, stop_ids, window_request
-from cepe.evaluation.tasks.passkey import INTRO, _sentence_end_before
+from cepe.evaluation.tasks.passkey import INTRO, sentence_end_before
 
 # wording: (the statement in the context, the question ending the decoder window)
 CASES = {
@@ -52,7 +52,7 @@ def main() -> None:
             value = str(10000 + (7919 * (trial + 3) * 13) % 89999)
             needle, q = encode(tok, " " + statement.format(v=value) + " "), encode(tok, question)
             room = args.length - len(needle) - len(q)
-            at = _sentence_end_before(tok, book[:room], int(depth * room))
+            at = sentence_end_before(tok, book[:room], int(depth * room))
             body = book[:at] + needle + book[at:room] + q
             answer = tok.decode(cepe.generate(window_request(prefix, body, 256), 8, stops), skip_special_tokens=True)
             contains += value in answer

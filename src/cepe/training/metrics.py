@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 
-def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[int, int]:
-    """(answers, answers with every token right) over the runs of `task`, both (B, T) bool.
+def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answers, answers with every token right), 0-d tensors on `task`'s device (no host sync), over
+    the runs of `task`; both inputs (B, T) bool.
 
     Teacher-forced, an answer whose tokens are all the argmax is exactly what greedy decoding writes
     (its end marker included), so this is generation's exact match at the cost of one forward."""
@@ -19,8 +20,8 @@ def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[int, int]:
     run = torch.cumsum(start.long(), 1) * task  # 1, 2, ... on each row's answers, 0 elsewhere
     wrong = torch.zeros(task.shape[0], task.shape[1] + 1, device=task.device)
     wrong.scatter_add_(1, run, (task & ~correct).float())
-    n = int(start.sum())
-    return n, n - int((wrong[:, 1:] > 0).sum())
+    n = start.sum()
+    return n, n - (wrong[:, 1:] > 0).sum()
 
 
 class MetricsLog:

@@ -282,7 +282,9 @@ class Trainer:
                 task = batch["task_mask"][:, 1:] & valid
                 sums[3] += task.sum()
                 sums[4] += ((pred == labels) & task).sum()
-                sums[5:7] += torch.tensor(whole_answers(pred == labels, task), dtype=sums.dtype, device=sums.device)
+                answers, whole = whole_answers(pred == labels, task)
+                sums[5] += answers
+                sums[6] += whole
             sums = self.acc.reduce(sums, reduction="sum")
             loss, n, correct, n_task, task_correct, answers, whole = (float(x) for x in sums)
             tag = "with_context" if with_context else "without_context"

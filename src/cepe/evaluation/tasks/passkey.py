@@ -66,11 +66,11 @@ def build_prompt(
         at = round(depth * units)
         return intro, unit * at + needle + unit * (units - at) + question
     hay = (unit * (room // len(unit) + 1))[:room]
-    at = _sentence_end_before(tokenizer, hay, round(depth * room))
+    at = sentence_end_before(tokenizer, hay, round(depth * room))
     return intro, hay[:at] + needle + hay[at:] + question
 
 
-def _sentence_end_before(tokenizer: Any, ids: list[int], at: int, reach: int = 128) -> int:
+def sentence_end_before(tokenizer: Any, ids: list[int], at: int, reach: int = 128) -> int:
     """The position after the last token ending a sentence in ids[at - reach : at] (else `at`), so a
     needle in running text starts a sentence."""
     for i in range(at, max(0, at - reach), -1):
