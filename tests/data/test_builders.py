@@ -264,6 +264,26 @@ def test_facts_in_a_repeated_haystack_still_answer_from_the_context(tmp_path, mi
     assert r1 < 0.6 * r0
 
 
+def test_a_repeated_haystack_may_go_on_through_the_window(tmp_path, mix):
+    # as in the pass-key test, the window's own text is the haystack: its span is read in the context
+    def continued(repeat_window):
+        data, tok = _data(tmp_path / str(repeat_window), mix, decoder_windows=[400], window_block=2,
+                          min_context_tokens=512, mixture={"facts": 1.0}, copying=CopyingConfig(task_tokens=200),
+                          facts=FactsConfig(repeat=1.0, repeat_window=repeat_window, instruction=0.0))
+        hits = 0
+        for i in range(12):
+            s = data.train[i]
+            context = " ".join(tok.decode(s["context"][0].tolist()).split())
+            head = " ".join(tok.decode(s["input_ids"][:40].tolist()).split()[1:-1])
+            hits += len(head) > 10 and head in context
+            for a, b in _scored_runs(s):  # the answers still come from the context alone
+                answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
+                assert answer not in tok.decode(s["input_ids"][:a].tolist())
+        return hits
+
+    assert continued(1.0) >= 10 and continued(0.0) <= 2
+
+
 def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
     from cepe.data.builders.facts import ATTRIBUTES, KEYLESS_QUESTIONS
 

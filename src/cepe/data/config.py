@@ -45,6 +45,9 @@ class FactsConfig:
     # share of samples whose context is one short span of its own text repeated (a noise haystack:
     # the query must match the fact's words, not just the last token before the value)
     repeat: float = 0.3
+    # of those, the share whose decoder window continues the haystack too (as in the pass-key test:
+    # the window's own text then says "the sun is yellow" right before the question)
+    repeat_window: float = 0.5
     same_attribute: float = 0.5  # share of keyed `single` samples whose facts all share one attribute (distractors)
     keyless: float = 0.35  # share of `single` samples whose facts have no name: told apart by attribute alone
     instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)

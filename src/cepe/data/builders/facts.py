@@ -93,11 +93,16 @@ class FactsBuilder(CopyingBuilder):
         budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
         text = self.codec.decode(self._context_decoder_tokens(base["doc"], base["position"], len(context)))
         words = sorted(set(WORD.findall(text))) or ["river", "lantern", "copper", "meadow"]
+        teacher = base["teacher_prefix"]
         if rng.random() < self.cfg.facts.repeat:
             # half the noise haystacks repeat a span of the text, half repeat statements of the facts'
             # own forms about other names and attributes (hard negatives: "the X is V" everywhere)
             text = _repeated(rng, text) if rng.random() < 0.5 else \
                 _repeated(rng, _distractors(rng, words), length=len(text), whole=True)
+            if rng.random() < self.cfg.facts.repeat_window:
+                # the teacher (distillation) reads the haystack before the window as well
+                ids = self._haystack_window(text, len(teacher) + len(ids))
+                teacher, ids = ids[: len(teacher)], ids[len(teacher) :]
         for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
             fmt = self.FORMATS[int(rng.choice(len(self.FORMATS), p=self.format_p))]
             statements, qa = getattr(self, f"_{fmt}")(rng, words)
@@ -108,7 +113,7 @@ class FactsBuilder(CopyingBuilder):
             new_context = self._place(rng, text, statements, len(context))
             if rng.random() < self.cfg.facts.instruction:
                 out = self._instructed(rng, out)
-            base.update(out, context=[new_context], copy_format=f"facts_{fmt}")
+            base.update(out, context=[new_context], teacher_prefix=teacher, copy_format=f"facts_{fmt}")
             return base
         return base
 
@@ -169,6 +174,11 @@ class FactsBuilder(CopyingBuilder):
         return statements, [(_pick(rng, CHAIN_QUESTIONS).format(v=values[0]), " ".join(chains[0]))]
 
     # ------------------------------------------------------------------ assembly
+    def _haystack_window(self, text: str, n: int) -> np.ndarray:
+        """(n,) decoder ids: the repeated haystack `text` going on through the window."""
+        ids = self.codec.dec(" " + text)
+        return np.tile(ids, -(-n // max(len(ids), 1)))[-n:].astype(np.int64)
+
     def _instructed(self, rng, out: dict) -> dict:
         """The window's first tokens replaced by an instruction (no loss on it)."""
         instruction = self.codec.dec(_pick(rng, INSTRUCTIONS))
