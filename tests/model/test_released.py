@@ -1,5 +1,6 @@
-"""The adapter released in weights/: it loads onto SmolLM2 and its context lowers perplexity on
-text it never trained on (Persuasion is held out of training)."""
+"""The adapter released in weights/: it loads onto SmolLM2, its context lowers perplexity on
+text it never trained on (Persuasion is held out of training), and it finds a pass key that only
+the encoder reads."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def test_released_adapter_refuses_another_base_decoder(tmp_path):
 
     with pytest.raises(ValueError):
         CepeForCausalLM.from_pretrained(released_adapter_path(), decoder=tiny_decoder("llama"))
+
+
+def test_pass_key_in_the_encoder_is_retrieved(released):
+    # the key sits in the encoder's part of 4K tokens of Moby-Dick (natural filler); the decoder
+    # window (256 tokens) holds only the question, so the truncated decoder cannot know it
+    from cepe.evaluation.methods import build_methods
+    from cepe.evaluation.tasks import passkey
+
+    text = resources.files("cepe").joinpath("resources/moby_dick_ch1-3.txt").read_text(encoding="utf-8")
+    settings = passkey.PasskeySettings(lengths=[4096], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=1,
+                                       decoder_tokens=256, seed=1)
+    methods = build_methods(["cepe", "truncated"], released, pad_id=released.tokenizer.pad_token_id or 0)
+    out = passkey.run(methods, settings, released.tokenizer, filler=text, progress=False)
+    assert out["methods"]["cepe"]["accuracy"] >= 0.8, out["samples"]
+    assert out["methods"]["truncated"]["accuracy"] == 0.0, out["samples"]
