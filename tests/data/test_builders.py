@@ -284,6 +284,35 @@ def test_a_repeated_haystack_may_go_on_through_the_window(tmp_path, mix):
     assert continued(1.0) >= 10 and continued(0.0) <= 2
 
 
+def test_variable_chains_come_with_several_distractor_chains():
+    import re
+
+    from cepe.data.builders.facts import ASSIGNMENTS, CHAIN_QUESTIONS, FactsBuilder
+
+    rng, counts = np.random.default_rng(0), set()
+    for _ in range(60):
+        statements, [(question, answer)] = FactsBuilder._chain(None, rng, ["river"])
+        pairs = []  # (name, what it is assigned) of every statement, whatever its form
+        for st in statements:
+            for form in sorted(ASSIGNMENTS, key=len, reverse=True):  # "let x = y;" before "x = y"
+                m = re.fullmatch(re.escape(form).replace(r"\{x\}", "(?P<x>.+?)").replace(r"\{y\}", "(?P<y>.+?)"), st)
+                if m:
+                    pairs.append((m["x"], m["y"]))
+                    break
+        assert len(pairs) == len(statements)
+        values = [y for _, y in pairs if y.isdigit()]
+        counts.add(len(values))
+        # following the assignments from the asked value gives exactly the answer's names, in order
+        v = next(v for v in values if any(q.format(v=v) == question for q in CHAIN_QUESTIONS))
+        held, frontier = [], {v}
+        for x, y in pairs:  # statements keep chain order: a hop follows its source
+            if y in frontier:
+                held.append(x)
+                frontier.add(x)
+        assert held == answer.split(" ")
+    assert counts == {2, 3, 4, 5}  # 1-4 distractor chains besides the target
+
+
 def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
     from cepe.data.builders.facts import ATTRIBUTES, KEYLESS_QUESTIONS
 

@@ -157,16 +157,20 @@ class FactsBuilder(CopyingBuilder):
         return statements, [(_pick(rng, MULTI_QUESTIONS).format(k=k, a=a), ", ".join(values))]
 
     def _chain(self, rng, words):
-        names = _distinct(lambda: _name(rng), 8)
+        # the target chain (1-4 hops) and 1-4 distractor chains (0-4 hops), as in RULER's variable
+        # tracking, where 5 chains of assignments share one haystack
+        hops, others = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        lengths = [hops + 1] + [int(rng.integers(1, 6)) for _ in range(others)]
+        names = _distinct(lambda: _name(rng), sum(lengths))
         form = _pick(rng, ASSIGNMENTS)
-        values = _distinct(lambda: _digits(rng, int(rng.integers(4, 8))), 2)
-        hops = int(rng.integers(1, 5))
-        chains = [names[: hops + 1], names[hops + 1 : hops + 1 + int(rng.integers(1, 4))]]
+        values = _distinct(lambda: _digits(rng, int(rng.integers(4, 8))), len(lengths))
+        ends = np.cumsum(lengths)
+        chains = [names[e - n : e] for e, n in zip(ends, lengths)]
         statements = []
         for chain, v in zip(chains, values):
             statements.append(form.format(x=chain[0], y=v))
             statements += [form.format(x=x, y=prev) for prev, x in zip(chain, chain[1:])]
-        if rng.random() < 0.5:  # the distractor's assignments interleave with the target's
+        if rng.random() < 0.5:  # the distractors' assignments interleave with the target's
             order = np.argsort(rng.random(len(statements)) + np.array(
                 [i for c in chains for i in range(len(c))], dtype=np.float64))
             statements = [statements[int(i)] for i in order]
