@@ -11,7 +11,7 @@ from train_helpers import TINY, losses, same, state, tiny_config
 
 from cepe import CepeForCausalLM
 from cepe.training import Trainer, load_config
-from cepe.training.checkpoint import list_checkpoints
+from cepe.training.checkpoint import list_checkpoints, load
 
 
 def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_path):
@@ -47,6 +47,8 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     killed = tmp_path / "killed"
     assert Trainer(tiny_config(killed, *args), progress=False).fit(stop_after=4) == {"stopped_at": 4}
     assert [p.name for p in list_checkpoints(killed)] == ["step_00000003"]
+    # safetensors and JSON only: nothing in a checkpoint needs pickle to load
+    assert {p.suffix for p in list_checkpoints(killed)[0].iterdir()} == {".safetensors", ".json"}
     (killed / "checkpoints" / ".tmp-step_00000004").mkdir()  # a save the kill interrupted
     torch.manual_seed(1234)  # a fresh process would not share this one's RNG
     resumed = Trainer(tiny_config(killed, *args), progress=False)
@@ -80,6 +82,10 @@ def test_checkpoint_from_another_config_or_corrupted_is_refused(tmp_path):
     (ckpt / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"manifest\.json: missing"):
         Trainer(tiny_config(out, "train.save_every=2", "max_steps=2"), progress=False).fit()
+    # a checkpoint of an older cepe (pickled optimizer state) is refused with what to do instead
+    (ckpt / "optimizer.safetensors").rename(ckpt / "optimizer.pt")
+    with pytest.raises(ValueError, match="older cepe.*model.init_adapter"):
+        load(ckpt, rank=0)
 
 
 def _books(root, n=4, words=400):

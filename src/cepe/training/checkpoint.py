@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step_00000100/`:
     adapter.safetensors      trainable weights (encoder, cross-attention)
-    optimizer.pt             optimizer state (plain tensors; loaded with weights_only=True)
+    optimizer.safetensors    optimizer state: its tensors (`state/<param>/<name>`, `group/<i>/<name>`)
+    optimizer.json           ... and everything else in it (param groups, non-tensor state)
     scheduler.json           LR scheduler state
     rng_rank{r}.safetensors  each process's torch (and CUDA) RNG state
     trainer_state.json       step, counters, world size, the config and its fingerprint
@@ -82,7 +83,9 @@ def finalize(
 ) -> Path:
     """Main process: write the rest, the manifest, fsync, rename; then drop old checkpoints."""
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
-    torch.save(optimizer, tmp / "optimizer.pt")
+    tensors, meta = _flatten_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
     (tmp / "scheduler.json").write_text(json.dumps(scheduler))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
     files = sorted(p.name for p in tmp.iterdir())
@@ -139,6 +142,54 @@ def load(path: Path, rank: int) -> dict[str, Any]:
         rng = load_file(str(rng_path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: unreadable checkpoint file ({e})") from e
-    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if (path / "optimizer.pt").is_file() and not (path / "optimizer.safetensors").is_file():
+        raise ValueError(f"{path}: written by an older cepe (a pickled optimizer.pt); it cannot be resumed, "
+                         f"but its weights can start a new run: model.init_adapter=<its adapter>")
+    try:
+        optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                         json.loads((path / "optimizer.json").read_text()))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable optimizer state ({e})") from e
     scheduler = json.loads((path / "scheduler.json").read_text())
     return {"adapter": adapter, "optimizer": optimizer, "scheduler": scheduler, "rng": rng}
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict -> (its tensors by flat name, the rest as JSON-able data): safetensors
+    holds the tensors, so a checkpoint never needs pickle."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict] = {}
+    for key, entry in state_dict["state"].items():
+        state[str(key)] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{key}/{name}"] = value.detach().contiguous().cpu()
+            else:
+                state[str(key)][name] = value
+    groups = []
+    for i, group in enumerate(state_dict["param_groups"]):
+        groups.append({})
+        for name, value in group.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"group/{i}/{name}"] = value.detach().contiguous().cpu()
+            else:
+                groups[i][name] = value
+    # plain optimizers key their state by parameter index, distributed state dicts by parameter name
+    int_keys = all(isinstance(k, int) for k in state_dict["state"])
+    return tensors, {"int_keys": int_keys, "state": state, "param_groups": groups}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of `_flatten_optimizer`."""
+    state = {k: dict(v) for k, v in meta["state"].items()}
+    groups = [dict(g) for g in meta["param_groups"]]
+    for flat, value in tensors.items():
+        kind, rest = flat.split("/", 1)
+        owner, name = rest.rsplit("/", 1)
+        if kind == "state":
+            state.setdefault(owner, {})[name] = value
+        else:
+            groups[int(owner)][name] = value
+    if meta["int_keys"]:
+        state = {int(k): v for k, v in state.items()}
+    return {"state": state, "param_groups": groups}
