@@ -185,6 +185,45 @@ def test_retrieval_same_source(tmp_path, mix):
     assert len(data.train[0]["context"]) == 3
 
 
+def test_passage_questions_are_answered_by_one_retrieved_passage(tmp_path):
+    import re
+
+    from cepe.data.builders.passage_qa import BLANK, QUESTIONS
+    from cepe.data.builders.text import one_line
+
+    # prose with names and numbers to ask about (the shared fixture's words are all short)
+    rng, prose = np.random.default_rng(1), tmp_path / "prose"
+    for source in ("annals", "ledger"):
+        rows = [{"text": " ".join(
+            f"In {rng.integers(1200, 1999)} the {rng.choice(VOCAB)} of {rng.choice(VOCAB).title()} "
+            f"{rng.choice(VOCAB).title()} carried {rng.integers(2, 999)} loads to the harbour." for _ in range(60))}
+            for _ in range(3)]
+        (prose / "train" / "books").mkdir(parents=True, exist_ok=True)
+        (prose / "train" / "books" / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, tok = _data(tmp_path, prose, mixture={"passage_qa": 1.0}, decoder_windows=[400], window_block=2,
+                      copying=CopyingConfig(task_tokens=200), retrieval=RetrievalConfig(k=4, passage_tokens=128))
+    forms = [re.compile(re.escape(q).replace(re.escape("{s}"), "(?P<s>.+)") + r"$") for q in QUESTIONS]
+    asked, sources = 0, set()
+    for i in range(16):
+        s = data.train[i]
+        if s.get("copy_format") != "passage_qa":  # no sentence to ask about: a plain retrieval window
+            continue
+        passages = [one_line(tok.decode(c.tolist())) for c in s["context"]]
+        for a, b in _scored_runs(s):
+            before = tok.decode(s["input_ids"][:a].tolist())
+            answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
+            assert tok.decode(s["input_ids"][b - 1 : b].tolist()) == "."  # where the answer ends, scored
+            found = [m for f in forms if (m := f.search(before))]
+            assert found, before[-200:]
+            sentence = found[0]["s"]
+            assert sentence.count(BLANK) == 1 and answer not in before
+            # filled in, the quoted sentence is in exactly one of the passages the encoder reads
+            assert sum(sentence.replace(BLANK, answer) in p for p in passages) == 1
+            asked += 1
+            sources.add(answer.isdigit())
+    assert asked >= 12 and sources == {True, False}  # numbers and words alike
+
+
 def test_decoder_bos_before_every_window(tmp_path, mix):
     data, tok = _data(
         tmp_path, mix, decoder_bos=True, decoder_windows=[64, 128], mixture={"long_document": 1, "copying": 1}

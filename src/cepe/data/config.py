@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from .corpus import ON_UNREADABLE
 from .synthetic import SyntheticConfig
 
-BUILDERS = ("warmup", "long_document", "retrieval", "copying", "facts", "demonstrations")
+BUILDERS = ("warmup", "long_document", "retrieval", "copying", "facts", "demonstrations", "passage_qa")
 
 
 @dataclass
 class RetrievalConfig:
-    """`retrieval` builder: the encoder reads `k` passages that BM25 retrieves for the decoder text."""
+    """`retrieval` and `passage_qa` builders: the encoder reads `k` passages that BM25 retrieves
+    for the decoder text."""
 
     k: int = 8
     passage_tokens: int = 256  # decoder tokens per passage (the pool is cut from the training documents)

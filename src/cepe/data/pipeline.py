@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from .builders import CopyingBuilder, DemonstrationsBuilder, FactsBuilder, PassagePool, RetrievalBuilder, TextCodec
+from .builders import (
+    CopyingBuilder,
+    DemonstrationsBuilder,
+    FactsBuilder,
+    PassagePool,
+    PassageQABuilder,
+    RetrievalBuilder,
+    TextCodec,
+)
 from .config import DataConfig
 from .corpus import CorpusReport, is_saved_dataset, iter_documents, list_files, matches
 from .samples import Corpus, LongDocumentBuilder, SampleStream, SyntheticBuilder, TooShort, WarmupBuilder
@@ -150,6 +158,8 @@ def _builders(
             out[kind] = FactsBuilder(corpus, cfg, codec, teacher_tokens)
         elif kind == "demonstrations":
             out[kind] = DemonstrationsBuilder(corpus, cfg, codec, teacher_tokens)
+        elif kind == "passage_qa":
+            out[kind] = PassageQABuilder(corpus, cfg, codec, pool, teacher_tokens)
     return out
 
 
@@ -183,7 +193,8 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
         t = encoder_tokenizer if encoder_tokenizer is not None else tokenizer
         mask_id = t.mask_token_id if t.mask_token_id is not None else t.unk_token_id
     try:
-        pool = PassagePool(train_corpus, cfg, decode) if cfg.mixture.get("retrieval", 0) > 0 else None
+        wants_pool = any(cfg.mixture.get(kind, 0) > 0 for kind in ("retrieval", "passage_qa"))
+        pool = PassagePool(train_corpus, cfg, decode) if wants_pool else None
         train_builders = _builders(train_corpus, cfg, codec, teacher_tokens, pool)
     except TooShort as e:
         raise ValueError(f"data.train {cfg.train}: {e}") from None

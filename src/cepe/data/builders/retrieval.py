@@ -83,6 +83,10 @@ class RetrievalBuilder(_WindowBuilder):
         super().__init__(corpus, cfg, teacher_tokens)
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
+        return self.retrieve(rng, d)[0]
+
+    def retrieve(self, rng: np.random.Generator, d: int | None = None) -> tuple[dict[str, Any], list[int]]:
+        """A window and the passages retrieved for it -> (the sample, the passages' pool indices)."""
         d = self.fit(d or self.D)
         doc, p = self.pick_window(rng, d)
         out = self.window(doc, p, d)
@@ -95,4 +99,4 @@ class RetrievalBuilder(_WindowBuilder):
         # the teacher reads the passages' text (its tail) before the window
         prefix = np.concatenate([self.pool.decoder_tokens(i) for i in hits]) if hits else np.zeros(0, np.int64)
         prefix = prefix[max(0, len(prefix) - self.teacher_tokens) :]
-        return {**out, "context": [self.pool.encoder_tokens(i) for i in hits], "teacher_prefix": prefix}
+        return {**out, "context": [self.pool.encoder_tokens(i) for i in hits], "teacher_prefix": prefix}, hits
