@@ -175,8 +175,7 @@ def _setup(args):
         if name in methods:
             raise ValueError(f"--compare-adapter name {name!r} is already a method")
         add_adapter(em, name, folder)
-        methods[name] = Cepe(em.others[name], pad_id=em.pad_id, name=name)
-        methods[name].bos = () if bos is None else (bos,)
+        methods[name] = Cepe(em.others[name], pad_id=em.pad_id, name=name).reading_bos(bos)
     if args.length_scaling is not None:
         from ..model.configuration import length_scaling
 

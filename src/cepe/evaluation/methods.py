@@ -77,6 +77,11 @@ class Method:
         training put it before each window: `data.decoder_bos`), then the request's prefix."""
         return [*self.bos, *request.prefix]
 
+    def reading_bos(self, bos: int | None) -> Method:
+        """This method, reading `bos` first (None: nothing) -> self."""
+        self.bos = () if bos is None else (int(bos),)
+        return self
+
     def log_probs(self, request: Request, last: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -430,6 +435,6 @@ def build_methods(
                                batch_size=replug_batch_size, pad_id=pad_id)
         else:
             raise ValueError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
-        out[name].bos = () if bos is None else (int(bos),)
+        out[name].reading_bos(bos)
     return out
 
