@@ -51,7 +51,49 @@ QUESTION = "Q: In the table, what is listed for {k}?\nA: "
 ANSWER_END = "end"
 
 
-class CopyingBuilder(LongDocumentBuilder):
+class AnswerTail:
+    """Ends a window with a task: its head kept, then cue, questions (no loss), answers (scored) and
+    where each answer ends. Needs `self.codec`; shared by the builders whose answers the encoder holds."""
+
+    codec: TextCodec
+
+    def _assemble(self, ids: np.ndarray, segments: list[tuple[np.ndarray, bool | str]]) -> dict | None:
+        """Window head + task segments (ids, scored) -> input_ids/labels of len(ids) and task_mask
+        (True on the answers' tokens), or None if an answer already occurs in the decoder's text
+        before it."""
+        task = sum(len(s) for s, _ in segments)
+        keep = len(ids) - task
+        if task == 0 or keep < 1:
+            return None
+        parts, labels, task = [ids[:keep]], [ids[:keep]], [np.zeros(keep, dtype=bool)]
+        for seg, scored in segments:
+            if scored is True:  # an answer (its end marker is scored, not checked)
+                answer = self.codec.decode(seg).strip()
+                if len(answer) < 2 or answer in self.codec.decode(np.concatenate(parts)):
+                    return None
+            parts.append(seg)
+            labels.append(seg if scored else np.full(len(seg), -100, dtype=np.int64))
+            task.append(np.full(len(seg), bool(scored), dtype=bool))
+        return {"input_ids": np.concatenate(parts).astype(np.int64), "labels": np.concatenate(labels).astype(np.int64),
+                "task_mask": np.concatenate(task)}
+
+    def _qa_segments(self, cue: str, items, budget: int) -> list[tuple[np.ndarray, bool | str]] | None:
+        """Cue, then per (question, answer, tail) of `items`: the question unscored, the answer and
+        the tail's first token scored (where the answer ends: without it a model learns to copy a
+        value but not to stop, "48844" -> "4884444"), the rest of the tail unscored, while the
+        task's tokens fit `budget`; None if not one does."""
+        segments = [(self.codec.dec(cue), False)]
+        used = len(segments[0][0])
+        for question, answer, tail in items:
+            q, a, t = self.codec.dec(question), self.codec.dec(answer), self.codec.dec(tail)
+            if used + len(q) + len(a) + len(t) > budget:
+                break
+            segments += [(q, False), (a, True), (t[:1], ANSWER_END), (t[1:], False)]
+            used += len(q) + len(a) + len(t)
+        return segments if len(segments) > 1 else None
+
+
+class CopyingBuilder(AnswerTail, LongDocumentBuilder):
     """Long-document windows ending in a copy or lookup task whose answer only the context holds."""
 
     kind = "copying"
@@ -90,26 +132,6 @@ class CopyingBuilder(LongDocumentBuilder):
         q = dec.tokens_before(doc, lo_char) + (1 if b - n_context > 0 else 0)
         return self.corpus.decoder_tokens(doc, min(q, p), p)
 
-    def _assemble(self, ids: np.ndarray, segments: list[tuple[np.ndarray, bool | str]]) -> dict | None:
-        """Window head + task segments (ids, scored) -> input_ids/labels of len(ids) and task_mask
-        (True on the answers' tokens), or None if an answer already occurs in the decoder's text
-        before it."""
-        task = sum(len(s) for s, _ in segments)
-        keep = len(ids) - task
-        if task == 0 or keep < 1:
-            return None
-        parts, labels, task = [ids[:keep]], [ids[:keep]], [np.zeros(keep, dtype=bool)]
-        for seg, scored in segments:
-            if scored is True:  # an answer (its end marker is scored, not checked)
-                answer = self.codec.decode(seg).strip()
-                if len(answer) < 2 or answer in self.codec.decode(np.concatenate(parts)):
-                    return None
-            parts.append(seg)
-            labels.append(seg if scored else np.full(len(seg), -100, dtype=np.int64))
-            task.append(np.full(len(seg), bool(scored), dtype=bool))
-        return {"input_ids": np.concatenate(parts).astype(np.int64), "labels": np.concatenate(labels).astype(np.int64),
-                "task_mask": np.concatenate(task)}
-
     def _continue(self, rng: np.random.Generator, ctx: np.ndarray, budget: int):
         lo, hi = self.cfg.copying.span_tokens
         cue = self.codec.dec(CONTINUE_CUES[int(rng.integers(len(CONTINUE_CUES)))])
@@ -128,21 +150,6 @@ class CopyingBuilder(LongDocumentBuilder):
         lo, hi = self.cfg.copying.queries
         picked = rng.permutation(len(pairs))[: int(rng.integers(lo, hi + 1))]
         return self._qa_segments(cue, ((prompt(pairs[int(i)][0]), pairs[int(i)][1], tail) for i in picked), budget)
-
-    def _qa_segments(self, cue: str, items, budget: int) -> list[tuple[np.ndarray, bool | str]] | None:
-        """Cue, then per (question, answer, tail) of `items`: the question unscored, the answer and
-        the tail's first token scored (where the answer ends: without it a model learns to copy a
-        value but not to stop, "48844" -> "4884444"), the rest of the tail unscored, while the
-        task's tokens fit `budget`; None if not one does."""
-        segments = [(self.codec.dec(cue), False)]
-        used = len(segments[0][0])
-        for question, answer, tail in items:
-            q, a, t = self.codec.dec(question), self.codec.dec(answer), self.codec.dec(tail)
-            if used + len(q) + len(a) + len(t) > budget:
-                break
-            segments += [(q, False), (a, True), (t[:1], ANSWER_END), (t[1:], False)]
-            used += len(q) + len(a) + len(t)
-        return segments if len(segments) > 1 else None
 
     def _lookup(self, rng: np.random.Generator, ctx: np.ndarray, budget: int):
         text = self.codec.decode(ctx)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..samples import Corpus
-from .copying import CopyingBuilder
+from .copying import AnswerTail
 from .retrieval import PassagePool, RetrievalBuilder
 from .text import TextCodec, one_line
 
@@ -37,20 +37,20 @@ CANDIDATES = (
 )
 
 
-class PassageQABuilder(CopyingBuilder):
+class PassageQABuilder(AnswerTail, RetrievalBuilder):
     """Retrieval windows ending in cloze questions about one of the passages the encoder reads."""
 
     kind = "passage_qa"
 
     def __init__(self, corpus: Corpus, cfg: DataConfig, codec: TextCodec, pool: PassagePool, teacher_tokens: int = 0):
-        super().__init__(corpus, cfg, codec, teacher_tokens)
-        self.retrieval = RetrievalBuilder(corpus, cfg, pool, teacher_tokens)
+        self.codec = codec
+        super().__init__(corpus, cfg, pool, teacher_tokens)
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
-        base, hits = self.retrieval.retrieve(rng, d)
+        base, hits = self.retrieve(rng, d)
         ids = base["input_ids"]
         budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
-        texts = [self.retrieval.pool.decode(self.retrieval.pool.decoder_tokens(i).tolist()) for i in hits]
+        texts = [self.pool.decode(self.pool.decoder_tokens(i).tolist()) for i in hits]
         for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
             qa = _cloze(rng, texts, n=int(rng.integers(1, 3)))
             segments = self._qa_segments("\n\n", ((q, " " + a, ".\n") for q, a in qa), budget) if qa else None
