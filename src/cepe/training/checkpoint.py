@@ -158,22 +158,18 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
     """An optimizer state dict -> (its tensors by flat name, the rest as JSON-able data): safetensors
     holds the tensors, so a checkpoint never needs pickle."""
     tensors: dict[str, torch.Tensor] = {}
-    state: dict[str, dict] = {}
-    for key, entry in state_dict["state"].items():
-        state[str(key)] = {}
+
+    def split(entry: dict, prefix: str) -> dict:  # tensors out under prefix/name; the rest returned
+        rest = {}
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state/{key}/{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{prefix}/{name}"] = value.detach().contiguous().cpu()
             else:
-                state[str(key)][name] = value
-    groups = []
-    for i, group in enumerate(state_dict["param_groups"]):
-        groups.append({})
-        for name, value in group.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"group/{i}/{name}"] = value.detach().contiguous().cpu()
-            else:
-                groups[i][name] = value
+                rest[name] = value
+        return rest
+
+    state = {str(key): split(entry, f"state/{key}") for key, entry in state_dict["state"].items()}
+    groups = [split(group, f"group/{i}") for i, group in enumerate(state_dict["param_groups"])]
     # plain optimizers key their state by parameter index, distributed state dicts by parameter name
     int_keys = all(isinstance(k, int) for k in state_dict["state"])
     return tensors, {"int_keys": int_keys, "state": state, "param_groups": groups}
