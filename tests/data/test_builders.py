@@ -352,6 +352,24 @@ def test_variable_chains_come_with_several_distractor_chains():
     assert counts == {2, 3, 4, 5}  # 1-4 distractor chains besides the target
 
 
+def test_facts_sharing_an_attribute_differ_only_in_their_keys():
+    # RULER's multi-key needles: one template, one value type, keys differ; the hard negatives match
+    import re
+    from types import SimpleNamespace
+
+    from cepe.data.builders.facts import STATEMENTS, FactsBuilder
+
+    def forms(statement):
+        return {f for f in STATEMENTS if re.fullmatch(re.sub(r"\\\{[kauv]\\\}", ".+?", re.escape(f)), statement)}
+
+    builder = SimpleNamespace(cfg=SimpleNamespace(facts=FactsConfig(same_attribute=1.0, keyless=0.0, facts=(3, 6))))
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        statements, _ = FactsBuilder._single(builder, rng, ["river", "lantern"])
+        assert len(statements) >= 3
+        assert set.intersection(*(forms(st) for st in statements)), statements
+
+
 def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
     from cepe.data.builders.facts import ATTRIBUTES, KEYLESS_QUESTIONS
 

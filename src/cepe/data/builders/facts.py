@@ -10,7 +10,8 @@ tracking ask for. Keys, wordings and value types vary per sample; no evaluation 
 Formats, one per sample:
     single  1-8 facts with distinct keys, 1-3 of them asked; in `facts.keyless` of the samples the
             facts have no name and distinct attributes ("the ticket number is ..."), asked by the
-            attribute alone; in `facts.same_attribute` of the others all share one attribute
+            attribute alone; in `facts.same_attribute` of the others all share one attribute, wording
+            and value type (RULER's multi-key needles)
     multi   one key stated 2-4 times with different values, all asked in order of appearance
     chain   a value assigned to a name, then names assigned from names (with a distractor chain);
             asked for every name that holds the value, in order
@@ -125,10 +126,13 @@ class FactsBuilder(CopyingBuilder):
             return self._keyless(rng, words, n)
         keys = _distinct(lambda: _key(rng, words), n)
         shared = _pick(rng, ATTRIBUTES) if rng.random() < self.cfg.facts.same_attribute else None
+        # hard negatives as in RULER's multi-key needles: the facts share attribute, wording and value
+        # type, and differ only in their key
+        form, kind = (_pick(rng, STATEMENTS), int(rng.integers(5))) if shared else (None, None)
         statements, qa = [], []
         for k in keys:
-            a, v = shared or _pick(rng, ATTRIBUTES), _value(rng, words)
-            form = _pick(rng, STATEMENTS)
+            a, v = shared or _pick(rng, ATTRIBUTES), _value(rng, words, kind)
+            form = form if shared else _pick(rng, STATEMENTS)
             statements.append(form.format(k=k, a=a, u=a.replace(" ", "_"), v=v))
             qa.append((_pick(rng, QUESTIONS).format(k=k, a=a), v))
         lo, hi = self.cfg.facts.queries
