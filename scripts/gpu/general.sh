@@ -125,6 +125,7 @@ PY
   retrieval)
     # issue 15's retrieval targets through the encoder: pass key (key in the encoder, D = 256) at
     # 4K/16K/64K, depths 0-0.9; RULER's single/multi-key needles and variable tracking at 16K
+    # (32 RULER samples per task: at 16 one sample moved a score by 6 points and two stages 19 apart)
     stage=${2:?usage: retrieval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/latest_adapter}
     common=(--adapter "$adapter" --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --out "$OUT" --no-progress)
     python3 -m cepe.cli eval passkey "${common[@]}" --lengths ${PK_LENGTHS:-4K,16K,64K} -D 256 \
@@ -132,10 +133,10 @@ PY
       --name passkey_${stage}
     # the same key in running text (a held-out book) instead of the repeated sentences
     python3 -m cepe.cli eval passkey "${common[@]}" --lengths ${PK_LENGTHS:-4K,16K,64K} -D 256 \
-      --depths 0,0.2,0.4,0.6,0.8,0.9 --trials 2 --methods cepe --filler src/cepe/resources/moby_dick_ch1-3.txt \
-      --name passkey_book_${stage}
+      --depths 0,0.2,0.4,0.6,0.8,0.9 --trials ${PK_BOOK_TRIALS:-4} --methods cepe \
+      --filler src/cepe/resources/moby_dick_ch1-3.txt --name passkey_book_${stage}
     python3 -m cepe.cli eval ruler "${common[@]}" --lengths ${RULER_LENGTHS:-16K} \
-      --tasks ${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,vt} --samples ${RULER_SAMPLES:-16} \
+      --tasks ${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,vt} --samples ${RULER_SAMPLES:-32} \
       --methods cepe --name ruler_${stage}
     ;;
   *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | eval smollm2|gemma3 | retrieval smollm2|gemma3"; exit 2 ;;
