@@ -8,7 +8,6 @@ Methods for the cross-attention of one step:
 - cache: the library's `CrossAttention.forward` over per-layer keys/values projected beforehand
   (the `cache` policy; 128 KiB per context token over 32 layers);
 - matmul: `absorbed_cross_attention(kernel="matmul")`, two plain matmuls over the shared states;
-- split: the same with the second matmul split over 4K-token context slices (one batched matmul);
 - triton: the same with the flash-decoding kernel (`cepe.kernels.absorbed_decode`).
 Every step is captured as a CUDA graph and replayed (no launch gaps, as `cepe bench` decodes).
 
@@ -289,7 +288,7 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     layers = max(r["layers"] for r in result["rows"])
-    for method, style in (("cache", "s-"), ("matmul", "o--"), ("split", "d--"), ("triton", "o-"), ("triton-int8", "^-"),
+    for method, style in (("cache", "s-"), ("matmul", "o--"), ("triton", "o-"), ("triton-int8", "^-"),
                           ("triton-fp8", "v-")):
         for ax, n in ((axes[0], 1), (axes[1], layers)):
             rs = [r for r in rows if r["method"] == method and r["layers"] == n]
@@ -317,7 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_absorbed_out"))
     p.add_argument("--reps", type=int, default=20, help="graph replays per timing sample (one layer)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of cache,matmul,split,triton,"
+    p.add_argument("--methods", default=None, help="comma-separated subset of cache,matmul,triton,"
                    "triton-int8,triton-fp8 (default: all that run here)")
     p.add_argument("--time-budget", type=float, default=300.0, help="stop starting measurements after N s")
     args = p.parse_args(argv)
@@ -339,7 +338,7 @@ def main(argv=None) -> int:
     blocks = build(shape, device, dtype)
     result = {"env": env, "shape": shape, "rows": []}
     print("correctness ...", file=sys.stderr)
-    kernels = ("matmul", "chunked", "split", "triton") if triton_ok else ("matmul", "chunked", "split")
+    kernels = ("matmul", "chunked", "triton") if triton_ok else ("matmul", "chunked")
     result["check"] = check(blocks, shape, device, dtype, configs if triton_ok else [], kernels)
     print(json.dumps(result["check"], indent=1))
     cfg = {}
@@ -347,8 +346,7 @@ def main(argv=None) -> int:
         cfg, result["kernel_config_ms"] = pick_config(shape, device, dtype, configs, args.reps)
         print("kernel configurations (ms, attention alone):", json.dumps(result["kernel_config_ms"]))
     result["kernel_config"] = cfg
-    methods = ("cache", "matmul", "split", "triton", "triton-int8", "triton-fp8") if triton_ok else \
-        ("cache", "matmul", "split")
+    methods = ("cache", "matmul", "triton", "triton-int8", "triton-fp8") if triton_ok else ("cache", "matmul")
     if device != "cuda":  # Triton's CPU interpreter has no float8
         methods = tuple(x for x in methods if x != "triton-fp8")
     if args.methods:

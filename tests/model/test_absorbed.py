@@ -78,7 +78,7 @@ def test_absorbed_equals_cache_path_in_every_family_and_head_layout(family, kv_h
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "chunked", "split", TRITON])
+@pytest.mark.parametrize("kernel", ["matmul", "chunked", TRITON])
 @pytest.mark.parametrize("t", [1, 3])
 def test_every_kernel_gives_the_cache_paths_delta(kernel, t):
     block = _blocks("llama", 2)[0]
@@ -89,7 +89,7 @@ def test_every_kernel_gives_the_cache_paths_delta(kernel, t):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "chunked", "split", TRITON])
+@pytest.mark.parametrize("kernel", ["matmul", "chunked", TRITON])
 def test_attention_over_states_kernels_against_float64(kernel):
     """The kernels alone, with splits and chunks that do not divide the context, a row whose
     real keys all sit in one split, and a row with none."""
@@ -108,10 +108,6 @@ def test_attention_over_states_kernels_against_float64(kernel):
         from cepe.model.absorbed import attend_chunked
 
         out = attend_chunked(q, e, mask, chunk=64)
-    elif kernel == "split":  # 4 slices of 64 and a 44-token tail
-        from cepe.model.absorbed import attend_split
-
-        out = attend_split(q, e, mask, split=64)
     else:
         out = attend(q, e, mask, kernel=kernel)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
@@ -119,7 +115,7 @@ def test_attention_over_states_kernels_against_float64(kernel):
     assert ref[0].abs().amax() > 0.05
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "chunked", "split", TRITON])
+@pytest.mark.parametrize("kernel", ["matmul", "chunked", TRITON])
 def test_bfloat16_absorbed_is_as_close_to_the_truth_as_the_cache_path(kernel):
     """In bf16 neither path is exact; the absorbed one must not be worse than the cache path
     beyond rounding (both against a float64 reference of the same block)."""
@@ -137,7 +133,7 @@ def test_bfloat16_absorbed_is_as_close_to_the_truth_as_the_cache_path(kernel):
     assert err_cache < 0.05 and err_abs < 2 * err_cache + 5e-3, (err_abs, err_cache)
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "chunked", "split", TRITON])
+@pytest.mark.parametrize("kernel", ["matmul", "chunked", TRITON])
 def test_8bit_states_give_the_delta_of_their_dequantized_values(kernel):
     """The kernel reads int8 data and folds each token's scale into its logit and its weight;
     the PyTorch paths dequantize. Either way: the cache path's delta over the dequantized states."""

@@ -15,9 +15,6 @@ context token to keep, instead of 2 x Hkv x d per layer.
 Kernels for the attention over states (`attend`):
 - "matmul": two plain matmuls (scores, then probabilities x states); reads the states twice.
 - "chunked": the same, chunk by chunk over the context with an online softmax (bounded memory).
-- "split": the two matmuls, the second split over context slices as one batched matmul (split-K):
-  probabilities x states has K = S (up to a million) and only R x He outputs, a shape a single
-  GEMM spreads over few programs.
 - "triton": a flash-decoding kernel (`cepe.kernels.absorbed_decode`) that reads the states once,
   split over the context with a combine step; CUDA, or the CPU under TRITON_INTERPRET=1.
 """
@@ -36,7 +33,7 @@ from .stored_states import QuantizedStates
 if TYPE_CHECKING:
     from .context import ContextStates
 
-KERNELS = ("auto", "matmul", "chunked", "split", "triton")
+KERNELS = ("auto", "matmul", "chunked", "triton")
 
 
 @dataclass(frozen=True)
@@ -257,8 +254,6 @@ def attend(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None 
         states = (states.float() * state_scale.view(*states.shape[:2], 1)).to(q.dtype)
     if kernel == "chunked":
         return attend_chunked(q, states, key_mask, chunk)
-    if kernel == "split":
-        return attend_split(q, states, key_mask)
     return attend_matmul(q, states, key_mask)
 
 
@@ -275,47 +270,13 @@ def _scores(q: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 def attend_matmul(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Two plain matmuls and a softmax between them (the baseline): the states are read twice."""
-    p = _probabilities(_scores(q, states), key_mask)
-    return torch.bmm(p.to(states.dtype), states).to(q.dtype)
-
-
-def _probabilities(scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax over (B, R, S) float32 logits, masked keys out; rows with no real key give zeros."""
+    scores = _scores(q, states)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    if key_mask is not None:  # softmax over nothing is NaN; such a row's delta is zero
+    if key_mask is not None:  # a row with no real key: softmax over nothing is NaN; its delta is zero
         p = torch.nan_to_num(p, nan=0.0)
-    return p
-
-
-def attend_split(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None,
-                 split: int = 4096) -> torch.Tensor:
-    """Two matmuls; the second as n = S // split independent (R, split) x (split, He) products in one
-    batched matmul, whose float32 partials (B, n, R, He) are then summed (the tail < split apart).
-    The states are only viewed, never copied."""
-    b, r, he = q.shape
-    s = states.shape[1]
-    p = _probabilities(_scores(q, states), key_mask).to(states.dtype)
-    n = s // split
-    out = torch.zeros(b, r, he, device=q.device)
-    if n:
-        head = p[..., : n * split].reshape(b, r, n, split).transpose(1, 2).reshape(b * n, r, split)
-        part = _bmm_float(head, states[:, : n * split].reshape(b * n, split, he))
-        out += part.view(b, n, r, he).sum(dim=1)
-    if n * split < s:
-        out += _bmm_float(p[..., n * split :], states[:, n * split :])
-    return out.to(q.dtype)
-
-
-def _bmm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in float32 (bf16 inputs stay bf16 on CUDA)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            pass
-    return torch.bmm(a.float(), b.float())
+    return torch.bmm(p.to(states.dtype), states).to(q.dtype)
 
 
 def attend_chunked(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None,
