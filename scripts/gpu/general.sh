@@ -12,6 +12,7 @@
 #                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only;
 #                  also kept as $ROOT/runs/general_STAGE/latest_adapter for `eval`. WORKERS (default 6) DataLoader
 #                  workers, with a watchdog that goes on without them if no step is logged for STALL s
+#   bash scripts/gpu/general.sh probe STAGE      # s/step, tokens/s and peak memory at BATCHES (16 32 64)
 #   bash scripts/gpu/general.sh retrieval STAGE  # pass key at 4K/16K/64K, RULER needles + variable tracking at 16K
 #   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
 #                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override)
@@ -122,6 +123,26 @@ PY
       done
     done
     ;;
+  probe)
+    # throughput and memory of the training step per batch size, at the longest window (WINDOW) and
+    # context: STEPS steps each, from INIT if given, in a scratch run (the stage's run is not touched)
+    stage=${2:?usage: probe smollm2|gemma3}
+    for b in ${BATCHES:-16 32 64}; do
+      run=$ROOT/runs/probe_${stage}_$b; rm -rf "$run"
+      timeout -s KILL ${PROBE_TIMEOUT:-180} python3 -m cepe.training.cli --config configs/general_$stage.yaml \
+        "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=${WORKERS:-6} \
+        train.batch_size=$b data.window_block=$b "data.decoder_windows=[${WINDOW:-2048}]" \
+        data.min_context_tokens=${CONTEXT:-8192} train.max_steps=${STEPS:-20} train.log_every=1 \
+        train.eval_samples=$b train.save_every=0 ${INIT:+model.init_adapter=$INIT} --no-progress > "$run.log" 2>&1
+      python3 - "$run/metrics.jsonl" "$b" <<'PY' || tail -3 "$run.log"
+import json, statistics, sys
+rows = [json.loads(x) for x in open(sys.argv[1]) if '"step_s"' in x][3:]  # the first steps warm up
+print(f"batch {sys.argv[2]:>3}: {statistics.median(r['step_s'] for r in rows):.3f} s/step, "
+      f"{statistics.median(r['tokens_per_s'] for r in rows):,.0f} decoder tokens/s, "
+      f"peak {max(r.get('peak_memory_gb', 0) for r in rows):.1f} GB over {len(rows)} steps")
+PY
+    done
+    ;;
   retrieval)
     # issue 15's retrieval targets through the encoder: pass key (key in the encoder, D = 256) at
     # 4K/16K/64K, depths 0-0.9; RULER's single/multi-key needles and variable tracking at 16K
@@ -139,5 +160,5 @@ PY
       --tasks ${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,vt} --samples ${RULER_SAMPLES:-32} \
       --methods cepe --name ruler_${stage}
     ;;
-  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | eval smollm2|gemma3 | retrieval smollm2|gemma3"; exit 2 ;;
+  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | probe|eval|retrieval smollm2|gemma3"; exit 2 ;;
 esac

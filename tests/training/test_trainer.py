@@ -109,6 +109,8 @@ def test_text_run_distilled_with_retrieval_and_checkpointing(tmp_path):
     summary = Trainer(cfg, progress=False).fit()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["ce"] + r["kl"], rel=1e-5) for r in rows if "kl" in r)
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3 and all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in steps)  # throughput per step
     assert json.loads((tmp_path / "run" / "split.json").read_text())["heldout"] == ["books/book3.txt"]
     assert summary["ppl_with_context"] > 1 and summary["data"]["heldout_documents"] == 1
 

@@ -67,9 +67,12 @@ class _Meter:
         self.end_time: float | None = None
 
     def update(self, step: int, values: dict[str, float], counters: dict[str, int]) -> None:
-        """Add `tokens_per_s` to this step's `values` and show them."""
+        """Add `tokens_per_s`, `step_s` (and on CUDA `peak_memory_gb`) to this step's `values`; show them."""
         now = time.time()
         values["tokens_per_s"] = (counters["decoder_tokens"] - self.last_tokens) / max(now - self.last_time, 1e-9)
+        values["step_s"] = now - self.last_time
+        if torch.cuda.is_available():  # how much room a larger batch or window has (no host sync)
+            values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         self.last_time, self.last_tokens, self.last_loss = now, counters["decoder_tokens"], values["loss"]
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
