@@ -128,11 +128,11 @@ class FactsBuilder(CopyingBuilder):
         shared = _pick(rng, ATTRIBUTES) if rng.random() < self.cfg.facts.same_attribute else None
         # hard negatives as in RULER's multi-key needles: the facts share attribute, wording and value
         # type, and differ only in their key
-        form, kind = (_pick(rng, STATEMENTS), int(rng.integers(5))) if shared else (None, None)
+        shared_form, kind = (_pick(rng, STATEMENTS), int(rng.integers(5))) if shared else (None, None)
         statements, qa = [], []
         for k in keys:
             a, v = shared or _pick(rng, ATTRIBUTES), _value(rng, words, kind)
-            form = form if shared else _pick(rng, STATEMENTS)
+            form = shared_form or _pick(rng, STATEMENTS)
             statements.append(form.format(k=k, a=a, u=a.replace(" ", "_"), v=v))
             qa.append((_pick(rng, QUESTIONS).format(k=k, a=a), v))
         lo, hi = self.cfg.facts.queries
