@@ -320,6 +320,9 @@ def main(argv=None) -> int:
                    "triton-int8,triton-fp8 (default: all that run here)")
     p.add_argument("--time-budget", type=float, default=300.0, help="stop starting measurements after N s")
     args = p.parse_args(argv)
+    unknown = set((args.methods or "").split(",")) - {"", "cache", "matmul", "triton", "triton-int8", "triton-fp8"}
+    if unknown:  # a typo would otherwise spend a device call measuring nothing
+        p.error(f"--methods: unknown {', '.join(sorted(unknown))}")
     t_start = time.perf_counter()
     shape = TINY if args.tiny else FULL
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
