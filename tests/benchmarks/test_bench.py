@@ -251,3 +251,14 @@ def test_shapes_from_a_config_json(tmp_path):
     assert spec.encoder_kind == "decoder" and spec.encoder_layers == 1
     model = build_model(spec, "cpu", torch.float32)
     assert model.config.encoder_type == "decoder" and model.decoder.config.hidden_size == 32
+
+
+def test_lengths_take_k_and_m_suffixes_and_refuse_the_rest():
+    import argparse
+
+    from cepe.benchmarks.cli import _lengths
+
+    assert _lengths("512K, 1M,4096,4K") == (4096, 512 * 1024, 1024 * 1024)
+    for bad in ("1G", "0", "K"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _lengths(bad)

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..cli_options import add_model_arguments
+from ..evaluation.cli_args import size
 from .presets import PRESETS
 from .report import _k
 from .runner import DEFAULT_LENGTHS, DEFAULT_POLICIES, POLICIES, BenchConfig, run_bench
@@ -20,13 +21,10 @@ SMOKE = dict(preset="tiny", lengths=(16, 32, 64), score_tokens=16, new_tokens=8,
 
 
 def _lengths(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().upper()
-        try:
-            out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"lengths: expected e.g. 4K,8K,32768, got {text!r}") from None
+    try:
+        out = [size(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths: expected e.g. 4K,8K,32768,1M, got {text!r}") from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
     return tuple(sorted(set(out)))

@@ -26,8 +26,10 @@ def ints(text: str) -> list[int]:
 
 
 def size(t: str) -> int:
+    """A token count: 4096, 4K (x 1,024) or 1M (x 1,048,576)."""
     t = t.strip().lower()
-    return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    return int(float(t[:-1]) * scale) if scale > 1 else int(t)
 
 
 def floats(text: str) -> list[float]:
