@@ -21,6 +21,7 @@ def test_parser_defaults_are_loopback_and_bounded():
     assert args.host == "127.0.0.1" and args.port == 8000 and args.func.__name__ == "serve"
     assert args.max_queue > 0 and args.max_tokens > 0 and args.timeout > 0
     assert args.cuda_graphs == "auto"  # captured steps wherever there is a CUDA device
+    assert args.prefill_share == 0.5 and args.switch_interval_ms == 0.1
     assert default_model_name(args) == "cepe-smollm2-135m-minilm-l6-zero"
     assert default_model_name(build_parser().parse_args(["serve", "--adapter", "/x/my-adapter"])) == "my-adapter"
     derived = build_parser().parse_args(["serve", "--init", "copy", "--encoder", "decoder"])
@@ -32,6 +33,11 @@ def test_bad_flags_fail_before_loading_anything(capsys):
     assert main(["serve", "--init", "zero", "--max-queue", "0"]) == 2
     assert "--max-queue must be positive" in capsys.readouterr().err
     assert main(["serve", "--adapter", "/no/such/adapter"]) == 2
+    assert main(["serve", "--init", "zero", "--prefill-share", "0"]) == 2
+    assert "--prefill-share must be in (0, 1]" in capsys.readouterr().err
+    assert main(["serve", "--init", "zero", "--switch-interval-ms", "-1"]) == 2
+    assert "--switch-interval-ms must be positive" in capsys.readouterr().err
+    assert sys.getswitchinterval() == pytest.approx(0.005)  # refused before anything was changed
 
 
 @pytest.mark.real

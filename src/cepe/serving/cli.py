@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import sys
 from pathlib import Path
 
 from ..cli_options import add_model_arguments, model_choice, model_from_args
@@ -42,6 +43,12 @@ def register(subparsers) -> None:
     s.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="continuous batching: run each decoding step on bucketed static buffers, captured as a CUDA "
                         "graph and replayed (auto: on a CUDA device; on: also on the CPU, eagerly; off: eager steps)")
+    s.add_argument("--prefill-share", type=float, default=0.5,
+                   help="continuous batching: most of the worker's time that prefilling joining requests may take "
+                        "while rows decode (1: join at every step)")
+    s.add_argument("--switch-interval-ms", type=float, default=0.1,
+                   help="Python's thread switch interval in this process: the model worker waits up to this long "
+                        "for the GIL after each operator while the HTTP thread is busy (Python's default: 5)")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument(
         "--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request"
@@ -79,6 +86,10 @@ def serve(args: argparse.Namespace) -> int:
                  "batch_memory_mb"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0 < args.prefill_share <= 1:
+        raise ValueError(f"--prefill-share must be in (0, 1], got {args.prefill_share}")
+    if args.switch_interval_ms <= 0:
+        raise ValueError(f"--switch-interval-ms must be positive, got {args.switch_interval_ms}")
     setup_json_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,10 +107,14 @@ def serve(args: argparse.Namespace) -> int:
         batching=args.batching,
         batch_memory_mb=args.batch_memory_mb,
         cuda_graphs=args.cuda_graphs,
+        prefill_share=args.prefill_share,
     )
     app = create_app(load_model(args), config)
     if not _is_loopback(args.host) and not config.api_key:
         log.warning(f"serving on {args.host} without an API key: set {API_KEY_ENV} to require one")
+    # every PyTorch operator releases the GIL and takes it back: with the default 5 ms interval, a busy
+    # HTTP thread made an eager prefill ~300x slower (scripts/bench_gil_contention.py, docs/serving.md)
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 

@@ -4,7 +4,9 @@ Between any two decoding steps the worker
 1. drops the rows that finished (stop, length, cancelled, timed out) -- their memory is freed and
    their slots are open at once;
 2. admits waiting generation jobs from the head of the queue, in arrival order, while the batch
-   stays within `--max-batch` rows and its memory stays within the budget (`--batch-memory-mb`);
+   stays within `--max-batch` rows and its memory stays within the budget (`--batch-memory-mb`),
+   when a join is due (`pacing.JoinPacer`, `--prefill-share`: joins are paced so that prefills of
+   a few rows each do not take most of the worker's time);
 3. prefills the admitted jobs as their own forward (their prompts left-padded, their contexts
    right-padded, cross-attention keys/values projected once), picks each one's first token, and
    joins them into the running batch (`decoding.Batch.join`, `RowContexts.join`);
@@ -39,6 +41,7 @@ from ..model.stored_states import full_attention_kv_bytes_per_token
 from .batch_context import RowContexts, context_bytes_per_token
 from .captured import StepGraphs, use_graphs
 from .engine import GenerateJob, Job, Runner, still_wanted
+from .pacing import JoinPacer
 from .rows import Outbox, Row, push_tokens
 from .static_batch import StaticBatch, supported
 
@@ -101,8 +104,9 @@ class ContinuousBatcher:
     `cuda_graphs`: "auto" | "on" | "off" (`captured.use_graphs`)."""
 
     def __init__(self, scheduler: Scheduler, runner: Runner, max_batch: int, budget_bytes: int,
-                 cuda_graphs: str = "auto"):
+                 cuda_graphs: str = "auto", prefill_share: float = 0.5):
         self.scheduler, self.runner, self.max_batch, self.budget = scheduler, runner, max_batch, budget_bytes
+        self.pacer = JoinPacer(prefill_share)
         self.model, self.metrics = runner.model, runner.metrics
         device = next(self.model.parameters()).device
         self.static = use_graphs(cuda_graphs, device) and supported(self.model)
@@ -172,7 +176,10 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         while True:
-            jobs = self.scheduler.take_ready(self._admitter(), block=not self.rows)
+            if self.pacer.due(time.perf_counter(), len(self.rows), self.scheduler.depth):
+                jobs = self.scheduler.take_ready(self._admitter(), block=not self.rows)
+            else:  # joins are paced (pacing.py): the running rows decode on
+                jobs = None if self.scheduler.stopping else []
             if jobs is None:  # stopping
                 for row in self.rows:
                     row.fail(503, "server is shutting down", "server_error")
@@ -183,8 +190,10 @@ class ContinuousBatcher:
                 continue
             try:
                 if jobs:
+                    t0 = time.perf_counter()
                     self._join(jobs)
                     self.outbox.flush()  # first tokens go out before the next step runs
+                    self.pacer.joined(t0, time.perf_counter())
                 if self.rows:
                     self._step()
             except Exception as e:  # keep serving: report to the rows of this batch only

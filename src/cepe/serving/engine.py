@@ -132,11 +132,12 @@ class Scheduler:
 
     def __init__(self, runner: Runner, max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05,
                  batching: Literal["static", "continuous"] = "static", batch_memory_bytes: int = 2**32,
-                 cuda_graphs: str = "auto"):
+                 cuda_graphs: str = "auto", prefill_share: float = 0.5):
         if batching not in ("static", "continuous"):
             raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
         self.runner, self.max_queue, self.max_batch, self.metrics = runner, max_queue, max_batch, metrics
         self.batching, self.batch_memory_bytes, self.cuda_graphs = batching, batch_memory_bytes, cuda_graphs
+        self.prefill_share = prefill_share  # continuous batching: pacing of joins (pacing.py)
         self.batcher = None  # the ContinuousBatcher, under continuous batching
         self.batch_window_s = batch_window_s
         self._last_end = 0.0  # when the last generation batch finished
@@ -161,7 +162,7 @@ class Scheduler:
             from .continuous import ContinuousBatcher
 
             self.batcher = ContinuousBatcher(self, self.runner, self.max_batch, self.batch_memory_bytes,
-                                             self.cuda_graphs)
+                                             self.cuda_graphs, self.prefill_share)
             target = self.batcher.run
         self._thread = threading.Thread(target=target, name="cepe-model-worker", daemon=True)
         self._thread.start()

@@ -56,6 +56,7 @@ class ServeConfig:
     batching: str = "continuous"  # or "static" (see engine.py)
     batch_memory_mb: float = 4096.0  # a continuous batch's decoder cache and contexts
     cuda_graphs: str = "auto"  # continuous batching: captured decoding steps (auto: on a CUDA device)
+    prefill_share: float = 0.5  # continuous batching: pacing of joins (pacing.py)
     kv_policy: str | None = "auto"  # cache cross-attention keys/values across decoding steps
 
     @property
@@ -92,7 +93,7 @@ class Service:
         self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue,
                                    config.max_batch, self.metrics, batching=config.batching,
                                    batch_memory_bytes=int(config.batch_memory_mb * 2**20),
-                                   cuda_graphs=config.cuda_graphs)
+                                   cuda_graphs=config.cuda_graphs, prefill_share=config.prefill_share)
         width = model.encoder.hidden_size
         self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
         self.max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
