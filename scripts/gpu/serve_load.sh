@@ -28,6 +28,7 @@
 #   bash scripts/gpu/serve_load.sh       # writes to $OUT: step_bench.json, rag_load.{json,png}, serve_load.log, server.log.gz
 # First (STEP_BENCH=0 skips it, ~1 minute, estimated) scripts/bench_serve_step.py times one decoding step of the
 # released adapter, eager and captured, at B = 1/8/32/128 with 4,096 context positions per row.
+# FAULT_RUN= (empty) skips the fault run.
 #   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous eager static decoder" \
 #     CUDA_GRAPHS=auto bash scripts/gpu/serve_load.sh   # the defaults
 # CPU dry run at tiny scale (docs/serving.md; NQ=/work/shared/data/qa/nq instead runs BM25 over the full pool
@@ -76,7 +77,7 @@ fi
 python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
   --modes ${MODES:-continuous eager static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
   --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-8}" --max-batch 128 \
-  --batch-memory-mb 40960 --fault --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
+  --batch-memory-mb 40960 ${FAULT_RUN---fault} --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?
 stamp "done"
 log=$(grep -o 'server log: .*' "$OUT/serve_load.log" | tail -1 | cut -d' ' -f3 || true)
