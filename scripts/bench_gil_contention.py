@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve_step import contexts, load, prompts  # noqa: E402
+from bench_serve_step import contexts, load, prompts, timed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,19 +68,6 @@ class Busy:
         self.stop.set()
         for t in self.threads:
             t.join()
-
-
-def median_ms(fn, reps: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 @torch.no_grad()
@@ -122,7 +108,7 @@ def main(argv=None) -> int:
             for busy in args.busy:
                 with Busy(busy):
                     row = {"interval_ms": interval, "busy_threads": busy,
-                           "join_ms": median_ms(join, args.reps), "step_ms": median_ms(step, max(args.reps, 8))}
+                           "join_ms": 1e3 * timed(join, args.reps), "step_ms": 1e3 * timed(step, max(args.reps, 8))}
                 rows.append(row)
                 print(f"interval {interval:5.2f} ms, {busy} busy: join {row['join_ms']:8.1f} ms, "
                       f"step {row['step_ms']:7.1f} ms", file=sys.stderr, flush=True)
