@@ -144,6 +144,20 @@ def test_cepe_copy_init_reads_the_context():
     torch.testing.assert_close(score(cepe, no_ctx), score(trunc, no_ctx), rtol=0, atol=0)
 
 
+def test_cepe_reads_its_context_as_stored_in_eight_bits():
+    model = tiny_cepe("llama", "decoder", init="copy")
+    req = Request(tokens=random_ids(14, 19), context=[random_ids(20, 20)], score_start=6)
+    exact = score(Cepe(model), req)
+    for fmt, tol in (("int8", 0.02), ("fp8", 0.1)):
+        cepe = Cepe(model)
+        cepe.state_format = fmt
+        got = score(cepe, req)
+        assert not torch.equal(got, exact) and (got - exact).abs().max() < tol  # lossy, and close
+        want = model.encode_context([list(d) for d in req.context]).stored_as(fmt).hidden_states
+        assert torch.equal(cepe.context(req).hidden_states, want)
+        assert torch.equal(cepe.batch_context([req, req]).hidden_states[0], want[0])
+
+
 def test_all_methods_score_the_same_positions():
     model = tiny_cepe("llama", "decoder", init="zero")
     names = ["cepe", "truncated", "full", "full-linear", "full-dynamic", "full-yarn", "streamingllm", "replug"]

@@ -176,6 +176,9 @@ def _setup(args):
             raise ValueError(f"--compare-adapter name {name!r} is already a method")
         add_adapter(em, name, folder)
         methods[name] = Cepe(em.others[name], pad_id=em.pad_id, name=name).reading_bos(bos)
+    for method in methods.values():
+        if isinstance(method, Cepe):
+            method.state_format = args.context_format
     if args.length_scaling is not None:
         from ..model.configuration import length_scaling
 

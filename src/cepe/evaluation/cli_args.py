@@ -48,6 +48,8 @@ def add_common(p: argparse.ArgumentParser, task: str) -> None:
                    help="another adapter on the same decoder, run as method NAME (e.g. ceped=runs/distill/adapter); "
                         "repeatable")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--context-format", default=None, choices=["float32", "bfloat16", "float16", "int8", "fp8"],
+                   help="CEPE reads its encoded context as stored in this format (default: as encoded)")
     g = p.add_argument_group("methods")
     g.add_argument("--methods", default=DEFAULT_METHODS[task],
                    help="comma-separated: cepe, truncated, full, full-linear, full-dynamic, full-yarn, streamingllm, "

@@ -331,7 +331,10 @@ class Cepe(Method):
     """CEPE: `prefix + tokens` in the decoder; each context document is re-tokenized for the
     encoder and split into its own chunks. `to_encoder` maps a document's decoder ids to the
     encoder's input (default: decode to text with `model.tokenizer`, which `tokenize_context`
-    re-tokenizes with `model.encoder_tokenizer`; the decoder-derived encoder takes the ids)."""
+    re-tokenizes with `model.encoder_tokenizer`; the decoder-derived encoder takes the ids).
+    `state_format`: read the context as stored in that format (`ContextStates.stored_as`: int8, fp8...)."""
+
+    state_format: str | None = None
 
     def __init__(self, model: Any, to_encoder: Callable[[list[int]], Any] | None = None, pad_id: int = 0,
                  name: str = "cepe"):
@@ -353,7 +356,7 @@ class Cepe(Method):
             return None
         key = tuple(tuple(d) for d in docs)
         if self._cache is None or self._cache[0] != key:
-            states = self.model.encode_context([self.to_encoder(list(d)) for d in docs])
+            states = self.model.encode_context([self.to_encoder(list(d)) for d in docs]).stored_as(self.state_format)
             self._cache = (key, states)
         return self._cache[1]
 
@@ -383,7 +386,7 @@ class Cepe(Method):
         # tokenize_context_batch drops empty documents itself
         ids, mask = self.model.tokenize_context_batch([[self.to_encoder(list(d)) for d in r.context] for r in requests])
         dev = _device(self.model)
-        return self.model.encode(ids.to(dev), mask.to(dev))
+        return self.model.encode(ids.to(dev), mask.to(dev)).stored_as(self.state_format)
 
     def generate_batch(self, requests: list[Request], max_new_tokens: int, stop_ids=frozenset()) -> list[list[int]]:
         ctx = self.batch_context(requests)

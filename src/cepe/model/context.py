@@ -13,6 +13,13 @@ from safetensors.torch import load_file, save_file
 from .cross_cache import CrossAttentionCache
 
 
+def _float_format(state_format: str) -> torch.dtype:
+    """The dtype a float `state_format` names (the 8-bit formats are handled by their callers)."""
+    if state_format not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"state_format must be None, float32, bfloat16, float16, int8 or fp8, got {state_format!r}")
+    return getattr(torch, state_format)
+
+
 def chunk_token_ids(
     documents: list[list[int]],
     chunk_size: int,
@@ -190,17 +197,41 @@ class ContextStates:
                 mask[i, :s] = c.attention_mask[0].to(device)
         return ContextStates(hidden, mask, present[0].encoder_hash)
 
-    def save(self, path: str | Path) -> None:
-        """Write to one safetensors file (only real tokens are kept)."""
+    def save(self, path: str | Path, state_format: str | None = None) -> None:
+        """Write to one safetensors file (only real tokens are kept). state_format: None keeps the
+        states' dtype; "float32" / "bfloat16" / "float16" cast them; "int8" / "fp8" store 8 bits
+        per value with one float32 scale per token (`stored_states.quantize_states`: half of bf16),
+        restored to the states' dtype by `load`."""
         meta = {"format": "cepe-context", "fingerprint": self.encoder_hash or "", "batch_size": str(self.batch_size)}
         h, m = self.hidden_states.detach(), self.attention_mask
         if self.batch_size == 1:  # padding carries nothing: drop it
             h, m = h[:, m[0]], m[:, m[0]]
-        tensors = {
-            "hidden_states": h.contiguous().cpu(),
-            "attention_mask": m.to(torch.uint8).contiguous().cpu(),
-        }
+        tensors = {"attention_mask": m.to(torch.uint8).contiguous().cpu()}
+        if state_format in ("int8", "fp8"):
+            from .stored_states import quantize_states
+
+            q = quantize_states(h, state_format)
+            tensors.update(hidden_states=q.data.contiguous().cpu(), hidden_scale=q.scale.contiguous().cpu())
+            meta.update(state_format=state_format, dtype=str(h.dtype).removeprefix("torch."))
+        elif state_format is None:
+            tensors["hidden_states"] = h.contiguous().cpu()
+        else:
+            tensors["hidden_states"] = h.to(_float_format(state_format)).contiguous().cpu()
         save_file(tensors, str(path), metadata=meta)
+
+    def stored_as(self, state_format: str | None) -> ContextStates:
+        """The values `save(..., state_format)` then `load` would give back, in these states' own dtype
+        and on their device, without a file (padding kept): what storing them in that format costs."""
+        if state_format is None:
+            return self
+        h = self.hidden_states.detach()
+        if state_format in ("int8", "fp8"):
+            from .stored_states import quantize_states
+
+            h = quantize_states(h, state_format).dequantize()
+        else:
+            h = h.to(_float_format(state_format)).to(self.hidden_states.dtype)
+        return ContextStates(h, self.attention_mask, self.encoder_hash)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ContextStates:
@@ -219,6 +250,16 @@ class ContextStates:
             if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError):
                 raise  # not the file's fault (e.g. device memory)
             raise ValueError(f"{path}: not a readable context file ({e})") from e
-        if meta.get("format") != "cepe-context" or set(tensors) != {"hidden_states", "attention_mask"}:
+        fmt = meta.get("state_format")
+        names = {"hidden_states", "attention_mask"} | ({"hidden_scale"} if fmt in ("int8", "fp8") else set())
+        if meta.get("format") != "cepe-context" or set(tensors) != names:
             raise ValueError(f"{path}: not a CEPE context file")
-        return cls(tensors["hidden_states"], tensors["attention_mask"].bool(), meta.get("fingerprint") or None)
+        hidden = tensors["hidden_states"]
+        if fmt in ("int8", "fp8"):  # 8-bit data x one scale per token, back in the dtype it was saved from
+            dtype = getattr(torch, meta.get("dtype", "float32"), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"{path}: not a CEPE context file (dtype {meta.get('dtype')!r})")
+            hidden = (hidden.float() * tensors["hidden_scale"].float()).to(dtype)
+        elif fmt is not None:
+            raise ValueError(f"{path}: unknown state format {fmt!r}")
+        return cls(hidden, tensors["attention_mask"].bool(), meta.get("fingerprint") or None)
