@@ -1,0 +1,85 @@
+"""Absorbed decoding over encoder states kept in fp8, with fp8 tensor-core matmuls (issue 16).
+
+The two-matmul path (`absorbed.attend_matmul`) reads the bf16 states twice per layer: 4 KiB per
+context token and layer at LLaMA-2-7B shapes, and at 1M tokens that is most of a decoding step
+(docs/benchmarks.md). Here the states are held in e4m3 fp8 with one float32 scale per token
+(`stored_states.quantize_states`: +0.06% perplexity on the released adapter) in two layouts, since
+`torch._scaled_mm` wants its second operand column-major:
+
+- logits (R, S) = q8 (R, He) @ data^T, the data (S, He) row-major read as (He, S) column-major; the
+  query's per-row scale and the states' per-token scale are applied by the matmul's row-wise scales;
+- out (R, He) = p8 (R, S) @ data, the transposed copy (He, S) read as (S, He) column-major. The
+  per-token scale is folded into the probabilities before they are quantized (each row to its own
+  fp8 range), since a row-wise scale cannot sit on the reduced dimension.
+
+So a step reads 2 x 1 byte per value instead of 2 x 2: the bytes of one bf16 read, for twice the
+held memory of one fp8 copy (the same as bf16 states). The logits come out in bf16 and the
+probabilities are rounded to fp8: tests pin the error against the float32 reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .stored_states import quantize_states
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+ALIGN = 16  # fp8 matmuls need every dimension a multiple of 16
+
+
+@dataclass
+class Fp8States:
+    """Encoder states for fp8 decoding: data (B, S', He) and data_t (B, He, S') float8_e4m3fn,
+    scale (B, S') float32 (0 on padding), length S (S' = S rounded up to a multiple of 16)."""
+
+    data: torch.Tensor
+    data_t: torch.Tensor
+    scale: torch.Tensor
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.data_t, self.scale))
+
+
+def pack_fp8(states: torch.Tensor) -> Fp8States:
+    """states (B, S, He) float -> `Fp8States` (per-token scales, padded to a multiple of 16 tokens)."""
+    b, s, he = states.shape
+    if he % ALIGN:
+        raise ValueError(f"fp8 decoding needs the encoder width to be a multiple of {ALIGN}, got {he}")
+    q = quantize_states(states, "fp8")
+    pad = -s % ALIGN
+    data = torch.nn.functional.pad(q.data.view(torch.uint8), (0, 0, 0, pad)).view(FP8)
+    scale = torch.nn.functional.pad(q.scale.view(b, s), (0, pad))
+    return Fp8States(data.contiguous(), data.transpose(1, 2).contiguous(), scale.contiguous(), s)
+
+
+def _row_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, N) float -> (fp8 data, (R, 1) float32 scale): each row to the full fp8 range."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / FP8_MAX
+    return (x / scale).to(FP8), scale
+
+
+def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q states^T) states, as `absorbed.attend` computes it: q (B, R, He) pre-scaled,
+    key_mask (B, S) bool or None. Returns (B, R, He) in q's dtype; rows with no real key give zeros."""
+    b, r, he = q.shape
+    s_pad = packed.data.shape[1]
+    real = torch.zeros(b, s_pad, dtype=torch.bool, device=q.device)
+    real[:, : packed.length] = True if key_mask is None else key_mask
+    ones = torch.ones(1, he, device=q.device, dtype=torch.float32)
+    out = []
+    for i in range(b):  # decoding runs one context per row: B is small
+        q8, q_scale = _row_fp8(q[i])
+        logits = torch._scaled_mm(q8, packed.data[i].t(), scale_a=q_scale, scale_b=packed.scale[i].view(1, -1),
+                                  out_dtype=torch.bfloat16).float()
+        logits = logits.masked_fill(~real[i], float("-inf"))
+        p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # no real key: zeros
+        p8, p_scale = _row_fp8(p * packed.scale[i])
+        out.append(torch._scaled_mm(p8, packed.data_t[i].t(), scale_a=p_scale, scale_b=ones,
+                                    out_dtype=torch.bfloat16))
+    return torch.stack(out).to(q.dtype)
