@@ -209,7 +209,7 @@ def test_store_faults_over_http(model, tmp_path, monkeypatch):
         expect(httpx.delete(f"{url}/v1/contexts/{doc['id']}"), 507, "store_unwritable", tmp_path=tmp_path)
         assert httpx.get(f"{url}/v1/contexts/{doc['id']}").status_code == 200
 
-        def full(self, p):
+        def full(self, p, state_format=None):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(ContextStates, "save", full)

@@ -21,7 +21,7 @@ def test_parser_defaults_are_loopback_and_bounded():
     assert args.host == "127.0.0.1" and args.port == 8000 and args.func.__name__ == "serve"
     assert args.max_queue > 0 and args.max_tokens > 0 and args.timeout > 0
     assert args.cuda_graphs == "auto"  # captured steps wherever there is a CUDA device
-    assert args.prefill_share == 0.5 and args.switch_interval_ms == 0.1
+    assert args.prefill_share == 0.5 and args.switch_interval_ms == 0.1 and args.store_format is None
     assert default_model_name(args) == "cepe-smollm2-135m-minilm-l6-zero"
     assert default_model_name(build_parser().parse_args(["serve", "--adapter", "/x/my-adapter"])) == "my-adapter"
     derived = build_parser().parse_args(["serve", "--init", "copy", "--encoder", "decoder"])

@@ -432,3 +432,25 @@ def test_metrics_and_json_logs(model, tmp_path):
     assert any(e.get("event") == "join" and e["size"] == 1 for e in lines)  # continuous batching
     assert any(e.get("event") == "leave" and e["new_tokens"] == 5 for e in lines)
     assert any(e.get("event") == "ready" for e in lines)
+
+
+def test_documents_stored_in_int8_answer_like_the_same_states_read_back(model, tmp_path):
+    """`--store-format int8`: the file holds 8-bit states, and the answer over the stored id is
+    the answer over those states as a file gives them back (not the full-precision encoding)."""
+    from safetensors.torch import load_file
+
+    with live_server(model, tmp_path, store_format="int8") as url:
+        oa = client(url)
+        doc = httpx.post(f"{url}/v1/contexts", json={"text": DOC}).json()
+        path = next((tmp_path / "store").glob("*.safetensors"))
+        assert load_file(str(path))["hidden_states"].element_size() == 1
+        got = oa.completions.create(model="tiny", prompt="What is stored?", max_tokens=10, temperature=0,
+                                    extra_body={"context": [doc["id"]]}).choices[0].text
+    from cepe import ContextStates
+
+    tok = model.tokenizer
+    ids = tok("What is stored?", add_special_tokens=False, return_tensors="pt").input_ids
+    stored = ContextStates.load(path)  # what the server reads back
+    assert stored.hidden_states.dtype == model.encode_context([DOC]).hidden_states.dtype
+    out = model.generate(ids, context=stored, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert got == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -101,3 +101,24 @@ def test_recent_documents_stay_in_memory_with_their_cache(tmp_path):
     assert store.get(ids[0]) is not a
     cold = DocumentStore(tmp_path, FP, 2**20, memory_budget_bytes=0)
     assert cold.get(ids[2]) is not cold.get(ids[2]) and cold.memory_bytes == 0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_documents_stored_in_eight_bits_take_half_and_read_back_close(tmp_path, fmt):
+    from safetensors.torch import load_file
+
+    wide = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    original = ContextStates(wide, torch.ones(1, 64, dtype=torch.bool), FP)
+    plain, small = DocumentStore(tmp_path / "plain", FP, 2**20), DocumentStore(tmp_path / "q", FP, 2**20,
+                                                                               state_format=fmt)
+    doc = plain.content_id("a document")
+    full_info, _, _ = plain.put(doc, original)
+    info, _, created = small.put(doc, original)
+    assert created and info.tokens == 64 and info.bytes < 0.75 * full_info.bytes
+    path = next((tmp_path / "q").glob("*.safetensors"))
+    assert load_file(str(path))["hidden_states"].element_size() == 1  # 8 bits on disk
+    reopened = DocumentStore(tmp_path / "q", FP, 2**20)  # a restart reads them whatever its own format
+    back = reopened.get(doc).hidden_states
+    assert back.dtype == torch.bfloat16
+    rel = ((back.float() - original.hidden_states.float()).norm() / original.hidden_states.float().norm()).item()
+    assert 0 < rel < 0.05

@@ -84,7 +84,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing_behind(tmp_path, monkeypa
     kept = store.content_id("kept")
     store.put(kept, states(4))
 
-    def full(self, path):
+    def full(self, path, state_format=None):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..model.stored_states import cross_kv_bytes_per_token
+from ..model.stored_states import cross_kv_bytes_per_token, state_bytes_per_token
 from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
 from .metrics import Metrics, RequestClock
 from .protocol import (
@@ -57,6 +57,7 @@ class ServeConfig:
     batch_memory_mb: float = 4096.0  # a continuous batch's decoder cache and contexts
     cuda_graphs: str = "auto"  # continuous batching: captured decoding steps (auto: on a CUDA device)
     prefill_share: float = 0.5  # continuous batching: pacing of joins (pacing.py)
+    store_format: str | None = None  # stored documents' states: None (the model's dtype), int8, fp8, bfloat16...
     kv_policy: str | None = "auto"  # cache cross-attention keys/values across decoding steps
 
     @property
@@ -89,13 +90,16 @@ class Service:
         self.text = TextTokenizers(self.tokenizer, self.encoder_tokenizer)  # the handlers' own copies
         self.store = DocumentStore(config.store_dir, model.encoder_fingerprint, int(config.store_budget_mb * 2**20),
                                    int(config.memory_cache_mb * 2**20),
-                                   kv_bytes_per_token=_cross_kv_bytes_per_token(model))
+                                   kv_bytes_per_token=_cross_kv_bytes_per_token(model),
+                                   state_format=config.store_format)
         self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue,
                                    config.max_batch, self.metrics, batching=config.batching,
                                    batch_memory_bytes=int(config.batch_memory_mb * 2**20),
                                    cuda_graphs=config.cuda_graphs, prefill_share=config.prefill_share)
         width = model.encoder.hidden_size
-        self.bytes_per_token = width * next(model.encoder.parameters()).element_size() + 1
+        fmt = config.store_format
+        self.bytes_per_token = 1 + (state_bytes_per_token(width, fmt) if fmt else
+                                    width * next(model.encoder.parameters()).element_size())
         self.max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
 
     # ------------------------------------------------------------------ tokens and context

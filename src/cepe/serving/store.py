@@ -1,10 +1,10 @@
 """The document store: contexts encoded once, kept on disk, reused by every later request.
 
-A document is stored as the encoder's output (`ContextStates.save`, safetensors) plus a small JSON
-sidecar holding the file's sha256. Its id is the sha256 of the encoder fingerprint and the text,
-so the same text under the same encoder is stored once, and a stored encoding can never be paired
-with the wrong encoder. Ids are `ctx-` + 64 hex digits and are checked before they touch the file
-system: nothing a client sends can name a path outside the store folder.
+A document is stored as the encoder's output (`ContextStates.save` in `state_format`: the model's
+dtype or 8 bits a value) plus a JSON sidecar holding the file's sha256. Its id is the sha256 of the
+encoder fingerprint and the text, so the same text under the same encoder is stored once, and a
+stored encoding never meets the wrong encoder. Ids are `ctx-` + 64 hex digits and are checked
+before they touch the file system: nothing a client sends can name a path outside the store folder.
 
 Least-recently-used eviction keeps the folder under a byte budget. "Used" is recorded in the
 safetensors file's mtime, so the order survives a restart along with the documents.
@@ -115,13 +115,14 @@ class DocumentStore:
     """
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, budget_bytes: int, memory_budget_bytes: int = 0,
-                 kv_bytes_per_token: int = 0):
+                 kv_bytes_per_token: int = 0, state_format: str | None = None):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         self.budget_bytes = int(budget_bytes)
         self.memory_budget_bytes = int(memory_budget_bytes)
         self.kv_bytes_per_token = int(kv_bytes_per_token)  # cross-attention keys/values the model caches per token
+        self.state_format = state_format  # new files: `ContextStates.save` format (None: the states' dtype)
         self.evictions = 0
         self._lock = threading.RLock()
         self._docs: OrderedDict[str, DocumentInfo] = OrderedDict()  # least recently used first
@@ -373,7 +374,7 @@ class DocumentStore:
                 return self._docs[hex_id], [], False
             now = time.time()
             try:
-                states.save(tmp_states)
+                states.save(tmp_states, self.state_format)
                 with open(tmp_states, "rb") as f:
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
                 meta = {"id": doc_id, "name": name, "tokens": states.num_tokens, "fingerprint": self.fingerprint,
