@@ -80,3 +80,15 @@ def test_eager_mode_runs_the_continuous_server_without_captured_steps(tmp_path):
     for flags, setting in ((captured, "auto"), (eager, "off")):
         served = build_parser().parse_args(["serve", *flags])
         assert served.cuda_graphs == setting and served.batching == "continuous"
+
+
+def test_unpaced_mode_is_the_continuous_server_before_paced_joins(tmp_path):
+    from cepe.cli import build_parser
+    from cepe.serving.rag_load import parse_args, server_flags
+
+    args = parse_args(["--modes", "continuous", "unpaced", "--adapter", "none"])
+    paced = build_parser().parse_args(["serve", *server_flags(args, tmp_path, "continuous")])
+    unpaced = build_parser().parse_args(["serve", *server_flags(args, tmp_path, "continuous", paced=False)])
+    assert (paced.prefill_share, paced.switch_interval_ms) == (0.5, 0.1)  # the defaults
+    assert (unpaced.prefill_share, unpaced.switch_interval_ms) == (1.0, 5.0)
+    assert unpaced.batching == paced.batching == "continuous" and unpaced.cuda_graphs == paced.cuda_graphs
