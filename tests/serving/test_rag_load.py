@@ -92,3 +92,15 @@ def test_unpaced_mode_is_the_continuous_server_before_paced_joins(tmp_path):
     assert (paced.prefill_share, paced.switch_interval_ms) == (0.5, 0.1)  # the defaults
     assert (unpaced.prefill_share, unpaced.switch_interval_ms) == (1.0, 5.0)
     assert unpaced.batching == paced.batching == "continuous" and unpaced.cuda_graphs == paced.cuda_graphs
+
+
+def test_the_plot_draws_levels_without_inter_token_gaps(tmp_path):
+    """One-token answers have no gaps between tokens: the plot must still be written."""
+    from cepe.serving.rag_load import plot
+
+    level = {"clients": 1, "tokens_per_s": 3.0, "ttft_p50_s": 0.4, "ttft_p99_s": 0.5, "itl_p50_s": None,
+             "itl_p99_s": None}
+    result = {"k": 20, "conditions": {"lengths": "mixed", "max_tokens": 1, "cpu": "test", "device_name": None},
+              "modes": [{"mode": "continuous", "levels": [level, {**level, "clients": 2}]}]}
+    plot(result, tmp_path / "rag_load.png")
+    assert (tmp_path / "rag_load.png").stat().st_size > 0

@@ -351,8 +351,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, title, unit in zip(axes, ["throughput", "time to first token", "inter-token latency"],
                                ["generated tokens / s", "seconds", "ms"]):
         ax.set_xscale("log", base=2)
-        if ax is not axes[0]:
-            ax.set_yscale("log")
+        if ax is not axes[0] and any(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")  # not on an axis with nothing to show (one-token answers have no gaps)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(unit)
         ax.set_title(title)
