@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="the model's dtype (the server's default on a GPU: bfloat16)")
     p.add_argument("--profile", action="store_true", help="cProfile the worker's steps at the largest batch")
     p.add_argument("--count-ops", action="store_true", help="count the aten operators of one step (no timing)")
+    p.add_argument("--sdpa", default="default", choices=["default", "decode-order"],
+                   help="decode-order: every step under the cross-attention's decoding kernel order (FlashAttention, "
+                        "memory-efficient, then cuDNN), for the decoder's own attention too")
     p.add_argument("--json", default=None, help="write the table as JSON here")
     return p.parse_args(argv)
 
@@ -308,6 +311,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.count_ops:
         return print_op_counts(model, args)
+    if args.sdpa == "decode-order":  # is cuDNN's plan per new key length what an eager step pays for? (serving.md)
+        from cepe.model.cross_attention import _decode_kernels
+
+        _decode_kernels().__enter__()
     sinks = _Sinks()
     rows = []
     print(f"{'B':>5} {'floor ms':>9} {'batch ms':>9} {'static ms':>10} {'worker ms':>10} {'w.static ms':>12} "

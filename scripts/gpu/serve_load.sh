@@ -26,7 +26,7 @@
 #              python3 -m cepe.serving.rag_load --questions 128 --k 20 --write-subset .gpu/nq
 # Only the wheels that pip finds missing (or too old) in the image are installed, into /root/site:
 # nothing the image's torch/transformers import is shadowed. If pip cannot tell, all are installed.
-#   bash scripts/gpu/serve_load.sh       # writes to $OUT: step_bench.json, rag_load.{json,png}, serve_load.log, server.log.gz
+#   bash scripts/gpu/serve_load.sh       # writes to $OUT: step_bench_{default,decode-order}.json, rag_load.{json,png}, serve_load.log, server.log.gz
 # First (STEP_BENCH=0 skips it, ~1 minute, estimated) scripts/bench_serve_step.py times one decoding step of the
 # released adapter, eager and captured, at B = 1/8/32/128 with 4,096 context positions per row.
 # FAULT_RUN= (empty) skips the fault run.
@@ -69,9 +69,12 @@ fi
 stamp "wheels and models ready"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | tee -a "$OUT/serve_load.log"
 if [ "${STEP_BENCH:-1}" = 1 ]; then  # one decoding step, eager vs captured, at B = 1/8/32/128 (docs/serving.md)
-  python3 scripts/bench_serve_step.py --model smollm2 --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
-    --batch ${STEP_BATCH:-1 8 32 128} --steps 16 --context-tokens 4096 --docs 16 --json "$OUT/step_bench.json" 2>&1 \
-    | tee -a "$OUT/serve_load.log" || echo "step bench failed (the load run goes on)" | tee -a "$OUT/serve_load.log"
+  for sdpa in ${STEP_SDPA:-default decode-order}; do  # decode-order: does cuDNN's per-shape plan cost the eager step?
+    python3 scripts/bench_serve_step.py --model smollm2 --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
+      --batch ${STEP_BATCH:-1 8 32 128} --steps 16 --context-tokens 4096 --docs 16 --sdpa "$sdpa" \
+      --json "$OUT/step_bench_$sdpa.json" 2>&1 | tee -a "$OUT/serve_load.log" \
+      || echo "step bench failed (the load run goes on)" | tee -a "$OUT/serve_load.log"
+  done
   stamp "step bench done"
 fi
 # shellcheck disable=SC2086
