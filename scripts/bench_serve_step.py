@@ -312,9 +312,9 @@ def main(argv=None) -> int:
     if args.count_ops:
         return print_op_counts(model, args)
     if args.sdpa == "decode-order":  # is cuDNN's plan per new key length what an eager step pays for? (serving.md)
-        from cepe.model.cross_attention import _decode_kernels
+        from cepe.model.cross_attention import decode_kernels
 
-        _decode_kernels().__enter__()
+        decode_kernels().__enter__()
     sinks = _Sinks()
     rows = []
     print(f"{'B':>5} {'floor ms':>9} {'batch ms':>9} {'static ms':>10} {'worker ms':>10} {'w.static ms':>12} "

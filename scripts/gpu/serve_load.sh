@@ -4,6 +4,7 @@
 #   CEPE + continuous batching, captured decoding steps (--cuda-graphs auto: CUDA graphs on the GPU)
 #   | CEPE + continuous batching as before paced joins (mode `unpaced`: --prefill-share 1
 #     --switch-interval-ms 5, as the first 2026-12-02 run; mode `eager`: --cuda-graphs off)
+#   | CEPE + continuous batching with --sdpa decode-order (mode `flash`: FlashAttention first everywhere)
 #   | CEPE + static batching (passages from the store, by id)
 #   | SmolLM2 with the passages in its own window (same server, no context, captured steps)
 # then the fault run (kill -9 under load, restart, every acknowledged document checked).
@@ -30,7 +31,7 @@
 # First (STEP_BENCH=0 skips it, ~1 minute, estimated) scripts/bench_serve_step.py times one decoding step of the
 # released adapter, eager and captured, at B = 1/8/32/128 with 4,096 context positions per row.
 # FAULT_RUN= (empty) skips the fault run.
-#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous unpaced static decoder" \
+#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous unpaced flash static decoder" \
 #     CUDA_GRAPHS=auto bash scripts/gpu/serve_load.sh   # the defaults
 # CPU dry run at tiny scale (docs/serving.md; NQ=/work/shared/data/qa/nq instead runs BM25 over the full pool
 # there, same rankings; MODEL="--adapter none --init zero" for zero-initialised CEPE = SmolLM2):
@@ -79,7 +80,7 @@ if [ "${STEP_BENCH:-1}" = 1 ]; then  # one decoding step, eager vs captured, at 
 fi
 # shellcheck disable=SC2086
 python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
-  --modes ${MODES:-continuous unpaced static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
+  --modes ${MODES:-continuous unpaced flash static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
   --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-8}" --max-batch 128 \
   --batch-memory-mb 40960 ${FAULT_RUN---fault} --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?

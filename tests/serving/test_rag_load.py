@@ -76,7 +76,7 @@ def test_eager_mode_runs_the_continuous_server_without_captured_steps(tmp_path):
     assert args.cuda_graphs == "auto"
     captured = server_flags(args, tmp_path, "continuous", args.cuda_graphs)
     eager = server_flags(args, tmp_path, "continuous", "off")
-    assert [a for a in captured if a not in eager] == ["auto"] and [a for a in eager if a not in captured] == ["off"]
+    assert len(captured) == len(eager) and [(a, b) for a, b in zip(captured, eager) if a != b] == [("auto", "off")]
     for flags, setting in ((captured, "auto"), (eager, "off")):
         served = build_parser().parse_args(["serve", *flags])
         assert served.cuda_graphs == setting and served.batching == "continuous"
@@ -92,6 +92,8 @@ def test_unpaced_mode_is_the_continuous_server_before_paced_joins(tmp_path):
     assert (paced.prefill_share, paced.switch_interval_ms) == (0.5, 0.1)  # the defaults
     assert (unpaced.prefill_share, unpaced.switch_interval_ms) == (1.0, 5.0)
     assert unpaced.batching == paced.batching == "continuous" and unpaced.cuda_graphs == paced.cuda_graphs
+    flash = build_parser().parse_args(["serve", *server_flags(args, tmp_path, "continuous", sdpa="decode-order")])
+    assert (paced.sdpa, unpaced.sdpa, flash.sdpa) == ("auto", "auto", "decode-order")
 
 
 def test_the_plot_draws_levels_without_inter_token_gaps(tmp_path):

@@ -22,6 +22,7 @@ def test_parser_defaults_are_loopback_and_bounded():
     assert args.max_queue > 0 and args.max_tokens > 0 and args.timeout > 0
     assert args.cuda_graphs == "auto"  # captured steps wherever there is a CUDA device
     assert args.prefill_share == 0.5 and args.switch_interval_ms == 0.1 and args.store_format is None
+    assert args.sdpa == "auto"  # PyTorch's kernel choice unless told
     assert default_model_name(args) == "cepe-smollm2-135m-minilm-l6-zero"
     assert default_model_name(build_parser().parse_args(["serve", "--adapter", "/x/my-adapter"])) == "my-adapter"
     derived = build_parser().parse_args(["serve", "--init", "copy", "--encoder", "decoder"])

@@ -118,7 +118,7 @@ class CrossAttention(nn.Module):
         if bias.query_scale is not None:  # scaling the queries scales q.k and leaves the kernel choice alone
             q = q * _in(bias.query_scale, q.dtype)
         mask = None if bias.key_bias is None else _in(bias.key_bias, q.dtype)
-        with _decode_kernels() if q.is_cuda and q.shape[-2] <= 64 else contextlib.nullcontext():
+        with decode_kernels() if q.is_cuda and q.shape[-2] <= 64 else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
         out = out.view(b, kv_heads, group, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = self.o_proj(out)
@@ -171,7 +171,7 @@ def _in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _decode_kernels():
+def decode_kernels():
     """SDPA kernel order for a few queries against many keys (a decoding step): FlashAttention
     first, which splits the keys across the whole chip. PyTorch 2.11's own pick on an H100 (cuDNN)
     reads them about 7x slower there (docs/bench/NOTES.md); long query blocks keep PyTorch's choice."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import sys
@@ -52,6 +53,10 @@ def register(subparsers) -> None:
     s.add_argument("--switch-interval-ms", type=float, default=0.1,
                    help="Python's thread switch interval in this process: the model worker waits up to this long "
                         "for the GIL after each operator while the HTTP thread is busy (Python's default: 5)")
+    s.add_argument("--sdpa", choices=["auto", "decode-order"], default="auto",
+                   help="attention kernels on a GPU: auto (PyTorch's choice; cross-attention decoding steps prefer "
+                        "FlashAttention) or decode-order (FlashAttention first for every attention, cuDNN after "
+                        "memory-efficient: no cuDNN plan per new key length)")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument(
         "--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request"
@@ -119,7 +124,11 @@ def serve(args: argparse.Namespace) -> int:
     # every PyTorch operator releases the GIL and takes it back: with the default 5 ms interval, a busy
     # HTTP thread made an eager prefill ~300x slower (scripts/bench_gil_contention.py, docs/serving.md)
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    from ..model.cross_attention import decode_kernels
+
+    # the kernel order is process-wide: entered here, it holds for the model worker's thread too
+    with decode_kernels() if args.sdpa == "decode-order" else contextlib.nullcontext():
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 
 

@@ -58,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     p.add_argument("--modes", nargs="+", default=["continuous", "static", "decoder"],
-                   choices=["continuous", "eager", "unpaced", "static", "decoder"],
-                   help="unpaced: continuous as before paced joins, --prefill-share 1 --switch-interval-ms 5")
+                   choices=["continuous", "eager", "unpaced", "flash", "static", "decoder"],
+                   help="unpaced: continuous as before paced joins, --prefill-share 1 --switch-interval-ms 5; "
+                        "flash: continuous with --sdpa decode-order")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="the servers' --cuda-graphs (mode `eager`: always off)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -135,9 +136,10 @@ def write_subset(data: Path, out: Path, n_questions: int, k: int, extra: int = 5
             "bytes": sum(f.stat().st_size for f in out.glob("*.xz"))}
 
 
-def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: bool = True) -> list[str]:
+def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: bool = True,
+                 sdpa: str = "auto") -> list[str]:
     """`cepe serve` flags of one mode. paced=False: the server before paced joins and the short
-    GIL switch interval (docs/serving.md), for comparison."""
+    GIL switch interval (docs/serving.md), for comparison; sdpa: its `--sdpa`."""
     model = ["--decoder", args.decoder, "--encoder", args.encoder,
              *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter])]
     extra = [f for flag, v in (("--dtype", args.dtype), ("--device", args.device), ("--threads", args.threads))
@@ -147,7 +149,7 @@ def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: 
             "--cuda-graphs", graphs,
             "--max-queue", str(max(256, 2 * max(args.concurrency + [args.fault_clients]))), "--timeout", "600",
             "--max-tokens", str(max(512, 2 * args.max_tokens)),
-            *([] if paced else ["--prefill-share", "1", "--switch-interval-ms", "5"])]
+            *([] if paced else ["--prefill-share", "1", "--switch-interval-ms", "5"]), "--sdpa", sdpa]
 
 
 async def upload(http: httpx.AsyncClient, texts: dict[str, str], ids: list[str], parallel: int = 16) -> dict:
@@ -335,9 +337,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    styles = {"continuous": "o-", "eager": "D-.", "unpaced": "v-.", "static": "s--", "decoder": "^:"}
+    styles = {"continuous": "o-", "eager": "D-.", "unpaced": "v-.", "flash": "P-", "static": "s--", "decoder": "^:"}
     labels = {"continuous": "CEPE, continuous", "eager": "CEPE, continuous, eager steps", "static": "CEPE, static",
-              "unpaced": "CEPE, continuous, unpaced joins", "decoder": "SmolLM2, passages in window"}
+              "unpaced": "CEPE, continuous, unpaced joins", "flash": "CEPE, continuous, FlashAttention first",
+              "decoder": "SmolLM2, passages in window"}
     for m in result["modes"]:
         xs = [r["clients"] for r in m["levels"]]
         st, lab = styles[m["mode"]], labels[m["mode"]]
@@ -409,7 +412,8 @@ def main(argv=None) -> int:
               "server_log": str(work / "server.log")}
     for mode in args.modes:
         flags = server_flags(args, work / "store", "static" if mode == "static" else "continuous",
-                             "off" if mode == "eager" else args.cuda_graphs, paced=mode != "unpaced")
+                             "off" if mode == "eager" else args.cuda_graphs, paced=mode != "unpaced",
+                             sdpa="decode-order" if mode == "flash" else "auto")
         t0 = time.perf_counter()
         proc, url = launch_server(flags, work / "server.log")
         try:
