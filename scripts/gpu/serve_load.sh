@@ -8,6 +8,9 @@
 #   | CEPE + static batching (passages from the store, by id)
 #   | SmolLM2 with the passages in its own window (same server, no context, captured steps)
 # then the fault run (kill -9 under load, restart, every acknowledged document checked).
+# One call runs continuous, static and decoder with the fault run and both step benches (~7.5 minutes,
+# estimated); the comparison modes go in a second call on the same warm machine (~3.5 minutes):
+#   STEP_BENCH=0 FAULT_RUN= MODES="unpaced flash" bash scripts/gpu/serve_load.sh
 # Made to fit ONE device call (10 minutes at most): about 7 minutes at the defaults, estimated (the
 # 2026-12-01 run of three modes took 330 s; a fourth adds a server start and 4 levels of LEVEL_S
 # seconds plus their tails; the graph captures happen inside the levels, counted in rag_load.json as
@@ -31,7 +34,7 @@
 # First (STEP_BENCH=0 skips it, ~1 minute, estimated) scripts/bench_serve_step.py times one decoding step of the
 # released adapter, eager and captured, at B = 1/8/32/128 with 4,096 context positions per row.
 # FAULT_RUN= (empty) skips the fault run.
-#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous unpaced flash static decoder" \
+#   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous static decoder" \
 #     CUDA_GRAPHS=auto bash scripts/gpu/serve_load.sh   # the defaults
 # CPU dry run at tiny scale (docs/serving.md; NQ=/work/shared/data/qa/nq instead runs BM25 over the full pool
 # there, same rankings; MODEL="--adapter none --init zero" for zero-initialised CEPE = SmolLM2):
@@ -80,7 +83,7 @@ if [ "${STEP_BENCH:-1}" = 1 ]; then  # one decoding step, eager vs captured, at 
 fi
 # shellcheck disable=SC2086
 python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
-  --modes ${MODES:-continuous unpaced flash static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
+  --modes ${MODES:-continuous static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
   --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-8}" --max-batch 128 \
   --batch-memory-mb 40960 ${FAULT_RUN---fault} --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?
