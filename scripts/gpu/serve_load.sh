@@ -11,10 +11,10 @@
 # One call runs continuous, static and decoder with the fault run and both step benches (~7.5 minutes,
 # estimated); the comparison modes go in a second call on the same warm machine (~3.5 minutes):
 #   STEP_BENCH=0 FAULT_RUN= MODES="unpaced flash" bash scripts/gpu/serve_load.sh
-# Made to fit ONE device call (10 minutes at most): about 7 minutes at the defaults, estimated (the
-# 2026-12-01 run of three modes took 330 s; a fourth adds a server start and 4 levels of LEVEL_S
-# seconds plus their tails; the graph captures happen inside the levels, counted in rag_load.json as
-# graph_captures / graph_capture_s), +36 s when the GGUF still has to be converted
+# Each call must fit the device's 10 minutes: the 2026-12-02 run of four modes with one step bench
+# took 548 s; a mode is ~90 s (a server start and 4 levels of LEVEL_S seconds plus their tails; the
+# graph captures happen inside the levels, counted in rag_load.json as graph_captures /
+# graph_capture_s), a step bench ~60 s, +36 s when the GGUF still has to be converted
 # (scripts/gpu/bootstrap.sh; skipped when $CEPE_HOME/models already has it).
 # MODES="continuous static decoder" CUDA_GRAPHS=off gives the 2026-12-01 run's three modes.
 #
