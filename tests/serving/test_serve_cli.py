@@ -42,14 +42,15 @@ def test_bad_flags_fail_before_loading_anything(capsys):
 
 
 @pytest.mark.real
-def test_real_server_process_answers_with_a_stored_document(tmp_path):
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_real_server_process_answers_with_a_stored_document(tmp_path, worker):
     if not (assets.is_installed("smollm2-135m") and assets.is_installed("minilm-l6")):
         pytest.skip("assets not installed: run `cepe assets`")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "cepe.cli", "serve", "--init", "zero", "--port", str(port),
-           "--store", str(tmp_path / "store"), "--threads", "1", "--max-tokens", "8"]
+           "--store", str(tmp_path / "store"), "--threads", "1", "--max-tokens", "8", "--worker", worker]
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                    help="attention kernels on a GPU: auto (PyTorch's choice; cross-attention decoding steps prefer "
                         "FlashAttention) or decode-order (FlashAttention first for every attention, cuDNN after "
                         "memory-efficient: no cuDNN plan per new key length)")
+    s.add_argument("--worker", choices=["thread", "process"], default="thread",
+                   help="where the model runs: a thread of the HTTP process, or a process of its own (no GIL shared "
+                        "with the HTTP side; this process then keeps a CPU copy only to describe the model)")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument(
         "--max-context-tokens", type=int, default=65536, help="largest context (encoder tokens) per document or request"
@@ -68,6 +71,16 @@ def register(subparsers) -> None:
 
 def load_model(args: argparse.Namespace):
     """The `CepeForCausalLM` the flags describe, with both tokenizers attached."""
+    return model_from_args(args)
+
+
+def worker_model(**flags):
+    """The model of `--worker process`, built in the child process from the serve command's flags."""
+    import torch
+
+    args = argparse.Namespace(**flags)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return model_from_args(args)
 
 
@@ -101,6 +114,17 @@ def serve(args: argparse.Namespace) -> int:
     setup_json_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    worker = {}
+    if args.worker == "process":
+        from ..cli_options import resolve_device
+
+        flags = {k: v for k, v in vars(args).items() if not callable(v)}
+        worker = {"worker": "process", "worker_factory": "cepe.serving.cli:worker_model",
+                  "worker_factory_kwargs": flags}
+        # this process's copy only describes the model (tokenizers, encoder hash, sizes): on the CPU, in
+        # the dtype the child runs, so the store's byte counts match
+        gpu = torch.device(resolve_device(args.device)).type != "cpu"
+        args = argparse.Namespace(**{**flags, "device": "cpu", "dtype": args.dtype or ("bfloat16" if gpu else None)})
     config = ServeConfig(
         model_name=args.model_name or default_model_name(args),
         store_dir=args.store,
@@ -117,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs,
         prefill_share=args.prefill_share,
         store_format=args.store_format,
+        **worker,
     )
     app = create_app(load_model(args), config)
     if not _is_loopback(args.host) and not config.api_key:

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from .middleware import Gate
@@ -95,6 +95,8 @@ def create_app(model, config: ServeConfig | None = None, tokenizer=None, encoder
 
     @app.get("/health")
     async def health():
+        if svc.scheduler.stopping:  # shutting down, or the model worker process is gone: route elsewhere
+            return JSONResponse({"status": "unavailable", "model": config.model_name}, status_code=503)
         return {"status": "ok", "model": config.model_name, "queue_depth": svc.scheduler.depth}
 
     @app.get("/v1/models")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 from contextlib import aclosing
@@ -58,6 +59,10 @@ class ServeConfig:
     cuda_graphs: str = "auto"  # continuous batching: captured decoding steps (auto: on a CUDA device)
     prefill_share: float = 0.5  # continuous batching: pacing of joins (pacing.py)
     store_format: str | None = None  # stored documents' states: None (the model's dtype), int8, fp8, bfloat16...
+    worker: str = "thread"  # or "process": the model in a child process (worker_process.py)
+    worker_factory: str | None = None  # process worker: "module:function" building the model there
+    worker_factory_kwargs: dict | None = None
+    worker_sys_path: tuple[str, ...] = ()
     kv_policy: str | None = "auto"  # cache cross-attention keys/values across decoding steps
 
     @property
@@ -92,10 +97,24 @@ class Service:
                                    int(config.memory_cache_mb * 2**20),
                                    kv_bytes_per_token=_cross_kv_bytes_per_token(model),
                                    state_format=config.store_format)
-        self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), config.max_queue,
-                                   config.max_batch, self.metrics, batching=config.batching,
-                                   batch_memory_bytes=int(config.batch_memory_mb * 2**20),
-                                   cuda_graphs=config.cuda_graphs, prefill_share=config.prefill_share)
+        limits = {"max_queue": config.max_queue, "max_batch": config.max_batch, "batching": config.batching,
+                  "batch_memory_bytes": int(config.batch_memory_mb * 2**20), "cuda_graphs": config.cuda_graphs,
+                  "prefill_share": config.prefill_share}
+        if config.worker == "process":  # `model` here only describes the one the child process builds
+            from .worker_process import ProcessScheduler
+
+            if not config.worker_factory:
+                raise ValueError("worker='process' needs worker_factory ('module:function' building the model)")
+            spec = {"factory": config.worker_factory, "factory_kwargs": config.worker_factory_kwargs or {},
+                    "sys_path": list(config.worker_sys_path), "kv_policy": config.kv_policy,
+                    "switch_interval_s": sys.getswitchinterval(), "scheduler": limits}
+            self.scheduler = ProcessScheduler(spec, self.metrics, model.encoder_hash,
+                                              int(config.memory_cache_mb * 2**20))
+        elif config.worker == "thread":
+            self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), metrics=self.metrics,
+                                       **limits)
+        else:
+            raise ValueError(f"worker must be 'thread' or 'process', got {config.worker!r}")
         width = model.encoder.hidden_size
         fmt = config.store_format
         self.bytes_per_token = 1 + (state_bytes_per_token(width, fmt) if fmt else
