@@ -5,12 +5,13 @@
 #   | CEPE + continuous batching as before paced joins (mode `unpaced`: --prefill-share 1
 #     --switch-interval-ms 5, as the first 2026-12-02 run; mode `eager`: --cuda-graphs off)
 #   | CEPE + continuous batching with --sdpa decode-order (mode `flash`: FlashAttention first everywhere)
+#   | CEPE + continuous batching with the model in its own process (mode `process`: --worker process)
 #   | CEPE + static batching (passages from the store, by id)
 #   | SmolLM2 with the passages in its own window (same server, no context, captured steps)
 # then the fault run (kill -9 under load, restart, every acknowledged document checked).
 # One call runs continuous, static and decoder with the fault run and both step benches (~7.5 minutes,
-# estimated); the comparison modes go in a second call on the same warm machine (~3.5 minutes):
-#   STEP_BENCH=0 FAULT_RUN= MODES="unpaced flash" bash scripts/gpu/serve_load.sh
+# estimated); the comparison modes go in a second call on the same warm machine (~5 minutes):
+#   STEP_BENCH=0 FAULT_RUN= MODES="process unpaced flash" bash scripts/gpu/serve_load.sh
 # Each call must fit the device's 10 minutes: the 2026-12-02 run of four modes with one step bench
 # took 548 s; a mode is ~90 s (a server start and 4 levels of LEVEL_S seconds plus their tails; the
 # graph captures happen inside the levels, counted in rag_load.json as graph_captures /

@@ -94,6 +94,8 @@ def test_unpaced_mode_is_the_continuous_server_before_paced_joins(tmp_path):
     assert unpaced.batching == paced.batching == "continuous" and unpaced.cuda_graphs == paced.cuda_graphs
     flash = build_parser().parse_args(["serve", *server_flags(args, tmp_path, "continuous", sdpa="decode-order")])
     assert (paced.sdpa, unpaced.sdpa, flash.sdpa) == ("auto", "auto", "decode-order")
+    process = build_parser().parse_args(["serve", *server_flags(args, tmp_path, "continuous", worker="process")])
+    assert (paced.worker, process.worker) == ("thread", "process")
 
 
 def test_the_plot_draws_levels_without_inter_token_gaps(tmp_path):

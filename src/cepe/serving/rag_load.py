@@ -58,9 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     p.add_argument("--modes", nargs="+", default=["continuous", "static", "decoder"],
-                   choices=["continuous", "eager", "unpaced", "flash", "static", "decoder"],
+                   choices=["continuous", "eager", "unpaced", "flash", "process", "static", "decoder"],
                    help="unpaced: continuous as before paced joins, --prefill-share 1 --switch-interval-ms 5; "
-                        "flash: continuous with --sdpa decode-order")
+                        "flash: continuous with --sdpa decode-order; process: continuous with --worker process")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="the servers' --cuda-graphs (mode `eager`: always off)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -137,9 +137,9 @@ def write_subset(data: Path, out: Path, n_questions: int, k: int, extra: int = 5
 
 
 def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: bool = True,
-                 sdpa: str = "auto") -> list[str]:
+                 sdpa: str = "auto", worker: str = "thread") -> list[str]:
     """`cepe serve` flags of one mode. paced=False: the server before paced joins and the short
-    GIL switch interval (docs/serving.md), for comparison; sdpa: its `--sdpa`."""
+    GIL switch interval (docs/serving.md), for comparison; sdpa, worker: its `--sdpa`, `--worker`."""
     model = ["--decoder", args.decoder, "--encoder", args.encoder,
              *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter])]
     extra = [f for flag, v in (("--dtype", args.dtype), ("--device", args.device), ("--threads", args.threads))
@@ -149,7 +149,8 @@ def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: 
             "--cuda-graphs", graphs,
             "--max-queue", str(max(256, 2 * max(args.concurrency + [args.fault_clients]))), "--timeout", "600",
             "--max-tokens", str(max(512, 2 * args.max_tokens)),
-            *([] if paced else ["--prefill-share", "1", "--switch-interval-ms", "5"]), "--sdpa", sdpa]
+            *([] if paced else ["--prefill-share", "1", "--switch-interval-ms", "5"]), "--sdpa", sdpa,
+            "--worker", worker]
 
 
 async def upload(http: httpx.AsyncClient, texts: dict[str, str], ids: list[str], parallel: int = 16) -> dict:
@@ -337,9 +338,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    styles = {"continuous": "o-", "eager": "D-.", "unpaced": "v-.", "flash": "P-", "static": "s--", "decoder": "^:"}
+    styles = {"continuous": "o-", "eager": "D-.", "unpaced": "v-.", "flash": "P-", "process": "X-", "static": "s--",
+              "decoder": "^:"}
     labels = {"continuous": "CEPE, continuous", "eager": "CEPE, continuous, eager steps", "static": "CEPE, static",
               "unpaced": "CEPE, continuous, unpaced joins", "flash": "CEPE, continuous, FlashAttention first",
+              "process": "CEPE, continuous, worker process",
               "decoder": "SmolLM2, passages in window"}
     for m in result["modes"]:
         xs = [r["clients"] for r in m["levels"]]
@@ -413,7 +416,8 @@ def main(argv=None) -> int:
     for mode in args.modes:
         flags = server_flags(args, work / "store", "static" if mode == "static" else "continuous",
                              "off" if mode == "eager" else args.cuda_graphs, paced=mode != "unpaced",
-                             sdpa="decode-order" if mode == "flash" else "auto")
+                             sdpa="decode-order" if mode == "flash" else "auto",
+                             worker="process" if mode == "process" else "thread")
         t0 = time.perf_counter()
         proc, url = launch_server(flags, work / "server.log")
         try:
