@@ -137,3 +137,31 @@ def test_cancelled_jobs_free_the_worker_and_a_dead_worker_fails_what_it_held():
             sched.submit([_job([5], 2, events)])
     finally:
         sched.stop()
+
+
+def test_context_lrus_out_of_step_are_reset_and_the_next_request_works():
+    import queue
+
+    from cepe.serving.engine import ShuttingDown
+
+    sched = _scheduler()
+    sched.start()
+    try:
+        events: queue.Queue = queue.Queue()
+        ctx = tiny_serving_model().encode_context(["some context words"])
+        job = _job([5, 6], 3, events)
+        job.contexts = [ctx]
+        ctx.__dict__["_wire_key"] = 10**6  # a key the child never received ...
+        sched._sent.add(10**6, 1)  # ... that this side believes it sent
+        with pytest.raises(ShuttingDown, match="retry"):
+            sched.submit([job])
+        assert not sched._sent.items  # both sides start afresh
+        again = _job([5, 6], 3, events)
+        again.contexts = [ctx]
+        sched.submit([again])  # sent whole this time
+        kinds = []
+        while "done" not in kinds:
+            kinds.append(events.get(timeout=30)[1][0])
+        assert kinds[-1] == "done" and not sched.stopping
+    finally:
+        sched.stop()

@@ -141,6 +141,8 @@ class ProcessScheduler:
     def submit(self, jobs: list) -> None:
         if self.stopping:
             raise ShuttingDown("server is shutting down")
+        if not jobs:
+            return
         done, result = threading.Event(), []
         with self._send_lock:  # keys, the context LRU and the pipe in one order
             wire, blobs = [], []
@@ -158,6 +160,9 @@ class ProcessScheduler:
         if not ok:
             for job in jobs:
                 self._jobs.pop(job.wire_key, None)
+            if kind == "reset":  # the child could not build the jobs and forgot every context: so do we
+                with self._send_lock:
+                    self._sent = KeyLRU(self._sent.budget)
             raise (QueueFull if kind == "queue_full" else ShuttingDown)(message)
 
     def _describe(self, job, key: int, blobs: list) -> dict:
@@ -302,7 +307,15 @@ def child_main(conn, spec_json: str) -> None:
                 if job is not None:
                     sched.cancel(job, header["reason"])
                 continue
-            built = [_job(w, blobs, held, model, conn, lock, loop) for w in header["jobs"]]
+            try:
+                built = [_job(w, blobs, held, model, conn, lock, loop) for w in header["jobs"]]
+            except Exception as e:  # e.g. a context key this side does not hold: start both LRUs afresh
+                log.exception("worker: could not build jobs")
+                held = KeyLRU(spec["context_budget_bytes"])
+                send_frame(conn, lock, {"op": "ack", "key": header["jobs"][0]["key"], "ok": False, "kind": "reset",
+                                        "message": f"the model worker could not take the request "
+                                                   f"({type(e).__name__}): retry"})
+                continue
             try:
                 sched.submit(built)
                 jobs.update({w["key"]: j for w, j in zip(header["jobs"], built)})
