@@ -165,3 +165,16 @@ def test_context_lrus_out_of_step_are_reset_and_the_next_request_works():
         assert kinds[-1] == "done" and not sched.stopping
     finally:
         sched.stop()
+
+
+def test_health_answers_503_once_the_worker_cannot_serve(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cepe.serving import ServeConfig, create_app
+
+    app = create_app(tiny_serving_model(), ServeConfig(model_name="tiny", store_dir=str(tmp_path / "store")))
+    with TestClient(app) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        app.state.service.scheduler.stop()  # as when a worker process dies
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "unavailable"
