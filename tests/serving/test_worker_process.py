@@ -4,6 +4,7 @@ as the in-process worker does, for stored and raw contexts, streaming and severa
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -45,7 +46,9 @@ def test_a_worker_process_answers_as_the_thread_worker(tmp_path):
         want = _answers(url)
     with live_server(model, tmp_path / "process", **PROCESS) as url:
         got = _answers(url)
-        health = httpx.get(f"{url}/health").json()
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(f"{url}/health").json())["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # the child's gauges come every 50 ms
         metrics = httpx.get(f"{url}/metrics").text
     assert got == want
     assert health["status"] == "ok" and health["queue_depth"] == 0
