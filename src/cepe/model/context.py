@@ -13,11 +13,41 @@ from safetensors.torch import load_file, save_file
 from .cross_cache import CrossAttentionCache
 
 
-def _float_format(state_format: str) -> torch.dtype:
-    """The dtype a float `state_format` names (the 8-bit formats are handled by their callers)."""
-    if state_format not in ("float32", "bfloat16", "float16"):
+EIGHT_BIT = ("int8", "fp8")
+FLOAT_FORMATS = ("float32", "bfloat16", "float16")
+
+
+def _pack_states(h: torch.Tensor, state_format: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """States (B, S, He) -> the tensors and metadata a context file holds for them in `state_format`
+    (None: as they are; a float format: cast; int8/fp8: 8-bit data and one float32 scale per token,
+    `stored_states.quantize_states`). `_unpack_states` reads them back."""
+    if state_format is None:
+        return {"hidden_states": h}, {}
+    if state_format in EIGHT_BIT:
+        from .stored_states import quantize_states
+
+        q = quantize_states(h, state_format)
+        return ({"hidden_states": q.data, "hidden_scale": q.scale},
+                {"state_format": state_format, "dtype": str(h.dtype).removeprefix("torch.")})
+    if state_format not in FLOAT_FORMATS:
         raise ValueError(f"state_format must be None, float32, bfloat16, float16, int8 or fp8, got {state_format!r}")
-    return getattr(torch, state_format)
+    return {"hidden_states": h.to(getattr(torch, state_format))}, {}
+
+
+def _unpack_states(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> torch.Tensor:
+    """`_pack_states`'s tensors and metadata -> the states; 8-bit ones back in the dtype they came from.
+    Raises ValueError for an unknown format or dtype."""
+    fmt = meta.get("state_format")
+    if fmt is None:
+        return tensors["hidden_states"]
+    if fmt not in EIGHT_BIT:
+        raise ValueError(f"unknown state format {fmt!r}")
+    dtype = getattr(torch, meta.get("dtype", "float32"), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {meta.get('dtype')!r}")
+    from .stored_states import QuantizedStates
+
+    return QuantizedStates(tensors["hidden_states"], tensors["hidden_scale"], fmt, dtype).dequantize()
 
 
 def chunk_token_ids(
@@ -206,32 +236,18 @@ class ContextStates:
         h, m = self.hidden_states.detach(), self.attention_mask
         if self.batch_size == 1:  # padding carries nothing: drop it
             h, m = h[:, m[0]], m[:, m[0]]
-        tensors = {"attention_mask": m.to(torch.uint8).contiguous().cpu()}
-        if state_format in ("int8", "fp8"):
-            from .stored_states import quantize_states
-
-            q = quantize_states(h, state_format)
-            tensors.update(hidden_states=q.data.contiguous().cpu(), hidden_scale=q.scale.contiguous().cpu())
-            meta.update(state_format=state_format, dtype=str(h.dtype).removeprefix("torch."))
-        elif state_format is None:
-            tensors["hidden_states"] = h.contiguous().cpu()
-        else:
-            tensors["hidden_states"] = h.to(_float_format(state_format)).contiguous().cpu()
-        save_file(tensors, str(path), metadata=meta)
+        packed, extra = _pack_states(h, state_format)
+        tensors = {name: t.contiguous().cpu() for name, t in packed.items()}
+        tensors["attention_mask"] = m.to(torch.uint8).contiguous().cpu()
+        save_file(tensors, str(path), metadata={**meta, **extra})
 
     def stored_as(self, state_format: str | None) -> ContextStates:
         """The values `save(..., state_format)` then `load` would give back, in these states' own dtype
         and on their device, without a file (padding kept): what storing them in that format costs."""
         if state_format is None:
             return self
-        h = self.hidden_states.detach()
-        if state_format in ("int8", "fp8"):
-            from .stored_states import quantize_states
-
-            h = quantize_states(h, state_format).dequantize()
-        else:
-            h = h.to(_float_format(state_format)).to(self.hidden_states.dtype)
-        return ContextStates(h, self.attention_mask, self.encoder_hash)
+        h = _unpack_states(*_pack_states(self.hidden_states.detach(), state_format))
+        return ContextStates(h.to(self.hidden_states.dtype), self.attention_mask, self.encoder_hash)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ContextStates:
@@ -250,16 +266,12 @@ class ContextStates:
             if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError):
                 raise  # not the file's fault (e.g. device memory)
             raise ValueError(f"{path}: not a readable context file ({e})") from e
-        fmt = meta.get("state_format")
-        names = {"hidden_states", "attention_mask"} | ({"hidden_scale"} if fmt in ("int8", "fp8") else set())
+        names = {"hidden_states", "attention_mask"} | ({"hidden_scale"} if meta.get("state_format") in EIGHT_BIT
+                                                        else set())
         if meta.get("format") != "cepe-context" or set(tensors) != names:
             raise ValueError(f"{path}: not a CEPE context file")
-        hidden = tensors["hidden_states"]
-        if fmt in ("int8", "fp8"):  # 8-bit data x one scale per token, back in the dtype it was saved from
-            dtype = getattr(torch, meta.get("dtype", "float32"), None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"{path}: not a CEPE context file (dtype {meta.get('dtype')!r})")
-            hidden = (hidden.float() * tensors["hidden_scale"].float()).to(dtype)
-        elif fmt is not None:
-            raise ValueError(f"{path}: unknown state format {fmt!r}")
+        try:
+            hidden = _unpack_states(tensors, meta)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a CEPE context file ({e})") from None
         return cls(hidden, tensors["attention_mask"].bool(), meta.get("fingerprint") or None)
