@@ -26,7 +26,6 @@ import torch
 from .stored_states import quantize_states
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 ALIGN = 16  # fp8 matmuls need every dimension a multiple of 16
 
 
@@ -58,10 +57,10 @@ def pack_fp8(states: torch.Tensor) -> Fp8States:
 
 
 def _row_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (R, N) float -> (fp8 data, (R, 1) float32 scale): each row to the full fp8 range."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / FP8_MAX
-    return (x / scale).to(FP8), scale
+    """x (R, N) float -> (fp8 data, (R, 1) float32 scale): each row to the full fp8 range, as
+    `quantize_states` scales each token."""
+    q = quantize_states(x, "fp8")
+    return q.data, q.scale
 
 
 def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None = None) -> torch.Tensor:
