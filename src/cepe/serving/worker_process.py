@@ -42,10 +42,16 @@ GAUGE_PERIOD_S = 0.05
 
 
 # ---------------------------------------------------------------------- framing
-def send_frame(conn, lock: threading.Lock, header: dict, blobs: tuple[bytes, ...] = ()) -> None:
+def frame(header: dict, blobs: tuple[bytes, ...] | list[bytes] = ()) -> bytes:
+    """A JSON header (with the blobs' lengths) and the blobs, in one message."""
     head = json.dumps({**header, "blobs": [len(b) for b in blobs]}).encode()
+    return b"".join([struct.pack("<I", len(head)), head, *blobs])
+
+
+def send_frame(conn, lock: threading.Lock, header: dict, blobs: tuple[bytes, ...] = ()) -> None:
+    data = frame(header, blobs)
     with lock:
-        conn.send_bytes(b"".join([struct.pack("<I", len(head)), head, *blobs]))
+        conn.send_bytes(data)
 
 
 def recv_frame(conn) -> tuple[dict, list[bytes]]:
@@ -152,8 +158,7 @@ class ProcessScheduler:
                 job.wire_key = key
                 wire.append(self._describe(job, key, blobs))
             self._acks[wire[0]["key"]] = (done, result)
-            head = json.dumps({"op": "submit", "jobs": wire, "blobs": [len(b) for b in blobs]}).encode()
-            self._conn.send_bytes(b"".join([struct.pack("<I", len(head)), head, *blobs]))
+            self._conn.send_bytes(frame({"op": "submit", "jobs": wire}, blobs))
         if not done.wait(30.0):
             result[:] = [False, "server_error", "the model worker did not answer"]
         ok, kind, message = result
