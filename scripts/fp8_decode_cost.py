@@ -17,6 +17,7 @@ and the mean relative logit error per step. Runs on the CPU (`torch._scaled_mm` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ from cepe.model import absorbed as absorbed_module
 from cepe.model import decoding
 from cepe.model.absorbed_fp8 import attend_fp8, pack_fp8
 from cepe.model.configuration import apply_runtime_settings
+from cepe.model.context import ContextStates
 
 WAYS = ("cache", "absorbed", "absorbed-fp8")
 
@@ -81,11 +83,12 @@ class Fp8Attend:
 
 
 @torch.no_grad()
-def step_logits(model, context_ids: list[int], prefix: list[int], targets: list[int], way: str) -> torch.Tensor:
-    """(len(targets), V) float32 log-probabilities, each from the step that reads the token before it."""
+def step_logits(model, encoded: ContextStates, prefix: list[int], targets: list[int], way: str) -> torch.Tensor:
+    """(len(targets), V) float32 log-probabilities, each from the step that reads the token before it.
+    Each way gets a fresh `ContextStates` over the same states: keys/values another way cached stay
+    out of it."""
     apply_runtime_settings(model.config, {"kv_policy": "cache" if way == "cache" else "absorbed"})
-    ctx = model.encode_context([context_ids] if model.config.encoder_type == "decoder"
-                               else [model.tokenizer.decode(context_ids)])
+    ctx = ContextStates(encoded.hidden_states, encoded.attention_mask, encoded.encoder_hash)
     batch = decoding.Batch(model, pad_id=0, context=ctx)
     rows = [batch.prefill([prefix])]
     for t in targets[:-1]:
@@ -122,13 +125,13 @@ def main(argv=None) -> int:
     for ids in tqdm(windows, desc="windows", file=sys.stderr):
         context, prefix = ids[:args.context], ids[args.context:args.context + args.prefix]
         targets = ids[args.context + args.prefix:]
+        with torch.no_grad():  # encoded once, read three ways
+            encoded = model.encode_context([context] if model.config.encoder_type == "decoder"
+                                           else [tok.decode(context)])
         logp = {}
         for way in WAYS:
-            if way == "absorbed-fp8":
-                with Fp8Attend():
-                    logp[way] = step_logits(model, context, prefix, targets, way)
-            else:
-                logp[way] = step_logits(model, context, prefix, targets, way)
+            with Fp8Attend() if way == "absorbed-fp8" else contextlib.nullcontext():
+                logp[way] = step_logits(model, encoded, prefix, targets, way)
         idx = torch.tensor(targets)[:, None]
         for way in WAYS:
             nll[way] += -logp[way].gather(1, idx).sum().item()
