@@ -12,6 +12,7 @@ import pytest
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
 from cepe.data.builders import category_of, source_of
 from cepe.data.builders.facts import _distractors, _repeated
+from cepe.data.builders.demonstrations import label_words
 from cepe.data.config import CopyingConfig, FactsConfig, RetrievalConfig
 
 VOCAB = [f"{a}{b}{c}" for a in "bcdfglmnprstvz" for b in "aeiou" for c in ("n", "r", "st", "ll", "mo")]
@@ -169,6 +170,15 @@ def test_demonstration_labels_scored_and_learnable_from_the_context(tmp_path, mi
             }
             assert set(s["shown_labels"]) <= names[s["label_kind"]]
     assert kinds == {"category", "source"} and 5 < renamed < 35
+
+
+def test_renamed_labels_are_fresh_made_up_words():
+    """A fixed label list becomes a prior the model answers with; labels are drawn fresh per sample."""
+    rng = np.random.default_rng(0)
+    draws = [label_words(rng, 4) for _ in range(200)]
+    assert all(len(set(d)) == 4 and all(w.isalpha() and w.islower() for w in d) for d in draws)
+    seen = [w for d in draws for w in d]
+    assert len(set(seen)) > 0.9 * len(seen)  # no word recurs often enough to be learnt as an answer
 
 
 def test_retrieval_same_source(tmp_path, mix):

@@ -2,7 +2,7 @@
 from the mix (a text snippet -> the category or the source it comes from) listed in the context,
 a few more in the decoder after a window of ordinary text; loss on the decoder's labels.
 
-With probability `renamed_labels` the labels are arbitrary words (redrawn per sample), so the
+With probability `renamed_labels` the labels are made-up words (redrawn per sample), so the
 label of a decoder example can be learnt only from the context's examples. Never built from the
 ICL evaluation sets: labels come from the training documents' names.
 """
@@ -18,10 +18,24 @@ from ..config import DataConfig
 from ..samples import Corpus, TooShort, _WindowBuilder
 from .text import TextCodec, category_of, one_line, source_of
 
-# arbitrary label words for renamed samples (no meaning tied to any class)
-NEUTRAL = ("apple", "river", "copper", "violet", "falcon", "marble", "cedar", "lantern", "orbit", "pepper", "quartz",
-           "saddle", "tulip", "walnut", "harbor", "ember", "glacier", "meadow", "nickel", "pebble", "raven", "sierra",
-           "thistle", "velvet", "willow", "yonder", "zephyr", "anchor", "basil", "cobalt")
+# Renamed labels are made-up words, drawn fresh per sample: a fixed list of 30 real words became
+# answers of their own (stage 6 answered "quartz." to a pass-key question), and made-up words carry
+# no meaning and almost never occur in the window's text.
+CONSONANTS, VOWELS, CODAS = "bdfgklmnprstvz", "aeiou", ("", "", "", "n", "r", "l", "s")
+
+
+def label_words(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct made-up words of 2-3 consonant-vowel syllables (e.g. "tomadi", "velus")."""
+    words: list[str] = []
+    while len(words) < n:
+        k = int(rng.integers(2, 4))
+        w = "".join(CONSONANTS[int(rng.integers(len(CONSONANTS)))] + VOWELS[int(rng.integers(len(VOWELS)))]
+                    for _ in range(k)) + CODAS[int(rng.integers(len(CODAS)))]
+        if w not in words:
+            words.append(w)
+    return words
+
+
 # (line template, what the label is called in the prompt); {x} text, {y} label
 TEMPLATES = (
     ("Text: {x}\nLabel: {y}\n\n", None),
@@ -76,7 +90,7 @@ class DemonstrationsBuilder(_WindowBuilder):
         n_cls = min(int(rng.integers(c.classes[0], c.classes[1] + 1)), len(names))
         classes = rng.choice(len(names), size=n_cls, replace=False)
         renamed = rng.random() < c.renamed_labels
-        shown = list(rng.choice(NEUTRAL, size=n_cls, replace=False)) if renamed else [names[int(j)] for j in classes]
+        shown = label_words(rng, n_cls) if renamed else [names[int(j)] for j in classes]
         line, _ = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
 
         def example(j: int) -> tuple[str, str, str]:
