@@ -70,6 +70,12 @@ def main() -> None:
             if task[steps[0]][1] is not None:
                 ax_task.axhline(100 * task[steps[0]][1], ls="--", color="gray", lw=0.8)
         exact = {r["step"]: r["eval/task_exact_with_context"] for r in rows if "eval/task_exact_with_context" in r}
+        # loss on ordinary text only (the perplexity targets), where the run logs it
+        text = {r["step"]: r["eval/text_loss_with_context"] for r in rows if "eval/text_loss_with_context" in r}
+        if text:
+            steps = sorted(text)
+            ax.plot([tok[s - 1] / 1e6 for s in steps], [text[s] for s in steps], marker="^", ls=":",
+                    label=f"{run.name} text only, with context")
         if exact:  # whole answers right = greedy exact match (end marker included)
             steps = sorted(exact)
             ax_task.plot([tok[s - 1] / 1e6 for s in steps], [100 * exact[s] for s in steps], marker="s", ls=":",
@@ -77,12 +83,14 @@ def main() -> None:
         table[run.name] = [
             {"step": s, "tokens": int(tok[s - 1]), "loss_with_context": e, "loss_without_context": n,
              **({"answer_accuracy_with_context": task[s][0]} if s in task else {}),
-             **({"answers_exact_with_context": exact[s]} if s in exact else {})}
+             **({"answers_exact_with_context": exact[s]} if s in exact else {}),
+             **({"text_loss_with_context": text[s]} if s in text else {})}
             for s, e, n in evals
         ]
         for s, e, n in evals:
             answers = f"  answers {100 * task[s][0]:.1f}%" if s in task else ""
             answers += f" (exact {100 * exact[s]:.1f}%)" if s in exact else ""
+            answers += f"  text {text[s]:.4f}" if s in text else ""
             print(
                 f"{run.name:<24} step {s:>6}  {tok[s - 1] / 1e6:9.1f}M tokens  "
                 f"held-out loss {e:.4f}  (no context {n:.4f}){answers}"

@@ -27,6 +27,7 @@ def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_pat
     # every label of the key-value task is an answer read from the context
     assert summary["task_accuracy_with_context"] == summary["accuracy_with_context"]
     assert 0 <= summary["task_exact_with_context"] <= summary["task_accuracy_with_context"] + 1e-9
+    assert "text_loss_with_context" not in summary  # every scored token is an answer: no text to score
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert (out / "metrics.png").is_file() and any((out / "tensorboard").iterdir())
@@ -113,6 +114,9 @@ def test_text_run_distilled_with_retrieval_and_checkpointing(tmp_path):
     assert len(steps) == 3 and all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in steps)  # throughput per step
     assert json.loads((tmp_path / "run" / "split.json").read_text())["heldout"] == ["books/book3.txt"]
     assert summary["ppl_with_context"] > 1 and summary["data"]["heldout_documents"] == 1
+    # no answers in this mix: every scored token is ordinary text, so the text loss is the loss
+    assert summary["text_loss_with_context"] == pytest.approx(summary["loss_with_context"], rel=1e-6)
+    assert summary["text_loss_without_context"] == pytest.approx(summary["loss_without_context"], rel=1e-6)
 
 
 def test_bad_corpora_stop_before_training(tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 
 def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +24,45 @@ def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tens
     wrong.scatter_add_(1, run, (task & ~correct).float())
     n = start.sum()
     return n, n - (wrong[:, 1:] > 0).sum()
+
+
+class Meter:
+    """Progress bar and throughput of a run (decoder tokens per second, since the last step and
+    since the run started or resumed), and its last loss."""
+
+    def __init__(self, step: int, max_steps: int, counters: dict[str, int], enabled: bool):
+        self.bar = tqdm(total=max_steps, initial=step, desc="train", disable=not enabled, dynamic_ncols=True)
+        self.start_time, self.start_step, self.start_tokens = time.time(), step, counters["decoder_tokens"]
+        self.last_time, self.last_tokens = self.start_time, self.start_tokens
+        self.last_loss: float | None = None
+        self.end_time: float | None = None
+
+    def update(self, step: int, values: dict[str, float], counters: dict[str, int]) -> None:
+        """Add `tokens_per_s`, `step_s` (and on CUDA `peak_memory_gb`) to this step's `values`; show them."""
+        now = time.time()
+        values["tokens_per_s"] = (counters["decoder_tokens"] - self.last_tokens) / max(now - self.last_time, 1e-9)
+        values["step_s"] = now - self.last_time
+        if torch.cuda.is_available():  # how much room a larger batch or window has (no host sync)
+            values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        self.last_time, self.last_tokens, self.last_loss = now, counters["decoder_tokens"], values["loss"]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.end_time = time.time()
+
+    def elapsed(self) -> float:
+        return (self.end_time or time.time()) - self.start_time
+
+    def steps_run(self, step: int) -> int:
+        return step - self.start_step
+
+    def tokens_run(self, counters: dict[str, int]) -> int:
+        return counters["decoder_tokens"] - self.start_tokens
 
 
 class MetricsLog:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from . import checkpoint as ckpt
 from .build import build_model, describe
 from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
-from .metrics import MetricsLog, plot_metrics, print_table, whole_answers
+from .metrics import Meter, MetricsLog, plot_metrics, print_table, whole_answers
 from .schedule import GlobalBatchSampler, lr_lambda
 from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
@@ -53,45 +52,6 @@ def trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> d
         n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad
     }
     return {k: v for k, v in state.items() if k not in frozen}
-
-
-class _Meter:
-    """Progress bar and throughput of a run (decoder tokens per second, since the last step and
-    since the run started or resumed), and its last loss."""
-
-    def __init__(self, step: int, max_steps: int, counters: dict[str, int], enabled: bool):
-        self.bar = tqdm(total=max_steps, initial=step, desc="train", disable=not enabled, dynamic_ncols=True)
-        self.start_time, self.start_step, self.start_tokens = time.time(), step, counters["decoder_tokens"]
-        self.last_time, self.last_tokens = self.start_time, self.start_tokens
-        self.last_loss: float | None = None
-        self.end_time: float | None = None
-
-    def update(self, step: int, values: dict[str, float], counters: dict[str, int]) -> None:
-        """Add `tokens_per_s`, `step_s` (and on CUDA `peak_memory_gb`) to this step's `values`; show them."""
-        now = time.time()
-        values["tokens_per_s"] = (counters["decoder_tokens"] - self.last_tokens) / max(now - self.last_time, 1e-9)
-        values["step_s"] = now - self.last_time
-        if torch.cuda.is_available():  # how much room a larger batch or window has (no host sync)
-            values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        self.last_time, self.last_tokens, self.last_loss = now, counters["decoder_tokens"], values["loss"]
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
-
-    def write(self, text: str) -> None:
-        self.bar.write(text)
-
-    def close(self) -> None:
-        self.bar.close()
-        self.end_time = time.time()
-
-    def elapsed(self) -> float:
-        return (self.end_time or time.time()) - self.start_time
-
-    def steps_run(self, step: int) -> int:
-        return step - self.start_step
-
-    def tokens_run(self, counters: dict[str, int]) -> int:
-        return counters["decoder_tokens"] - self.start_tokens
 
 
 class Trainer:
@@ -264,8 +224,9 @@ class Trainer:
         results = {}
         modes = (True,) if self._eval_no_context is not None else (True, False)
         for with_context in modes:
-            # loss, tokens, correct, then tokens and correct among the tasks' answers (copy, facts, labels)
-            sums = torch.zeros(7, dtype=torch.float64, device=self.acc.device)  # + answers, answers all right
+            # loss, tokens, correct; tokens and correct among the tasks' answers (copy, facts, labels);
+            # answers, answers all right; loss and tokens of ordinary text (what perplexity targets read)
+            sums = torch.zeros(9, dtype=torch.float64, device=self.acc.device)
             for i in range(0, len(mine), bs):
                 batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
                 keys = ("context_input_ids", "context_attention_mask") if with_context else ()
@@ -274,7 +235,8 @@ class Trainer:
                 labels = batch["labels"][:, 1:]
                 valid = labels != -100
                 flat = logits.reshape(-1, logits.shape[-1])
-                sums[0] += F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum").double()
+                ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="none").view_as(labels)
+                sums[0] += ce.sum().double()
                 sums[1] += valid.sum()
                 if self.candidates is not None:
                     cand = self.candidates.to(logits.device)
@@ -288,12 +250,17 @@ class Trainer:
                 answers, whole = whole_answers(pred == labels, task)
                 sums[5] += answers
                 sums[6] += whole
+                text = valid & ~task
+                sums[7] += ce[text].sum().double()
+                sums[8] += text.sum()
             sums = self.acc.reduce(sums, reduction="sum")
-            loss, n, correct, n_task, task_correct, answers, whole = (float(x) for x in sums)
+            loss, n, correct, n_task, task_correct, answers, whole, text_loss, n_text = (float(x) for x in sums)
             tag = "with_context" if with_context else "without_context"
             results[f"loss_{tag}"] = loss / max(n, 1)
             results[f"ppl_{tag}"] = math.exp(min(loss / max(n, 1), 50))
             results[f"accuracy_{tag}"] = correct / max(n, 1)
+            if n_text:
+                results[f"text_loss_{tag}"] = text_loss / n_text
             if n_task:  # next-token accuracy on the answers only: does the adapter read the context?
                 results[f"task_accuracy_{tag}"] = task_correct / n_task
                 results[f"task_exact_{tag}"] = whole / max(answers, 1)  # = greedy exact match
@@ -311,7 +278,7 @@ class Trainer:
         t = self.cfg.train
         self._start_run()
         log = MetricsLog(self.run_dir, self.step, self.acc.is_main_process)
-        meter = _Meter(self.step, t.max_steps, self.counters, self.progress)
+        meter = Meter(self.step, t.max_steps, self.counters, self.progress)
         batches = iter(self._loader(self.step))
         self.model.train()
         while self.step < t.max_steps:
@@ -372,7 +339,7 @@ class Trainer:
             (self.run_dir / "split.json").write_text(json.dumps(self.data.split, indent=1))
             (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report, indent=1, default=str))
 
-    def _evaluate_and_log(self, log: MetricsLog, meter: _Meter | None = None) -> dict[str, float]:
+    def _evaluate_and_log(self, log: MetricsLog, meter: Meter | None = None) -> dict[str, float]:
         ev = self.evaluate()
         if ev:
             log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
@@ -380,11 +347,13 @@ class Trainer:
                 task = "".join(f", answers {ev[f'task_accuracy_{t}']:.1%} (exact {ev[f'task_exact_{t}']:.1%}) "
                                f"{t.replace('_', ' ')}"
                                for t in ("with_context", "without_context") if f"task_accuracy_{t}" in ev)
+                text = "" if "text_loss_with_context" not in ev else (
+                    f", text loss {ev['text_loss_with_context']:.4f} ({ev['text_loss_without_context']:.4f} without)")
                 meter.write(f"step {self.step}: held-out ppl {ev['ppl_with_context']:.3f} with context, "
-                            f"{ev['ppl_without_context']:.3f} without{task}")
+                            f"{ev['ppl_without_context']:.3f} without{text}{task}")
         return ev
 
-    def _finish(self, ev: dict, meter: _Meter) -> dict[str, Any]:
+    def _finish(self, ev: dict, meter: Meter) -> dict[str, Any]:
         """Save the adapter; write and print the run's summary."""
         cfg, acc = self.cfg, self.acc
         elapsed, steps_run, tokens_run = meter.elapsed(), meter.steps_run(self.step), meter.tokens_run(self.counters)
