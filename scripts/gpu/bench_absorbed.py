@@ -284,6 +284,44 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline, s
     return rows
 
 
+@torch.no_grad()
+def profile(blocks, shape, device, dtype, kernel_cfg, methods, context: int, steps: int = 10) -> dict:
+    """Where one layer's step spends its device time: the top kernels of `steps` eager steps per
+    method at `context` tokens (torch.profiler), so a slow path is read, not guessed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    weights = [absorb(b) for b in blocks[:1]]
+    states = torch.randn(1, context, shape["encoder_hidden"], device=device, dtype=dtype)
+    h = torch.randn(1, 1, shape["hidden"], device=device, dtype=dtype)
+    m = Methods(blocks, weights, states, kernel_cfg)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    out = {}
+    for method in methods:
+        m.fp8 = pack_fp8(states) if method == "fp8mm" else None
+        m.kv = [blocks[0].project_kv(states)] if method == "cache" else None
+        m.packed = {method: quantize_states(states, method.split("-")[1])} if method.startswith("triton-") else {}
+        run = m.step(method, 1, h)
+        run()
+        sync(device)
+        with torch_profile(activities=acts) as prof:
+            for _ in range(steps):
+                run()
+            sync(device)
+        if len(acts) > 1:  # the kernels themselves (aten ops would count their kernels twice)
+            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            key = "device_time_total"
+        else:
+            events, key = list(prof.key_averages()), "self_cpu_time_total"
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        out[method] = [{"kernel": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / steps,
+                        "calls_per_step": e.count / steps} for e in events[:12]]
+        print(f"profile {method} @ {context} tokens, one layer:", file=sys.stderr)
+        for r in out[method]:
+            print(f"  {r['ms_per_step']:8.3f} ms  x{r['calls_per_step']:<5.1f} {r['kernel']}", file=sys.stderr)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"{'context':>8} {'layers':>6} {'method':<11} {'ms/step':>9} {'spread':>7} {'GB/s':>7} {'peak GB':>8} "
              f"{'held GB':>8}  status"]
@@ -336,6 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset of cache,matmul,fp8mm,triton,"
                    "triton-int8,triton-fp8 (default: all that run here)")
     p.add_argument("--time-budget", type=float, default=300.0, help="stop starting measurements after N s")
+    p.add_argument("--profile", default=None, help="comma-separated methods to profile at the longest context "
+                   "(one layer, top kernels by device time) after the timings")
     args = p.parse_args(argv)
     unknown = set((args.methods or "").split(",")) - {"", "cache", "matmul", "fp8mm", "triton", "triton-int8",
                                                         "triton-fp8"}
@@ -383,6 +423,9 @@ def main(argv=None) -> int:
         (out / "bench_absorbed.json").write_text(json.dumps(result, indent=1, default=str))
 
     save(measure(blocks, shape, device, dtype, cfg, args.reps, methods, deadline, save))
+    if args.profile:
+        result["profile"] = profile(blocks, shape, device, dtype, cfg, args.profile.split(","), shape["contexts"][-1])
+        save(result["rows"])
     plot(result, out / "bench_absorbed.png")
     print(table(result["rows"]))
     print(f"correct: {result['check']['ok']} | kernel config {cfg} | {result['wall_s']:.0f} s | {out}")
