@@ -65,20 +65,29 @@ def _row_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q states^T) states, as `absorbed.attend` computes it: q (B, R, He) pre-scaled,
-    key_mask (B, S) bool or None. Returns (B, R, He) in q's dtype; rows with no real key give zeros."""
+    key_mask (B, S) bool or None. Returns (B, R, He) in q's dtype; rows with no real key give zeros.
+
+    Between the two matmuls every pass over the (R, S) probabilities costs as much as a matmul's
+    read at long contexts, so they stay in bf16 (softmax accumulates in float32 inside) and are
+    masked, scaled and quantized in place: about five passes, none of them float32."""
     b, r, he = q.shape
-    s_pad = packed.data.shape[1]
-    real = torch.zeros(b, s_pad, dtype=torch.bool, device=q.device)
-    real[:, : packed.length] = True if key_mask is None else key_mask
+    s = packed.length
     ones = torch.ones(1, he, device=q.device, dtype=torch.float32)
-    out = []
+    out = torch.empty(b, r, he, device=q.device, dtype=torch.bfloat16)
     for i in range(b):  # decoding runs one context per row: B is small
         q8, q_scale = _row_fp8(q[i])
         logits = torch._scaled_mm(q8, packed.data[i].t(), scale_a=q_scale, scale_b=packed.scale[i].view(1, -1),
-                                  out_dtype=torch.bfloat16).float()
-        logits = logits.masked_fill(~real[i], float("-inf"))
-        p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # no real key: zeros
-        p8, p_scale = _row_fp8(p * packed.scale[i])
-        out.append(torch._scaled_mm(p8, packed.data_t[i].t(), scale_a=p_scale, scale_b=ones,
-                                    out_dtype=torch.bfloat16))
-    return torch.stack(out).to(q.dtype)
+                                  out_dtype=torch.bfloat16)  # (R, S')
+        logits[:, s:] = float("-inf")  # the padding to 16
+        if key_mask is not None:
+            logits[:, :s].masked_fill_(~key_mask[i], float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        if key_mask is not None:
+            p.nan_to_num_(nan=0.0)  # no real key: zeros
+        p.mul_(packed.scale[i])  # each token's scale, folded in before the rows are quantized
+        # each row to the full fp8 range; a bf16 scale, so that dividing by it stays in place
+        p_scale = (p.amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / 448).bfloat16()
+        p8 = p.div_(p_scale).to(FP8)
+        torch._scaled_mm(p8, packed.data_t[i].t(), scale_a=p_scale.float(), scale_b=ones,
+                         out_dtype=torch.bfloat16, out=out[i])
+    return out.to(q.dtype)
