@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_cepe
 
-from cepe.training.losses import cross_entropy, kl_divergence, online_teacher_logits, task_weights, topk_kl_divergence
+from cepe.training.losses import (cross_entropy, distilled_positions, kl_divergence, online_teacher_logits,
+                                  task_weights, topk_kl_divergence)
 
 
 def _logits(seed: int, shape=(2, 6, 20)) -> torch.Tensor:
@@ -31,6 +32,23 @@ def test_kl_is_zero_when_equal_and_positive_otherwise():
     one = torch.full((1, 2), -100)
     one[0, 1] = 3
     torch.testing.assert_close(kl_divergence(s[:1, :2], t[:1, :2], one), (p * (p / q).log()).sum())
+
+
+def test_kl_on_text_only_leaves_the_answers_to_cross_entropy():
+    """A teacher that cannot see an answer's fact differs from the student only there: with
+    answers=False the KL reads the text alone and is zero; with answers=True it is not."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 6, 11, generator=g)
+    teacher = student.clone()
+    task = torch.zeros(2, 6, dtype=torch.bool)
+    task[:, 4:] = True  # the answer: the last two tokens of each row
+    teacher[:, 3:5] = torch.randn(2, 2, 11, generator=g)  # logits predicting tokens 4 and 5
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, 0] = -100
+    text_only = distilled_positions(labels, task, answers=False)
+    assert kl_divergence(student, teacher, text_only).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_divergence(student, teacher, distilled_positions(labels, task, answers=True)).item() > 0.01
+    assert torch.equal(distilled_positions(labels, None, answers=False), labels)  # no tasks: every position
 
 
 def test_topk_kl_zero_when_student_matches_the_teacher():

@@ -98,6 +98,7 @@ class DistillConfig:
     teacher_file: str | None = None
     teacher_context_tokens: int | None = None  # context tail the teacher reads (default: what fits its window)
     topk: int = 32  # top-k kept when writing a teacher file
+    answers: bool = True  # KL on the tasks' answers too; false: on ordinary text only (losses.distilled_positions)
 
 
 @dataclass

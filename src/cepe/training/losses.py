@@ -59,6 +59,16 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
+def distilled_positions(labels: torch.Tensor, task_mask: torch.Tensor | None, answers: bool) -> torch.Tensor:
+    """The labels the KL term reads (B, D): all loss positions, or with `answers=False` only the
+    ordinary text. A teacher that reads only the context's tail, in its own window, cannot see a
+    fact or a label placed deeper in the context, so on those answers it would pull the student
+    toward not knowing them; cross-entropy still trains them."""
+    if answers or task_mask is None:
+        return labels
+    return labels.masked_fill(task_mask, -100)
+
+
 def topk_kl_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor,
                        labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) from a teacher's top-k only: both distributions are coarsened to

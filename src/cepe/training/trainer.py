@@ -34,7 +34,8 @@ from ..data.samples import Collator
 from . import checkpoint as ckpt
 from .build import build_model, describe
 from .config import RunConfig, dump_yaml, to_dict, training_config_hash
-from .losses import TeacherFile, cross_entropy, kl_divergence, online_teacher_logits, topk_kl_divergence
+from .losses import (TeacherFile, cross_entropy, distilled_positions, kl_divergence, online_teacher_logits,
+                     topk_kl_divergence)
 from .metrics import Meter, MetricsLog, plot_metrics, print_table, whole_answers
 from .schedule import GlobalBatchSampler, lr_lambda
 from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
@@ -145,12 +146,13 @@ class Trainer:
         parts = {"ce": ce.detach()}
         loss = d.lm_coef * ce
         if self.cfg.distilling:
+            labels = distilled_positions(batch["labels"], batch.get("task_mask"), d.answers)
             if teacher is None:
                 ids, probs = self.teacher_file.lookup(batch["index"].cpu())
                 dev = out.logits.device
-                kl = topk_kl_divergence(out.logits, ids.to(dev), probs.to(dev), batch["labels"], d.temperature)
+                kl = topk_kl_divergence(out.logits, ids.to(dev), probs.to(dev), labels, d.temperature)
             else:
-                kl = kl_divergence(out.logits, teacher, batch["labels"], d.temperature)
+                kl = kl_divergence(out.logits, teacher, labels, d.temperature)
             parts["kl"] = kl.detach()
             loss = loss + d.kl_coef * kl
         return loss, parts
