@@ -86,7 +86,7 @@ def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None
             p.nan_to_num_(nan=0.0)  # no real key: zeros
         p.mul_(packed.scale[i])  # each token's scale, folded in before the rows are quantized
         # each row to the full fp8 range; a bf16 scale, so that dividing by it stays in place
-        p_scale = (p.amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / 448).bfloat16()
+        p_scale = (p.amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / torch.finfo(FP8).max).bfloat16()
         p8 = p.div_(p_scale).to(FP8)
         torch._scaled_mm(p8, packed.data_t[i].t(), scale_a=p_scale.float(), scale_b=ones,
                          out_dtype=torch.bfloat16, out=out[i])

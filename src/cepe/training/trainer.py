@@ -253,7 +253,7 @@ class Trainer:
                 sums[5] += answers
                 sums[6] += whole
                 text = valid & ~task
-                sums[7] += ce[text].sum().double()
+                sums[7] += (ce * text).sum().double()  # a product, not a boolean index: no host sync
                 sums[8] += text.sum()
             sums = self.acc.reduce(sums, reduction="sum")
             loss, n, correct, n_task, task_correct, answers, whole, text_loss, n_text = (float(x) for x in sums)
