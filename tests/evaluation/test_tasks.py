@@ -244,6 +244,28 @@ def test_passkey_long_filler_is_read_to_the_length_not_repeated_whole(tok):
     assert tok.decode(short[1]).count("Tiny.") > 10  # a short filler still repeats in whole units
 
 
+def test_passkey_book_trials_start_at_their_own_sentences(tok):
+    # every trial read the book from its start: a length's trials shared one decoder window, and that
+    # window's reading decided the column; now each starts at a sentence of its own, keys unchanged
+    book = " ".join(f"Sentence number {i} of the long book goes on." for i in range(400))
+    late = tok.decode(passkey.build_prompt(tok, 900, 0.5, "12345", filler=book, start=0.5)[1])
+    assert late.lstrip().startswith("Sentence number 2") and "The pass key is 12345" in late  # ~half of 400
+    assert len(passkey.build_prompt(tok, 900, 0.5, "12345", filler=book, start=0.99)[1]) == 900 - len(
+        passkey.build_prompt(tok, 900, 0.5, "12345", filler=book)[0])  # cycles past the end to the length
+
+    class Echo:  # answers with the first "Sentence number N" of its decoder window
+        def generate(self, req, n, stops):
+            first = tok.decode(req.tokens).split("Sentence number ")[1].split()[0]
+            return tok(first, add_special_tokens=False)["input_ids"]
+
+    s = passkey.PasskeySettings(lengths=[900], depths=[0.5], trials=4, decoder_tokens=200, max_new_tokens=3)
+    varied = passkey.run({"echo": Echo()}, s, tok, filler=book, progress=False)["samples"]
+    same = passkey.run({"echo": Echo()}, passkey.PasskeySettings(**{**vars(s), "vary_start": False}), tok,
+                       filler=book, progress=False)["samples"]
+    assert len({x["answer"] for x in varied}) == 4 and len({x["answer"] for x in same}) == 1
+    assert [x["key"] for x in varied] == [x["key"] for x in same]
+
+
 def test_cepe_on_hf_encoder_uses_text(tok):
     """With an HF encoder, CEPE decodes the context to text and re-tokenizes it with the encoder's
     tokenizer (here the same character tokenizer)."""

@@ -113,6 +113,9 @@ def register(subparsers) -> None:
     t.add_argument("--decoder-tokens", "-D", type=int, default=256,
                    help="decoder window D of cepe/truncated (default 256)")
     t.add_argument("--filler", default=None, help="text file to use as filler (default: the usual repeated sentences)")
+    t.add_argument("--same-start", action="store_true",
+                   help="read a long --filler from its start at every trial (before 2026-12-02; default: each "
+                        "trial from its own sentence, so that trials differ in more than the key)")
     t.add_argument("--replug-chunk", type=int, default=None, help="REPLUG: context tokens per pass (default D)")
     add_common(t, "passkey")
     t.set_defaults(func=cmd_passkey)
@@ -383,7 +386,8 @@ def cmd_passkey(args) -> int:
     from .report import Timer
     from .tasks import passkey
 
-    settings = passkey.PasskeySettings(args.lengths, args.depths, args.trials, args.decoder_tokens, seed=args.seed)
+    settings = passkey.PasskeySettings(args.lengths, args.depths, args.trials, args.decoder_tokens, seed=args.seed,
+                                       vary_start=not args.same_start)
     filler = Path(args.filler).read_text(encoding="utf-8") if args.filler else passkey.FILLER
     em, methods = _setup(args)
     timer = Timer()

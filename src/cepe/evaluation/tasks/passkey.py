@@ -35,6 +35,10 @@ class PasskeySettings:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 2
     decoder_tokens: int = 256  # D
+    # a long filler (a book) read from the start at every trial gave every trial of a length the same
+    # decoder window, so one window's reading decided a whole column (stage 6's 4K): each trial now
+    # starts at its own sentence (drawn from a second generator, so the keys stay those of `seed`)
+    vary_start: bool = True
     max_new_tokens: int = 8
     seed: int = 0
 
@@ -46,12 +50,13 @@ class PasskeySettings:
 
 
 def build_prompt(
-    tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER
+    tokenizer: Any, length: int, depth: float, key: str, filler: str = FILLER, start: float = 0.0
 ) -> tuple[list[int], list[int]]:
     """(instruction, body) of about `length` tokens in all: the body is filler with the needle at
     `depth`, then the question. A short filler (the built-in sentences) is repeated in whole units,
-    the needle between two of them; a long one (a book) is read from its start for as many tokens as
-    the length needs (cycling if it is too short), the needle at the sentence end nearest the depth."""
+    the needle between two of them; a long one (a book) is read from the sentence that starts at
+    about `start` (a fraction of the book) for as many tokens as the length needs (cycling if it is
+    too short), the needle at the sentence end nearest the depth."""
     intro, needle, question = (
         encode(tokenizer, INTRO),
         encode(tokenizer, NEEDLE.format(key=key)),
@@ -65,7 +70,8 @@ def build_prompt(
         units = room // len(unit)
         at = round(depth * units)
         return intro, unit * at + needle + unit * (units - at) + question
-    hay = (unit * (room // len(unit) + 1))[:room]
+    begin = sentence_end_before(tokenizer, unit, round(start * len(unit))) if start > 0 else 0
+    hay = ((unit[begin:] + unit[:begin]) * (room // len(unit) + 1))[:room]
     at = sentence_end_before(tokenizer, hay, round(depth * room))
     return intro, hay[:at] + needle + hay[at:] + question
 
@@ -87,7 +93,7 @@ def make_request(intro: list[int], body: list[int], s: PasskeySettings) -> Reque
 def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: str = FILLER,
         timer: Timer | None = None, progress: bool = True) -> dict:
     timer = timer or Timer()
-    rng = random.Random(s.seed)
+    rng, starts = random.Random(s.seed), random.Random(s.seed + 1)
     stops = stop_ids(tokenizer)
     hits = {name: {(length, depth): [] for length in s.lengths for depth in s.depths} for name in methods}
     prompt_tokens = {}
@@ -98,7 +104,8 @@ def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: 
         for depth in s.depths:
             for _ in range(s.trials):
                 key = str(rng.randint(10000, 99999))
-                intro, body = build_prompt(tokenizer, length, depth, key, filler)
+                start = starts.random() if s.vary_start else 0.0
+                intro, body = build_prompt(tokenizer, length, depth, key, filler, start)
                 prompt_tokens[length] = len(intro) + len(body)
                 req = make_request(intro, body, s)
                 for name, method in methods.items():
@@ -112,7 +119,8 @@ def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: 
                     answer = tokenizer.decode(out, skip_special_tokens=True)
                     hits[name][(length, depth)].append(float(first_integer(answer) == key))
                     if len(samples) < 20:
-                        samples.append({"method": name, "length": length, "depth": depth, "key": key, "answer": answer})
+                        samples.append({"method": name, "length": length, "depth": depth, "key": key,
+                                        "start": round(start, 4), "answer": answer})
                     bar.update()
     bar.close()
     results = {}
