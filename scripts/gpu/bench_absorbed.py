@@ -9,7 +9,8 @@ Methods for the cross-attention of one step:
   (the `cache` policy; 128 KiB per context token over 32 layers);
 - matmul: `absorbed_cross_attention(kernel="matmul")`, two plain matmuls over the shared states;
 - triton: the same with the flash-decoding kernel (`cepe.kernels.absorbed_decode`);
-- fp8mm: the states in fp8 (two layouts) and two fp8 tensor-core matmuls (`cepe.model.absorbed_fp8`).
+- fp8mm: the states in fp8 (two layouts) and two fp8 tensor-core matmuls (`cepe.model.absorbed_fp8`);
+- fp8mm-fused: the same with the work between the matmuls compiled (`attend_fp8(fused=True)`).
 Every step is captured as a CUDA graph and replayed (no launch gaps, as `cepe bench` decodes).
 
     PYTHONPATH=src python3 scripts/gpu/bench_absorbed.py --out $OUT      # H200, ~3-4 minutes
@@ -148,6 +149,7 @@ def check(blocks, shape, device, dtype, configs, kernels) -> dict:
         out["fp8mm_rel_err_vs_dequantized"] = rel_err(got8, attend(q, quantize_states(states, "fp8").dequantize(),
                                                                    mask, kernel="matmul"))
         out["fp8mm_rel_err_vs_bf16"] = rel_err(got8, base)
+        out["fp8mm_fused_rel_err_vs_bf16"] = rel_err(attend_fp8(q, packed8, mask, fused=True), base)
     except Exception as e:  # e.g. no fp8 matmul on this device
         out["fp8mm_rel_err_vs_bf16"] = f"{type(e).__name__}: {str(e)[:200]}"
     out["kernel_configs_rel_err_vs_matmul"] = {}
@@ -201,9 +203,10 @@ class Methods:
         blk = self.blocks[i]
         if method == "cache":
             return blk(h, *self.kv[i])
-        if method == "fp8mm":  # fp8 states in two layouts, fp8 tensor-core matmuls (absorbed_fp8)
+        if method.startswith("fp8mm"):  # fp8 states in two layouts, fp8 tensor-core matmuls (absorbed_fp8)
             q = _queries(blk, self.weights[i], h)
-            return _output(blk, self.weights[i], attend_fp8(q, self.fp8, None), h.shape[1])
+            mixed = attend_fp8(q, self.fp8, None, fused=method == "fp8mm-fused")
+            return _output(blk, self.weights[i], mixed, h.shape[1])
         if method.startswith("triton"):  # triton, triton-int8, triton-fp8 (8-bit states + a scale per token)
             from cepe.kernels import absorbed_decode
 
@@ -247,7 +250,7 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline, s
         for method in methods:
             if method.startswith("triton-"):  # packed after the cache rows: they need the memory more
                 m.packed = {method: quantize_states(states, method.split("-")[1])}
-            m.fp8 = pack_fp8(states) if method == "fp8mm" else None
+            m.fp8 = pack_fp8(states) if method.startswith("fp8mm") else None
             for layers in (1, shape["layers"]):
                 row = dict(context=s, method=method, layers=layers, status="ok")
                 if time.perf_counter() > deadline:
@@ -270,10 +273,11 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline, s
                 m.kv = None
                 he = shape["encoder_hidden"]
                 per_token = {"cache": 2 * shape["kv_heads"] * shape["head_dim"] * 2, "triton-int8": he + 4,
-                             "triton-fp8": he + 4, "fp8mm": 2 * he + 4}.get(method, he * 2)
+                             "triton-fp8": he + 4, "fp8mm": 2 * he + 4,
+                             "fp8mm-fused": 2 * he + 4}.get(method, he * 2)
                 row["bytes_read_floor"] = s * per_token * layers  # keys+values per layer, or the states once per layer
                 row["held_context_gb"] = s * per_token * (layers if method == "cache" else 1) / GB
-                if method == "fp8mm":  # two fp8 layouts held, each read once a layer: 2 x He bytes per token and layer
+                if method.startswith("fp8mm"):  # two fp8 layouts, each read once a layer: 2 x He bytes
                     row["bytes_read_floor"] = s * 2 * he * layers
                 if row["status"] == "ok":
                     row["gb_per_s"] = row["bytes_read_floor"] / (row["ms"] / 1e3) / GB
@@ -298,7 +302,7 @@ def profile(blocks, shape, device, dtype, kernel_cfg, methods, context: int, ste
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     out = {}
     for method in methods:
-        m.fp8 = pack_fp8(states) if method == "fp8mm" else None
+        m.fp8 = pack_fp8(states) if method.startswith("fp8mm") else None
         m.kv = [blocks[0].project_kv(states)] if method == "cache" else None
         m.packed = {method: quantize_states(states, method.split("-")[1])} if method.startswith("triton-") else {}
         run = m.step(method, 1, h)
@@ -371,14 +375,14 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_absorbed_out"))
     p.add_argument("--reps", type=int, default=20, help="graph replays per timing sample (one layer)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of cache,matmul,fp8mm,triton,"
+    p.add_argument("--methods", default=None, help="comma-separated subset of cache,matmul,fp8mm,fp8mm-fused,triton,"
                    "triton-int8,triton-fp8 (default: all that run here)")
     p.add_argument("--time-budget", type=float, default=300.0, help="stop starting measurements after N s")
     p.add_argument("--profile", default=None, help="comma-separated methods to profile at the longest context "
                    "(one layer, top kernels by device time) after the timings")
     args = p.parse_args(argv)
-    unknown = set((args.methods or "").split(",")) - {"", "cache", "matmul", "fp8mm", "triton", "triton-int8",
-                                                        "triton-fp8"}
+    unknown = set((args.methods or "").split(",")) - {"", "cache", "matmul", "fp8mm", "fp8mm-fused", "triton",
+                                                        "triton-int8", "triton-fp8"}
     if unknown:  # a typo would otherwise spend a device call measuring nothing
         p.error(f"--methods: unknown {', '.join(sorted(unknown))}")
     t_start = time.perf_counter()
@@ -407,8 +411,8 @@ def main(argv=None) -> int:
         cfg, result["kernel_config_ms"] = pick_config(shape, device, dtype, configs, args.reps)
         print("kernel configurations (ms, attention alone):", json.dumps(result["kernel_config_ms"]))
     result["kernel_config"] = cfg
-    methods = ("cache", "matmul", "fp8mm", "triton", "triton-int8", "triton-fp8") if triton_ok else (
-        "cache", "matmul", "fp8mm")
+    methods = ("cache", "matmul", "fp8mm", "fp8mm-fused", "triton", "triton-int8", "triton-fp8") if triton_ok else (
+        "cache", "matmul", "fp8mm", "fp8mm-fused")
     if device != "cuda":  # Triton's CPU interpreter has no float8
         methods = tuple(x for x in methods if x != "triton-fp8")
     if args.methods:

@@ -55,3 +55,21 @@ def test_rows_without_a_real_key_get_zeros_and_odd_widths_are_refused():
     assert out.dtype == q.dtype and torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
     with pytest.raises(ValueError, match="multiple of 16"):
         pack_fp8(torch.randn(1, 8, 40))
+
+
+def test_fused_probabilities_match_the_in_place_path():
+    # fused=True runs the work between the matmuls through torch.compile (one graph for every
+    # length): the same answer as the default in-place bf16 path, masks and empty rows included
+    q, states = _inputs()
+    mask = torch.ones(2, 101, dtype=torch.bool)
+    mask[1] = False
+    packed = pack_fp8(states)
+    fused = attend_fp8(q, packed, mask, fused=True).float()
+    plain = attend_fp8(q, packed, mask).float()
+    assert torch.equal(fused[1], torch.zeros_like(fused[1])) and fused[0].abs().sum() > 0
+    assert ((fused - plain).norm() / plain.norm()).item() < 2e-2  # bf16 vs float32 probabilities
+    want = _emulated(q, packed, mask)
+    assert ((fused - want).norm() / want.norm()).item() < 2e-2
+    shorter = pack_fp8(states[:, :77])  # another length: no recompile error, still close
+    got, ref = attend_fp8(q, shorter, fused=True).float(), attend_fp8(q, shorter).float()
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-2

@@ -20,6 +20,7 @@ probabilities are rounded to fp8: tests pin the error against the float32 refere
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +65,36 @@ def _row_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.data, q.scale
 
 
-def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def probabilities_fp8(logits: torch.Tensor, token_scale: torch.Tensor, length: int,
+                      key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The work between the two matmuls, as one function for `torch.compile` to fuse: logits (R, S')
+    bf16, token_scale (S',) float32, the first `length` positions real, key_mask (length,) bool or
+    None -> (p8 (R, S') e4m3: softmax times each token's scale, each row to the full fp8 range;
+    p_scale (R, 1) float32). Rows with no real key give zeros."""
+    real = torch.arange(logits.shape[-1], device=logits.device) < length
+    if key_mask is not None:
+        real = real & torch.nn.functional.pad(key_mask, (0, logits.shape[-1] - length))
+    p = torch.softmax(logits.float().masked_fill(~real, float("-inf")), dim=-1).nan_to_num(nan=0.0) * token_scale
+    p_scale = p.amax(dim=-1, keepdim=True).clamp_min(1e-30) / torch.finfo(FP8).max
+    return (p / p_scale).to(FP8), p_scale
+
+
+@functools.cache
+def _fused_probabilities():
+    # compiled once per process (dynamic: one graph for every context length); eager, the function
+    # above makes about eight float32 passes over (R, S'), which is why the default path is in place
+    return torch.compile(probabilities_fp8, dynamic=True)
+
+
+def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None = None,
+               fused: bool = False) -> torch.Tensor:
     """softmax(q states^T) states, as `absorbed.attend` computes it: q (B, R, He) pre-scaled,
     key_mask (B, S) bool or None. Returns (B, R, He) in q's dtype; rows with no real key give zeros.
 
     Between the two matmuls every pass over the (R, S) probabilities costs as much as a matmul's
-    read at long contexts, so they stay in bf16 (softmax accumulates in float32 inside) and are
-    masked, scaled and quantized in place: about five passes, none of them float32."""
+    read at long contexts. By default they stay in bf16 (softmax accumulates in float32 inside) and
+    are masked, scaled and quantized in place: about five passes, none of them float32. fused=True
+    runs `probabilities_fp8` compiled instead (one or two fused kernels; the first call compiles)."""
     b, r, he = q.shape
     s = packed.length
     one = torch.ones((), device=q.device, dtype=torch.float32)
@@ -79,19 +103,28 @@ def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None
         q8, q_scale = _row_fp8(q[i])
         logits = torch._scaled_mm(q8, packed.data[i].t(), scale_a=q_scale, scale_b=packed.scale[i].view(1, -1),
                                   out_dtype=torch.bfloat16)  # (R, S')
-        logits[:, s:] = float("-inf")  # the padding to 16
-        if key_mask is not None:
-            logits[:, :s].masked_fill_(~key_mask[i], float("-inf"))
-        p = torch.softmax(logits, dim=-1)
-        if key_mask is not None:
-            p.nan_to_num_(nan=0.0)  # no real key: zeros
-        p.mul_(packed.scale[i])  # each token's scale, folded in before the rows are quantized
-        # each row to the full fp8 range; a bf16 scale, so that dividing by it stays in place
-        p_scale = (p.amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / torch.finfo(FP8).max).bfloat16()
-        p8 = p.div_(p_scale).to(FP8)
+        if fused:
+            p8, p_scale = _fused_probabilities()(logits, packed.scale[i], s, None if key_mask is None else key_mask[i])
+        else:
+            p8, p_scale = _probabilities_in_place(logits, packed.scale[i], s, None if key_mask is None else key_mask[i])
         # the rows' scales go on after, on the small (R, He) product: cuBLAS has no split-K kernel
         # for row-wise scales, and this product reduces over all S tokens (2.3 ms instead of 0.27
         # at 1M tokens on the H200, docs/benchmarks.md); tensor-wise scales of one get split-K
         torch._scaled_mm(p8, packed.data_t[i].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, out=out[i])
         out[i].mul_(p_scale)
     return out.to(q.dtype)
+
+
+def _probabilities_in_place(logits: torch.Tensor, token_scale: torch.Tensor, length: int,
+                            key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probabilities_fp8` in bf16 and in place over `logits` (which it overwrites); p_scale bf16."""
+    logits[:, length:] = float("-inf")  # the padding to 16
+    if key_mask is not None:
+        logits[:, :length].masked_fill_(~key_mask, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    if key_mask is not None:
+        p.nan_to_num_(nan=0.0)  # no real key: zeros
+    p.mul_(token_scale)  # each token's scale, folded in before the rows are quantized
+    # each row to the full fp8 range; a bf16 scale, so that dividing by it stays in place
+    p_scale = (p.amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / torch.finfo(FP8).max).bfloat16()
+    return p.div_(p_scale).to(FP8), p_scale
