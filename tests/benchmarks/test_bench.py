@@ -262,3 +262,34 @@ def test_lengths_take_k_and_m_suffixes_and_refuse_the_rest():
     for bad in ("1G", "0", "K"):
         with pytest.raises(argparse.ArgumentTypeError):
             _lengths(bad)
+
+
+def test_fp8_states_policy_decodes_and_restores_the_config(tmp_path, monkeypatch):
+    """`--policies absorbed-fp8`: kv_policy absorbed over an fp8 copy of the states for its rows
+    only (packed by the context's cache); the next row runs with the native states again."""
+    import cepe.benchmarks.runner as runner
+    from cepe.model.cross_cache import CrossAttentionCache
+
+    seen, packed = [], []
+    real_decode, real_pack = runner.decode_static, CrossAttentionCache.fp8_states
+
+    def decode(model, *args, **kwargs):
+        seen.append((model.config.kv_policy, model.config.absorbed_states))
+        return real_decode(model, *args, **kwargs)
+
+    def pack(self, states):
+        packed.append(seen[-1])
+        return real_pack(self, states)
+
+    monkeypatch.setattr(runner, "decode_static", decode)
+    monkeypatch.setattr(CrossAttentionCache, "fp8_states", pack)
+    cfg = BenchConfig(preset="tiny", lengths=(64,), score_tokens=16, new_tokens=4, tasks=("decode",),
+                      policies=("absorbed-fp8", "absorbed"), hf_policies=(), device="cpu", dtype="float32",
+                      reps=1, out=str(tmp_path))
+    result = run_bench(cfg)
+    rows = {r["policy"]: r for r in result["rows"] if r["method"] == "cepe"}
+    assert rows["absorbed-fp8"]["status"] == rows["absorbed"]["status"] == "ok"
+    assert rows["absorbed-fp8"]["policy_used"] == "absorbed"
+    cepe_calls = [c for c in seen if c[0] != "recompute" or c[1] != "native"]
+    assert ("absorbed", "fp8") in cepe_calls and cepe_calls[-1] == ("absorbed", "native")
+    assert packed and set(packed) == {("absorbed", "fp8")}

@@ -182,3 +182,25 @@ def test_policy_names_are_validated():
         with pytest.raises(ValueError, match="kv_policy"):
             CepeConfig(text_config=m.config.text_config, kv_policy=bad)
     assert CepeConfig(text_config=m.config.text_config, kv_policy="absorbed").kv_policy == "absorbed"
+
+
+@pytest.mark.parametrize("states", ["fp8", "fp8-compiled"])
+def test_fp8_states_decode_near_the_native_states(states):
+    """absorbed_states="fp8": decoding steps read an fp8 copy of the states, packed once per context
+    and counted in its cache; logits stay within fp8's rounding of the native path's."""
+    m = _model("llama", "decoder")
+    ids, mask = _prompts(2)
+    native = m.encode(*_context_ids(2))
+    _, ref = _generate(m, "absorbed", ids, mask, context=native)
+    apply_runtime_settings(m.config, {"absorbed_states": states})
+    ctx = m.encode(*_context_ids(2))
+    _, got = _generate(m, "absorbed", ids, mask, context=ctx)
+    packed = ctx.cross_cache.fp8_states(ctx.hidden_states)
+    assert packed.data.dtype == torch.float8_e4m3fn and ctx.cross_cache.fp8_states(ctx.hidden_states) is packed
+    assert ctx.cross_cache.nbytes() == packed.nbytes and native.cross_cache.nbytes() == 0
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.02, err  # the prefill projects keys/values as before: only the steps differ
+    with pytest.raises(ValueError, match="absorbed_states"):
+        apply_runtime_settings(m.config, {"absorbed_states": "int4"})
+    with pytest.raises(ValueError, match="absorbed_states"):
+        CepeConfig(absorbed_states="bf16")

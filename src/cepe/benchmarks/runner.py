@@ -31,7 +31,8 @@ GB = 1e9
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 # full attention's prefill is quadratic: ~12 s at 128K, ~50 s at 256K and ~200 s at 512K on an H100/H200
 FULL_MAX_LEN = 262144
-POLICIES = ("recompute", "cache", "absorbed", "auto")
+# absorbed-fp8[-compiled]: `absorbed` reading an fp8 copy of the states (`absorbed_states`)
+POLICIES = ("recompute", "cache", "absorbed", "absorbed-fp8", "absorbed-fp8-compiled", "auto")
 DEFAULT_POLICIES = ("recompute", "cache", "auto")  # `auto` turns absorbed where the cache does not fit
 
 
@@ -190,9 +191,10 @@ class Bench:
         d = min(cfg.score_tokens, total)
         inputs = make_inputs(m, total, d, self.device, cfg.seed)
         context = inputs.context_tokens
-        old_policy, old_budget = m.config.kv_policy, m.config.kv_cache_budget_bytes
+        old = m.config.kv_policy, m.config.kv_cache_budget_bytes, m.config.absorbed_states
         if method == "cepe":
-            m.config.kv_policy = policy
+            m.config.kv_policy, _, states = policy.partition("-")
+            m.config.absorbed_states = states or "native"
             if policy == "auto":
                 m.config.kv_cache_budget_bytes = self._kv_budget(total, d, context)
             ids, cids, cmask, weights = (inputs.decoder_ids, inputs.context_ids, inputs.context_mask,
@@ -211,7 +213,7 @@ class Bench:
         try:
             res, status, err = self._guard(series, total, run)
         finally:
-            m.config.kv_policy, m.config.kv_cache_budget_bytes = old_policy, old_budget
+            m.config.kv_policy, m.config.kv_cache_budget_bytes, m.config.absorbed_states = old
         row = dict(task="decode", method=method, policy=policy if method == "cepe" and context else "none",
                    total_len=total, context_tokens=context, decoder_tokens=ids.shape[1], new_tokens=cfg.new_tokens,
                    status=status, error=err)

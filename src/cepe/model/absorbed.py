@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .absorbed_fp8 import Fp8States, attend_fp8
 from .cross_attention import CrossAttention
 from .stored_states import QuantizedStates
 
@@ -132,7 +133,7 @@ def absorbed_output(block: CrossAttention, weights: AbsorbedWeights, mixed: torc
 def absorbed_cross_attention(
     block: CrossAttention,
     hidden_states: torch.Tensor,
-    encoder_states: torch.Tensor | QuantizedStates,
+    encoder_states: torch.Tensor | QuantizedStates | Fp8States,
     key_mask: torch.Tensor | None = None,
     logit_scale: torch.Tensor | None = None,
     *,
@@ -143,17 +144,19 @@ def absorbed_cross_attention(
     rounding, computed from the encoder states without per-layer keys/values.
 
     hidden_states (B, T, H); encoder_states (B, S, He), or 8-bit `QuantizedStates` (the Triton
-    kernel reads the 8-bit data; the PyTorch paths dequantize first); key_mask (B, S) bool (True = real token) or
-    None; logit_scale (B,) or None; weights: `absorb(block)` (computed here when None: pass them in
-    when decoding). Returns (B, T, H); rows whose context is all padding get a zero delta."""
+    kernel reads the 8-bit data; the PyTorch paths dequantize first), or `Fp8States` (read by fp8
+    matmuls, `absorbed_fp8`; kernel "compiled" or anything else for the eager passes); key_mask
+    (B, S) bool (True = real token) or None; logit_scale (B,) or None; weights: `absorb(block)`
+    (computed here when None: pass them in when decoding). Returns (B, T, H); rows whose context is
+    all padding get a zero delta."""
     weights = weights if weights is not None else absorb(block)
-    scale = None
-    if isinstance(encoder_states, QuantizedStates):
-        states, scale = encoder_states.data, encoder_states.scale
-    else:
-        states = encoder_states.to(block.k_proj.weight.dtype)
     q = absorbed_queries(block, weights, hidden_states, logit_scale)
-    mixed = attend(q, states, key_mask, kernel=kernel, state_scale=scale)
+    if isinstance(encoder_states, Fp8States):  # fp8 tensor-core matmuls; "compiled" fuses the passes between
+        mixed = attend_fp8(q, encoder_states, key_mask, fused=kernel == "compiled")
+    elif isinstance(encoder_states, QuantizedStates):
+        mixed = attend(q, encoder_states.data, key_mask, kernel=kernel, state_scale=encoder_states.scale)
+    else:
+        mixed = attend(q, encoder_states.to(block.k_proj.weight.dtype), key_mask, kernel=kernel)
     out = absorbed_output(block, weights, mixed, hidden_states.shape[1])
     if key_mask is None:
         return out
@@ -214,7 +217,7 @@ def _weights_key(block: CrossAttention) -> tuple | None:
 
 def absorbed_delta(block: CrossAttention, hidden_states: torch.Tensor, context: ContextStates,
                    key_mask: torch.Tensor | None, logit_scale: torch.Tensor | None,
-                   weights: AbsorbedWeights) -> torch.Tensor | None:
+                   weights: AbsorbedWeights, states: str = "native") -> torch.Tensor | None:
     """One layer's cross-attention delta (B, T, H) read from `context`'s encoder states, or None
     when there are more query rows per context than `absorbed_row_limit` (then projecting the
     keys/values once is cheaper).
@@ -222,15 +225,18 @@ def absorbed_delta(block: CrossAttention, hidden_states: torch.Tensor, context: 
     `context` holds the states the B = P x r rows attend to: P examples, each shared by r
     consecutive rows (an expanded context's parent; r = 1 otherwise). Cross-attention has no order
     over queries, so each example's r x T queries attend as one block of rows, and the states are
-    never repeated. key_mask (P, S) and logit_scale (P,) are `context`'s own."""
+    never repeated. key_mask (P, S) and logit_scale (P,) are `context`'s own. states: the config's
+    `absorbed_states` ("native", "fp8", "fp8-compiled"); fp8 states are packed once per context."""
     b, t, width = hidden_states.shape
     p = context.batch_size
     rows = (b // p) * t
     if rows > absorbed_row_limit(block):
         return None
     # "matmul": measured faster than the Triton kernel on the H200 (1M tokens: 49.5 vs 77 ms a step)
-    out = absorbed_cross_attention(block, hidden_states.reshape(p, rows, width), context.hidden_states,
-                                   key_mask, logit_scale, weights=weights, kernel="matmul")
+    kernel = "compiled" if states == "fp8-compiled" else "matmul"
+    held = context.hidden_states if states == "native" else context.cross_cache.fp8_states(context.hidden_states)
+    out = absorbed_cross_attention(block, hidden_states.reshape(p, rows, width), held,
+                                   key_mask, logit_scale, weights=weights, kernel=kernel)
     return out.view(b, t, width)
 
 

@@ -8,6 +8,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 CROSS_ATTN_INITS = ("copy", "zero")
 KV_POLICIES = ("recompute", "cache", "absorbed", "auto")
+ABSORBED_STATES = ("native", "fp8", "fp8-compiled")
 ENCODER_TYPES = ("hf", "decoder")
 
 
@@ -30,7 +31,8 @@ def chunks_per_pass(value: Any) -> int | None:
 
 
 # settings that change how a trained adapter runs, not what was trained: `from_pretrained` may override them
-RUNTIME_SETTINGS = ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling", "encoder_chunks_per_pass")
+RUNTIME_SETTINGS = ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling", "encoder_chunks_per_pass",
+                    "absorbed_states")
 
 
 def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> None:
@@ -44,6 +46,8 @@ def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> Non
     for key, value in overrides.items():
         if key == "kv_policy" and value not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {value!r}")
+        if key == "absorbed_states" and value not in ABSORBED_STATES:
+            raise ValueError(f"absorbed_states must be one of {ABSORBED_STATES}, got {value!r}")
         if key == "kv_cache_budget_bytes" and (isinstance(value, bool) or int(value) < 0):
             raise ValueError(f"kv_cache_budget_bytes must be a number of bytes >= 0, got {value!r}")
         value = {
@@ -88,6 +92,10 @@ class CepeConfig(PretrainedConfig):
             encoder states with the key/value projections absorbed into query and output: He values
             per context token for all layers instead of 2 x Hkv x d per layer; `cepe.model.absorbed`), or `"auto"`
             (cache when it fits `kv_cache_budget_bytes`, else absorbed).
+        absorbed_states: what `absorbed` decoding reads: `"native"` (the encoder states as they are),
+            `"fp8"` (a copy in e4m3 with a scale per token, in the two layouts fp8 tensor-core matmuls
+            need, made once per context: `cepe.model.absorbed_fp8`; needs He a multiple of 16), or
+            `"fp8-compiled"` (the same, the passes between the two matmuls under `torch.compile`).
         cross_attn_length_scaling: `None` (off) or the context length L (tokens) the adapter was
             trained on: a row with n > L real context tokens has its cross-attention logits multiplied
             by log(L) / log(n), so attention spreads over a longer context as it did over L tokens
@@ -120,6 +128,7 @@ class CepeConfig(PretrainedConfig):
         kv_cache_budget_bytes: int = 8 * 2**30,
         cross_attn_length_scaling: int | None = None,
         encoder_chunks_per_pass: int | None = 1024,
+        absorbed_states: str = "native",
         encoder_frozen: str | None = None,
         base_fingerprint: str | None = None,
         base_encoder_fingerprint: str | None = None,
@@ -135,6 +144,8 @@ class CepeConfig(PretrainedConfig):
             raise ValueError(f"cross_attn_init must be one of {CROSS_ATTN_INITS}, got {cross_attn_init!r}")
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+        if absorbed_states not in ABSORBED_STATES:
+            raise ValueError(f"absorbed_states must be one of {ABSORBED_STATES}, got {absorbed_states!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.encoder_type = encoder_type
@@ -147,6 +158,7 @@ class CepeConfig(PretrainedConfig):
         self.kv_cache_budget_bytes = kv_cache_budget_bytes
         self.cross_attn_length_scaling = length_scaling(cross_attn_length_scaling)
         self.encoder_chunks_per_pass = chunks_per_pass(encoder_chunks_per_pass)
+        self.absorbed_states = absorbed_states
         self.encoder_frozen = encoder_frozen
         self.base_fingerprint = base_fingerprint
         self.base_encoder_fingerprint = base_encoder_fingerprint

@@ -12,6 +12,7 @@ import torch
 from .cross_attention import ContextBias
 
 if TYPE_CHECKING:
+    from .absorbed_fp8 import Fp8States
     from .context import ContextStates
 
 _UNSET = object()
@@ -31,6 +32,7 @@ class CrossAttentionCache:
     - `ContextBias` (the mask and logit scale in the attention's forms) per trained length and dtype.
     - expansions of the context to a larger batch (beams, one document for many prompts), by batch
       size, so their cached keys/values survive from one decoding step to the next.
+    - the encoder states packed for fp8 decoding (`absorbed_states="fp8"`), made once per context.
     - `verified_by`: id of the model that checked the encoder hash (once per model, not per step).
     """
 
@@ -42,6 +44,7 @@ class CrossAttentionCache:
         self._logit_scales: dict[int, torch.Tensor | None] = {}
         self._biases: dict[tuple[int | None, torch.dtype], ContextBias] = {}
         self._expansions: dict[int, ContextStates] = {}
+        self._fp8: Fp8States | None = None
         self.verified_by: int | None = None
 
     # ------------------------------------------------------------------ keys / values
@@ -104,14 +107,22 @@ class CrossAttentionCache:
             self._expansions[batch_size] = build()
         return self._expansions[batch_size]
 
+    def fp8_states(self, states: torch.Tensor) -> Fp8States:
+        """`states` (B, S, He) packed for `absorbed_fp8.attend_fp8`, packed on the first call only."""
+        if self._fp8 is None:
+            from .absorbed_fp8 import pack_fp8
+
+            self._fp8 = pack_fp8(states)
+        return self._fp8
+
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Device bytes this cache holds: keys/values, logit scales, biases and expanded contexts (their
+        """Device bytes this cache holds: keys/values, fp8 states, logit scales, biases and expanded contexts (their
         states and caches). The key mask is the context's own attention mask, not a copy."""
         tensors = [t for kv in self._kv.values() for t in kv] + [
             s for s in self._logit_scales.values() if s is not None
         ] + [t for b in self._biases.values() for t in b.tensors()]
-        held = sum(t.numel() * t.element_size() for t in tensors)
+        held = sum(t.numel() * t.element_size() for t in tensors) + (self._fp8.nbytes if self._fp8 is not None else 0)
         return held + sum(e.nbytes() for e in self._expansions.values())
 
     def clear(self) -> None:

@@ -224,7 +224,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 src = parent if parent is not None else ctx
                 ctx.cross_cache.policy = src.cross_cache.policy = "absorbed"
                 delta = absorbed_delta(block, h, src, self._key_mask(src), self._logit_scale(src),
-                                       self.absorbed_weights.get(idx, block))
+                                       self.absorbed_weights.get(idx, block), self.config.absorbed_states)
                 if delta is not None:
                     return delta
             keep = policy == "cache"
