@@ -174,6 +174,24 @@ def test_icl_run(model, tok):
     assert icl.format_demo({"text": "a  b", "label": "x_y"}) == "Input: a b\nLabel: x y\n\n"
 
 
+def test_icl_calibration_removes_a_label_prior(model, tok, monkeypatch):
+    """A method that reads the input but favours one label by a constant: raw accuracy is that
+    label's share, calibrated accuracy (minus the content-free input's log-likelihoods) is 1."""
+    rows = [{"text": ("alpha" if i % 3 else "beta") + f" {i}", "label": "a" if i % 3 else "b"} for i in range(30)]
+
+    def fake(method, req, candidates):
+        query = tok.decode(req.tokens).rsplit("Input: ", 1)[1]
+        signal = [float(query.startswith(w)) for w in ("alpha", "beta")] if "N/A" not in query else [0.0, 0.0]
+        return [(sig + (10.0 if label == "b" else 0.0), 1) for sig, label in zip(signal, ("a", "b"))]
+
+    monkeypatch.setattr(icl, "label_log_likelihoods", fake)
+    out = icl.run(build_methods(["truncated"], model), rows, icl.IclSettings(4, 2), tok, progress=False)
+    r, gold = out["methods"]["truncated"], out["gold"]
+    assert r["accuracy_raw"] == gold.count("b") / len(gold) < 0.5 and r["accuracy_calibrated"] == 1.0
+    assert out["label_prior"]["truncated"] == [0.0, 10.0] and set(out["predictions"]["truncated"]) == {"b"}
+    assert icl.table(out)[0][3] == "acc (calibrated)"
+
+
 def test_icl_sweep_uses_one_test_set_and_nested_demos(model, tok):
     rows = [{"text": sentence_text(4, 80 + i), "label": "pos_thing" if i % 3 else "neg"} for i in range(30)]
     methods = build_methods(["cepe", "truncated"], model)

@@ -112,9 +112,13 @@ def qa_sweep_plot(path, result: dict, tag: str, decoder_passages: int, questions
 def icl_sweep_plot(path, result: dict, methods, tag: str, data_name: str, decoder_demos: int) -> Path:
     first = next(iter(result["demos"].values()))
     series = {m: [(int(n), r["methods"][m]["accuracy_raw"]) for n, r in result["demos"].items()] for m in methods}
+    for m in methods:  # calibrated beside raw: a gap between them is a label prior, not reading
+        if all("accuracy_calibrated" in r["methods"][m] for r in result["demos"].values()):
+            series[f"{m} (calibrated)"] = [(int(n), r["methods"][m]["accuracy_calibrated"])
+                                           for n, r in result["demos"].items()]
     series["majority class"] = [(int(n), r["majority_baseline"]) for n, r in result["demos"].items()]
     title = f"{tag}: {data_name}, {first['test_examples']} examples, {decoder_demos} in the decoder"
-    return line_plot(path, series, "demonstrations N", "accuracy (raw log-likelihood)", title)
+    return line_plot(path, series, "demonstrations N", "accuracy (raw log-likelihood; calibrated)", title)
 
 
 def passkey_plot(path, result: dict, decoder_tokens: int, tag: str) -> Path:

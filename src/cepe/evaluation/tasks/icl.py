@@ -1,6 +1,9 @@
 """In-context classification: N demonstrations, the last few in the decoder's prompt and the rest
 in CEPE's encoder; the label is the candidate with the highest
-log-likelihood, raw (sum) or length-normalised (mean per token).
+log-likelihood, raw (sum) or length-normalised (mean per token), and calibrated: each label's raw
+log-likelihood minus what the same prompt gives it for a content-free input (`CONTENT_FREE`; Zhao
+et al. 2021, "Calibrate Before Use"), so a prior toward one label (a model that answers one label
+for every input) is told apart from reading the demonstrations. Raw accuracy stays the headline.
 
 Demonstrations are sampled once per seed from the examples not under test, so every test example
 and method sees the same ones. Layouts:
@@ -39,6 +42,9 @@ class IclSettings:
             raise ValueError(f"encoder_layout must be 'packed' or 'per-demo', got {self.encoder_layout!r}")
         if not 0 <= self.decoder_demos <= self.demos:
             raise ValueError(f"decoder demos ({self.decoder_demos}) must be within [0, demos={self.demos}]")
+
+
+CONTENT_FREE = "N/A"  # the content-free input whose label log-likelihoods are each label's prior
 
 
 def verbalize(label: str) -> str:
@@ -100,7 +106,13 @@ def run(methods: dict[str, Method], rows: list[dict], s: IclSettings, tokenizer:
     demo_ids = [encode(tokenizer, format_demo(d)) for d in demos]
     candidates = [encode(tokenizer, " " + verbalize(label)) for label in labels]
     longest = max(len(c) for c in candidates)
-    preds = {name: {"raw": [], "normalized": [], "demos_read": []} for name in methods}
+    preds = {name: {"raw": [], "normalized": [], "calibrated": [], "demos_read": []} for name in methods}
+    prior = {}  # each method's label log-likelihoods after the same demonstrations, content-free input
+    free = encode(tokenizer, format_query(CONTENT_FREE))
+    for name, method in methods.items():
+        free_request, _ = make_request(method, demo_ids, free, s, longest)
+        with timer(name):
+            prior[name] = [ll for ll, _n in label_log_likelihoods(method, free_request, candidates)]
     gold = []
     for ex in tqdm(test, desc="icl", disable=not progress):
         gold.append(str(ex["label"]))
@@ -111,11 +123,14 @@ def run(methods: dict[str, Method], rows: list[dict], s: IclSettings, tokenizer:
                 lls = label_log_likelihoods(method, req, candidates)
             preds[name]["raw"].append(labels[max(range(len(labels)), key=lambda i: lls[i][0])])
             preds[name]["normalized"].append(labels[max(range(len(labels)), key=lambda i: lls[i][0] / lls[i][1])])
+            preds[name]["calibrated"].append(
+                labels[max(range(len(labels)), key=lambda i: lls[i][0] - prior[name][i])])
             preds[name]["demos_read"].append(n_read)
     results = {
         name: {
             "accuracy_raw": accuracy(p["raw"], gold),
             "accuracy_normalized": accuracy(p["normalized"], gold),
+            "accuracy_calibrated": accuracy(p["calibrated"], gold),
             "demos_read": mean(p["demos_read"]),
         }
         for name, p in preds.items()
@@ -127,6 +142,8 @@ def run(methods: dict[str, Method], rows: list[dict], s: IclSettings, tokenizer:
         "majority_baseline": accuracy([majority] * len(gold), gold),
         "test_examples": len(test),
         "predictions": {name: p["raw"] for name, p in preds.items()},
+        "predictions_calibrated": {name: p["calibrated"] for name, p in preds.items()},
+        "label_prior": prior,
         "gold": gold,
     }
 
@@ -145,10 +162,14 @@ def run_sweep(methods: dict[str, Method], rows: list[dict], s: IclSettings, demo
 
 def table(result: dict) -> tuple[list[str], list[list]]:
     """One row per method, or per (N, method) for a sweep."""
-    header = ["method", "acc (raw)", "acc (length-norm.)", "demos read"]
+    header = ["method", "acc (raw)", "acc (length-norm.)", "acc (calibrated)", "demos read"]
+
+    def cells(r: dict) -> list:  # results written before calibration existed have no such column
+        calibrated = r.get("accuracy_calibrated", float("nan"))
+        return [r["accuracy_raw"], r["accuracy_normalized"], calibrated, r["demos_read"]]
+
     if "demos" in result:
-        rows = [[n, m, r["accuracy_raw"], r["accuracy_normalized"], r["demos_read"]]
-                for n, res in result["demos"].items() for m, r in res["methods"].items()]
+        rows = [[n, m, *cells(r)] for n, res in result["demos"].items() for m, r in res["methods"].items()]
         return ["N", *header], rows
-    rows = [[n, r["accuracy_raw"], r["accuracy_normalized"], r["demos_read"]] for n, r in result["methods"].items()]
+    rows = [[n, *cells(r)] for n, r in result["methods"].items()]
     return header, rows
