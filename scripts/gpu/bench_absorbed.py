@@ -273,8 +273,7 @@ def measure(blocks, shape, device, dtype, kernel_cfg, reps, methods, deadline, s
                 m.kv = None
                 he = shape["encoder_hidden"]
                 per_token = {"cache": 2 * shape["kv_heads"] * shape["head_dim"] * 2, "triton-int8": he + 4,
-                             "triton-fp8": he + 4, "fp8mm": 2 * he + 4,
-                             "fp8mm-fused": 2 * he + 4}.get(method, he * 2)
+                             "triton-fp8": he + 4, "fp8mm": 2 * he + 4}.get(method.removesuffix("-fused"), he * 2)
                 row["bytes_read_floor"] = s * per_token * layers  # keys+values per layer, or the states once per layer
                 row["held_context_gb"] = s * per_token * (layers if method == "cache" else 1) / GB
                 if method.startswith("fp8mm"):  # two fp8 layouts, each read once a layer: 2 x He bytes

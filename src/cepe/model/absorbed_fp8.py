@@ -103,10 +103,8 @@ def attend_fp8(q: torch.Tensor, packed: Fp8States, key_mask: torch.Tensor | None
         q8, q_scale = _row_fp8(q[i])
         logits = torch._scaled_mm(q8, packed.data[i].t(), scale_a=q_scale, scale_b=packed.scale[i].view(1, -1),
                                   out_dtype=torch.bfloat16)  # (R, S')
-        if fused:
-            p8, p_scale = _fused_probabilities()(logits, packed.scale[i], s, None if key_mask is None else key_mask[i])
-        else:
-            p8, p_scale = _probabilities_in_place(logits, packed.scale[i], s, None if key_mask is None else key_mask[i])
+        probabilities = _fused_probabilities() if fused else _probabilities_in_place
+        p8, p_scale = probabilities(logits, packed.scale[i], s, None if key_mask is None else key_mask[i])
         # the rows' scales go on after, on the small (R, He) product: cuBLAS has no split-K kernel
         # for row-wise scales, and this product reduces over all S tokens (2.3 ms instead of 0.27
         # at 1M tokens on the H200, docs/benchmarks.md); tensor-wise scales of one get split-K
