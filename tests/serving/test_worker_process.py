@@ -71,6 +71,34 @@ def test_frames_and_the_mirrored_lru():
     assert list(lru.items) == [3]
 
 
+def test_the_frame_thread_leaves_contexts_on_the_cpu_for_the_worker_thread():
+    """The child's frame thread builds jobs while the worker thread may be capturing a CUDA graph; a
+    device copy from the frame thread then fails the capture (seen as AcceleratorError on the H200).
+    So received states stay on the CPU, whatever device the model is on (here: meta)."""
+    import threading
+
+    import torch
+
+    from cepe.model.context import ContextStates
+    from cepe.serving.worker_process import _job, states_to_bytes
+
+    class Model(torch.nn.Module):
+        encoder_hash = "h"
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+    states = ContextStates(torch.randn(1, 4, 3), torch.ones(1, 4, dtype=torch.bool), "h")
+    w = {"key": 1, "deadline_in": 5.0, "index": 0, "kind": "generate", "prompt_ids": [1, 2],
+         "contexts": [{"key": 7, "blob": 0}], "sampling": [4, 0.0, 1.0, [], False, None]}
+    held = KeyLRU(2**20)
+    job = _job(w, [states_to_bytes(states)], held, Model(), None, threading.Lock(), None)
+    assert job.contexts[0].hidden_states.device.type == "cpu"
+    assert torch.equal(job.contexts[0].hidden_states, states.hidden_states)
+    assert held.get(7)[1] is job.contexts[0]  # the next request naming key 7 reuses it
+
+
 def test_a_bad_worker_factory_fails_the_start_and_jobs_are_refused_after():
     from serving_harness import NullMetrics
 

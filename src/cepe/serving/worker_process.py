@@ -345,7 +345,10 @@ def _job(w: dict, blobs: list[bytes], held: KeyLRU, model, conn, lock, loop):
     contexts = []
     for ref in w["contexts"]:
         if "blob" in ref:
-            c = states_from_bytes(blobs[ref["blob"]], model.encoder_hash).to(next(model.parameters()).device)
+            # kept on the CPU: this is the frame thread, and a device copy here could land while the
+            # worker thread captures a CUDA graph, which fails the capture (AcceleratorError on the
+            # H200). The runner moves contexts to the device on the worker thread when rows join.
+            c = states_from_bytes(blobs[ref["blob"]], model.encoder_hash)
             held.add(ref["key"], _nbytes(c), c)
         else:
             c = held.get(ref["key"])[1]
