@@ -17,6 +17,8 @@
 # graph captures happen inside the levels, counted in rag_load.json as graph_captures /
 # graph_capture_s), a step bench ~60 s, +36 s when the GGUF still has to be converted
 # (scripts/gpu/bootstrap.sh; skipped when $CEPE_HOME/models already has it).
+# WORKER=process runs every mode's server (and the fault run's) with --worker process (the model in a
+# process of its own), so CEPE and the decoder compare under the same server.
 # MODES="continuous static decoder" CUDA_GRAPHS=off gives the 2026-12-01 run's three modes.
 #
 # Needs on the machine: the models (/root/smollm2.gguf + /root/minilm, as ../shared/tools/gpu_pack.sh
@@ -34,7 +36,8 @@
 #   bash scripts/gpu/serve_load.sh       # writes to $OUT: step_bench_{default,decode-order}.json, rag_load.{json,png}, serve_load.log, server.log.gz
 # First (STEP_BENCH=0 skips it, ~1 minute, estimated) scripts/bench_serve_step.py times one decoding step of the
 # released adapter, eager and captured, at B = 1/8/32/128 with 4,096 context positions per row.
-# FAULT_RUN= (empty) skips the fault run.
+# FAULT_RUN= (empty) skips the fault run. RUN_S bounds the load run itself (seconds), so that a call
+# nearing the device's limit still keeps the server log: set it ~30 s under the call's timeout.
 #   QUESTIONS=64 LEVEL_S=8 CLIENTS="1 8 32 128" FAULT_CLIENTS=32 MODES="continuous static decoder" \
 #     CUDA_GRAPHS=auto bash scripts/gpu/serve_load.sh   # the defaults
 # CPU dry run at tiny scale (docs/serving.md; NQ=/work/shared/data/qa/nq instead runs BM25 over the full pool
@@ -83,8 +86,8 @@ if [ "${STEP_BENCH:-1}" = 1 ]; then  # one decoding step, eager vs captured, at 
   stamp "step bench done"
 fi
 # shellcheck disable=SC2086
-python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
-  --modes ${MODES:-continuous static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
+timeout "${RUN_S:-3600}" python3 -m cepe.serving.rag_load --data "$NQ" ${MODEL:---adapter released} --device "${DEVICE:-cuda}" ${DTYPE:+--dtype $DTYPE} \
+  --modes ${MODES:-continuous static decoder} --cuda-graphs "${CUDA_GRAPHS:-auto}" --worker "${WORKER:-thread}" --concurrency ${CLIENTS:-1 8 32 128} --questions "${QUESTIONS:-64}" --k 20 \
   --max-tokens "${MAX_TOKENS:-32}" --requests 2048 --level-seconds "${LEVEL_S:-8}" --max-batch 128 \
   --batch-memory-mb 40960 ${FAULT_RUN---fault} --fault-clients "${FAULT_CLIENTS:-32}" --out "$OUT" \
   --note "scripts/gpu/serve_load.sh on ${DEVICE:-cuda}" 2>&1 | tee -a "$OUT/serve_load.log" || status=$?

@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["continuous", "eager", "unpaced", "flash", "process", "static", "decoder"],
                    help="unpaced: continuous as before paced joins, --prefill-share 1 --switch-interval-ms 5; "
                         "flash: continuous with --sdpa decode-order; process: continuous with --worker process")
+    p.add_argument("--worker", default="thread", choices=["thread", "process"],
+                   help="the servers' --worker, for every mode and the fault run (mode `process` always uses process)")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="the servers' --cuda-graphs (mode `eager`: always off)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -408,6 +410,7 @@ def main(argv=None) -> int:
     cond["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cond["lengths"] = args.lengths
     cond["cuda_graphs"] = args.cuda_graphs
+    cond["worker"] = args.worker
     data = retrieve(Path(args.data), args.questions, args.k)
     work = Path(tempfile.mkdtemp(prefix="cepe-rag-load-"))
     print(f"server log: {work / 'server.log'}", flush=True)
@@ -417,7 +420,7 @@ def main(argv=None) -> int:
         flags = server_flags(args, work / "store", "static" if mode == "static" else "continuous",
                              "off" if mode == "eager" else args.cuda_graphs, paced=mode != "unpaced",
                              sdpa="decode-order" if mode == "flash" else "auto",
-                             worker="process" if mode == "process" else "thread")
+                             worker="process" if mode == "process" else args.worker)
         t0 = time.perf_counter()
         proc, url = launch_server(flags, work / "server.log")
         try:
@@ -427,7 +430,7 @@ def main(argv=None) -> int:
             stop_server(proc)
         (out / "rag_load.json").write_text(json.dumps(result, indent=2))  # what is done so far survives a later failure
     if args.fault:
-        flags = server_flags(args, work / "fault_store", "continuous", args.cuda_graphs)
+        flags = server_flags(args, work / "fault_store", "continuous", args.cuda_graphs, worker=args.worker)
         result["fault"] = asyncio.run(fault_run(args, flags, work / "server.log", data))
     (out / "rag_load.json").write_text(json.dumps(result, indent=2))
     if result["modes"]:
