@@ -368,7 +368,7 @@ def plot(result: dict, path: Path) -> None:
     c = result["conditions"]
     fig.suptitle(
         f"NQ RAG load, {result['k']} BM25 passages, {c['lengths']} answers of {c['max_tokens']} tokens (mean); "
-        f"{c.get('device_name') or c['cpu']}",
+        f"{c.get('device_name') or c['cpu']}{'; model in its own process' if c.get('worker') == 'process' else ''}",
         fontsize=10,
     )
     fig.tight_layout()
