@@ -153,6 +153,39 @@ def test_queue_counts_requests_and_refuses_impossible_n(model, tmp_path):
         hook.remove()
 
 
+def test_waiting_requests_context_memory_is_bounded(model, tmp_path):
+    """The batch's memory budget counts a request's context once it joins; before that, the encoder
+    states of waiting requests are bounded by --queue-context-mb. A request that would pass it gets
+    429 (unless the queue is empty: alone, a request always gets in), and one adding no context
+    is not held back."""
+    hook = slow_down(model, 0.03)
+    try:
+        # static batching: jobs wait while a batch runs; a budget of one byte holds one waiting context
+        with live_server(model, tmp_path, max_queue=16, max_batch=8, batching="static",
+                         queue_context_mb=2**-20) as url:
+            ids = [post_raw(url, "/v1/contexts", {"text": t}).json()["id"]
+                   for t in ("The lighthouse keeper counted ships.", "A recipe for bread with rye flour.")]
+            long = {**OK, "max_tokens": 60, "ignore_eos": True}
+            holder = threading.Thread(target=lambda: post_raw(url, "/v1/completions", long))
+            holder.start()
+            deadline = time.monotonic() + 5
+            while metric(url, "running_requests") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            first = threading.Thread(target=lambda: post_raw(url, "/v1/completions", {**long, "context": [ids[0]]}))
+            first.start()
+            while metric(url, "queue_depth") < 1 and time.monotonic() < deadline + 5:
+                time.sleep(0.02)
+            err = expect(post_raw(url, "/v1/completions", {**OK, "context": [ids[1]]}), 429, "queue_full")
+            assert "--queue-context-mb" in err["message"]
+            assert metric(url, "rejected_total") == 1
+            plain = post_raw(url, "/v1/completions", OK)  # no context: waits its turn, answered
+            assert plain.status_code == 200
+            holder.join(30)
+            first.join(30)
+    finally:
+        hook.remove()
+
+
 def test_non_streaming_request_stops_when_its_client_leaves(model, tmp_path):
     hook = slow_down(model, 0.03)
     try:

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     )
     s.add_argument("--batch-memory-mb", type=float, default=4096.0,
                    help="continuous batching: most memory the running batch's decoder cache and contexts may hold")
+    s.add_argument("--queue-context-mb", type=float, default=2048.0,
+                   help="most memory the encoder states of requests waiting to join the batch may hold (raw contexts "
+                        "encoded for them, stored documents they read); a request beyond it gets 429")
     s.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="continuous batching: run each decoding step on bucketed static buffers, captured as a CUDA "
                         "graph and replayed (auto: on a CUDA device; on: also on the CPU, eagerly; off: eager steps)")
@@ -104,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     from .metrics import setup_json_logging
 
     for flag in ("max_queue", "max_batch", "max_tokens", "max_context_tokens", "port", "timeout", "max_body_mb",
-                 "batch_memory_mb"):
+                 "batch_memory_mb", "queue_context_mb"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0 < args.prefill_share <= 1:
@@ -138,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         batching=args.batching,
         batch_memory_mb=args.batch_memory_mb,
+        queue_context_mb=args.queue_context_mb,
         cuda_graphs=args.cuda_graphs,
         prefill_share=args.prefill_share,
         store_format=args.store_format,

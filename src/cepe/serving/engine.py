@@ -127,17 +127,30 @@ class GenerateJob(Job):
         return ("generate", int(self.context_tokens).bit_length())
 
 
+def context_bytes(jobs) -> int:
+    """Bytes of the encoder states the jobs hold, each `ContextStates` once (the choices of one
+    request, and requests reading the same stored document, share them)."""
+    seen: dict[int, int] = {}
+    for job in jobs:
+        for c in getattr(job, "contexts", ()):
+            seen[id(c)] = c.hidden_states.numel() * c.hidden_states.element_size()
+    return sum(seen.values())
+
+
 class Scheduler:
     """A bounded FIFO of jobs served by one worker thread that calls `runner.run(batch)`."""
 
     def __init__(self, runner: Runner, max_queue: int, max_batch: int, metrics, batch_window_s: float = 0.05,
                  batching: Literal["static", "continuous"] = "static", batch_memory_bytes: int = 2**32,
-                 cuda_graphs: str = "auto", prefill_share: float = 0.5):
+                 cuda_graphs: str = "auto", prefill_share: float = 0.5, queue_context_bytes: int | None = None):
         if batching not in ("static", "continuous"):
             raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
         self.runner, self.max_queue, self.max_batch, self.metrics = runner, max_queue, max_batch, metrics
         self.batching, self.batch_memory_bytes, self.cuda_graphs = batching, batch_memory_bytes, cuda_graphs
         self.prefill_share = prefill_share  # continuous batching: pacing of joins (pacing.py)
+        # encoder states held by waiting jobs (raw contexts encoded for them, stored ones they read): the
+        # batch's budget counts contexts only once they join, so this bounds them before (None: unbounded)
+        self.queue_context_bytes = queue_context_bytes
         self.batcher = None  # the ContinuousBatcher, under continuous batching
         self.batch_window_s = batch_window_s
         self._last_end = 0.0  # when the last generation batch finished
@@ -185,6 +198,13 @@ class Scheduler:
             if len(self._waiting) + len(jobs) > self.max_queue:
                 self.metrics.add("rejected")  # one request, however many jobs
                 raise QueueFull(f"queue full ({len(self._waiting)} waiting, limit {self.max_queue}): retry later")
+            if self.queue_context_bytes is not None and self._waiting:  # alone, a request always gets in
+                held, total = context_bytes(self._waiting), context_bytes([*self._waiting, *jobs])
+                if total > self.queue_context_bytes and total > held:  # a request adding nothing still gets in
+                    self.metrics.add("rejected")
+                    raise QueueFull(f"waiting requests hold {held / 2**20:.0f} MiB of context, and this one's would "
+                                    f"pass the {self.queue_context_bytes / 2**20:.0f} MiB limit (--queue-context-mb): "
+                                    "retry later")
             self._waiting.extend(jobs)
             self._cv.notify()
 

@@ -56,6 +56,7 @@ class ServeConfig:
     timeout_s: float = 120.0
     batching: str = "continuous"  # or "static" (see engine.py)
     batch_memory_mb: float = 4096.0  # a continuous batch's decoder cache and contexts
+    queue_context_mb: float | None = 2048.0  # encoder states held by requests waiting to join (None: unbounded)
     cuda_graphs: str = "auto"  # continuous batching: captured decoding steps (auto: on a CUDA device)
     prefill_share: float = 0.5  # continuous batching: pacing of joins (pacing.py)
     store_format: str | None = None  # stored documents' states: None (the model's dtype), int8, fp8, bfloat16...
@@ -99,7 +100,9 @@ class Service:
                                    state_format=config.store_format)
         limits = {"max_queue": config.max_queue, "max_batch": config.max_batch, "batching": config.batching,
                   "batch_memory_bytes": int(config.batch_memory_mb * 2**20), "cuda_graphs": config.cuda_graphs,
-                  "prefill_share": config.prefill_share}
+                  "prefill_share": config.prefill_share,
+                  "queue_context_bytes": None if config.queue_context_mb is None
+                  else int(config.queue_context_mb * 2**20)}
         if config.worker == "process":  # `model` here only describes the one the child process builds
             from .worker_process import ProcessScheduler
 
