@@ -128,6 +128,23 @@ def test_bad_values_get_4xx_not_500(model, tmp_path):
         assert post_raw(url, "/v1/completions", {**OK, "repetition_penalty": 1.0}).status_code == 200
 
 
+LONG = {**OK, "max_tokens": 60, "ignore_eos": True}
+
+
+def start_in_turn(url: str, bodies: list[dict], queued: int) -> list[threading.Thread]:
+    """Send bodies[0] and wait until it runs, then the others; return once `queued` jobs wait behind it."""
+    threads = [threading.Thread(target=lambda b=b: post_raw(url, "/v1/completions", b)) for b in bodies]
+    deadline = time.monotonic() + 10
+    threads[0].start()
+    while metric(url, "running_requests") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for t in threads[1:]:
+        t.start()
+    while metric(url, "queue_depth") < queued and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return threads
+
+
 def test_queue_counts_requests_and_refuses_impossible_n(model, tmp_path):
     hook = slow_down(model, 0.03)
     try:
@@ -135,20 +152,11 @@ def test_queue_counts_requests_and_refuses_impossible_n(model, tmp_path):
         with live_server(model, tmp_path, max_queue=3, max_batch=8, batching="static") as url:
             err = expect(post_raw(url, "/v1/completions", {**OK, "n": 4}), 400)
             assert "--max-queue" in err["message"]
-            long = {**OK, "max_tokens": 60, "ignore_eos": True}
-            holder = threading.Thread(target=lambda: post_raw(url, "/v1/completions", long))
-            holder.start()
-            deadline = time.monotonic() + 5
-            while metric(url, "running_requests") < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            waiting = threading.Thread(target=lambda: post_raw(url, "/v1/completions", {**long, "n": 3}))
-            waiting.start()
-            while metric(url, "queue_depth") < 3 and time.monotonic() < deadline + 5:
-                time.sleep(0.02)
+            threads = start_in_turn(url, [LONG, {**LONG, "n": 3}], queued=3)
             expect(post_raw(url, "/v1/completions", {**OK, "n": 2}), 429, "queue_full")
             assert metric(url, "rejected_total") == 1  # one request, two jobs
-            holder.join(30)
-            waiting.join(30)
+            for t in threads:
+                t.join(30)
     finally:
         hook.remove()
 
@@ -165,23 +173,14 @@ def test_waiting_requests_context_memory_is_bounded(model, tmp_path):
                          queue_context_mb=2**-20) as url:
             ids = [post_raw(url, "/v1/contexts", {"text": t}).json()["id"]
                    for t in ("The lighthouse keeper counted ships.", "A recipe for bread with rye flour.")]
-            long = {**OK, "max_tokens": 60, "ignore_eos": True}
-            holder = threading.Thread(target=lambda: post_raw(url, "/v1/completions", long))
-            holder.start()
-            deadline = time.monotonic() + 5
-            while metric(url, "running_requests") < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            first = threading.Thread(target=lambda: post_raw(url, "/v1/completions", {**long, "context": [ids[0]]}))
-            first.start()
-            while metric(url, "queue_depth") < 1 and time.monotonic() < deadline + 5:
-                time.sleep(0.02)
+            threads = start_in_turn(url, [LONG, {**LONG, "context": [ids[0]]}], queued=1)
             err = expect(post_raw(url, "/v1/completions", {**OK, "context": [ids[1]]}), 429, "queue_full")
             assert "--queue-context-mb" in err["message"]
             assert metric(url, "rejected_total") == 1
             plain = post_raw(url, "/v1/completions", OK)  # no context: waits its turn, answered
             assert plain.status_code == 200
-            holder.join(30)
-            first.join(30)
+            for t in threads:
+                t.join(30)
     finally:
         hook.remove()
 
