@@ -429,7 +429,9 @@ def test_metrics_and_json_logs(model, tmp_path):
     assert any(
         e["route"] == "/v1/completions" and e["status"] == 200 and e["ms"] >= 0 and e["request_id"] for e in requests
     )
-    assert any(e.get("event") == "join" and e["size"] == 1 for e in lines)  # continuous batching
+    joins = [e for e in lines if e.get("event") == "join"]  # continuous batching
+    assert any(e["size"] == 1 for e in joins)
+    assert all(e["wait_ms"] >= 0 and e["contexts_ms"] >= 0 and e["prefill_device_ms"] > 0 for e in joins)
     assert any(e.get("event") == "leave" and e["new_tokens"] == 5 for e in lines)
     assert any(e.get("event") == "ready" for e in lines)
 

@@ -56,6 +56,31 @@ def test_a_worker_process_answers_as_the_thread_worker(tmp_path):
     assert generated and float(generated[0].split()[-1]) > 0  # the child's counters reach /metrics
 
 
+def test_the_worker_process_logs_its_joins_where_the_server_logs(tmp_path, capfd):
+    """With JSON logs on (as `cepe serve` sets them), the model process's join events, with their
+    split into contexts, prefill and waiting, reach the same stderr: the load runs read them there."""
+    import logging
+
+    from cepe.serving.metrics import setup_json_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    setup_json_logging()
+    try:
+        with live_server(tiny_serving_model(), tmp_path, **PROCESS) as url:
+            r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": "Tell me", "max_tokens": 3, "context": ["some raw context text"]})
+            assert r.status_code == 200, r.text
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    events = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    joins = [e for e in events if e.get("event") == "join"]
+    assert joins, "no join event from the model process"
+    assert joins[0]["size"] == 1 and joins[0]["context_len"] > 0
+    assert joins[0]["wait_ms"] >= 0 and joins[0]["contexts_ms"] >= 0 and joins[0]["prefill_device_ms"] > 0
+
+
 def test_frames_and_the_mirrored_lru():
     import multiprocessing as mp
     import threading

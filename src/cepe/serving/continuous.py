@@ -99,6 +99,34 @@ class EagerRows:
         return self.batch.step(tokens)
 
 
+class _JoinClock:
+    """A join's two parts, contexts (joined, padded, keys/values projected) and prefill, as the device
+    ran them: CUDA events on a GPU (read after the join's own synchronisation, so no extra one),
+    wall time elsewhere. Beside the join's wall time, this tells launch-bound joins from busy ones."""
+
+    def __init__(self, model):
+        self.cuda = next(model.parameters()).device.type == "cuda"
+        self.marks = [self._now()]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def split(self) -> dict:
+        """{"contexts_ms", "prefill_device_ms"}: after the join's tokens reached the host."""
+        a, b, c = self.marks
+        if self.cuda:
+            c.synchronize()
+            return {"contexts_ms": round(a.elapsed_time(b), 2), "prefill_device_ms": round(b.elapsed_time(c), 2)}
+        return {"contexts_ms": round(1000 * (b - a), 2), "prefill_device_ms": round(1000 * (c - b), 2)}
+
+
 class ContinuousBatcher:
     """The worker loop of `Scheduler` under `batching="continuous"` (see the module doc).
     `cuda_graphs`: "auto" | "on" | "off" (`captured.use_graphs`)."""
@@ -220,14 +248,17 @@ class ContinuousBatcher:
                 live.append(job)
         if not live:
             return
-        t0 = time.perf_counter()
+        t0, t0_mono = time.perf_counter(), time.monotonic()
+        clock = _JoinClock(self.model)
         for job in live:
             job.outbox = self.outbox
         rows = [Row(job, self.runner) for job in live]
         contexts = RowContexts.build(self.model, [job.contexts for job in live])
+        clock.mark()
         joiner = decoding.Batch(self.model, self.runner.pad_id, context=contexts.context)
         logits = joiner.prefill([job.prompt_ids for job in live])
         tokens = decoding.pick(logits, [r.sampler for r in rows])
+        clock.mark()
         push_tokens(rows, tokens.tolist(), self.runner.detokenizer)
         self.metrics.generated(len(rows))
         self.metrics.add("prompt_tokens", sum(len(j.prompt_ids) for j in live))
@@ -235,7 +266,8 @@ class ContinuousBatcher:
         keep = [i for i, r in enumerate(rows) if not r.done]
         log.info("join", extra={"fields": {
             "event": "join", "size": len(live), "running": len(self.rows), "prompt_len": joiner.length,
-            "context_len": contexts.width, "prefill_ms": round(1000 * (time.perf_counter() - t0), 1)}})
+            "context_len": contexts.width, "prefill_ms": round(1000 * (time.perf_counter() - t0), 1),
+            "wait_ms": round(1000 * max(t0_mono - j.enqueued for j in live), 1), **clock.split()}})
         if len(keep) < len(rows):
             self._leave(rows)
             joiner.keep(keep)

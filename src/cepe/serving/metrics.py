@@ -145,6 +145,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def json_logging_on() -> bool:
+    """Whether `setup_json_logging` routes this process's logs (a model worker process then does too)."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def setup_json_logging(level: int = logging.INFO) -> None:
     """Route every logger (uvicorn's included) to stderr as JSON lines."""
     handler = logging.StreamHandler()

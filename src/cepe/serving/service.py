@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..model.stored_states import cross_kv_bytes_per_token, state_bytes_per_token
 from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
-from .metrics import Metrics, RequestClock
+from .metrics import Metrics, RequestClock, json_logging_on
 from .protocol import (
     ApiError,
     ContextRef,
@@ -110,7 +110,8 @@ class Service:
                 raise ValueError("worker='process' needs worker_factory ('module:function' building the model)")
             spec = {"factory": config.worker_factory, "factory_kwargs": config.worker_factory_kwargs or {},
                     "sys_path": list(config.worker_sys_path), "kv_policy": config.kv_policy,
-                    "switch_interval_s": sys.getswitchinterval(), "scheduler": limits}
+                    "switch_interval_s": sys.getswitchinterval(), "scheduler": limits,
+                    "json_logs": json_logging_on()}
             self.scheduler = ProcessScheduler(spec, self.metrics, model.encoder_hash,
                                               int(config.memory_cache_mb * 2**20))
         elif config.worker == "thread":

@@ -287,6 +287,10 @@ def child_main(conn, spec_json: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the HTTP process stops us
     sys.path[:0] = spec.get("sys_path", [])
     sys.setswitchinterval(spec.get("switch_interval_s", 1e-4))
+    if spec.get("json_logs"):  # the server's log gets this process's events (joins, captures) too
+        from .metrics import setup_json_logging
+
+        setup_json_logging()
     module, name = spec["factory"].split(":")
     model = getattr(importlib.import_module(module), name)(**spec.get("factory_kwargs", {})).eval()
     if spec.get("kv_policy"):
