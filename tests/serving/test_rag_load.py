@@ -108,3 +108,22 @@ def test_the_plot_draws_levels_without_inter_token_gaps(tmp_path):
               "modes": [{"mode": "continuous", "levels": [level, {**level, "clients": 2}]}]}
     plot(result, tmp_path / "rag_load.png")
     assert (tmp_path / "rag_load.png").stat().st_size > 0
+
+
+def test_join_summary_reads_one_modes_joins_from_its_offset(tmp_path):
+    from cepe.serving.loadtest import join_summary
+
+    log = tmp_path / "server.log"
+    earlier = json.dumps({"event": "join", "size": 99, "prefill_ms": 999.0}) + "\n"
+    log.write_text(earlier + "INFO: uvicorn running\n")
+    offset = log.stat().st_size
+    lines = [{"event": "join", "size": s, "prefill_ms": p, "wait_ms": w, "contexts_ms": 1.5}
+             for s, p, w in ((1, 10.0, 0.0), (7, 30.0, 5.0), (3, 20.0, 2.0))]
+    with open(log, "a") as f:
+        f.write("\n".join(json.dumps(e) for e in lines) + '\n{"event": "leave", "size": 2}\n{"broken": \n')
+    got = join_summary(log, offset)
+    assert got["joins"] == 3  # the earlier mode's join and the other lines are not counted
+    assert got["size"] == {"p50": 3, "p90": 7, "max": 7}
+    assert got["prefill_ms"]["p50"] == 20.0 and got["wait_ms"]["max"] == 5.0
+    assert "prefill_device_ms" not in got  # not logged: not invented
+    assert join_summary(log, log.stat().st_size) is None

@@ -190,6 +190,30 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 100)) - 1))]
 
 
+def join_summary(log_path: Path, offset: int = 0) -> dict | None:
+    """The continuous batcher's `join` lines in a server log from byte `offset` on: how many, and
+    the median / p90 / max of each field (rows, wall prefill, and its parts where logged)."""
+    joins = []
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if line.startswith(b"{") and b'"join"' in line:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "join":
+                    joins.append(event)
+    if not joins:
+        return None
+    out = {"joins": len(joins)}
+    for field in ("size", "prefill_ms", "wait_ms", "contexts_ms", "prefill_device_ms", "context_len"):
+        values = [e[field] for e in joins if isinstance(e.get(field), (int, float))]
+        if values:
+            out[field] = {"p50": percentile(values, 50), "p90": percentile(values, 90), "max": max(values)}
+    return out
+
+
 async def concurrency_level(http, model, clients: int, total: int, context: list, max_tokens: int, bar) -> dict:
     queue = asyncio.Queue()
     for i in range(total):

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from .loadtest import conditions, launch_server, percentile, stop_server, stream_chat
+from .loadtest import conditions, join_summary, launch_server, percentile, stop_server, stream_chat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,6 +167,10 @@ async def upload(http: httpx.AsyncClient, texts: dict[str, str], ids: list[str],
 
     await asyncio.gather(*(one(p) for p in ids))
     return stored
+
+
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def answer_length(args, i: int) -> int:
@@ -421,13 +425,14 @@ def main(argv=None) -> int:
                              "off" if mode == "eager" else args.cuda_graphs, paced=mode != "unpaced",
                              sdpa="decode-order" if mode == "flash" else "auto",
                              worker="process" if mode == "process" else args.worker)
-        t0 = time.perf_counter()
+        t0, log_at = time.perf_counter(), log_size(work / "server.log")
         proc, url = launch_server(flags, work / "server.log")
         try:
             start_s = time.perf_counter() - t0
             result["modes"].append({**asyncio.run(run_mode(args, url, mode, data)), "server_start_s": start_s})
         finally:
             stop_server(proc)
+        result["modes"][-1]["join_log"] = join_summary(work / "server.log", log_at)  # this mode's joins
         (out / "rag_load.json").write_text(json.dumps(result, indent=2))  # what is done so far survives a later failure
     if args.fault:
         flags = server_flags(args, work / "fault_store", "continuous", args.cuda_graphs, worker=args.worker)
