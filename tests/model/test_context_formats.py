@@ -70,3 +70,27 @@ def test_float_formats_cast_and_bad_formats_or_files_are_refused(tmp_path):
     save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={**meta, "state_format": "int4"})
     with pytest.raises(ValueError, match="not a CEPE context file"):
         ContextStates.load(tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_bytes_hold_what_a_file_holds(tmp_path, fmt):
+    """`to_bytes` / `from_bytes` (contexts crossing a pipe to the model process) give back what
+    `save` / `load` give back, and refuse anything else with a ValueError."""
+    model = tiny_cepe("llama", "bert")
+    ctx = _context(model)
+    one = ContextStates(ctx.hidden_states[:1], ctx.attention_mask[:1], ctx.encoder_hash)
+    one.save(tmp_path / "c.safetensors", fmt)
+    from_file = ContextStates.load(tmp_path / "c.safetensors")
+    from_bytes = ContextStates.from_bytes(one.to_bytes(fmt))
+    assert torch.equal(from_bytes.hidden_states, from_file.hidden_states)
+    assert torch.equal(from_bytes.attention_mask, from_file.attention_mask)
+    assert from_bytes.encoder_hash == ctx.encoder_hash
+    for bad in (b"", b"\x05\x00", one.to_bytes(fmt)[:40], save_bytes_without_format()):
+        with pytest.raises(ValueError):
+            ContextStates.from_bytes(bad)
+
+
+def save_bytes_without_format() -> bytes:
+    from safetensors.torch import save
+
+    return save({"hidden_states": torch.zeros(1, 2, 3), "attention_mask": torch.ones(1, 2, dtype=torch.uint8)})

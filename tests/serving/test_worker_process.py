@@ -105,7 +105,7 @@ def test_the_frame_thread_leaves_contexts_on_the_cpu_for_the_worker_thread():
     import torch
 
     from cepe.model.context import ContextStates
-    from cepe.serving.worker_process import _job, states_to_bytes
+    from cepe.serving.worker_process import _job
 
     class Model(torch.nn.Module):
         encoder_hash = "h"
@@ -118,7 +118,7 @@ def test_the_frame_thread_leaves_contexts_on_the_cpu_for_the_worker_thread():
     w = {"key": 1, "deadline_in": 5.0, "index": 0, "kind": "generate", "prompt_ids": [1, 2],
          "contexts": [{"key": 7, "blob": 0}], "sampling": [4, 0.0, 1.0, [], False, None]}
     held = KeyLRU(2**20)
-    job = _job(w, [states_to_bytes(states)], held, Model(), None, threading.Lock(), None)
+    job = _job(w, [states.to_bytes()], held, Model(), None, threading.Lock(), None)
     assert job.contexts[0].hidden_states.device.type == "cpu"
     assert torch.equal(job.contexts[0].hidden_states, states.hidden_states)
     assert held.get(7)[1] is job.contexts[0]  # the next request naming key 7 reuses it
@@ -131,7 +131,7 @@ def test_a_bad_worker_factory_fails_the_start_and_jobs_are_refused_after():
     from cepe.serving.worker_process import ProcessScheduler
 
     spec = {"factory": "no_such_module:model", "scheduler": {"max_queue": 4, "max_batch": 2}}
-    sched = ProcessScheduler(spec, NullMetrics(), "enc-x")
+    sched = ProcessScheduler(spec, NullMetrics())
     with pytest.raises(RuntimeError, match="did not start"):
         sched.start()
     with pytest.raises(ShuttingDown):
@@ -145,7 +145,7 @@ def _scheduler():
 
     spec = {"factory": PROCESS["worker_factory"], "sys_path": list(PROCESS["worker_sys_path"]),
             "scheduler": {"max_queue": 8, "max_batch": 4, "batching": "continuous"}}
-    return ProcessScheduler(spec, NullMetrics(), tiny_serving_model().encoder_hash)
+    return ProcessScheduler(spec, NullMetrics())
 
 
 def _job(prompt_ids, max_tokens, sink):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 
 from .cross_cache import CrossAttentionCache
 
@@ -227,11 +230,8 @@ class ContextStates:
                 mask[i, :s] = c.attention_mask[0].to(device)
         return ContextStates(hidden, mask, present[0].encoder_hash)
 
-    def save(self, path: str | Path, state_format: str | None = None) -> None:
-        """Write to one safetensors file (only real tokens are kept). state_format: None keeps the
-        states' dtype; "float32" / "bfloat16" / "float16" cast them; "int8" / "fp8" store 8 bits
-        per value with one float32 scale per token (`stored_states.quantize_states`: half of bf16),
-        restored to the states' dtype by `load`."""
+    def _tensors(self, state_format: str | None) -> tuple[dict, dict]:
+        """(tensors on the CPU, metadata) as `save` and `to_bytes` write them."""
         meta = {"format": "cepe-context", "fingerprint": self.encoder_hash or "", "batch_size": str(self.batch_size)}
         h, m = self.hidden_states.detach(), self.attention_mask
         if self.batch_size == 1:  # padding carries nothing: drop it
@@ -239,7 +239,43 @@ class ContextStates:
         packed, extra = _pack_states(h, state_format)
         tensors = {name: t.contiguous().cpu() for name, t in packed.items()}
         tensors["attention_mask"] = m.to(torch.uint8).contiguous().cpu()
-        save_file(tensors, str(path), metadata={**meta, **extra})
+        return tensors, {**meta, **extra}
+
+    def save(self, path: str | Path, state_format: str | None = None) -> None:
+        """Write to one safetensors file (only real tokens are kept). state_format: None keeps the
+        states' dtype; "float32" / "bfloat16" / "float16" cast them; "int8" / "fp8" store 8 bits
+        per value with one float32 scale per token (`stored_states.quantize_states`: half of bf16),
+        restored to the states' dtype by `load`."""
+        tensors, meta = self._tensors(state_format)
+        save_file(tensors, str(path), metadata=meta)
+
+    def to_bytes(self, state_format: str | None = None) -> bytes:
+        """What `save` writes, as bytes (e.g. to cross a pipe); `from_bytes` reads them."""
+        tensors, meta = self._tensors(state_format)
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, device: str | torch.device = "cpu") -> ContextStates:
+        """`to_bytes`'s inverse. Raises ValueError for anything else."""
+        try:
+            (n,) = struct.unpack("<Q", blob[:8])
+            meta = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+            tensors = {k: t.to(device) for k, t in st_load(blob).items()}
+        except (SafetensorError, struct.error, ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"not a readable context ({e})") from None
+        return cls._from_tensors(tensors, meta, "bytes")
+
+    @classmethod
+    def _from_tensors(cls, tensors: dict, meta: dict, where: str) -> ContextStates:
+        names = {"hidden_states", "attention_mask"} | ({"hidden_scale"} if meta.get("state_format") in EIGHT_BIT
+                                                        else set())
+        if meta.get("format") != "cepe-context" or set(tensors) != names:
+            raise ValueError(f"{where}: not a CEPE context file")
+        try:
+            hidden = _unpack_states(tensors, meta)
+        except ValueError as e:
+            raise ValueError(f"{where}: not a CEPE context file ({e})") from None
+        return cls(hidden, tensors["attention_mask"].bool(), meta.get("fingerprint") or None)
 
     def stored_as(self, state_format: str | None) -> ContextStates:
         """The values `save(..., state_format)` then `load` would give back, in these states' own dtype
@@ -266,12 +302,4 @@ class ContextStates:
             if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError):
                 raise  # not the file's fault (e.g. device memory)
             raise ValueError(f"{path}: not a readable context file ({e})") from e
-        names = {"hidden_states", "attention_mask"} | ({"hidden_scale"} if meta.get("state_format") in EIGHT_BIT
-                                                        else set())
-        if meta.get("format") != "cepe-context" or set(tensors) != names:
-            raise ValueError(f"{path}: not a CEPE context file")
-        try:
-            hidden = _unpack_states(tensors, meta)
-        except ValueError as e:
-            raise ValueError(f"{path}: not a CEPE context file ({e})") from None
-        return cls(hidden, tensors["attention_mask"].bool(), meta.get("fingerprint") or None)
+        return cls._from_tensors(tensors, meta, str(path))

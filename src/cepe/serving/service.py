@@ -112,8 +112,7 @@ class Service:
                     "sys_path": list(config.worker_sys_path), "kv_policy": config.kv_policy,
                     "switch_interval_s": sys.getswitchinterval(), "scheduler": limits,
                     "json_logs": json_logging_on()}
-            self.scheduler = ProcessScheduler(spec, self.metrics, model.encoder_hash,
-                                              int(config.memory_cache_mb * 2**20))
+            self.scheduler = ProcessScheduler(spec, self.metrics, int(config.memory_cache_mb * 2**20))
         elif config.worker == "thread":
             self.scheduler = Scheduler(Runner(model, self.tokenizer, self.lock, self.metrics), metrics=self.metrics,
                                        **limits)

@@ -29,9 +29,6 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..model.context import ContextStates
 from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
@@ -65,16 +62,6 @@ def recv_frame(conn) -> tuple[dict, list[bytes]]:
     return header, blobs
 
 
-def states_to_bytes(c: ContextStates) -> bytes:
-    return st_save({"hidden_states": c.hidden_states.detach().cpu().contiguous(),
-                    "attention_mask": c.attention_mask.to(torch.uint8).cpu().contiguous()})
-
-
-def states_from_bytes(blob: bytes, encoder_hash: str | None) -> ContextStates:
-    t = st_load(blob)
-    return ContextStates(t["hidden_states"], t["attention_mask"].bool(), encoder_hash)
-
-
 class KeyLRU:
     """Keys (with values on the child's side) within a byte budget; the oldest go first."""
 
@@ -105,8 +92,8 @@ class ProcessScheduler:
     """`Scheduler`'s interface over a model worker in a child process. spec: what the child builds
     (see `child_main`); metrics: the HTTP process's `Metrics`, fed with the child's counters."""
 
-    def __init__(self, spec: dict, metrics, encoder_hash: str | None, context_budget_bytes: int = 2**30):
-        self.spec, self.metrics, self.encoder_hash = spec, metrics, encoder_hash
+    def __init__(self, spec: dict, metrics, context_budget_bytes: int = 2**30):
+        self.spec, self.metrics = spec, metrics
         self.depth = self.running = 0
         self.stopping = False
         self._jobs: dict[int, Any] = {}
@@ -182,7 +169,7 @@ class ProcessScheduler:
             else:
                 self._sent.add(ckey, _nbytes(c))
                 refs.append({"key": ckey, "blob": len(blobs)})
-                blobs.append(states_to_bytes(c))
+                blobs.append(c.to_bytes())
         s = job.sampling
         return {**out, "kind": "generate", "prompt_ids": job.prompt_ids, "contexts": refs,
                 "sampling": [s.max_tokens, s.temperature, s.top_p, list(s.stop), s.ignore_eos, s.seed]}
@@ -229,7 +216,7 @@ class ProcessScheduler:
         if job is None:
             return  # cancelled meanwhile
         if header.get("states"):
-            event = ["done", states_from_bytes(blobs[0], self.encoder_hash)]
+            event = ["done", ContextStates.from_bytes(blobs[0])]
         job.emit(*event)
 
     def _fail_all(self, status: int, message: str) -> None:
@@ -257,7 +244,7 @@ class _Sink:
         _, event = item
         if event[0] == "done" and isinstance(event[1], ContextStates):
             return send_frame(self.conn, self.lock, {"op": "event", "key": self.key, "event": ["done"], "states": 1},
-                              (states_to_bytes(event[1]),))
+                              (event[1].to_bytes(),))
         send_frame(self.conn, self.lock, {"op": "event", "key": self.key, "event": list(event)})
 
 
@@ -352,7 +339,7 @@ def _job(w: dict, blobs: list[bytes], held: KeyLRU, model, conn, lock, loop):
             # kept on the CPU: this is the frame thread, and a device copy here could land while the
             # worker thread captures a CUDA graph, which fails the capture (AcceleratorError on the
             # H200). The runner moves contexts to the device on the worker thread when rows join.
-            c = states_from_bytes(blobs[ref["blob"]], model.encoder_hash)
+            c = ContextStates.from_bytes(blobs[ref["blob"]])
             held.add(ref["key"], _nbytes(c), c)
         else:
             c = held.get(ref["key"])[1]
