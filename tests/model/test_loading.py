@@ -106,6 +106,9 @@ def test_adapter_round_trip_and_encoder_checks(decoder_dir, tmp_path):
     assert torch.equal(_logits(load_model(decoder_dir, "decoder", tmp_path / "derived")), _logits(derived))
     with pytest.raises(ValueError, match="not both"):
         load_model(decoder_dir, None, tmp_path / "derived", "zero")
+    # an HF encoder beside a decoder-derived adapter would be ignored: refused instead
+    with pytest.raises(ValueError, match="its own decoder-derived encoder"):
+        load_model(decoder_dir, enc, tmp_path / "derived")
 
 
 @pytest.mark.parametrize("command", ["eval ppl --data x", "serve", "demo"])

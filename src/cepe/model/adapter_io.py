@@ -113,6 +113,10 @@ def load_pretrained(cls: type[CepeForCausalLM], pretrained_model_name_or_path: s
         elif enc_tok is None and config.base_encoder:
             _, enc_tok = load_encoder(config.base_encoder, tokenizer_only=True)
     else:
+        if encoder is not None:  # it would be ignored: say so rather than run another model than asked
+            given = encoder if isinstance(encoder, (str, os.PathLike)) else type(encoder).__name__
+            raise ValueError(f"{folder}: the adapter reads context through its own decoder-derived encoder; "
+                             f"encoder={given!r} cannot replace it (leave encoder unset)")
         enc_tok = tokenizer
     model = cls(config, decoder=decoder, encoder=enc_module, encoder_tokenizer=enc_tok, tokenizer=tokenizer)
     model.load_adapter_weights(folder)

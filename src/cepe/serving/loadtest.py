@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cepe.serving.loadtest", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--decoder", default="smollm2-135m")
-    p.add_argument("--encoder", default="minilm-l6")
+    p.add_argument("--encoder", default="minilm-l6", help="encoder of an --adapter none model (an adapter has its own)")
     p.add_argument("--adapter", default="none", help="adapter folder, 'released', or 'none'")
     p.add_argument("--init", default="zero", choices=["zero", "copy"])
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
@@ -78,8 +78,8 @@ def free_port() -> int:
 
 def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
     """`cepe serve` in a subprocess, its store and log in `work`."""
-    model = ["--decoder", args.decoder, "--encoder", args.encoder,
-             *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter])]
+    own = ["--encoder", args.encoder, "--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]
+    model = ["--decoder", args.decoder, *own]
     return launch_server([*model, "--store", str(work / "store"), "--threads", str(args.threads),
                           "--max-batch", str(args.max_batch), "--max-queue", "256",
                           "--max-context-tokens", str(max(65536, 2 * args.doc_tokens)), "--timeout", "900"],
@@ -321,7 +321,8 @@ def conditions(args) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cpu_count": os.cpu_count(),
             "server_threads": args.threads, "loadavg_before": os.getloadavg(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "decoder": args.decoder,
-            "encoder": args.encoder, "adapter": args.adapter, "init": args.init if args.adapter == "none" else None,
+            "encoder": args.encoder if args.adapter == "none" else "the adapter's own", "adapter": args.adapter,
+            "init": args.init if args.adapter == "none" else None,
             "max_tokens": args.max_tokens, "max_batch": args.max_batch, "note": args.note}
 
 

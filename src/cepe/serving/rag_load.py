@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="/work/shared/data/qa/nq",
                    help="folder with questions.jsonl and passages.jsonl (or .jsonl.xz, as --write-subset writes)")
     p.add_argument("--decoder", default="smollm2-135m")
-    p.add_argument("--encoder", default="minilm-l6")
+    p.add_argument("--encoder", default="minilm-l6", help="encoder of an --adapter none model (an adapter has its own)")
     p.add_argument("--adapter", default="released", help="adapter folder, 'released', or 'none' (then --init)")
     p.add_argument("--init", default="zero", choices=["zero", "copy"])
     p.add_argument("--dtype", default=None)
@@ -142,8 +142,8 @@ def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: 
                  sdpa: str = "auto", worker: str = "thread") -> list[str]:
     """`cepe serve` flags of one mode. paced=False: the server before paced joins and the short
     GIL switch interval (docs/serving.md), for comparison; sdpa, worker: its `--sdpa`, `--worker`."""
-    model = ["--decoder", args.decoder, "--encoder", args.encoder,
-             *(["--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter])]
+    own = ["--encoder", args.encoder, "--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]
+    model = ["--decoder", args.decoder, *own]
     extra = [f for flag, v in (("--dtype", args.dtype), ("--device", args.device), ("--threads", args.threads))
              if v is not None for f in (flag, str(v))]
     return [*model, *extra, "--store", str(store), "--store-budget-mb", "65536", "--memory-cache-mb", "16384",
