@@ -127,14 +127,19 @@ class GenerateJob(Job):
         return ("generate", int(self.context_tokens).bit_length())
 
 
-def context_bytes(jobs) -> int:
-    """Bytes of the encoder states the jobs hold, each `ContextStates` once (the choices of one
-    request, and requests reading the same stored document, share them)."""
-    seen: dict[int, int] = {}
+def states_nbytes(c: ContextStates) -> int:
+    """Bytes of a context's encoder states alone (what a queue holds or a pipe carries)."""
+    return c.hidden_states.numel() * c.hidden_states.element_size()
+
+
+def context_bytes(jobs, seen: dict[int, int] | None = None) -> dict[int, int]:
+    """The encoder states the jobs hold, id -> bytes, each `ContextStates` once (the choices of one
+    request, and requests reading the same stored document, share them); added to `seen` if given."""
+    seen = {} if seen is None else seen
     for job in jobs:
         for c in getattr(job, "contexts", ()):
-            seen[id(c)] = c.hidden_states.numel() * c.hidden_states.element_size()
-    return sum(seen.values())
+            seen[id(c)] = states_nbytes(c)
+    return seen
 
 
 class Scheduler:
@@ -199,7 +204,9 @@ class Scheduler:
                 self.metrics.add("rejected")  # one request, however many jobs
                 raise QueueFull(f"queue full ({len(self._waiting)} waiting, limit {self.max_queue}): retry later")
             if self.queue_context_bytes is not None and self._waiting:  # alone, a request always gets in
-                held, total = context_bytes(self._waiting), context_bytes([*self._waiting, *jobs])
+                waiting = context_bytes(self._waiting)
+                held = sum(waiting.values())
+                total = sum(context_bytes(jobs, waiting).values())
                 if total > self.queue_context_bytes and total > held:  # a request adding nothing still gets in
                     self.metrics.add("rejected")
                     raise QueueFull(f"waiting requests hold {held / 2**20:.0f} MiB of context, and this one's would "

@@ -29,9 +29,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-
 from ..model.context import ContextStates
-from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown
+from .engine import EncodeJob, GenerateJob, QueueFull, Runner, Sampling, Scheduler, ShuttingDown, states_nbytes
 
 log = logging.getLogger("cepe.serving")
 READY_TIMEOUT_S = 900.0  # loading a large model in the child
@@ -81,10 +80,6 @@ class KeyLRU:
         while self.total > self.budget and len(self.items) > 1:
             _, (size, _) = self.items.popitem(last=False)
             self.total -= size
-
-
-def _nbytes(c: ContextStates) -> int:
-    return c.hidden_states.numel() * c.hidden_states.element_size()
 
 
 # ---------------------------------------------------------------------- the HTTP process's side
@@ -167,7 +162,7 @@ class ProcessScheduler:
             if self._sent.get(ckey) is not None:
                 refs.append({"key": ckey})
             else:
-                self._sent.add(ckey, _nbytes(c))
+                self._sent.add(ckey, states_nbytes(c))
                 refs.append({"key": ckey, "blob": len(blobs)})
                 blobs.append(c.to_bytes())
         s = job.sampling
@@ -340,7 +335,7 @@ def _job(w: dict, blobs: list[bytes], held: KeyLRU, model, conn, lock, loop):
             # worker thread captures a CUDA graph, which fails the capture (AcceleratorError on the
             # H200). The runner moves contexts to the device on the worker thread when rows join.
             c = ContextStates.from_bytes(blobs[ref["blob"]])
-            held.add(ref["key"], _nbytes(c), c)
+            held.add(ref["key"], states_nbytes(c), c)
         else:
             c = held.get(ref["key"])[1]
         contexts.append(c)
