@@ -45,6 +45,7 @@ CONFIGS = [dict(block_s=64, block_dv=256, num_warps=4), dict(block_s=64, block_d
            dict(block_s=128, block_dv=256, num_warps=8), dict(block_s=64, block_dv=256, num_warps=4, splits=264),
            dict(block_s=64, block_dv=512, num_warps=8, splits=132)]
 GB = 1e9
+METHODS = ("cache", "matmul", "fp8mm", "fp8mm-fused", "triton", "triton-int8", "triton-fp8")  # the module doc's list
 
 
 def build(shape: dict, device, dtype) -> list[CrossAttention]:
@@ -380,8 +381,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, help="comma-separated methods to profile at the longest context "
                    "(one layer, top kernels by device time) after the timings")
     args = p.parse_args(argv)
-    unknown = set((args.methods or "").split(",")) - {"", "cache", "matmul", "fp8mm", "fp8mm-fused", "triton",
-                                                        "triton-int8", "triton-fp8"}
+    unknown = set((args.methods or "").split(",")) - {"", *METHODS}
     if unknown:  # a typo would otherwise spend a device call measuring nothing
         p.error(f"--methods: unknown {', '.join(sorted(unknown))}")
     t_start = time.perf_counter()
@@ -410,8 +410,7 @@ def main(argv=None) -> int:
         cfg, result["kernel_config_ms"] = pick_config(shape, device, dtype, configs, args.reps)
         print("kernel configurations (ms, attention alone):", json.dumps(result["kernel_config_ms"]))
     result["kernel_config"] = cfg
-    methods = ("cache", "matmul", "fp8mm", "fp8mm-fused", "triton", "triton-int8", "triton-fp8") if triton_ok else (
-        "cache", "matmul", "fp8mm", "fp8mm-fused")
+    methods = METHODS if triton_ok else tuple(x for x in METHODS if not x.startswith("triton"))
     if device != "cuda":  # Triton's CPU interpreter has no float8
         methods = tuple(x for x in methods if x != "triton-fp8")
     if args.methods:
