@@ -9,7 +9,8 @@
 #   bash scripts/gpu/general.sh train STAGE [MAX_SECONDS]
 #                  STAGE: smollm2 | gemma3 (configs/general_STAGE.yaml). Resumes from the last checkpoint
 #                  under /root/runs/general_STAGE; stops (SIGKILL, checkpoints are atomic) after MAX_SECONDS
-#                  (default 540); brings back the latest adapter as bf16 shards < 16 MiB plus run_STAGE.tar.gz
+#                  (default 540); brings back the latest adapter as bf16 shards < 16 MiB (WEIGHT_FORMAT=int8: 8-bit
+#                  matrices, for adapters over 64 MiB in bf16) plus run_STAGE.tar.gz
 #                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only;
 #                  also kept as $ROOT/runs/general_STAGE/latest_adapter for `eval`. WORKERS (default 6) DataLoader
 #                  workers, with a watchdog that goes on without them if no step is logged for STALL s
@@ -96,6 +97,7 @@ PY
     set -e
     # the newest adapter: the final one if the run ended, else the last checkpoint's weights
     python3 - "$run" "$OUT/adapter_$stage" "${ADAPTER:-1}" <<'PY'
+import os
 import sys
 from pathlib import Path
 import torch
@@ -114,9 +116,10 @@ if final.is_dir() and (not found or final.stat().st_mtime >= found[-1].stat().st
     model.load_adapter_weights(final); src = final
 else:
     model.load_state_dict(load_file(str(found[-1] / "adapter.safetensors")), strict=False); src = found[-1]
-model.save_pretrained(out, dtype=torch.bfloat16, max_shard_size=15 * 2**20)
+fmt = os.environ.get("WEIGHT_FORMAT", "float")  # int8: weight matrices in 8 bits (an adapter over 64 MiB in bf16)
+model.save_pretrained(out, dtype=torch.bfloat16, max_shard_size=15 * 2**20, weight_format=fmt)
 size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-print(f"adapter from {src}: {size / 1e6:.1f} MB in bf16 -> {out}")
+print(f"adapter from {src}: {size / 1e6:.1f} MB in {'bf16' if fmt == 'float' else fmt} -> {out}")
 PY
     python3 scripts/gpu/general_curve.py "$run" --out "$run/curve.png" || true
     # small files in one archive (at most 8 files come back); the shards beside it

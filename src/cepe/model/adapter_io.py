@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 ADAPTER_FILE = "model.safetensors"
 ADAPTER_INDEX = "model.safetensors.index.json"
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+# how `save_pretrained` writes weight matrices: as floats (in its `dtype`), or as int8 with one float32
+# scale per output row under `<name>` + INT8_SCALE_SUFFIX (norms and other vectors stay floats)
+WEIGHT_FORMATS = ("float", "int8")
+INT8_SCALE_SUFFIX = ".int8_scale"
 
 # what `AutoModelForCausalLM.from_pretrained` forwards for the Hub; a local adapter folder ignores it
 _HUB_KWARGS = {
@@ -47,18 +51,25 @@ def save_adapter(
     save_directory: str | os.PathLike,
     max_shard_size: int = 16 * 2**20,
     dtype: torch.dtype | None = None,
+    weight_format: str = "float",
 ) -> None:
     """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
-    the encoder tokenizer. The base decoder's weights are never written."""
+    the encoder tokenizer. The base decoder's weights are never written. `weight_format="int8"`
+    stores each weight matrix in 8 bits a value (`quantize_weights`): half of bf16's bytes."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     sd = {
         k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in saved_tensors(model).items()
     }
+    if weight_format == "int8":
+        sd = quantize_weights(sd)
     model.config.base_encoder_fingerprint = frozen_encoder_weights_hash(model)
     write_tensors(
-        out, sd, {"format": "pt", "cepe_base_fingerprint": model.config.base_fingerprint or ""}, max_shard_size
+        out, sd, {"format": "pt", "cepe_base_fingerprint": model.config.base_fingerprint or "",
+                  "cepe_weight_format": weight_format}, max_shard_size
     )
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
@@ -208,7 +219,41 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
                     loaded[k] = f.get_tensor(k)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path}: corrupted or unreadable safetensors file ({e})") from e
-    return loaded
+    try:
+        return dequantize_weights(loaded)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from e
+
+
+def quantize_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight matrices (out, in) -> int8 plus a float32 scale per output row, max |w| of the row / 127
+    (symmetric, per row because rows of one projection differ in range); vectors stay as given."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if v.is_floating_point() and v.dim() == 2:
+            w = v.float()
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            out[k] = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[k + INT8_SCALE_SUFFIX] = scale.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_weights(loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `quantize_weights` (float32 matrices); float tensors pass through unchanged."""
+    out = {k: v for k, v in loaded.items() if not k.endswith(INT8_SCALE_SUFFIX)}
+    for k in loaded:
+        if k.endswith(INT8_SCALE_SUFFIX):
+            name = k[: -len(INT8_SCALE_SUFFIX)]
+            q, scale = out.get(name), loaded[k]
+            if q is None or q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
+                raise ValueError(f"{k}: an int8 scale without a matching int8 matrix {name}")
+            out[name] = q.float() * scale.float()[:, None]
+    stray = [k for k, v in out.items() if v.dtype == torch.int8]
+    if stray:
+        raise ValueError(f"int8 tensors without their scales: {stray[:5]}")
+    return out
 
 
 def _named_tensors_hash(params: list[tuple[str, torch.Tensor]]) -> str:

@@ -407,10 +407,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int = 16 * 2**20,
-                        dtype: torch.dtype | None = None, **_: Any) -> None:
+                        dtype: torch.dtype | None = None, weight_format: str = "float", **_: Any) -> None:
         """Write config, adapter weights (safetensors, sharded above `max_shard_size` bytes) and
-        the encoder tokenizer. The base decoder's weights are never written."""
-        save_adapter(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
+        the encoder tokenizer. The base decoder's weights are never written. `weight_format="int8"`
+        stores weight matrices in 8 bits with a scale per row (loading restores floats)."""
+        save_adapter(self, save_directory, max_shard_size=max_shard_size, dtype=dtype, weight_format=weight_format)
 
     @classmethod
     def from_pretrained(
