@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -134,11 +135,16 @@ def load_pretrained(cls: type[CepeForCausalLM], pretrained_model_name_or_path: s
     return model
 
 
-def load_adapter_weights(model: CepeForCausalLM, folder: str | os.PathLike) -> None:
-    """Copy an adapter folder's tensors into `model` (checked: names, shapes, frozen base)."""
+def load_adapter_weights(model: CepeForCausalLM, folder: str | os.PathLike,
+                         fresh: Callable[[str], bool] | None = None) -> None:
+    """Copy an adapter folder's tensors into `model` (checked: names, shapes, frozen base).
+    `fresh(name)` true: the folder may lack that tensor, which then keeps the model's own values
+    (a run that adds cross-attention layers to a saved adapter)."""
     folder = Path(folder)
     loaded = read_tensors(folder)
     expected = saved_tensors(model)
+    if fresh is not None:
+        expected = {k: v for k, v in expected.items() if k in loaded or not fresh(k)}
     if model.config.encoder_frozen and getattr(model.config, "base_encoder_fingerprint", None):
         if frozen_encoder_weights_hash(model) != model.config.base_encoder_fingerprint:
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -434,6 +435,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         return load_pretrained(cls, pretrained_model_name_or_path, decoder=decoder, encoder=encoder, dtype=dtype,
                                gguf_file=gguf_file, tokenizer=tokenizer, check_base=check_base, **kwargs)
 
-    def load_adapter_weights(self, folder: str | os.PathLike) -> None:
-        """Copy an adapter folder's tensors into this model (checked: names, shapes, frozen base)."""
-        load_adapter_weights(self, folder)
+    def load_adapter_weights(self, folder: str | os.PathLike, fresh: Callable[[str], bool] | None = None) -> None:
+        """Copy an adapter folder's tensors into this model (checked: names, shapes, frozen base);
+        tensors for which `fresh(name)` is true may be absent and keep their values."""
+        load_adapter_weights(self, folder, fresh)

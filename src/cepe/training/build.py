@@ -76,20 +76,30 @@ def build_model(cfg: RunConfig) -> CepeForCausalLM:
 
 
 def load_init_adapter(model: CepeForCausalLM, folder: str) -> None:
-    """Start from an earlier stage's adapter; it must come from the same base decoder and shapes."""
+    """Start from an earlier stage's adapter; it must come from the same base decoder and shapes,
+    except that this run may add cross-attention layers (`cross_attn_layers` a superset of the
+    saved one's): the saved layers load, the new ones keep their fresh init. With
+    `cross_attn_init: zero` the grown model then starts exactly where the saved adapter ended."""
     path = resolve_adapter(folder)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.init_adapter: {path}/config.json not found (not an adapter folder)")
     saved = CepeConfig.from_pretrained(str(path))
     if saved.base_fingerprint and saved.base_fingerprint != model.config.base_fingerprint:
         raise ValueError(f"model.init_adapter: {path} was trained on another base decoder ({saved.base_fingerprint})")
-    for key in ("encoder_type", "chunk_size", "cross_attn_layers"):
+    for key in ("encoder_type", "chunk_size"):
         if getattr(saved, key) != getattr(model.config, key):
             raise ValueError(
                 f"model.init_adapter: {path}/config.json has {key}={getattr(saved, key)!r}, "
                 f"this run {getattr(model.config, key)!r}"
             )
-    model.load_adapter_weights(path)
+    old, new = set(saved.selected_layers()), set(model.config.selected_layers())
+    if not old <= new:
+        raise ValueError(
+            f"model.init_adapter: {path} has cross-attention in layers {sorted(old - new)} that this run "
+            f"(cross_attn_layers={model.config.cross_attn_layers!r}) lacks: a run may add layers, not drop them"
+        )
+    grown = new - old  # their tensors keep the fresh init
+    model.load_adapter_weights(path, fresh=lambda k: k.startswith("cross_attn.") and int(k.split(".")[1]) in grown)
 
 
 def describe(model: CepeForCausalLM) -> dict:
