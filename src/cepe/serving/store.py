@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..model.context import ContextStates
+from .hot_cache import HotCache
 
 log = logging.getLogger("cepe.serving")
 
@@ -126,7 +127,7 @@ class DocumentStore:
         self.evictions = 0
         self._lock = threading.RLock()
         self._docs: OrderedDict[str, DocumentInfo] = OrderedDict()  # least recently used first
-        self._hot: OrderedDict[str, ContextStates] = OrderedDict()  # in memory, least recently used first
+        self._hot = HotCache(self.memory_budget_bytes, self._memory_cost)  # in memory, least recently used first
         self._foreign: set[str] = set()  # sidecars of other encoders: not ours to index
         self._bad: set[str] = set()  # corrupt but could not be moved (read-only folder): never listed
         try:
@@ -215,8 +216,7 @@ class DocumentStore:
             info.bytes, info.last_used = stat.st_size, stat.st_mtime
             seen[hex_id] = info
         self._docs = OrderedDict(sorted(seen.items(), key=lambda kv: kv[1].last_used))
-        for hex_id in [h for h in self._hot if h not in seen]:
-            del self._hot[hex_id]
+        self._hot.keep_only(seen)
 
     def _lookup(self, hex_id: str) -> DocumentInfo | None:
         """The entry for `hex_id` if its files are in the folder now (indexing one another replica wrote)."""
@@ -271,7 +271,7 @@ class DocumentStore:
         if states is None:
             states = self._load_verified(hex_id)
         with self._lock:
-            self._keep_hot(hex_id, states)
+            self._hot.keep(hex_id, states)
             now = time.time()
             try:
                 os.utime(self._paths(hex_id)[0], (now, now))
@@ -341,22 +341,13 @@ class DocumentStore:
     @property
     def memory_bytes(self) -> int:
         with self._lock:
-            return sum(self._memory_cost(s) for s in self._hot.values())
+            return self._hot.nbytes()
 
     def _memory_cost(self, states: ContextStates) -> int:
         """Bytes a kept document holds, counting the cross-attention keys/values the model will cache in it."""
         predicted = _nbytes(states.hidden_states) + _nbytes(states.attention_mask)
         predicted += states.hidden_states.shape[0] * states.hidden_states.shape[1] * self.kv_bytes_per_token
         return max(_nbytes(states), predicted)
-
-    def _keep_hot(self, hex_id: str, states: ContextStates) -> None:
-        self._hot.pop(hex_id, None)
-        if self._memory_cost(states) > self.memory_budget_bytes:
-            return  # does not fit at all: served from disk each time
-        self._hot[hex_id] = states
-        # costs are re-read each time: the model adds cached keys/values to these objects as it uses them
-        while sum(self._memory_cost(s) for s in self._hot.values()) > self.memory_budget_bytes:
-            self._hot.popitem(last=False)
 
     # ------------------------------------------------------------------ changes
     def put(self, doc_id: str, states: ContextStates, name: str | None = None) -> tuple[DocumentInfo, list[str], bool]:
