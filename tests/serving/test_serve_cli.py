@@ -81,3 +81,26 @@ def test_real_server_process_answers_with_a_stored_document(tmp_path, worker):
         log.close()
     lines = (tmp_path / "server.log").read_text().splitlines()
     assert any('"event": "request"' in line for line in lines)  # structured logs
+
+
+def test_the_switch_interval_is_set_before_the_app_so_a_process_worker_inherits_it(monkeypatch):
+    import cepe.serving.app as app_module
+    import cepe.serving.cli as serve_cli
+    import cepe.serving.metrics as metrics
+
+    seen = {}
+
+    def fake_create_app(model, config):
+        seen["interval"] = sys.getswitchinterval()  # what Service hands a process worker's child
+        raise SystemExit(0)
+
+    monkeypatch.setattr(app_module, "create_app", fake_create_app)
+    monkeypatch.setattr(serve_cli, "load_model", lambda args: None)
+    monkeypatch.setattr(metrics, "setup_json_logging", lambda: None)  # leave this process's logging alone
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(SystemExit):
+            main(["serve", "--init", "zero", "--switch-interval-ms", "0.3"])
+    finally:
+        sys.setswitchinterval(before)
+    assert seen["interval"] == pytest.approx(0.3e-3)

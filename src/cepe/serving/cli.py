@@ -147,12 +147,15 @@ def serve(args: argparse.Namespace) -> int:
         store_format=args.store_format,
         **worker,
     )
-    app = create_app(load_model(args), config)
+    # every PyTorch operator releases the GIL and takes it back: with the default 5 ms interval, a busy
+    # HTTP thread made an eager prefill ~300x slower (scripts/bench_gil_contention.py, docs/serving.md).
+    # Set before the app is built (a process worker's child takes this process's interval then), after
+    # the model loads (a model that fails to load leaves the caller's process as it was)
+    model = load_model(args)
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    app = create_app(model, config)
     if not _is_loopback(args.host) and not config.api_key:
         log.warning(f"serving on {args.host} without an API key: set {API_KEY_ENV} to require one")
-    # every PyTorch operator releases the GIL and takes it back: with the default 5 ms interval, a busy
-    # HTTP thread made an eager prefill ~300x slower (scripts/bench_gil_contention.py, docs/serving.md)
-    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     from ..model.cross_attention import decode_kernels
 
     # the kernel order is process-wide: entered here, it holds for the model worker's thread too
