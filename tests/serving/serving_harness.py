@@ -63,11 +63,14 @@ def slow_down(model, seconds: float):
 
 
 @contextlib.contextmanager
-def live_server(model, tmp_path, **config):
-    """A real uvicorn server in a thread on 127.0.0.1:<free port>; yields its base URL."""
+def live_server(model, tmp_path, on_app=None, **config):
+    """A real uvicorn server in a thread on 127.0.0.1:<free port>; yields its base URL
+    (`on_app(app)` is called with the application before it serves, for tests that reach inside)."""
     config.setdefault("model_name", "tiny")
     config.setdefault("store_dir", str(tmp_path / "store"))
     app = create_app(model, ServeConfig(**config))
+    if on_app is not None:
+        on_app(app)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

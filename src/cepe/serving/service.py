@@ -177,9 +177,15 @@ class Service:
         return stored, raw
 
     # ------------------------------------------------------------------ jobs
-    def submit(self, jobs) -> None:
+    async def submit(self, jobs) -> None:
+        """Queue `jobs` off the event loop: a process worker's submit serialises new contexts and waits
+        for the child's acknowledgement, during which other requests' streams must keep flowing."""
+        sent = asyncio.ensure_future(asyncio.to_thread(self.scheduler.submit, jobs))
         try:
-            self.scheduler.submit(jobs)
+            await asyncio.shield(sent)
+        except asyncio.CancelledError:  # the handler went away mid-submit: free the jobs once queued
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception() or [self.scheduler.cancel(j) for j in jobs])
+            raise
         except QueueFull as e:
             raise ApiError(429, str(e), "rate_limit_error", "queue_full") from e
         except ShuttingDown as e:
@@ -222,7 +228,7 @@ class Service:
         """Run one `EncodeJob` through the queue; returns `ContextStates` (1, S, He)."""
         sink: asyncio.Queue = asyncio.Queue()
         job = EncodeJob(documents, **self._job_kw(sink, deadline))
-        self.submit([job])
+        await self.submit([job])
         async with aclosing(self.events(request, [job], sink)) as events:
             async for _, event in events:
                 if event[0] == "error":
@@ -280,7 +286,7 @@ class Service:
         kw = self._job_kw(sink, deadline)
         jobs = [GenerateJob(ids, sampling, contexts, index=i, **kw)
                 for i, ids in enumerate(ids for ids in prompt_ids for _ in range(req.n))]
-        self.submit(jobs)
+        await self.submit(jobs)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             return StreamingResponse(
