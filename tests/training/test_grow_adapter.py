@@ -41,3 +41,23 @@ def test_a_run_may_not_drop_cross_attention_layers(tmp_path):
     _model(tmp_path, "all").save_pretrained(tmp_path / "wide")
     with pytest.raises(ValueError, match=r"layers \[0, 2\] that this run .* lacks"):
         _model(tmp_path, "every:2", f"model.init_adapter={tmp_path / 'wide'}")
+
+
+def test_grown_layers_train_at_their_own_learning_rate(tmp_path):
+    from cepe.training import Trainer
+
+    _model(tmp_path, "every:2").save_pretrained(tmp_path / "narrow")
+    cfg = tiny_config(tmp_path / "grown", "model.cross_attn_layers=all", "model.cross_attn_init=zero",
+                      "model.tiny.num_layers=4", f"model.init_adapter={tmp_path / 'narrow'}",
+                      "train.grown_lr_scale=0.1", "train.lr=1e-3")
+    trainer = Trainer(cfg, progress=False)
+    model = trainer.unwrapped
+    new = {id(p) for i in ("0", "2") for p in model.cross_attn[i].parameters()}
+    lrs = {}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            lrs[id(p)] = round(group["initial_lr"], 12)  # the peak; the schedule scales every group alike
+    assert new and {lrs[i] for i in new} == {1e-4}
+    assert {v for k, v in lrs.items() if k not in new} == {1e-3}
+    plain = Trainer(tiny_config(tmp_path / "plain"), progress=False)  # nothing grown: the two groups as before
+    assert len(plain.optimizer.param_groups) == 2

@@ -92,14 +92,24 @@ def load_init_adapter(model: CepeForCausalLM, folder: str) -> None:
                 f"model.init_adapter: {path}/config.json has {key}={getattr(saved, key)!r}, "
                 f"this run {getattr(model.config, key)!r}"
             )
-    old, new = set(saved.selected_layers()), set(model.config.selected_layers())
+    grown = grown_layers(model, folder)  # their tensors keep the fresh init
+    model.load_adapter_weights(path, fresh=lambda k: k.startswith("cross_attn.") and int(k.split(".")[1]) in grown)
+
+
+def grown_layers(model: CepeForCausalLM, folder: str | None) -> set[int]:
+    """Decoder layers where `model` has cross-attention and the adapter in `folder` has none (empty
+    without a folder). Refuses an adapter with layers the model lacks."""
+    if not folder:
+        return set()
+    path = resolve_adapter(folder)
+    old = set(CepeConfig.from_pretrained(str(path)).selected_layers())
+    new = set(model.config.selected_layers())
     if not old <= new:
         raise ValueError(
             f"model.init_adapter: {path} has cross-attention in layers {sorted(old - new)} that this run "
             f"(cross_attn_layers={model.config.cross_attn_layers!r}) lacks: a run may add layers, not drop them"
         )
-    grown = new - old  # their tensors keep the fresh init
-    model.load_adapter_weights(path, fresh=lambda k: k.startswith("cross_attn.") and int(k.split(".")[1]) in grown)
+    return new - old
 
 
 def describe(model: CepeForCausalLM) -> dict:

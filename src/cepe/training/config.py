@@ -68,6 +68,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio
+    # lr factor for the cross-attention layers that `model.init_adapter` lacks (an adapter grown by
+    # this run: at the trained layers' lr the new ones disturb them at once, docs/results.md stage 9)
+    grown_lr_scale: float = 1.0
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 or bf16 (autocast; trainable weights stay fp32)
     gradient_checkpointing: bool = False

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data.pipeline import build_data
 from ..data.samples import Collator
 from . import checkpoint as ckpt
-from .build import build_model, describe
+from .build import build_model, describe, grown_layers
 from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import (TeacherFile, cross_entropy, distilled_positions, kl_divergence, online_teacher_logits,
                      topk_kl_divergence)
@@ -91,12 +91,20 @@ class Trainer:
         self.collate = Collator(model.config.chunk_size, prefix, suffix, pad, model.decoder.config.pad_token_id or 0)
         self.candidates = None if self.data.candidates is None else torch.as_tensor(self.data.candidates)
 
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=tuple(t.betas),
-        )
+        if t.grown_lr_scale <= 0:
+            raise ValueError(f"train.grown_lr_scale must be positive, got {t.grown_lr_scale}")
+        grown = set()
+        if t.grown_lr_scale != 1.0:
+            grown = {id(p) for i in grown_layers(model, cfg.model.init_adapter)
+                     for p in model.cross_attn[str(i)].parameters()}
+        def split(params: list, lr: float) -> list[dict]:  # matrices decay, vectors do not
+            return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay, "lr": lr},
+                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+
+        groups = split([p for p in self.params if id(p) not in grown], t.lr)
+        if grown:  # only then more groups: a run without grown layers keeps the two (its checkpoints match)
+            groups += split([p for p in self.params if id(p) in grown], t.lr * t.grown_lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
         schedule = lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
