@@ -18,6 +18,7 @@ from torch import nn
 
 from .configuration import RUNTIME_SETTINGS, CepeConfig, apply_runtime_settings
 from .encoder import ContextEncoder, HFEncoder
+from .stored_states import QuantizedStates, quantize_states
 
 if TYPE_CHECKING:
     from .modeling import CepeForCausalLM
@@ -233,14 +234,14 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def quantize_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weight matrices (out, in) -> int8 plus a float32 scale per output row, max |w| of the row / 127
-    (symmetric, per row because rows of one projection differ in range); vectors stay as given."""
+    (`quantize_states`' symmetric rounding, its per-token scale being per row here: rows of one
+    projection differ in range); vectors stay as given."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if v.is_floating_point() and v.dim() == 2:
-            w = v.float()
-            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            out[k] = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            out[k + INT8_SCALE_SUFFIX] = scale.contiguous()
+            q = quantize_states(v, "int8")
+            out[k] = q.data.contiguous()
+            out[k + INT8_SCALE_SUFFIX] = q.scale.squeeze(1).contiguous()
         else:
             out[k] = v
     return out
@@ -255,7 +256,7 @@ def dequantize_weights(loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             q, scale = out.get(name), loaded[k]
             if q is None or q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
                 raise ValueError(f"{k}: an int8 scale without a matching int8 matrix {name}")
-            out[name] = q.float() * scale.float()[:, None]
+            out[name] = QuantizedStates(q, scale.float()[:, None], "int8", torch.float32).dequantize()
     stray = [k for k, v in out.items() if v.dtype == torch.int8]
     if stray:
         raise ValueError(f"int8 tensors without their scales: {stray[:5]}")
