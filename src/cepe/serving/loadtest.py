@@ -76,11 +76,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def model_flags(args) -> list[str]:
+    """`cepe serve`'s model flags from a load script's: an adapter reads through its own encoder."""
+    own = ["--encoder", args.encoder, "--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]
+    return ["--decoder", args.decoder, *own]
+
+
 def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
     """`cepe serve` in a subprocess, its store and log in `work`."""
-    own = ["--encoder", args.encoder, "--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]
-    model = ["--decoder", args.decoder, *own]
-    return launch_server([*model, "--store", str(work / "store"), "--threads", str(args.threads),
+    return launch_server([*model_flags(args), "--store", str(work / "store"), "--threads", str(args.threads),
                           "--max-batch", str(args.max_batch), "--max-queue", "256",
                           "--max-context-tokens", str(max(65536, 2 * args.doc_tokens)), "--timeout", "900"],
                          work / "server.log", _auth(args))

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from .loadtest import conditions, join_summary, launch_server, percentile, stop_server, stream_chat
+from .loadtest import conditions, join_summary, launch_server, model_flags, percentile, stop_server, stream_chat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,11 +142,10 @@ def server_flags(args, store: Path, batching: str, graphs: str = "auto", paced: 
                  sdpa: str = "auto", worker: str = "thread") -> list[str]:
     """`cepe serve` flags of one mode. paced=False: the server before paced joins and the short
     GIL switch interval (docs/serving.md), for comparison; sdpa, worker: its `--sdpa`, `--worker`."""
-    own = ["--encoder", args.encoder, "--init", args.init] if args.adapter == "none" else ["--adapter", args.adapter]
-    model = ["--decoder", args.decoder, *own]
     extra = [f for flag, v in (("--dtype", args.dtype), ("--device", args.device), ("--threads", args.threads))
              if v is not None for f in (flag, str(v))]
-    return [*model, *extra, "--store", str(store), "--store-budget-mb", "65536", "--memory-cache-mb", "16384",
+    return [*model_flags(args), *extra, "--store", str(store), "--store-budget-mb", "65536",
+            "--memory-cache-mb", "16384",
             "--batching", batching, "--max-batch", str(args.max_batch), "--batch-memory-mb", str(args.batch_memory_mb),
             "--cuda-graphs", graphs,
             "--max-queue", str(max(256, 2 * max(args.concurrency + [args.fault_clients]))), "--timeout", "600",
