@@ -154,6 +154,20 @@ def test_graph_decoding_bookkeeping_with_replay_stand_in(monkeypatch):
     assert out["eager_repeats_bitwise"] and out["graph_repeats_bitwise"]
 
 
+def test_compiled_decoding_step_decodes_what_generate_decodes():
+    """`--decode-mode compiled` on the CPU: the torch.compile'd step (no graph here) gives the
+    uncompiled step's logits to float rounding and `generate`'s tokens."""
+    model = build_model(get_spec("tiny"), "cpu", torch.float32)
+    inputs = make_inputs(model, total=64, score=16, device="cpu")
+    model.config.kv_policy = "cache"
+    out = decode_static(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 8,
+                        mode="compiled")
+    ref = decode_hf(model, "cepe", inputs.decoder_ids, inputs.context_ids, inputs.context_mask, 8)
+    assert out["mode"] == "compiled" and out["compile_s"] > 0
+    assert out["compiled_logits_rel_err"] < 1e-5
+    assert out["tokens"] == ref["tokens"]
+
+
 @pytest.mark.parametrize("method,policy", [("cepe", "recompute"), ("cepe", "cache"), ("cepe", "absorbed"),
                                            ("full", "recompute")])
 def test_decoding_step_never_syncs_with_the_host(method, policy):

@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "ttft: a 512-token question over a stored document")
     g.add_argument("--policies", type=_names(set(POLICIES)), default=DEFAULT_POLICIES,
                    help="cross-attention key/value policies, of: " + ", ".join(POLICIES))
-    g.add_argument("--decode-mode", default="graph", choices=("graph", "eager"))
+    g.add_argument("--decode-mode", default="graph", choices=("graph", "eager", "compiled"),
+                   help="decoding steps: CUDA graph replays, eager, or torch.compile'd then graphed")
     g.add_argument("--hf-lengths", type=_lengths, default=(), help="also time model.generate at these lengths")
     g.add_argument("--hf-policies", type=_names(set(POLICIES)), default=("recompute", "cache"))
     g.add_argument("--kv-budget-gb", type=_budget, default="free", help="`auto` budget: GB, 'free' or 'library'")

@@ -103,6 +103,33 @@ class DecodeStep:
             layer.cumulative_length.copy_(n)
 
 
+class CompiledStep:
+    """`DecodeStep` under `torch.compile` (inductor fuses the decoder's norms, rotary and
+    activations into fewer kernels; the graph then replays those). State and bookkeeping stay the
+    step's own, so `save`/`restore` and the eager reference are unchanged."""
+
+    def __init__(self, step: DecodeStep):
+        self.inner = step
+        self._run = torch.compile(step.__call__, dynamic=False)  # one shape: batch 1, one token
+
+    def __call__(self) -> None:
+        self._run()
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.inner.tokens
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.inner.logits
+
+    def save(self) -> list[torch.Tensor]:
+        return self.inner.save()
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        self.inner.restore(saved)
+
+
 def timed(device, fn) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -118,7 +145,10 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
     """Time to first token (encode + prefill) and seconds per token over `new_tokens - 1` steps.
 
     mode "graph": steps replayed from a CUDA graph; the first `check_tokens` are also run eagerly
-    first and must be identical (same kernels, same order). mode "eager": the same step, eagerly."""
+    first and must be identical (same kernels, same order). mode "eager": the same step, eagerly.
+    mode "compiled": the step under `torch.compile`, replayed from a CUDA graph (on the CPU: run
+    compiled, eagerly); `compile_s` is its first call, `graph_matches_eager` compares its first
+    tokens with the uncompiled step's."""
     device = ids.device
     result: dict = {}
 
@@ -131,6 +161,8 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
     result["policy_used"] = _policy_used(state.context)
     step = DecodeStep(model, method, state, new_tokens)
     n_steps = new_tokens - 1
+    if mode == "compiled" and not is_cuda(device):
+        return _compiled_on_cpu(step, n_steps, result)
     if mode == "eager" or not is_cuda(device):
         result["mode"] = "eager"
         dt = timed(device, lambda: [step() for _ in range(n_steps)])
@@ -150,6 +182,10 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
     result["eager_s_per_token"] = dt / max(k, 1)
     eager_tokens = step.tokens[: k + 1].clone()
     step.restore(saved)
+    if mode == "compiled":
+        step = CompiledStep(step)
+        result["compile_s"] = timed(device, step)  # the first call compiles
+        step.restore(saved)
     t0 = time.perf_counter()
     try:
         graph = capture(step, device)
@@ -172,10 +208,26 @@ def decode_static(model: CepeForCausalLM, method: str, ids: torch.Tensor, contex
     result["graph_logits_rel_err"] = float((graph_logits - eager_logits).norm() / eager_logits.norm())
     step.restore(saved)
     dt = timed(device, lambda: [graph.replay() for _ in range(n_steps)])
-    result["mode"] = "graph"
+    result["mode"] = "compiled" if mode == "compiled" else "graph"
     result["s_per_token"] = dt / max(n_steps, 1)
     result["tokens"] = step.tokens.tolist()
     result["graph_matches_eager"] = bool(torch.equal(step.tokens[: k + 1], eager_tokens))
+    return result
+
+
+def _compiled_on_cpu(step: DecodeStep, n_steps: int, result: dict) -> dict:
+    """The compiled step without a graph (the CPU has none): its tokens and its logits' distance
+    from the uncompiled step's, which tests check."""
+    saved = step.save()
+    step()
+    eager_logits = step.logits.float().clone()
+    step.restore(saved)
+    compiled = CompiledStep(step)
+    result["compile_s"] = timed(step.token.device, compiled)
+    result["compiled_logits_rel_err"] = float((compiled.logits.float() - eager_logits).norm() / eager_logits.norm())
+    step.restore(saved)
+    dt = timed(step.token.device, lambda: [compiled() for _ in range(n_steps)])
+    result.update(mode="compiled", s_per_token=dt / max(n_steps, 1), tokens=step.tokens.tolist())
     return result
 
 

@@ -51,7 +51,7 @@ class BenchConfig:
     question_tokens: int = 512  # ttft: a question of this many tokens over a stored document
     full_max_len: int | None = FULL_MAX_LEN  # full attention is not run beyond this total length
     policies: tuple[str, ...] = DEFAULT_POLICIES
-    decode_mode: str = "graph"  # graph | eager (CPU always eager)
+    decode_mode: str = "graph"  # graph | eager | compiled (CPU: eager, or compiled without a graph)
     hf_lengths: tuple[int, ...] = ()  # also time `generate` (dynamic cache, eager) at these lengths
     hf_policies: tuple[str, ...] = ("recompute", "cache")
     kv_budget_gb: float | str | None = (
