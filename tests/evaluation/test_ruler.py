@@ -156,3 +156,26 @@ def test_run_oracle_scores_100_and_constant_about_0(tok):
     assert "oracle 4000" in ruler.note(out) and "constant < 2000" in ruler.note(out)
     with pytest.raises(ValueError, match="unknown RULER task"):
         ruler.RulerSettings(tasks=["nope"])
+
+
+def test_progress_moves_after_every_batch_not_every_cell(tok, monkeypatch):
+    """A CPU cell of 32 samples at 16K takes ~15 minutes: the bar must move per batch."""
+    seen = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def update(self, n):
+            seen.append(n)
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ruler, "tqdm", Bar)
+    s = ruler.RulerSettings(tasks=["niah_single"], lengths=[2000], samples=5, decoder_tokens=128, batch_size=2)
+    ruler.run({"oracle": Fake(tok)}, s, tok)
+    assert seen == [2, 2, 1]
