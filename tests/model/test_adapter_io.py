@@ -1,6 +1,9 @@
-"""Adapter files in 8 bits: `save_pretrained(weight_format="int8")` and its loading."""
+"""Adapter files: 8-bit weights (`save_pretrained(weight_format="int8")`, their loading) and averages."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cepe import CepeForCausalLM
-from cepe.model.adapter_io import INT8_SCALE_SUFFIX, dequantize_weights, quantize_weights
+from cepe.model.adapter_io import INT8_SCALE_SUFFIX, average_adapters, dequantize_weights, quantize_weights
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts/average_adapters.py"
 
 
 def _trained_like(seed: int = 0):
@@ -81,3 +86,42 @@ def test_damaged_int8_adapter_is_a_clear_error(tmp_path):
         CepeForCausalLM.from_pretrained(tmp_path, decoder=tiny_decoder("llama"))
     with pytest.raises(ValueError, match="weight_format"):
         m.save_pretrained(tmp_path / "x", weight_format="int4")
+
+
+def test_average_of_two_adapters_is_their_midpoint_and_loads(tmp_path):
+    a, b = _trained_like(0), _trained_like(1)
+    a.save_pretrained(tmp_path / "a", dtype=torch.bfloat16)
+    b.save_pretrained(tmp_path / "b", weight_format="int8")  # int8 files are read back to floats
+    average_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", weights=[0.25, 0.75])
+    soup = CepeForCausalLM.from_pretrained(tmp_path / "ab", decoder=tiny_decoder("llama"))
+    again_b = CepeForCausalLM.from_pretrained(tmp_path / "b", decoder=tiny_decoder("llama")).adapter_state_dict()
+    sa, sb, got = a.adapter_state_dict(), again_b, soup.adapter_state_dict()
+    for k in sa:
+        want = (0.25 * sa[k].bfloat16().float() + 0.75 * sb[k].float()).bfloat16().float()
+        assert torch.equal(got[k].float(), want), k
+    with safe_open(str(tmp_path / "ab" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # an adapter averaged with itself is itself
+    average_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "aa")
+    assert torch.equal(_logits(CepeForCausalLM.from_pretrained(tmp_path / "aa", decoder=tiny_decoder("llama"))),
+                       _logits(CepeForCausalLM.from_pretrained(tmp_path / "a", decoder=tiny_decoder("llama"))))
+
+
+def test_average_refuses_other_architectures_and_bad_weights(tmp_path):
+    _trained_like(0).save_pretrained(tmp_path / "a")
+    other = tiny_cepe("llama", "decoder", init="zero", cross_attn_layers="every:2")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="config differs"):
+        average_adapters([tmp_path / "a", tmp_path / "other"], tmp_path / "x")
+    with pytest.raises(ValueError, match="summing to 1"):
+        average_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "x", weights=[0.5, 0.6])
+    with pytest.raises(ValueError, match="at least two"):
+        average_adapters([tmp_path / "a"], tmp_path / "x")
+    # the script says the error in one line instead of a traceback
+    spec = importlib.util.spec_from_file_location("average_adapters", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit, match="config differs"):
+        script.main([str(tmp_path / "a"), str(tmp_path / "other"), "--out", str(tmp_path / "y")])
+    script.main([str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "y"), "--weights", "0.3,0.7"])
+    assert (tmp_path / "y" / "config.json").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -291,3 +292,48 @@ def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str
 
 
 weights_fingerprint = sampled_weights_hash  # the old name, still exported
+
+
+def average_adapters(folders: list[str | os.PathLike], out: str | os.PathLike, weights: list[float] | None = None,
+                     max_shard_size: int = 16 * 2**20) -> Path:
+    """A weighted average of adapters of one architecture (a "model soup": stages trained from one
+    another, whose strengths differ, averaged weight by weight). The configs must agree; tensors are
+    averaged in float32 and stored in the first adapter's float dtype (int8 files are read back to
+    floats first); config, tokenizer and safetensors metadata come from the first adapter."""
+    if len(folders) < 2:
+        raise ValueError("average_adapters needs at least two adapters")
+    weights = [1.0 / len(folders)] * len(folders) if weights is None else list(weights)
+    if len(weights) != len(folders) or any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:
+        raise ValueError(f"weights must be {len(folders)} non-negative numbers summing to 1, got {weights}")
+    paths = [Path(f) for f in folders]
+    configs = [json.loads((p / "config.json").read_text()) for p in paths]
+    for p, c in zip(paths[1:], configs[1:]):
+        diff = sorted(k for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k))
+        if diff:
+            raise ValueError(f"{p}: config differs from {paths[0]} in {diff}: adapters of one architecture only")
+    first_file = paths[0] / (ADAPTER_FILE if (paths[0] / ADAPTER_FILE).is_file()
+                             else sorted(json.loads((paths[0] / ADAPTER_INDEX).read_text())["weight_map"].values())[0])
+    with safe_open(str(first_file), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        raw_dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    states = [read_tensors(p) for p in paths]
+    for p, sd in zip(paths[1:], states[1:]):
+        if sd.keys() != states[0].keys() or any(sd[k].shape != states[0][k].shape for k in sd):
+            raise ValueError(f"{p}: tensors differ in names or shapes from {paths[0]}")
+    floats = [d for d in raw_dtypes.values() if d in ("BF16", "F16", "F32")]  # int8 matrices: their norms tell
+    store_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(floats[0] if floats else "", torch.float32)
+    avg = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            avg[k] = sum(w * sd[k].float() for w, sd in zip(weights, states)).to(store_dtype).contiguous()
+        else:
+            avg[k] = v
+    dst = Path(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    meta["cepe_weight_format"] = "float"
+    write_tensors(dst, avg, meta, max_shard_size)
+    (dst / "config.json").write_text(json.dumps(configs[0], indent=2) + "\n")
+    tok = paths[0] / ENCODER_TOKENIZER_DIR
+    if tok.is_dir():
+        shutil.copytree(tok, dst / ENCODER_TOKENIZER_DIR, dirs_exist_ok=True)
+    return dst
