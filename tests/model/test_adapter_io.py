@@ -101,6 +101,11 @@ def test_average_of_two_adapters_is_their_midpoint_and_loads(tmp_path):
         assert torch.equal(got[k].float(), want), k
     with safe_open(str(tmp_path / "ab" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # an int8 adapter first: its bf16 norms, not its float32 row scales, give the stored dtype
+    b.save_pretrained(tmp_path / "b8", dtype=torch.bfloat16, weight_format="int8")
+    average_adapters([tmp_path / "b8", tmp_path / "a"], tmp_path / "ba")
+    with safe_open(str(tmp_path / "ba" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     # an adapter averaged with itself is itself
     average_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "aa")
     assert torch.equal(_logits(CepeForCausalLM.from_pretrained(tmp_path / "aa", decoder=tiny_decoder("llama"))),

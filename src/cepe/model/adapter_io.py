@@ -206,19 +206,21 @@ def write_tensors(out: Path, sd: dict[str, torch.Tensor], meta: dict[str, str], 
         )
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """An adapter folder's safetensors files: the shards its index lists, or the one file."""
+    index = folder / ADAPTER_INDEX
+    if not index.is_file():
+        return [folder / ADAPTER_FILE]
+    try:
+        return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index}: corrupted shard index ({e})") from e
+
+
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an adapter folder (one file, or the shards its index lists), on CPU."""
-    index = folder / ADAPTER_INDEX
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: corrupted shard index ({e})") from e
-    else:
-        files = [ADAPTER_FILE]
     loaded: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = folder / name
+    for path in _weight_files(folder):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: adapter weight file missing")
         try:
@@ -311,16 +313,19 @@ def average_adapters(folders: list[str | os.PathLike], out: str | os.PathLike, w
         diff = sorted(k for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k))
         if diff:
             raise ValueError(f"{p}: config differs from {paths[0]} in {diff}: adapters of one architecture only")
-    first_file = paths[0] / (ADAPTER_FILE if (paths[0] / ADAPTER_FILE).is_file()
-                             else sorted(json.loads((paths[0] / ADAPTER_INDEX).read_text())["weight_map"].values())[0])
-    with safe_open(str(first_file), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        raw_dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     states = [read_tensors(p) for p in paths]
     for p, sd in zip(paths[1:], states[1:]):
         if sd.keys() != states[0].keys() or any(sd[k].shape != states[0][k].shape for k in sd):
             raise ValueError(f"{p}: tensors differ in names or shapes from {paths[0]}")
-    floats = [d for d in raw_dtypes.values() if d in ("BF16", "F16", "F32")]  # int8 matrices: their norms tell
+    floats: list[str] = []  # the first adapter's stored float dtypes (headers only)
+    meta: dict[str, str] = {}
+    for i, path in enumerate(_weight_files(paths[0])):
+        with safe_open(str(path), framework="pt") as f:
+            if i == 0:
+                meta = dict(f.metadata() or {})
+            # an int8 file's float32 row scales do not tell the dtype; its norms do
+            floats += [f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(INT8_SCALE_SUFFIX)]
+    floats = [d for d in floats if d in ("BF16", "F16", "F32")]
     store_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(floats[0] if floats else "", torch.float32)
     avg = {}
     for k, v in states[0].items():
