@@ -307,3 +307,23 @@ def test_fp8_states_policy_decodes_and_restores_the_config(tmp_path, monkeypatch
     cepe_calls = [c for c in seen if c[0] != "recompute" or c[1] != "native"]
     assert ("absorbed", "fp8") in cepe_calls and cepe_calls[-1] == ("absorbed", "native")
     assert packed and set(packed) == {("absorbed", "fp8")}
+
+
+@pytest.mark.parametrize("mode, compiles", [("auto", False), ("always", True), ("never", False)])
+def test_encoder_compilation_is_timed_apart_from_every_row(tmp_path, monkeypatch, mode, compiles):
+    """The bench runs the model's own `encoder_compile` setting; `auto` on the CPU stays eager, and a
+    compiled encoder is compiled once, before any row is timed."""
+    from cepe.benchmarks.cli import SMOKE
+    from cepe.benchmarks.runner import BenchConfig, run_bench
+
+    compiled = []
+
+    def fake_compile(fn, dynamic):
+        compiled.append(dynamic)
+        return fn
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = BenchConfig(**{**SMOKE, "tasks": ("score",), "lengths": (64,), "hf_lengths": ()}, encoder_compile=mode)
+    result = run_bench(cfg)
+    assert (result["model"]["encoder_compile_s"] is not None) == compiles
+    assert compiled == ([True] if compiles else [])
+    assert all(r["status"] == "ok" for r in result["rows"])

@@ -55,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", dest="config_path", help="shapes from a CEPE or Hugging Face config.json instead")
     g.add_argument("--cross-kv-heads", type=int, help="cross-attention key/value heads (grouped-query)")
     add_model_arguments(g, weights=False, device_default="cuda", dtype_default="bfloat16")
-    g.add_argument("--compile-encoder", action="store_true", help="torch.compile the context encoder")
+    g.add_argument("--compile-encoder", dest="encoder_compile", nargs="?", const="always", default="auto",
+                   choices=("auto", "always", "never"),
+                   help="torch.compile the context encoder: auto (the library's default: on CUDA from 64 "
+                        "chunks up), always (the bare flag), never")
     g.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient", "math"),
                    help="preferred scaled-dot-product-attention kernel")
     g = p.add_argument_group("what to measure")

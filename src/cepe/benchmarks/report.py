@@ -128,6 +128,9 @@ def summary(result: dict) -> str:
                  f"{acc['cross_kv_cache']:,} B ({acc['cache_over_states']:.0f}x)")
         if acc.get("full_attention_kv"):
             head += f" | full attention's KV cache {acc['full_attention_kv']:,} B ({acc['full_over_states']:.0f}x)"
+    compile_s = result["model"].get("encoder_compile_s")
+    head += "\nencoder: " + (f"compiled (compiling took {compile_s:.1f} s, outside every row)"
+                              if compile_s is not None else "eager")
     tables = (head, kernel_table(result), score_table(result), decode_table(result), ttft_table(result))
     return "\n".join(x for x in tables if x)
 

@@ -10,6 +10,7 @@ CROSS_ATTN_INITS = ("copy", "zero")
 KV_POLICIES = ("recompute", "cache", "absorbed", "auto")
 ABSORBED_STATES = ("native", "fp8", "fp8-compiled")
 ENCODER_TYPES = ("hf", "decoder")
+ENCODER_COMPILE = ("auto", "always", "never")
 
 
 def length_scaling(value: Any) -> int | None:
@@ -32,7 +33,7 @@ def chunks_per_pass(value: Any) -> int | None:
 
 # settings that change how a trained adapter runs, not what was trained: `from_pretrained` may override them
 RUNTIME_SETTINGS = ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling", "encoder_chunks_per_pass",
-                    "absorbed_states")
+                    "absorbed_states", "encoder_compile")
 
 
 def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> None:
@@ -48,6 +49,8 @@ def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> Non
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {value!r}")
         if key == "absorbed_states" and value not in ABSORBED_STATES:
             raise ValueError(f"absorbed_states must be one of {ABSORBED_STATES}, got {value!r}")
+        if key == "encoder_compile" and value not in ENCODER_COMPILE:
+            raise ValueError(f"encoder_compile must be one of {ENCODER_COMPILE}, got {value!r}")
         if key == "kv_cache_budget_bytes" and (isinstance(value, bool) or int(value) < 0):
             raise ValueError(f"kv_cache_budget_bytes must be a number of bytes >= 0, got {value!r}")
         value = {
@@ -104,6 +107,9 @@ class CepeConfig(PretrainedConfig):
             pass (`None`: all at once). Chunks are independent, so this bounds peak memory without
             changing the result (1,024 by default: 256K tokens at 256). Measured on an H200 with
             SmolLM2's 4-layer encoder, 1,280 chunks: 5.1 GiB peak at once, 1.9 GiB in slices of 256.
+        encoder_compile: `"auto"` (the encoder runs under `torch.compile` on CUDA, for inference, in
+            passes of at least 64 chunks: where the one-time compilation pays), `"always"` or `"never"`
+            (`cepe.model.encoder_compile`). The states are the same either way, up to float rounding.
         encoder_frozen: `None`, `"embeddings"` or `"all"`: encoder parts kept frozen in training; they
             are not saved with the adapter and load from the base encoder.
         base_fingerprint: hash of the base decoder's weights this adapter was trained on.
@@ -129,6 +135,7 @@ class CepeConfig(PretrainedConfig):
         cross_attn_length_scaling: int | None = None,
         encoder_chunks_per_pass: int | None = 1024,
         absorbed_states: str = "native",
+        encoder_compile: str = "auto",
         encoder_frozen: str | None = None,
         base_fingerprint: str | None = None,
         base_encoder_fingerprint: str | None = None,
@@ -146,6 +153,8 @@ class CepeConfig(PretrainedConfig):
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
         if absorbed_states not in ABSORBED_STATES:
             raise ValueError(f"absorbed_states must be one of {ABSORBED_STATES}, got {absorbed_states!r}")
+        if encoder_compile not in ENCODER_COMPILE:
+            raise ValueError(f"encoder_compile must be one of {ENCODER_COMPILE}, got {encoder_compile!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.encoder_type = encoder_type
@@ -159,6 +168,7 @@ class CepeConfig(PretrainedConfig):
         self.cross_attn_length_scaling = length_scaling(cross_attn_length_scaling)
         self.encoder_chunks_per_pass = chunks_per_pass(encoder_chunks_per_pass)
         self.absorbed_states = absorbed_states
+        self.encoder_compile = encoder_compile
         self.encoder_frozen = encoder_frozen
         self.base_fingerprint = base_fingerprint
         self.base_encoder_fingerprint = base_encoder_fingerprint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -106,9 +107,13 @@ class DecoderDerivedEncoder(ContextEncoder):
 
 
 def encode_chunks(encoder: ContextEncoder, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None,
-                  chunks_per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunks_per_pass: int | None = None,
+                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `encoder` over every chunk of the batch in one pass (or in slices of `chunks_per_pass`
     chunks, which bounds memory and gives the same states); chunks that are all padding are not run.
+    `forward` (ids (n, L), mask (n, L)) -> (n, L, He) runs a pass instead of `encoder` itself
+    (e.g. compiled: `cepe.model.encoder_compile`).
 
     context_input_ids, context_attention_mask: (B, N, L) (or (N, L) for one example). Returns the
     states (B, N*L, He) and the mask (B, N*L) bool, chunks laid end to end."""
@@ -147,7 +152,8 @@ def encode_chunks(encoder: ContextEncoder, context_input_ids: torch.Tensor, cont
         # chunks are independent: encoding them in slices bounds activation memory, same result
         step = chunks_per_pass or len(ids)
         slices = range(0, len(ids), step)
-        states = torch.cat([encoder(ids[i : i + step], live_mask[i : i + step]) for i in slices])
+        run = forward or encoder
+        states = torch.cat([run(ids[i : i + step], live_mask[i : i + step]) for i in slices])
         out = out.index_put((live.nonzero().squeeze(-1).to(out.device),), states.to(out.dtype))
     return out.reshape(b, n * length, -1), mask.reshape(b, n * length).to(out.device)
 

@@ -26,6 +26,7 @@ from .configuration import CepeConfig
 from .context import ContextStates, chunk_specials, tokenize_documents
 from .cross_attention import CrossAttention
 from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks
+from .encoder_compile import EncoderRunner
 from .families import decoder_layers, family_of
 from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
 from .stored_states import cross_kv_bytes_per_token
@@ -90,6 +91,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         )
         self.encoder_tokenizer = encoder_tokenizer
         self.tokenizer = tokenizer
+        self.encoder_runner = EncoderRunner(encoder)  # eager or compiled per pass (`config.encoder_compile`)
         self.absorbed_weights = AbsorbedWeightsCache()  # for kv_policy "absorbed"; re-absorbed when weights change
         install_cross_attention_hooks(self, layers, config.selected_layers(), self.family, self._cross_delta)
         self.freeze_base()
@@ -281,8 +283,12 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
         context_input_ids, context_attention_mask: (B, N, L). Returns `ContextStates` with
         hidden_states (B, N*L, He). Chunks that are all padding are not run at all."""
+        if self.encoder_runner.encoder is not self.encoder:  # the encoder was swapped after construction
+            self.encoder_runner = EncoderRunner(self.encoder)
+        mode = self.config.encoder_compile
         states, mask = encode_chunks(self.encoder, context_input_ids, context_attention_mask,
-                                     self.config.encoder_chunks_per_pass)
+                                     self.config.encoder_chunks_per_pass,
+                                     forward=lambda ids, m: self.encoder_runner(ids, m, mode))
         return ContextStates(states, mask, self.encoder_hash)
 
     def tokenize_context(

@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     s.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="continuous batching: run each decoding step on bucketed static buffers, captured as a CUDA "
                         "graph and replayed (auto: on a CUDA device; on: also on the CPU, eagerly; off: eager steps)")
+    s.add_argument("--encoder-compile", choices=["auto", "always", "never"], default="never",
+                   help="torch.compile the context encoder (auto: on CUDA, for uploads of 64+ chunks; the first "
+                        "such upload waits for the compilation, about a minute)")
     s.add_argument("--prefill-share", type=float, default=0.5,
                    help="continuous batching: most of the worker's time that prefilling joining requests may take "
                         "while rows decode (1: join at every step)")
@@ -144,6 +147,7 @@ def serve(args: argparse.Namespace) -> int:
         queue_context_mb=args.queue_context_mb,
         cuda_graphs=args.cuda_graphs,
         prefill_share=args.prefill_share,
+        encoder_compile=args.encoder_compile,
         store_format=args.store_format,
         **worker,
     )

@@ -65,6 +65,9 @@ class ServeConfig:
     worker_factory_kwargs: dict | None = None
     worker_sys_path: tuple[str, ...] = ()
     kv_policy: str | None = "auto"  # cache cross-attention keys/values across decoding steps
+    # the encoder eager by default here: `auto` would stall the first long upload for the ~1 min
+    # compilation, in the worker thread, beside captured decoding graphs (not yet measured together)
+    encoder_compile: str = "never"
 
     @property
     def max_body_bytes(self) -> int:
@@ -86,10 +89,12 @@ class Service:
         from ..model.loading import unbounded
 
         unbounded(self.encoder_tokenizer)  # documents are chunked before the encoder sees them
-        if config.kv_policy:
-            from ..model.configuration import apply_runtime_settings
+        from ..model.configuration import apply_runtime_settings
 
-            apply_runtime_settings(model.config, {"kv_policy": config.kv_policy})  # validated as on load
+        settings = {"encoder_compile": config.encoder_compile}
+        if config.kv_policy:
+            settings["kv_policy"] = config.kv_policy
+        apply_runtime_settings(model.config, settings)  # validated as on load
         self.model = model.eval()
         self.metrics = Metrics()
         self.lock = threading.Lock()  # the worker's tokenizers, one call at a time (fast tokenizers are not re-entrant)
@@ -110,6 +115,7 @@ class Service:
                 raise ValueError("worker='process' needs worker_factory ('module:function' building the model)")
             spec = {"factory": config.worker_factory, "factory_kwargs": config.worker_factory_kwargs or {},
                     "sys_path": list(config.worker_sys_path), "kv_policy": config.kv_policy,
+                    "encoder_compile": config.encoder_compile,
                     "switch_interval_s": sys.getswitchinterval(), "scheduler": limits,
                     "json_logs": json_logging_on()}
             self.scheduler = ProcessScheduler(spec, self.metrics, int(config.memory_cache_mb * 2**20))

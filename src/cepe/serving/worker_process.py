@@ -275,10 +275,12 @@ def child_main(conn, spec_json: str) -> None:
         setup_json_logging()
     module, name = spec["factory"].split(":")
     model = getattr(importlib.import_module(module), name)(**spec.get("factory_kwargs", {})).eval()
-    if spec.get("kv_policy"):
-        from ..model.configuration import apply_runtime_settings
+    from ..model.configuration import apply_runtime_settings
 
-        apply_runtime_settings(model.config, {"kv_policy": spec["kv_policy"]})
+    settings = {"encoder_compile": spec.get("encoder_compile", "never")}
+    if spec.get("kv_policy"):
+        settings["kv_policy"] = spec["kv_policy"]
+    apply_runtime_settings(model.config, settings)
     lock, counters, loop = threading.Lock(), _Counters(), _Loop()
     sched = Scheduler(Runner(model, model.tokenizer, threading.Lock(), counters), metrics=counters, **spec["scheduler"])
     sched.start()
