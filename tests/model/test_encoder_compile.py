@@ -19,7 +19,7 @@ class CountingCompile:
         self.compiled, self.calls, self.fail = 0, 0, fail
 
     def __call__(self, fn, dynamic):
-        assert dynamic  # one graph for every chunk count
+        assert not dynamic  # fixed pass sizes: static graphs
         self.compiled += 1
 
         def run(*args):
@@ -129,3 +129,38 @@ def test_real_compilation_matches_the_eager_encoder():
     assert model.encoder_runner.failure is None
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(longer, longer_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_long_contexts_run_as_fixed_size_passes(monkeypatch):
+    """`auto` cuts a context into passes of the compiled sizes (256 and 64 chunks, largest first)
+    and runs the remainder eagerly; a very wide encoder gets smaller passes (32-bit indexing)."""
+    import cepe.model.encoder_compile as ec
+
+    assert ec.split_passes(1008, [256, 64]) == [256, 256, 256, 64, 64, 64, 48]
+    assert ec.split_passes(512, [256, 64]) == [256, 256] and ec.split_passes(40, [256, 64]) == [40]
+
+    class Wide(torch.nn.Module):
+        hidden_size = 4096
+
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(4096, 2**20, device="meta")
+    assert ec.pass_sizes(Wide(), 256) == [4]  # (2**31 - 1) // (256 * 2**20) = 7 -> 4
+    model = tiny_cepe("llama")
+    fake = CountingCompile()
+    model.encoder_runner = EncoderRunner(model.encoder, compile_fn=fake)
+    monkeypatch.setattr(ec, "PASS_CHUNKS", (4, 2))
+    seen = []
+    real = model.encoder.forward
+    model.encoder.forward = lambda ids, mask: seen.append(ids.shape[0]) or real(ids, mask)
+    ids, mask = _chunks(model, 7)
+    with torch.no_grad():
+        eager = model.encoder(ids[0], mask[0])
+        seen.clear()
+        states = model.encoder_runner(ids[0], mask[0], "auto")  # `auto` on the CPU: one eager pass
+        assert seen == [7]
+        seen.clear()
+        monkeypatch.setattr(model.encoder_runner, "wants_compile", lambda *a: True)  # as on a GPU
+        states = model.encoder_runner(ids[0], mask[0], "auto")
+    assert seen == [4, 2, 1] and fake.calls == 2  # 4 and 2 compiled, the last chunk eager
+    torch.testing.assert_close(states, eager, rtol=1e-6, atol=1e-6)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import CepeForCausalLM
+from ..model.encoder_compile import pass_sizes
 from ..model.stored_states import storage_per_token
 from . import flops as F
 from .decoding import decode_hf, decode_static
@@ -118,9 +119,8 @@ class Bench:
         }
 
     def _compile_encoder(self) -> float | None:
-        """Compile the encoder up front when the lengths measured will run it compiled, so that no
-        row's first call includes compilation (one graph serves every chunk count). Returns the
-        seconds it took, or None when it stays eager."""
+        """Compile the encoder before any row when the lengths will run it compiled (one graph per
+        pass size), so no row's first call compiles. Returns the seconds, or None (eager)."""
         m, cfg = self.model, self.cfg
         if "cepe" not in cfg.methods or not (set(cfg.tasks) & {"score", "decode", "ttft"}):
             return None
@@ -130,7 +130,8 @@ class Bench:
         with torch.no_grad():
             if not m.encoder_runner.compile_pending(cfg.encoder_compile, per_pass, self.device):
                 return None
-            n = max(1, min(per_pass, 64))
+            # one pass of each compiled size the rows will use: no row's first call compiles
+            n = min(per_pass, sum(pass_sizes(m.encoder, m.config.chunk_size)))
             ids = torch.randint(3, m.encoder.vocab_size, (1, n, m.config.chunk_size), device=self.device)
             t0 = time.perf_counter()
             m.encode(ids, torch.ones_like(ids))
