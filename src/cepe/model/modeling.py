@@ -436,8 +436,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         """Load an adapter folder onto its base decoder (instance, path, or the provenance
         recorded in the config). Refuses a decoder whose weights differ from the one trained on.
         Keyword arguments override the run-time settings (`RUNTIME_SETTINGS`: `kv_policy`,
-        `kv_cache_budget_bytes`, `cross_attn_length_scaling`, `encoder_chunks_per_pass`), validated;
-        any other keyword is an error."""
+        `kv_cache_budget_bytes`, `cross_attn_length_scaling`, `encoder_chunks_per_pass`, `absorbed_states`,
+        `encoder_compile`), validated; any other keyword is an error."""
         return load_pretrained(cls, pretrained_model_name_or_path, decoder=decoder, encoder=encoder, dtype=dtype,
                                gguf_file=gguf_file, tokenizer=tokenizer, check_base=check_base, **kwargs)
 
