@@ -23,6 +23,7 @@ def test_parser_defaults_are_loopback_and_bounded():
     assert args.cuda_graphs == "auto"  # captured steps wherever there is a CUDA device
     assert args.prefill_share == 0.5 and args.switch_interval_ms == 0.1 and args.store_format is None
     assert args.sdpa == "auto"  # PyTorch's kernel choice unless told
+    assert args.encoder_compile == "never"  # a first long upload must not wait for a compilation
     assert default_model_name(args) == "cepe-smollm2-135m-minilm-l6-zero"
     assert default_model_name(build_parser().parse_args(["serve", "--adapter", "/x/my-adapter"])) == "my-adapter"
     derived = build_parser().parse_args(["serve", "--init", "copy", "--encoder", "decoder"])
@@ -104,3 +105,18 @@ def test_the_switch_interval_is_set_before_the_app_so_a_process_worker_inherits_
     finally:
         sys.setswitchinterval(before)
     assert seen["interval"] == pytest.approx(0.3e-3)
+
+
+def test_the_server_sets_the_models_encoder_compile_setting(tmp_path):
+    """`cepe serve` keeps the encoder eager unless told (the model's own default is `auto`)."""
+    from cepe.serving.service import Service, ServeConfig
+    from tests.serving.serving_harness import tiny_serving_model
+
+    model = tiny_serving_model()
+    assert model.config.encoder_compile == "auto"
+    Service(model, ServeConfig(store_dir=str(tmp_path / "a")))
+    assert model.config.encoder_compile == "never"
+    Service(model, ServeConfig(store_dir=str(tmp_path / "b"), encoder_compile="always"))
+    assert model.config.encoder_compile == "always"
+    with pytest.raises(ValueError, match="encoder_compile"):
+        Service(model, ServeConfig(store_dir=str(tmp_path / "c"), encoder_compile="fast"))
