@@ -5,7 +5,8 @@ length; a Markdown table on stdout and a plot of the gain against D.
     python3 scripts/gain_recovered.py docs/results/h200/general_s2/ppl_smollm2_*_D*.json \
         --out docs/results/h200/general_s2/gain_recovered.png
 File names give the domain and D (`ppl_<stage>_<domain>_D<D>.json`, as `scripts/gpu/general.sh eval`
-writes them).
+writes them). `--baselines FILES` supplies the methods a run did not repeat (e.g. `--methods cepe`
+runs reusing an earlier run's truncated and full rows), only where both files scored the same windows.
 """
 
 from __future__ import annotations
@@ -16,18 +17,34 @@ import re
 from pathlib import Path
 
 
-def read(paths: list[str], context: int) -> dict[str, dict[int, dict[str, float]]]:
-    """{domain: {D: {method: ppl}}} at D + `context` total tokens."""
+def read(paths: list[str], context: int, baselines: list[str] = ()) -> dict[str, dict[int, dict[str, float]]]:
+    """{domain: {D: {method: ppl}}} at D + `context` total tokens; methods missing from a file come
+    from the baseline file of the same domain and D, if its windows are the same."""
     out: dict[str, dict[int, dict[str, float]]] = {}
+    windows: dict[tuple[str, int], list] = {}
     for p in paths:
-        m = re.search(r"_([A-Za-z0-9-]+)_D(\d+)\.json$", p)
-        if not m:
-            raise SystemExit(f"{p}: not named ppl_<stage>_<domain>_D<D>.json")
-        domain, d = m.group(1), int(m.group(2))
-        methods = json.loads(Path(p).read_text())["results"]["methods"]
+        domain, d, results = _load(p)
         total = str(d + context)
-        out.setdefault(domain, {})[d] = {k: v[total]["ppl"] for k, v in methods.items() if total in v}
+        windows[domain, d] = results.get("windows")
+        out.setdefault(domain, {})[d] = {k: v[total]["ppl"] for k, v in results["methods"].items() if total in v}
+    for p in baselines:
+        domain, d, results = _load(p)
+        if (domain, d) not in windows:
+            continue
+        if results.get("windows") != windows[domain, d]:
+            raise SystemExit(f"{p}: other windows than the run it would complete")
+        total = str(d + context)
+        for k, v in results["methods"].items():
+            if total in v:
+                out[domain][d].setdefault(k, v[total]["ppl"])
     return out
+
+
+def _load(path: str) -> tuple[str, int, dict]:
+    m = re.search(r"_([A-Za-z0-9-]+)_D(\d+)\.json$", path)
+    if not m:
+        raise SystemExit(f"{path}: not named ppl_<stage>_<domain>_D<D>.json")
+    return m.group(1), int(m.group(2)), json.loads(Path(path).read_text())["results"]
 
 
 def main() -> None:
@@ -35,9 +52,10 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--context", type=int, default=4096, help="context tokens before the window (default 4096)")
     ap.add_argument("--method", default="cepe")
+    ap.add_argument("--baselines", nargs="*", default=[], help="result files supplying missing methods")
     ap.add_argument("--out", help="plot path (.png)")
     args = ap.parse_args()
-    table = read(args.files, args.context)
+    table = read(args.files, args.context, args.baselines)
     print(f"| domain | D | truncated | full | {args.method} | gain recovered |\n|---|---|---|---|---|---|")
     gains: dict[int, dict[str, float]] = {}
     for domain in sorted(table):
