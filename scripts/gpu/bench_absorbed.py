@@ -40,10 +40,8 @@ FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, encoder_hidden=1024
             contexts=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024], check_context=128 * 1024)
 TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, encoder_hidden=32, layers=2,
             contexts=[256, 1000], check_context=777)
-CONFIGS = [dict(block_s=64, block_dv=256, num_warps=4), dict(block_s=64, block_dv=512, num_warps=8),
-           dict(block_s=32, block_dv=1024, num_warps=8), dict(block_s=64, block_dv=128, num_warps=4),
-           dict(block_s=128, block_dv=256, num_warps=8), dict(block_s=64, block_dv=256, num_warps=4, splits=264),
-           dict(block_s=64, block_dv=512, num_warps=8, splits=132)]
+CONFIGS = [dict(block_r=32, block_s=64, num_warps=8, num_stages=2), dict(block_r=32, block_s=32, num_warps=8),
+           dict(block_r=16, block_s=64, num_warps=8), dict(block_r=32, block_s=64, num_warps=8, transposed=True)]
 GB = 1e9
 METHODS = ("cache", "matmul", "fp8mm", "fp8mm-fused", "triton", "triton-int8", "triton-fp8")  # the module doc's list
 
@@ -389,7 +387,7 @@ def main(argv=None) -> int:
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16
     triton_ok = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    configs = CONFIGS if device == "cuda" else [dict(block_s=16, block_dv=16, block_e=16)]
+    configs = CONFIGS if device == "cuda" else [dict(block_s=16)]
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "dtype": "bfloat16", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

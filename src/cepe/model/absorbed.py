@@ -16,7 +16,8 @@ Kernels for the attention over states (`attend`):
 - "matmul": two plain matmuls (scores, then probabilities x states); reads the states twice.
 - "chunked": the same, chunk by chunk over the context with an online softmax (bounded memory).
 - "triton": a flash-decoding kernel (`cepe.kernels.absorbed_decode`) that reads the states once,
-  split over the context with a combine step; CUDA, or the CPU under TRITON_INTERPRET=1.
+  split over the context with a combine step; CUDA, or the CPU under TRITON_INTERPRET=1. The
+  `absorbed` policy's default on CUDA.
 """
 
 from __future__ import annotations
@@ -232,8 +233,9 @@ def absorbed_delta(block: CrossAttention, hidden_states: torch.Tensor, context: 
     rows = (b // p) * t
     if rows > absorbed_row_limit(block):
         return None
-    # "matmul": measured faster than the Triton kernel on the H200 (1M tokens: 49.5 vs 77 ms a step)
-    kernel = "compiled" if states == "fp8-compiled" else "matmul"
+    # "auto": the Triton kernel on CUDA (one read of the states: 0.91 ms a layer at 1M tokens on the
+    # H200 against 1.51 ms for two matmuls, docs/benchmarks.md run 13), the two matmuls elsewhere
+    kernel = "compiled" if states == "fp8-compiled" else "auto"
     held = context.hidden_states if states == "native" else context.cross_cache.fp8_states(context.hidden_states)
     out = absorbed_cross_attention(block, hidden_states.reshape(p, rows, width), held,
                                    key_mask, logit_scale, weights=weights, kernel=kernel)
