@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,15 @@ def test_average_of_two_adapters_is_their_midpoint_and_loads(tmp_path):
     average_adapters([tmp_path / "b8", tmp_path / "a"], tmp_path / "ba")
     with safe_open(str(tmp_path / "ba" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # an adapter saved before a run-time setting existed, by another transformers version, still averages
+    cfg_path = tmp_path / "b8" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("absorbed_states", "encoder_compile"):
+        cfg.pop(key, None)
+    cfg["transformers_version"] = "0.0.1"
+    cfg_path.write_text(json.dumps(cfg))
+    average_adapters([tmp_path / "a", tmp_path / "b8"], tmp_path / "ab8")
+    assert (tmp_path / "ab8" / "model.safetensors").exists()
     # an adapter averaged with itself is itself
     average_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "aa")
     assert torch.equal(_logits(CepeForCausalLM.from_pretrained(tmp_path / "aa", decoder=tiny_decoder("llama"))),

@@ -296,6 +296,12 @@ def _hash_tensors(named: list[tuple[str, torch.Tensor]], extra: str = "") -> str
 weights_fingerprint = sampled_weights_hash  # the old name, still exported
 
 
+# config keys two adapters of one architecture may differ in: run-time settings (an adapter saved
+# before a setting existed has no key for it), and the base configs as each transformers version
+# writes them (the bases themselves are pinned by base_fingerprint / base_encoder_fingerprint)
+_NOT_ARCHITECTURE = frozenset(RUNTIME_SETTINGS) | {"transformers_version", "text_config", "encoder_config"}
+
+
 def average_adapters(folders: list[str | os.PathLike], out: str | os.PathLike, weights: list[float] | None = None,
                      max_shard_size: int = 16 * 2**20) -> Path:
     """A weighted average of adapters of one architecture (a "model soup": stages trained from one
@@ -310,7 +316,7 @@ def average_adapters(folders: list[str | os.PathLike], out: str | os.PathLike, w
     paths = [Path(f) for f in folders]
     configs = [json.loads((p / "config.json").read_text()) for p in paths]
     for p, c in zip(paths[1:], configs[1:]):
-        diff = sorted(k for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k))
+        diff = sorted(k for k in (set(c) | set(configs[0])) - _NOT_ARCHITECTURE if c.get(k) != configs[0].get(k))
         if diff:
             raise ValueError(f"{p}: config differs from {paths[0]} in {diff}: adapters of one architecture only")
     states = [read_tensors(p) for p in paths]
