@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_absorbed import rel_err, time_step  # noqa: E402
+from bench_absorbed import _name, rel_err, time_step  # noqa: E402
 
 from cepe.kernels.absorbed_decode import attend_states  # noqa: E402
 from cepe.model.absorbed import attend  # noqa: E402
@@ -41,11 +41,12 @@ def configs(tiny: bool) -> list[dict]:
 
 
 def name(mode: str, cfg: dict) -> str:
-    return mode + ":" + ",".join(f"{k}={v}" for k, v in cfg.items())
+    return f"{mode}:{_name(cfg)}"
 
 
-def time_context(s, ci, r, he, device, dtype, reps, args, t_start, grid, best) -> dict:
-    """Every method and configuration at one context length: {name: {ms, spread, rel_err, tb_s_read}}."""
+def time_context(s, ci, r, he, device, dtype, reps, args, t_start, grid, best) -> tuple[dict, dict]:
+    """Every method and configuration at one context length: ({name: {ms, spread, rel_err, tb_s_read}},
+    {name of a kernel configuration: (mode, its keyword arguments)})."""
     g = torch.Generator(device=device).manual_seed(ci)
     states = torch.randn(1, s, he, device=device, dtype=dtype, generator=g)
     q = torch.randn(1, r, he, device=device, dtype=dtype, generator=g) * 0.05
@@ -62,8 +63,10 @@ def time_context(s, ci, r, he, device, dtype, reps, args, t_start, grid, best) -
     modes = {"bf16": (states, {}), "fp8w": (q8.data, dict(state_scale=q8.scale))}
     if device == "cuda":
         modes["fp8w16"] = (q8.data, dict(state_scale=q8.scale, wide=torch.float16))
+    cfgs = {}
     for mode, (st, kw) in modes.items():
         for cfg in (grid if grid is not None else best.get(mode, [])):
+            cfgs[name(mode, cfg)] = (mode, cfg)
             runs[name(mode, cfg)] = (lambda st=st, kw=kw, cfg=cfg: attend_states(q, st, None, **kw, **cfg),
                                      truth if mode == "bf16" else truth8)
     row = {}
@@ -81,7 +84,7 @@ def time_context(s, ci, r, he, device, dtype, reps, args, t_start, grid, best) -
         v = row[key]
         print(f"{s:>8} {key:<74} " + (v if isinstance(v, str) else f"{v['ms']:.4f} ms, err {v['rel_err']:.4f}"),
               flush=True)
-    return row
+    return row, cfgs
 
 
 @torch.no_grad()
@@ -108,16 +111,15 @@ def main() -> None:
 
     best: dict[str, list] = {}
     for ci, s in enumerate(contexts):
-        row = time_context(s, ci, r, he, device, dtype, reps, args, t_start,
-                           configs(args.tiny) if ci == 0 else None, best)
+        row, cfgs = time_context(s, ci, r, he, device, dtype, reps, args, t_start,
+                                 configs(args.tiny) if ci == 0 else None, best)
         result["contexts"][str(s)] = row
         save()
         if ci == 0:  # the best few of each mode go on to the other contexts
             for mode in ("bf16", "fp8w", "fp8w16"):
                 ok = sorted((v["ms"], k) for k, v in row.items()
-                            if k.startswith(mode + ":") and isinstance(v, dict) and v["rel_err"] < 0.1)
-                best[mode] = [{kv.split("=")[0]: int(kv.split("=")[1]) for kv in k.split(":", 1)[1].split(",")}
-                              for _, k in ok[:args.top]]
+                            if k in cfgs and cfgs[k][0] == mode and isinstance(v, dict) and v["rel_err"] < 0.1)
+                best[mode] = [cfgs[k][1] for _, k in ok[:args.top]]
             result["best"] = best
         if device == "cuda":
             torch.cuda.empty_cache()

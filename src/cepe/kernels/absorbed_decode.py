@@ -137,8 +137,8 @@ def attend_states(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor 
     and `state_scale` (B, S) or (B, S, 1) float32, one scale per token (`quantize_states`); they are
     widened in registers to `wide` (default bf16; fp16 converts from e4m3 in fewer instructions).
 
-    splits: context slices per row block; default `waves` programs per streaming multiprocessor
-    pair, each slice a whole number of BLOCK_S tokens."""
+    splits: context slices per row block; default: 2 x `waves` programs per streaming
+    multiprocessor in all, each slice a whole number of BLOCK_S tokens."""
     b, r, he = q.shape
     s = states.shape[1]
     if (states.dtype in (torch.int8, torch.float8_e4m3fn)) != (state_scale is not None):
