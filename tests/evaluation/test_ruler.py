@@ -151,6 +151,10 @@ def test_run_oracle_scores_100_and_constant_about_0(tok):
     assert all(short["scores"][t]["4000"] is None for t in ALL) and short["average"]["4000"] is None
     assert short["effective_length"] == 2000 and len(out["does_not_fit"]["short"]) == len(ALL)
     assert all(0 < out["prompt_tokens"][t][str(n)] <= n for t in ALL for n in (2000, 4000))
+    # every answer is kept to read (those that fit), with its sample index and score
+    kept = [(x["method"], x["task"], x["length"], x["index"]) for x in out["samples"]]
+    assert len(kept) == len(set(kept)) == len(ALL) * 2 * (2 + 2 + 1)
+    assert all(x["score"] == 100 for x in out["samples"] if x["method"] == "oracle")
     header, rows = ruler.table(out)
     assert header == ["method", "task", "2000", "4000"] and len(rows) == 3 * (len(ALL) + 1)
     assert "oracle 4000" in ruler.note(out) and "constant < 2000" in ruler.note(out)

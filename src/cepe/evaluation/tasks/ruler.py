@@ -175,14 +175,15 @@ def run(methods: dict[str, Method], s: RulerSettings, tokenizer: Any, haystack: 
                 bar.set_postfix_str(f"{task} {length}: {name}")
                 outs = _generate(method, requests, s.new_tokens(task), stops, s.batch_size, timer, bar.update)
                 cell = []
-                for p, out in zip(prompts, outs):
+                for i, (p, out) in enumerate(zip(prompts, outs)):
                     if out is None:
                         continue
                     prediction = tokenizer.decode(out, skip_special_tokens=True).strip()
                     cell.append(100 * METRICS[p.sample.metric](prediction, p.sample.answers))
-                    if len(cell) == 1:  # the first answer of each cell, to read
-                        samples.append({"task": task, "length": length, "method": name, "answers": p.sample.answers,
-                                        "prediction": prediction, "score": cell[-1], "depths": p.sample.depths})
+                    # every answer, to read what a miss answers instead (a few KB per cell)
+                    samples.append({"task": task, "length": length, "method": name, "index": i,
+                                    "answers": p.sample.answers, "prediction": prediction, "score": cell[-1],
+                                    "depths": p.sample.depths})
                 if len(cell) < len(prompts):
                     not_fit.setdefault(name, []).append(f"{task}@{length}")
                 scores[name][task][str(length)] = mean(cell) if cell else None
