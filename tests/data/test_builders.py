@@ -380,6 +380,23 @@ def test_facts_sharing_an_attribute_differ_only_in_their_keys():
         assert set.intersection(*(forms(st) for st in statements)), statements
 
 
+def test_fact_keys_come_in_several_shapes_that_differ_in_a_few_tokens():
+    # RULER-like keys (two words joined by a hyphen, hex ids) besides made-up names and identifiers
+    import re
+
+    from cepe.data.builders.facts import _key
+
+    rng = np.random.default_rng(0)
+    keys = [_key(rng, ["river", "lantern", "copper"]) for _ in range(300)]
+    shapes = {
+        "name": r"[A-Z][a-z]+", "word-number": r"[a-z]+-\d+", "identifier": r"[a-z]+_\d+",
+        "word-word": r"(river|lantern|copper)-(river|lantern|copper)", "hex": r"[0-9a-f]{6,12}",
+    }
+    seen = {name for k in keys for name, pattern in shapes.items() if re.fullmatch(pattern, k)}
+    assert seen == set(shapes), seen
+    assert all(any(re.fullmatch(p, k) for p in shapes.values()) for k in keys)
+
+
 def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
     from cepe.data.builders.facts import ATTRIBUTES, KEYLESS_QUESTIONS
 

@@ -269,13 +269,19 @@ def _distinct(draw, n: int) -> list[str]:
 
 
 def _key(rng: np.random.Generator, words: list[str]) -> str:
-    """A made-up name, a word of the text with a number, or an identifier."""
-    r = int(rng.integers(3))
+    """A made-up name, a word of the text with a number, an identifier, two words of the text
+    joined by a hyphen, or a hex id: keys that differ in one word or a few characters must still be
+    told apart, so the lookup has to match the key's own tokens."""
+    r = int(rng.integers(5))
     if r == 0:
         return "".join(_pick(rng, SYLLABLES) for _ in range(int(rng.integers(2, 4)))).capitalize()
     if r == 1:
         return f"{_pick(rng, words).lower()}-{int(rng.integers(2, 100))}"
-    return f"{_pick(rng, ('user', 'item', 'node', 'unit', 'case', 'agent'))}_{int(rng.integers(10, 10000))}"
+    if r == 2:
+        return f"{_pick(rng, ('user', 'item', 'node', 'unit', 'case', 'agent'))}_{int(rng.integers(10, 10000))}"
+    if r == 3:
+        return f"{_pick(rng, words).lower()}-{_pick(rng, words).lower()}"
+    return "".join(rng.choice(list("0123456789abcdef"), int(rng.integers(6, 13))))
 
 
 def _name(rng: np.random.Generator) -> str:
