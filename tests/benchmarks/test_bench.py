@@ -329,3 +329,30 @@ def test_encoder_compilation_is_timed_apart_from_every_row(tmp_path, monkeypatch
     assert (result["model"]["encoder_compile_s"] is not None) == compiles
     assert compiled == ([False] if compiles else [])  # static graphs
     assert all(r["status"] == "ok" for r in result["rows"])
+
+
+def test_plot_labels_a_short_log_axis_and_leaves_out_methods_not_run(tmp_path, monkeypatch):
+    # run 14's TTFT panel spanned 0.13-0.74 s: with every minor tick removed it had no y labels
+    import matplotlib.pyplot as plt
+
+    from cepe.benchmarks import report
+
+    figures = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: figures.append(subplots(*a, **k)) or figures[-1])
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    base = {"method": "cepe", "status": "ok", "peak_gb": 1.0}
+    rows = [dict(base, task="score", total_len=n, time_s=t) for n, t in ((131072, 0.86), (1048576, 5.6))]
+    rows += [dict(base, task="ttft", total_len=n, time_s=t, question_tokens=512)
+             for n, t in ((131072, 0.13), (1048576, 0.74))]
+    env = {"dtype": "bfloat16", "device": "H200", "date": "today"}
+    result = {"rows": rows, "model": {"name": "llama2-7b"}, "env": env}
+    report.plot(result, tmp_path / "b.png")
+    (fig, axes), = figures
+    fig.canvas.draw()
+    ttft = axes[3]
+    lo, hi = ttft.get_ylim()
+    ticks = ttft.yaxis.get_major_ticks() + ttft.yaxis.get_minor_ticks()
+    assert any(t.label1.get_text() and lo <= t.get_loc() <= hi for t in ticks)
+    assert [t.get_text() for t in ttft.xaxis.get_ticklabels(which="both") if t.get_text()] == ["128K", "1024K"]
+    assert ttft.get_legend_handles_labels()[1] == ["CEPE, stored states"]

@@ -179,6 +179,8 @@ def plot(result: dict, path: str | Path) -> None:
                              xycoords=("data", "axes fraction"), ha="right", fontsize=8, color="tab:red")
     for method in ("cepe", "full"):
         rs = [r for r in rows if r["task"] == "ttft" and r["method"] == method and r["status"] == "ok"]
+        if not rs:  # no legend entry for a method that was not run
+            continue
         label = "CEPE, stored states" if method == "cepe" else names[method]
         axes[3].plot([r["total_len"] for r in rs], [r["time_s"] for r in rs], label=label, **styles[method])
     axes[3].set_yscale("log")
@@ -190,7 +192,8 @@ def plot(result: dict, path: str | Path) -> None:
         ax.set_xscale("log", base=2)
         if lengths:
             ax.set_xticks(lengths, [_k(n) for n in lengths])
-            ax.minorticks_off()
+            # x only: a log y axis spanning less than a decade is labelled by its minor ticks
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("total tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
