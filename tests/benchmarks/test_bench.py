@@ -356,3 +356,16 @@ def test_plot_labels_a_short_log_axis_and_leaves_out_methods_not_run(tmp_path, m
     assert any(t.label1.get_text() and lo <= t.get_loc() <= hi for t in ticks)
     assert [t.get_text() for t in ttft.xaxis.get_ticklabels(which="both") if t.get_text()] == ["128K", "1024K"]
     assert ttft.get_legend_handles_labels()[1] == ["CEPE, stored states"]
+
+
+def test_kernel_rows_time_each_backend_and_record_those_that_refuse():
+    from cepe.benchmarks.kernels import BACKENDS, kernel_rows
+
+    shape = F.CrossShape(layers=1, hidden=64, heads=4, kv_heads=2, head_dim=16, encoder_hidden=64)
+    rows = kernel_rows(shape, context=512, queries=8, total=520, device=torch.device("cpu"), dtype=torch.float32)
+    assert [(r["phase"], r["backend"]) for r in rows] == [(p, b) for p in ("prefill", "decode") for b in BACKENDS]
+    default = [r for r in rows if r["backend"] == "default"]
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["tflops_per_s"] > 0 for r in default)
+    assert [r["queries"] for r in default] == [8, 1]
+    # cuDNN and memory-efficient attention are CUDA kernels: on a CPU they refuse, and the refusal is a row
+    assert all(r["status"] == "error" and r["error"] for r in rows if r["backend"] in ("cudnn", "efficient"))

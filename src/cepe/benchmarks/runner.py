@@ -7,7 +7,6 @@ they come, so a run stopped by a time limit keeps what it measured.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -22,10 +21,11 @@ from ..model.encoder_compile import pass_sizes
 from ..model.stored_states import storage_per_token
 from . import flops as F
 from .decoding import decode_hf, decode_static
+from .kernels import kernel_rows
 from .presets import ModelSpec, build_model, get_spec, parameter_bytes, parameter_count
 from .scoring import cepe_scores, full_scores, make_inputs
 from .stored import first_token_fn, load_time, store_document
-from .timing import (PeakMemory, Timing, device_ceilings, environment, free_memory, is_cuda, median, sdpa_backend,
+from .timing import (PeakMemory, Timing, device_ceilings, environment, free_memory, is_cuda, sdpa_backend,
                      time_until_stable)
 
 GB = 1e9
@@ -321,47 +321,12 @@ class Bench:
 
     # ------------------------------------------------------------------ attention kernels
     def kernels(self, total: int) -> None:
-        """Cross-attention alone at `total` tokens, under each SDPA kernel: prefill (D queries per
-        head group) and one decoding step (one query per head), against the ceilings."""
-        if not is_cuda(self.device):
-            return
-        x, d = self.cross_shape, min(self.cfg.score_tokens, total)
+        """Cross-attention alone at `total` tokens under each SDPA kernel (`kernels.kernel_rows`)."""
+        d = min(self.cfg.score_tokens, total)
         s = _padded(total - d, self.model.config.chunk_size)
-        if s == 0:
-            return
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        g = torch.Generator(device=self.device).manual_seed(0)
-        group = x.heads // x.kv_heads
-
-        def rand(*shape):
-            return torch.randn(*shape, device=self.device, dtype=self.dtype, generator=g)
-
-        # keys/values laid out as the library makes them: a (1, S, Hkv*d) projection viewed as (1, Hkv, S, d)
-        k = rand(1, s, x.kv_heads, x.head_dim).transpose(1, 2)
-        v = rand(1, s, x.kv_heads, x.head_dim).transpose(1, 2)
-        backends = (("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                    ("efficient", SDPBackend.EFFICIENT_ATTENTION))
-        for phase, queries in (("prefill", d), ("decode", 1)):
-            q = rand(1, x.kv_heads, group * queries, x.head_dim)
-            flop = 4 * x.heads * x.head_dim * queries * s
-            nbytes = (2 * k.numel() + 2 * q.numel()) * k.element_size()
-            for name, backend in backends:
-                row = dict(task="kernel", phase=phase, backend=name, total_len=total, context_tokens=s, queries=queries,
-                           kv_heads=x.kv_heads, heads=x.heads, status="ok", error=None)
-                try:
-                    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-                        fn = lambda q=q: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-                        ref = fn()
-                        times = _event_times(fn, reps=10 if phase == "prefill" else 50)
-                    t = median(times)
-                    row.update(time_ms=t * 1e3, tflops_per_s=flop / t / 1e12, gb_per_s=nbytes / t / GB)
-                    del ref
-                except RuntimeError as e:
-                    row.update(status="error", error=str(e).splitlines()[0][:200])
+        if is_cuda(self.device) and s > 0:
+            for row in kernel_rows(self.cross_shape, s, d, total, self.device, self.dtype):
                 self._row(**row)
-        k = v = None  # drop the tensors (the lambdas above read these names) before freeing the cache
-        free_memory(self.device)
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> list[tuple]:
@@ -419,20 +384,6 @@ class Bench:
             from .report import plot
 
             plot(self.result, out / f"bench_{self.spec.name}.png")
-
-
-def _event_times(fn, reps: int) -> list[float]:
-    """Seconds per call from CUDA events around each call (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
 
 
 def _padded(n: int, chunk: int) -> int:

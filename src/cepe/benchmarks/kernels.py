@@ -1,0 +1,76 @@
+"""The cross-attention core alone, under each SDPA kernel (`cepe bench --tasks kernels`): the
+prefill shape (D queries per key/value head group) and one decoding step (one query per head)
+over `context` tokens of random keys and values, laid out as the library makes them."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from . import flops as F
+from .timing import free_memory, is_cuda, median
+
+GB = 1e9
+BACKENDS = ("default", "flash", "cudnn", "efficient")
+
+
+def kernel_rows(x: F.CrossShape, context: int, queries: int, total: int, device, dtype) -> list[dict]:
+    """One row per phase and backend: time_ms, TFLOP/s and GB/s of
+    `scaled_dot_product_attention` with q (1, Hkv, group x n, d) over k, v (1, Hkv, context, d);
+    a backend that refuses the shape gives a row with status "error"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    g = torch.Generator(device=device).manual_seed(0)
+    group = x.heads // x.kv_heads
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+    # a (1, S, Hkv*d) projection viewed as (1, Hkv, S, d), as the cross-attention blocks make it
+    k = rand(1, context, x.kv_heads, x.head_dim).transpose(1, 2)
+    v = rand(1, context, x.kv_heads, x.head_dim).transpose(1, 2)
+    rows = []
+    for phase, n in (("prefill", queries), ("decode", 1)):
+        q = rand(1, x.kv_heads, group * n, x.head_dim)
+        flop = 4 * x.heads * x.head_dim * n * context
+        nbytes = (2 * k.numel() + 2 * q.numel()) * k.element_size()
+        for name in BACKENDS:
+            row = dict(task="kernel", phase=phase, backend=name, total_len=total, context_tokens=context, queries=n,
+                       kv_heads=x.kv_heads, heads=x.heads, status="ok", error=None)
+            try:
+                backend = chosen[name]
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    fn = lambda q=q: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                    t = median(event_times(fn, reps=10 if phase == "prefill" else 50, device=device))
+                row.update(time_ms=t * 1e3, tflops_per_s=flop / t / 1e12, gb_per_s=nbytes / t / GB)
+            except RuntimeError as e:
+                row.update(status="error", error=str(e).splitlines()[0][:200])
+            rows.append(row)
+    k = v = None  # drop the tensors (the lambdas above read these names) before freeing the cache
+    free_memory(device)
+    return rows
+
+
+def event_times(fn, reps: int, device=None) -> list[float]:
+    """Seconds per call from CUDA events around each call (after one warm-up); on a CPU, from the
+    wall clock."""
+    fn()
+    times = []
+    if not is_cuda(device if device is not None else "cuda"):
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
