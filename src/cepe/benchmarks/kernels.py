@@ -5,15 +5,17 @@ over `context` tokens of random keys and values, laid out as the library makes t
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 
 from . import flops as F
-from .timing import free_memory, is_cuda, median
+from .timing import Timer, free_memory, is_cuda, median
 
 GB = 1e9
-BACKENDS = ("default", "flash", "cudnn", "efficient")
+# row name -> torch.nn.attention.SDPBackend member (None: PyTorch's own choice)
+_BACKENDS = {"default": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION"}
+BACKENDS = tuple(_BACKENDS)
 
 
 def kernel_rows(x: F.CrossShape, context: int, queries: int, total: int, device, dtype) -> list[dict]:
@@ -22,8 +24,6 @@ def kernel_rows(x: F.CrossShape, context: int, queries: int, total: int, device,
     a backend that refuses the shape gives a row with status "error"."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    chosen = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-              "efficient": SDPBackend.EFFICIENT_ATTENTION}
     g = torch.Generator(device=device).manual_seed(0)
     group = x.heads // x.kv_heads
 
@@ -38,12 +38,11 @@ def kernel_rows(x: F.CrossShape, context: int, queries: int, total: int, device,
         q = rand(1, x.kv_heads, group * n, x.head_dim)
         flop = 4 * x.heads * x.head_dim * n * context
         nbytes = (2 * k.numel() + 2 * q.numel()) * k.element_size()
-        for name in BACKENDS:
+        for name, member in _BACKENDS.items():
             row = dict(task="kernel", phase=phase, backend=name, total_len=total, context_tokens=context, queries=n,
                        kv_heads=x.kv_heads, heads=x.heads, status="ok", error=None)
             try:
-                backend = chosen[name]
-                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                with sdpa_kernel([getattr(SDPBackend, member)]) if member else contextlib.nullcontext():
                     fn = lambda q=q: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
                     t = median(event_times(fn, reps=10 if phase == "prefill" else 50, device=device))
                 row.update(time_ms=t * 1e3, tflops_per_s=flop / t / 1e12, gb_per_s=nbytes / t / GB)
@@ -55,17 +54,13 @@ def kernel_rows(x: F.CrossShape, context: int, queries: int, total: int, device,
     return rows
 
 
-def event_times(fn, reps: int, device=None) -> list[float]:
-    """Seconds per call from CUDA events around each call (after one warm-up); on a CPU, from the
-    wall clock."""
+def event_times(fn, reps: int, device) -> list[float]:
+    """Seconds per call after one warm-up: on CUDA from events around each call (the kernel's own
+    time); elsewhere the wall clock, as `Timer` reads it."""
+    if not is_cuda(device):
+        return Timer(device)(fn, reps=reps, warmup=1)[0]
     fn()
     times = []
-    if not is_cuda(device if device is not None else "cuda"):
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return times
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
