@@ -42,8 +42,9 @@ for i in range(samples):
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
     spans = {}
     for k, v in re.findall(r"magic numbers for ([\w-]+) is: (\d+)", s.context):
-        c0 = text.index(f"for {k} is: {v}")
-        c1 = c0 + len(f"for {k} is: {v}")
+        statement = f"for {k} is: {v}"
+        c0 = text.index(statement)
+        c1 = c0 + len(statement)
         spans[k] = [j for j, (a, z) in enumerate(offsets) if a < c1 and z > c0]
     x = tok(s.question, add_special_tokens=False, return_tensors="pt").input_ids
     context = model.encode_context([text])
