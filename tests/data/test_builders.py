@@ -280,6 +280,21 @@ def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):
     assert formats == {"facts_single", "facts_multi", "facts_chain"}
 
 
+def test_facts_context_length_has_its_own_range(tmp_path, mix):
+    # data.facts.context_tokens bounds the facts samples' contexts (the other builders keep 64-1,024)
+    def lengths(**facts):
+        data, _ = _data(tmp_path / str(facts), mix, decoder_windows=[400], window_block=2,
+                        mixture={"facts": 1.0}, copying=CopyingConfig(task_tokens=200),
+                        facts=FactsConfig(facts=[1, 2], repeat=0.0, formats={"single": 1.0}, **facts))
+        return [len(data.train[i]["context"][0]) for i in range(40)]
+
+    short, default = lengths(context_tokens=[200, 300]), lengths()
+    assert max(short) <= 300 and sum(n >= 200 for n in short) >= 30, short
+    assert max(default) > 300, default
+    with pytest.raises(ValueError, match="facts.context_tokens"):
+        DataConfig(train=[str(mix)], facts=FactsConfig(context_tokens=[300, 200])).validate()
+
+
 def test_repeated_haystack_is_one_span_of_the_text():
     text = "Call me Ishmael. Some years ago I went to sea. It is a way I have. " * 3 + "The end came at last."
     rng = np.random.default_rng(0)

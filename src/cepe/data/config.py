@@ -52,6 +52,10 @@ class FactsConfig:
     same_attribute: float = 0.5  # share of keyed `single` samples whose facts all share one attribute (distractors)
     keyless: float = 0.35  # share of `single` samples whose facts have no name: told apart by attribute alone
     instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)
+    # [lo, hi] encoder tokens of a facts sample's context, drawn log-uniformly (None: data.context_tokens
+    # and data.min_context_tokens, as every builder). Short contexts teach the key match fastest
+    # (docs/results_binding_probe.md: 256-1K contexts moved 4-key lookups from 19% to 78%)
+    context_tokens: list[int] | None = None
 
 
 @dataclass
@@ -138,9 +142,11 @@ class DataConfig:
             raise ValueError(f"data.context_draw must be 'max' or 'uniform', got {self.context_draw!r}")
         if self.retrieval.scope not in ("any", "same_source"):
             raise ValueError(f"data.retrieval.scope must be 'any' or 'same_source', got {self.retrieval.scope!r}")
+        own_context = [("facts.context_tokens", self.facts.context_tokens)] if self.facts.context_tokens else []
         for name, pair in (("copying.span_tokens", self.copying.span_tokens), ("copying.queries", self.copying.queries),
                            ("copying.records", self.copying.records), ("facts.facts", self.facts.facts),
                            ("facts.queries", self.facts.queries),
+                           *own_context,
                            ("demonstrations.classes", self.demonstrations.classes),
                            ("demonstrations.context_examples", self.demonstrations.context_examples),
                            ("demonstrations.decoder_examples", self.demonstrations.decoder_examples),

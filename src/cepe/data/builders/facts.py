@@ -88,6 +88,13 @@ class FactsBuilder(CopyingBuilder):
         weights = np.array([cfg.facts.formats.get(f, 0.0) for f in self.FORMATS], dtype=np.float64)
         self.format_p = weights / weights.sum()
 
+    def context_length(self, rng: np.random.Generator) -> int:
+        """Encoder tokens of this sample's context: `data.facts.context_tokens` when set."""
+        if self.cfg.facts.context_tokens is None:
+            return super().context_length(rng)
+        lo, hi = self.cfg.facts.context_tokens
+        return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         base = super(CopyingBuilder, self).sample(rng, d)  # a plain long-document window
         ids, (context,) = base["input_ids"], base["context"]
