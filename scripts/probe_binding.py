@@ -91,10 +91,35 @@ def exact(model, stream, collate, n: int, bs: int, device, amp) -> float:
     return right / max(answers, 1)
 
 
+def plot(files: list[str], out: str) -> None:
+    """Exact match against training step, one panel per evaluation, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {f.rsplit("/", 1)[-1].removesuffix(".json"): json.load(open(f)) for f in files}
+    panels = [k for k in next(iter(runs.values()))["history"][0] if k != "step"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), sharey=True)
+    for ax, panel in zip(axes, panels):
+        for name, run in runs.items():
+            steps, exact_pct = zip(*[(r["step"], 100 * r[panel]) for r in run["history"]])
+            ax.plot(steps, exact_pct, marker="o", label=name)
+        chance = 50 if panel.startswith("2 ") else 25
+        ax.axhline(chance, color="grey", lw=0.8, ls=":")
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("training step")
+    axes[0].set_ylabel("exact match, % (dotted: chance)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--init", required=True, help="adapter folder to start from")
-    ap.add_argument("--data", nargs="+", required=True,
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="only plot these results (to --out, a .png)")
+    ap.add_argument("--init", help="adapter folder to start from")
+    ap.add_argument("--data", nargs="+",
                     help="folders of .jsonl documents; paths with heldout/ are held out")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -116,6 +141,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.plot:
+        return plot(args.plot, args.out or "probe_binding.png")
+    if not (args.init and args.data):
+        ap.error("--init and --data are needed to train")
     if args.save and args.lora:
         ap.error("--save writes the adapter's own weights only; the --lora updates would be lost")
 
@@ -142,8 +171,13 @@ def main() -> None:
         history.append(row)
         print(" | ".join(f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
-    if not args.skip_initial_eval:
+    if not args.skip_initial_eval or not args.steps:
         evaluate(0)
+    if not args.steps:  # evaluation only
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "history": history}, f, indent=1)
+        return
     lo_hi = tuple(int(x) for x in args.facts.split(","))
     train = stream(lo_hi, tuple(int(x) for x in args.context.split(",")), False, seed=1,
                    formats=args.formats, keyless=args.keyless, repeat=args.repeat)
