@@ -184,3 +184,20 @@ def test_whole_answers_counts_answers_with_every_token_right():
     assert whole_answers(correct, task) == (5, 3)
     assert whole_answers(torch.ones_like(task), task) == (5, 5)
     assert whole_answers(correct, torch.zeros_like(task)) == (0, 0)
+
+
+def test_exact_match_is_split_by_the_kind_of_answer():
+    from cepe.training.metrics import ANSWER_GROUPS, answer_group, whole_answers_by_group
+
+    samples = [{"kind": "facts", "copy_format": "facts_multi"}, {"kind": "copying", "copy_format": "table"},
+               {"kind": "facts", "copy_format": "facts_multi"}, {"kind": "long_document"}]
+    groups = torch.tensor([answer_group(s) for s in samples])
+    assert groups.tolist() == [ANSWER_GROUPS.index("facts_multi"), ANSWER_GROUPS.index("copying"),
+                               ANSWER_GROUPS.index("facts_multi"), -1]
+    task = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    correct = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    out = whole_answers_by_group(correct, task, groups)
+    # facts_multi: two answers, the second has a wrong token; copying: [0:2] wrong, [3] right
+    assert out[ANSWER_GROUPS.index("facts_multi")].tolist() == [2, 1]
+    assert out[ANSWER_GROUPS.index("copying")].tolist() == [2, 1]
+    assert out.sum().item() == 6

@@ -205,3 +205,24 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     out = tmp_path / "run"
     Trainer(tiny_config(out, "train.save_every=1", "train.keep_checkpoints=2"), progress=False).fit()
     assert [p.name for p in list_checkpoints(out)] == ["step_00000005", "step_00000006"]
+
+
+def test_heldout_exact_match_is_reported_per_kind_of_answer(tmp_path):
+    # a text mix with facts and copying samples: the summary splits exact match by their kinds
+    rng = torch.Generator().manual_seed(0)
+    words = [f"w{i}x" for i in range(300)]
+    for split in ("train", "heldout"):
+        rows = [{"text": " ".join(words[j] for j in torch.randint(0, 300, (700,), generator=rng).tolist()) + "."}
+                for _ in range(3)]
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "doc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path / "run", f"data.train=[{tmp_path / 'train'},{tmp_path / 'heldout'}]",
+                      "data.heldout=[heldout/]", "data.mixture={facts: 0.5, copying: 0.5}", "data.decoder_tokens=400",
+                      "data.context_tokens=512", "data.min_context_tokens=256", "data.copying.task_tokens=200",
+                      "model.chunk_size=64", "data.extensions=[.jsonl]", "max_steps=1", "train.eval_samples=16")
+    summary = Trainer(cfg, progress=False).fit()
+    groups = {k.removeprefix("task_exact_").removesuffix("_with_context") for k in summary
+              if k.startswith("task_exact_") and k.endswith("_with_context") and k != "task_exact_with_context"}
+    assert "copying" in groups and groups & {"facts_single", "facts_multi", "facts_chain"}, sorted(summary)
+    for g in groups:
+        assert 0 <= summary[f"task_exact_{g}_with_context"] <= 1

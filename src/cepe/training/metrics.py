@@ -26,6 +26,30 @@ def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tens
     return n, n - (wrong[:, 1:] > 0).sum()
 
 
+# held-out exact match per kind of answer: a mixture's overall figure hides which skill moves (stage
+# 11's 36% held a 4-key lookup at chance, docs/results_binding_probe.md)
+ANSWER_GROUPS = ("facts_single", "facts_multi", "facts_chain", "copying", "passage_qa", "demonstrations")
+
+
+def answer_group(sample: dict) -> int:
+    """Index in ANSWER_GROUPS of a sample's answers (copying's formats are one group)."""
+    fmt = sample.get("copy_format") or sample.get("kind", "")
+    fmt = fmt if fmt.startswith(("facts_", "passage_qa")) else sample.get("kind", "")
+    return ANSWER_GROUPS.index(fmt) if fmt in ANSWER_GROUPS else -1
+
+
+def whole_answers_by_group(correct: torch.Tensor, task: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(len(ANSWER_GROUPS), 2) answers and answers with every token right, per group; `groups`
+    (B,) long, -1 for rows outside every group."""
+    out = torch.zeros(len(ANSWER_GROUPS), 2, dtype=torch.float64, device=task.device)
+    for g in range(len(ANSWER_GROUPS)):
+        rows = groups == g
+        if rows.any():
+            n, whole = whole_answers(correct[rows], task[rows])
+            out[g, 0], out[g, 1] = n, whole
+    return out
+
+
 class Meter:
     """Progress bar and throughput of a run (decoder tokens per second, since the last step and
     since the run started or resumed), and its last loss."""
@@ -150,6 +174,9 @@ def print_table(summary: dict[str, Any]) -> None:
             rows.append((f"held-out answer accuracy {tag.replace('_', ' ')}", _fmt(summary[f"task_accuracy_{tag}"])))
         if f"task_exact_{tag}" in summary:
             rows.append((f"held-out answers exact {tag.replace('_', ' ')}", _fmt(summary[f"task_exact_{tag}"])))
+        if tag == "with_context":  # per kind of answer, with the context only (without it they are guesses)
+            rows += [(f"  {g.replace('_', ' ')}", _fmt(summary[f"task_exact_{g}_{tag}"]))
+                     for g in ANSWER_GROUPS if f"task_exact_{g}_{tag}" in summary]
     if "chance" in summary:
         rows.append(("chance accuracy", _fmt(summary["chance"])))
     if "mfu" in summary:

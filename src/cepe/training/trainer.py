@@ -36,7 +36,8 @@ from .build import build_model, describe, grown_layers
 from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import (TeacherFile, cross_entropy, distilled_positions, kl_divergence, online_teacher_logits,
                      topk_kl_divergence)
-from .metrics import Meter, MetricsLog, plot_metrics, print_table, whole_answers
+from .metrics import (ANSWER_GROUPS, Meter, MetricsLog, answer_group, plot_metrics, print_table, whole_answers,
+                      whole_answers_by_group)
 from .schedule import GlobalBatchSampler, lr_lambda
 from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
@@ -237,8 +238,11 @@ class Trainer:
             # loss, tokens, correct; tokens and correct among the tasks' answers (copy, facts, labels);
             # answers, answers all right; loss and tokens of ordinary text (what perplexity targets read)
             sums = torch.zeros(9, dtype=torch.float64, device=self.acc.device)
+            by_group = torch.zeros(len(ANSWER_GROUPS), 2, dtype=torch.float64, device=self.acc.device)
             for i in range(0, len(mine), bs):
-                batch = self._to_device(self.collate([self.data.heldout[j] for j in mine[i : i + bs]]))
+                samples = [self.data.heldout[j] for j in mine[i : i + bs]]
+                groups = torch.tensor([answer_group(s) for s in samples], device=self.acc.device)
+                batch = self._to_device(self.collate(samples))
                 keys = ("context_input_ids", "context_attention_mask") if with_context else ()
                 kwargs = {k: batch[k] for k in keys}
                 logits = self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1].float()
@@ -260,10 +264,12 @@ class Trainer:
                 answers, whole = whole_answers(pred == labels, task)
                 sums[5] += answers
                 sums[6] += whole
+                by_group += whole_answers_by_group(pred == labels, task, groups)
                 text = valid & ~task
                 sums[7] += (ce * text).sum().double()  # a product, not a boolean index: no host sync
                 sums[8] += text.sum()
             sums = self.acc.reduce(sums, reduction="sum")
+            by_group = self.acc.reduce(by_group, reduction="sum")
             loss, n, correct, n_task, task_correct, answers, whole, text_loss, n_text = (float(x) for x in sums)
             tag = "with_context" if with_context else "without_context"
             results[f"loss_{tag}"] = loss / max(n, 1)
@@ -274,6 +280,9 @@ class Trainer:
             if n_task:  # next-token accuracy on the answers only: does the adapter read the context?
                 results[f"task_accuracy_{tag}"] = task_correct / n_task
                 results[f"task_exact_{tag}"] = whole / max(answers, 1)  # = greedy exact match
+                for name, (n_answers, n_whole) in zip(ANSWER_GROUPS, by_group.tolist()):
+                    if n_answers:
+                        results[f"task_exact_{name}_{tag}"] = n_whole / n_answers
         self.model.train()
         if self._eval_no_context is None:
             self._eval_no_context = {k: v for k, v in results.items() if k.endswith("without_context")}
