@@ -9,9 +9,8 @@ import contextlib
 import torch
 
 from . import flops as F
-from .timing import Timer, free_memory, is_cuda, median
+from .timing import GB, Timer, free_memory, is_cuda, median
 
-GB = 1e9
 # row name -> torch.nn.attention.SDPBackend member (None: PyTorch's own choice)
 _BACKENDS = {"default": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
              "efficient": "EFFICIENT_ATTENTION"}

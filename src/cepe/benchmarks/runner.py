@@ -25,10 +25,9 @@ from .kernels import kernel_rows
 from .presets import ModelSpec, build_model, get_spec, parameter_bytes, parameter_count
 from .scoring import cepe_scores, full_scores, make_inputs
 from .stored import first_token_fn, load_time, store_document
-from .timing import (PeakMemory, Timing, device_ceilings, environment, free_memory, is_cuda, sdpa_backend,
+from .timing import (GB, PeakMemory, Timing, device_ceilings, environment, free_memory, is_cuda, sdpa_backend,
                      time_until_stable)
 
-GB = 1e9
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 # full attention's prefill is quadratic: ~12 s at 128K, ~50 s at 256K and ~200 s at 512K on an H100/H200
 FULL_MAX_LEN = 262144

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 
 import torch
 
+GB = 1e9  # decimal gigabytes, as the reports and the issue targets state them
+
 
 def is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
@@ -202,7 +204,7 @@ def device_ceilings(device, dtype: torch.dtype = torch.bfloat16, size: int = 819
     cp_s = start.elapsed_time(end) / 1e3 / reps
     del src, dst
     free_memory(device)
-    return {"matmul_tflops": 2 * size**3 / mm_s / 1e12, "copy_gbps": 2 * 2**30 / cp_s / 1e9,
+    return {"matmul_tflops": 2 * size**3 / mm_s / 1e12, "copy_gbps": 2 * 2**30 / cp_s / GB,
             "matmul_shape": [size, size, size]}
 
 
@@ -218,7 +220,7 @@ def environment(device, dtype: torch.dtype, sdpa: str, command: str) -> dict:
         name, total = platform.processor() or platform.machine() or "cpu", None
     return {
         "device": name,
-        "device_memory_gb": None if total is None else round(total / 1e9, 1),
+        "device_memory_gb": None if total is None else round(total / GB, 1),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda,
