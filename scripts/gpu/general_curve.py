@@ -17,6 +17,7 @@ import numpy as np
 
 from cepe.data.samples import block_window
 from cepe.training.config import load_config
+from cepe.training.metrics import ANSWER_GROUPS
 
 
 def tokens_through(cfg, steps: int) -> np.ndarray:
@@ -80,11 +81,19 @@ def main() -> None:
             steps = sorted(exact)
             ax_task.plot([tok[s - 1] / 1e6 for s in steps], [100 * exact[s] for s in steps], marker="s", ls=":",
                          label=f"{run.name} whole answers")
+        by_kind = {g: {r["step"]: r[f"eval/task_exact_{g}_with_context"] for r in rows
+                       if f"eval/task_exact_{g}_with_context" in r} for g in ANSWER_GROUPS}
+        for g, kind in by_kind.items():  # which skill moves (runs since 2026-12-03 log these)
+            if kind:
+                steps = sorted(kind)
+                ax_task.plot([tok[s - 1] / 1e6 for s in steps], [100 * kind[s] for s in steps], lw=0.8, alpha=0.7,
+                             label=f"{run.name} exact, {g.replace('_', ' ')}")
         table[run.name] = [
             {"step": s, "tokens": int(tok[s - 1]), "loss_with_context": e, "loss_without_context": n,
              **({"answer_accuracy_with_context": task[s][0]} if s in task else {}),
              **({"answers_exact_with_context": exact[s]} if s in exact else {}),
-             **({"text_loss_with_context": text[s]} if s in text else {})}
+             **({"text_loss_with_context": text[s]} if s in text else {}),
+             **{f"exact_{g}_with_context": kind[s] for g, kind in by_kind.items() if s in kind}}
             for s, e, n in evals
         ]
         for s, e, n in evals:
