@@ -128,6 +128,11 @@ class WarmupBuilder(_WindowBuilder):
         }
 
 
+def log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """An integer drawn log-uniformly in [lo, hi]: short and long contexts alike."""
+    return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+
+
 class LongDocumentBuilder(_WindowBuilder):
     """The encoder reads up to N tokens that precede the decoder window (at least
     `min_context_tokens`); the decoder reads the next D tokens; loss on the decoder tokens."""
@@ -156,7 +161,7 @@ class LongDocumentBuilder(_WindowBuilder):
         """Encoder tokens this sample's context may hold (`data.context_draw`)."""
         if self.cfg.context_draw == "max" or self.min_ctx == self.N:
             return self.N
-        return int(round(np.exp(rng.uniform(np.log(self.min_ctx), np.log(self.N)))))
+        return log_uniform(rng, self.min_ctx, self.N)
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         d = self.fit(d or self.D)

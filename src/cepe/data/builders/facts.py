@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..config import DataConfig
-from ..samples import Corpus
+from ..samples import Corpus, log_uniform
 from .copying import WORD, CopyingBuilder
 from .text import TextCodec
 
@@ -92,8 +92,7 @@ class FactsBuilder(CopyingBuilder):
         """Encoder tokens of this sample's context: `data.facts.context_tokens` when set."""
         if self.cfg.facts.context_tokens is None:
             return super().context_length(rng)
-        lo, hi = self.cfg.facts.context_tokens
-        return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+        return log_uniform(rng, *self.cfg.facts.context_tokens)
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         base = super(CopyingBuilder, self).sample(rng, d)  # a plain long-document window
