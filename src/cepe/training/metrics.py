@@ -32,22 +32,18 @@ ANSWER_GROUPS = ("facts_single", "facts_multi", "facts_chain", "copying", "passa
 
 
 def answer_group(sample: dict) -> int:
-    """Index in ANSWER_GROUPS of a sample's answers (copying's formats are one group)."""
-    fmt = sample.get("copy_format") or sample.get("kind", "")
-    fmt = fmt if fmt.startswith(("facts_", "passage_qa")) else sample.get("kind", "")
-    return ANSWER_GROUPS.index(fmt) if fmt in ANSWER_GROUPS else -1
+    """Index in ANSWER_GROUPS of a sample's answers (copying's formats are one group), -1 for none."""
+    name = sample.get("copy_format", "")
+    name = name if name in ANSWER_GROUPS else sample.get("kind", "")
+    return ANSWER_GROUPS.index(name) if name in ANSWER_GROUPS else -1
 
 
 def whole_answers_by_group(correct: torch.Tensor, task: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """(len(ANSWER_GROUPS), 2) answers and answers with every token right, per group; `groups`
-    (B,) long, -1 for rows outside every group."""
-    out = torch.zeros(len(ANSWER_GROUPS), 2, dtype=torch.float64, device=task.device)
-    for g in range(len(ANSWER_GROUPS)):
-        rows = groups == g
-        if rows.any():
-            n, whole = whole_answers(correct[rows], task[rows])
-            out[g, 0], out[g, 1] = n, whole
-    return out
+    (B,) long, -1 for rows outside every group. Other rows are masked out, not indexed away: no
+    host sync."""
+    return torch.stack([torch.stack(whole_answers(correct, task & (groups == g)[:, None]))
+                        for g in range(len(ANSWER_GROUPS))]).double()
 
 
 class Meter:
