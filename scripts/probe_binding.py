@@ -1,10 +1,11 @@
 """Can an adapter learn to bind a value to its key? A short, focused training experiment.
 
 RULER's multi-key needles fail because the answer copies *a* needle's value, not the asked one's
-(docs/results_general_stage11.md). This trains an adapter (from `--init`, in this process, nothing
-saved) on `facts` samples only: 2-4 keyed facts that share one attribute and differ only by key,
-contexts of `--context` tokens, and measures teacher-forced exact match (= greedy exact match) on
-held-out documents before and after, with 2 and 4 facts at 1K and 4K tokens of context.
+(docs/results_general_stage11.md). This trains an adapter (from `--init`, in this process; written
+only with `--save`) on `facts` samples only: `--facts` keyed facts that share one attribute and
+differ only by key, contexts of `--context` tokens, and measures teacher-forced exact match (= greedy
+exact match) on held-out documents before and after, with 2 and 4 facts at 1K and 4K tokens of
+context (`--steps 0`: measure only). Results: docs/results_binding_probe.md.
 
 `--lora R` adds trainable rank-R updates to the frozen decoder's self-attention projections
 (`--lora-targets`), the hypothesis being that the answer position sees the asked key only through
@@ -42,7 +43,7 @@ class LowRank(nn.Module):
         self.base, self.scale = base, alpha / rank
         dev, n_in = base.weight.device, base.in_features
         self.A = nn.Parameter(torch.randn(rank, n_in, device=dev) / math.sqrt(n_in))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.A.to(x.dtype).T @ self.B.to(x.dtype).T) * self.scale
@@ -173,13 +174,18 @@ def main() -> None:
 
     if not args.skip_initial_eval or not args.steps:
         evaluate(0)
-    if not args.steps:  # evaluation only
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "history": history}, f, indent=1)
-        return
+    result = {"args": vars(args), "history": history}
+    if args.steps:
+        result.update(train(args, model, stream, collate, device, amp, evaluate))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def train(args, model, stream, collate, device, amp, evaluate) -> dict:
+    """`args.steps` optimizer steps from the adapter as loaded; evaluates on the way and at the end."""
     lo_hi = tuple(int(x) for x in args.facts.split(","))
-    train = stream(lo_hi, tuple(int(x) for x in args.context.split(",")), False, seed=1,
+    samples = stream(lo_hi, tuple(int(x) for x in args.context.split(",")), False, seed=1,
                    formats=args.formats, keyless=args.keyless, repeat=args.repeat)
     groups = [{"params": model.adapter_parameters(), "lr": args.lr}]
     if args.lora:
@@ -190,7 +196,7 @@ def main() -> None:
     model.train()
     t0, losses = time.time(), []
     bar = tqdm(total=args.steps, desc="train", dynamic_ncols=True)
-    for step, b in enumerate(batches(train, collate, 0, args.steps * args.batch, args.batch, device), 1):
+    for step, b in enumerate(batches(samples, collate, 0, args.steps * args.batch, args.batch, device), 1):
         with amp():
             logits = model(input_ids=b["input_ids"], context_input_ids=b["context_input_ids"],
                            context_attention_mask=b["context_attention_mask"], use_cache=False).logits
@@ -207,11 +213,7 @@ def main() -> None:
     evaluate(args.steps)
     if args.save:
         model.save_pretrained(args.save, dtype=torch.bfloat16, max_shard_size=15 * 2**20)
-    result = {"args": vars(args), "train_seconds": time.time() - t0, "history": history,
-              "loss_first_last_20": [sum(losses[:20]) / 20, sum(losses[-20:]) / 20]}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    return {"train_seconds": time.time() - t0, "loss_first_last_20": [sum(losses[:20]) / 20, sum(losses[-20:]) / 20]}
 
 
 if __name__ == "__main__":
