@@ -17,7 +17,8 @@
 #   bash scripts/gpu/general.sh probe STAGE      # s/step, tokens/s and peak memory at BATCHES (16 32 64)
 #   bash scripts/gpu/general.sh retrieval STAGE  # pass key at 4K/16K/64K, RULER needles + variable tracking at 16K
 #   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
-#                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override)
+#                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override;
+#                                                # DS and CATEGORIES: space- or comma-separated)
 # Dry run on a CPU: ROOT=/tmp/g MIX=fixtures DEVICE=cpu DTYPE=float32 EXTRA="train.max_steps=4 ..." bash ... train smollm2 60
 # A fresh machine loses /root/runs: a checkpoint (fp32 weights + AdamW state, about 330 MB) does not fit
 # the trip back, so a later session starts from the brought-back adapter (INIT=DIR: model.init_adapter)
@@ -136,8 +137,9 @@ PY
   eval)
     stage=${2:?usage: eval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/latest_adapter}
     [ -d "$adapter" ] || python3 -c "print('no final adapter at $adapter: set ADAPTER_DIR')"
-    for cat in ${CATEGORIES:-$(ls "$MIX/heldout")}; do
-      for d in ${DS:-256 512 1024 2048}; do
+    cats=${CATEGORIES:-$(ls "$MIX/heldout")}; ds=${DS:-256 512 1024 2048}
+    for cat in ${cats//,/ }; do         # CATEGORIES and DS: space- or comma-separated
+      for d in ${ds//,/ }; do
         timeout ${EVAL_TIMEOUT:-900} python3 -m cepe.cli eval ppl --data "$MIX/heldout/$cat"/*.jsonl --adapter "$adapter" \
           --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} -D $d -W $((d / 2)) --context-tokens ${CTX:-0,4K} \
           --windows-per-doc ${WINDOWS:-8} --max-docs ${DOCS:-4} --methods ${METHODS:-cepe,truncated,full} \
