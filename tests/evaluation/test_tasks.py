@@ -240,6 +240,13 @@ def test_passkey_prompt_and_run(model, tok):
         assert len(grid) == 2 and len(grid[0]) == 2
         if name == "full":
             assert math.isnan(grid[0][1])  # 250 tokens do not fit 200
+    # every generated answer is kept (one per cell that fit, trials=1), scored as the grid counts it
+    for name, r in out["methods"].items():
+        kept = [x["correct"] for x in out["samples"] if x["method"] == name]
+        assert len(kept) == sum(not math.isnan(v) for row in r["grid_depth_by_length"] for v in row)
+        if kept:
+            assert sum(kept) / len(kept) == r["accuracy"]
+    assert sum(x["method"] == "cepe" for x in out["samples"]) == 4
     header, rows = passkey.table(out)
     assert header[-1] == "all" and len(rows) == 5
 

@@ -117,10 +117,12 @@ def run(methods: dict[str, Method], s: PasskeySettings, tokenizer: Any, filler: 
                         bar.update()
                         continue
                     answer = tokenizer.decode(out, skip_special_tokens=True)
-                    hits[name][(length, depth)].append(float(first_integer(answer) == key))
-                    if len(samples) < 20:
-                        samples.append({"method": name, "length": length, "depth": depth, "key": key,
-                                        "start": round(start, 4), "answer": answer})
+                    hit = first_integer(answer) == key
+                    hits[name][(length, depth)].append(float(hit))
+                    # every answer (a few tokens each), as RULER keeps them: a miss at 64K is read
+                    # from the file, not re-run
+                    samples.append({"method": name, "length": length, "depth": depth, "key": key,
+                                    "start": round(start, 4), "answer": answer, "correct": hit})
                     bar.update()
     bar.close()
     results = {}
