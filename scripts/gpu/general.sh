@@ -16,6 +16,7 @@
 #                  workers, with a watchdog that goes on without them if no step is logged for STALL s
 #   bash scripts/gpu/general.sh probe STAGE      # s/step, tokens/s and peak memory at BATCHES (16 32 64)
 #   bash scripts/gpu/general.sh retrieval STAGE  # pass key at 4K/16K/64K, RULER needles + variable tracking at 16K
+#   bash scripts/gpu/general.sh evaluate STAGE   # retrieval and eval at once, results in OUT/evaluate_STAGE.tar.gz
 #   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
 #                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override;
 #                                                # DS and CATEGORIES: space- or comma-separated)
@@ -187,5 +188,18 @@ PY
       --tasks ${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,vt} --samples ${RULER_SAMPLES:-32} \
       --methods cepe --name ruler_${stage}
     ;;
-  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | prepare|probe|eval|retrieval smollm2|gemma3"; exit 2 ;;
+  evaluate)
+    # `retrieval` and `eval` at once: neither keeps the GPU busy (a SmolLM2 forward is small), so
+    # together they take about the longer one's time instead of the sum. Their JSON and plots come
+    # back in one archive (a call brings back at most 8 files); the tables are printed here
+    stage=${2:?usage: evaluate smollm2|gemma3}; tmp=$(mktemp -d)
+    OUT=$tmp/retrieval bash "$0" retrieval "$stage" > "$tmp/retrieval.log" 2>&1 & r=$!
+    OUT=$tmp/ppl bash "$0" eval "$stage" > "$tmp/ppl.log" 2>&1 & p=$!
+    set +e; wait $r; rr=$?; wait $p; rp=$?; set -e
+    grep -h -B1 -A8 -- '^---' "$tmp/retrieval.log" "$tmp/ppl.log" || true
+    tar -czf "$OUT/evaluate_$stage.tar.gz" -C "$tmp" .
+    echo "retrieval exit $rr, eval exit $rp: $(find "$tmp" -name '*.json' | wc -l) result files in $OUT/evaluate_$stage.tar.gz"
+    [ $rr = 0 ] && [ $rp = 0 ]
+    ;;
+  *) echo "usage: $0 unpack | train smollm2|gemma3 [MAX_SECONDS] | prepare|probe|eval|retrieval|evaluate smollm2|gemma3"; exit 2 ;;
 esac
