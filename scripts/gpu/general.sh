@@ -126,7 +126,7 @@ PY
     python3 scripts/gpu/general_curve.py "$run" --out "$run/curve.png" || true
     # small files in one archive (at most 8 files come back); the shards beside it
     tar -czf "$OUT/run_$stage.tar.gz" -C "$run" $(cd "$run" && ls metrics.jsonl summary.json metrics.png split.json \
-      data_report.json config.yaml curve.png curve.json 2>/dev/null) \
+      data_report.json config.yaml curve.png curve.json heldout_answers.json 2>/dev/null) \
       $( [ -d "$OUT/adapter_$stage" ] && echo -C "$OUT/adapter_$stage" $(cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$') ) \
       || echo "nothing to archive yet"
     if [ -d "$OUT/adapter_$stage" ]; then

@@ -201,3 +201,25 @@ def test_exact_match_is_split_by_the_kind_of_answer():
     assert out[ANSWER_GROUPS.index("facts_multi")].tolist() == [2, 1]
     assert out[ANSWER_GROUPS.index("copying")].tolist() == [2, 1]
     assert out.sum().item() == 6
+
+
+def test_answer_texts_show_gold_and_argmax_per_answer_and_kind():
+    from cepe.training.metrics import ANSWER_GROUPS, answer_texts
+
+    multi, copying = ANSWER_GROUPS.index("facts_multi"), ANSWER_GROUPS.index("copying")
+    labels = torch.tensor([[9, 10, 11, 9, 12, 13], [9, 20, 21, 9, 9, 9], [9, 30, 9, 9, 9, 9], [9, 40, 9, 9, 9, 9]])
+    pred = labels.clone()
+    pred[0, 4] = 99  # row 0's second answer has a wrong token
+    task = torch.tensor([[0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]]).bool()
+    groups = torch.tensor([multi, multi, -1, copying])
+    taken = [0] * len(ANSWER_GROUPS)
+    rows = answer_texts(pred, labels, task, groups, lambda ids: " ".join(map(str, ids)), taken, per_group=1)
+    # one row per kind at most: row 1 (a second facts_multi) and row 2 (no kind) are left out
+    assert rows == [
+        {"kind": "facts_multi",
+         "answers": [{"gold": "10 11", "predicted": "10 11"}, {"gold": "12 13", "predicted": "99 13"}]},
+        {"kind": "copying", "answers": [{"gold": "40", "predicted": "40"}]},
+    ]
+    assert taken[multi] == 1 and taken[copying] == 1
+    # the kinds already full stay full across batches
+    assert answer_texts(pred, labels, task, groups, str, taken, per_group=1) == []

@@ -226,3 +226,8 @@ def test_heldout_exact_match_is_reported_per_kind_of_answer(tmp_path):
     assert "copying" in groups and groups & {"facts_single", "facts_multi", "facts_chain"}, sorted(summary)
     for g in groups:
         assert 0 <= summary[f"task_exact_{g}_with_context"] <= 1
+    # the last evaluation's answers as text, for the kinds it saw
+    shown = json.loads((tmp_path / "run" / "heldout_answers.json").read_text())
+    assert shown["step"] == 1 and {r["kind"] for r in shown["rows"]} <= groups
+    assert "copying" in {r["kind"] for r in shown["rows"]}
+    assert all(a["gold"].strip() and isinstance(a["predicted"], str) for r in shown["rows"] for a in r["answers"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,26 @@ def whole_answers_by_group(correct: torch.Tensor, task: torch.Tensor, groups: to
     host sync."""
     return torch.stack([torch.stack(whole_answers(correct, task & (groups == g)[:, None]))
                         for g in range(len(ANSWER_GROUPS))]).double()
+
+
+def answer_texts(pred: torch.Tensor, labels: torch.Tensor, task: torch.Tensor, groups: torch.Tensor,
+                 decode: Callable[[list[int]], str], taken: list[int], per_group: int = 2) -> list[dict]:
+    """Held-out answers as text, at most `per_group` rows per kind (`taken`: rows already kept per
+    index of ANSWER_GROUPS, updated in place across batches). Per row: its kind and, per answer (a
+    run of `task`), the gold text and the teacher-forced argmax text: up to its first wrong token,
+    what greedy decoding writes. A miss's form (one value of a list, a haystack word, an invented
+    name) is what the exact-match figures cannot show. pred, labels, task (B, T); groups (B,)."""
+    rows = []
+    pred, labels, task = pred.cpu(), labels.cpu(), task.cpu()
+    for b, g in enumerate(groups.tolist()):
+        if g < 0 or taken[g] >= per_group or not task[b].any():
+            continue
+        taken[g] += 1
+        idx = task[b].nonzero().flatten()
+        runs = torch.tensor_split(idx, (torch.diff(idx) > 1).nonzero().flatten() + 1)
+        rows.append({"kind": ANSWER_GROUPS[g], "answers": [
+            {"gold": decode(labels[b, r].tolist()), "predicted": decode(pred[b, r].tolist())} for r in runs]})
+    return rows
 
 
 class Meter:

@@ -36,8 +36,8 @@ from .build import build_model, describe, grown_layers
 from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import (TeacherFile, cross_entropy, distilled_positions, kl_divergence, online_teacher_logits,
                      topk_kl_divergence)
-from .metrics import (ANSWER_GROUPS, Meter, MetricsLog, answer_group, plot_metrics, print_table, whole_answers,
-                      whole_answers_by_group)
+from .metrics import (ANSWER_GROUPS, Meter, MetricsLog, answer_group, answer_texts, plot_metrics, print_table,
+                      whole_answers, whole_answers_by_group)
 from .schedule import GlobalBatchSampler, lr_lambda
 from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
@@ -220,9 +220,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, shown: list[dict] | None = None) -> dict[str, float]:
         """Held-out perplexity and next-token accuracy, with the context and without it (the
-        frozen base decoder alone; computed once, it cannot change)."""
+        frozen base decoder alone; computed once, it cannot change). `shown`, if given, receives
+        up to 2 held-out answers per kind as text, read with the context (`metrics.answer_texts`)."""
         if self.data.heldout is None:
             return {}
         t = self.cfg.train
@@ -239,6 +240,7 @@ class Trainer:
             # answers, answers all right; loss and tokens of ordinary text (what perplexity targets read)
             sums = torch.zeros(9, dtype=torch.float64, device=self.acc.device)
             by_group = torch.zeros(len(ANSWER_GROUPS), 2, dtype=torch.float64, device=self.acc.device)
+            taken = [0] * len(ANSWER_GROUPS)
             for i in range(0, len(mine), bs):
                 samples = [self.data.heldout[j] for j in mine[i : i + bs]]
                 groups = torch.tensor([answer_group(s) for s in samples], device=self.acc.device)
@@ -265,6 +267,8 @@ class Trainer:
                 sums[5] += answers
                 sums[6] += whole
                 by_group += whole_answers_by_group(pred == labels, task, groups)
+                if shown is not None and with_context and i < 4 * bs:  # a host sync: first batches only
+                    shown += answer_texts(pred, labels, task, groups, self.unwrapped.tokenizer.decode, taken)
                 text = valid & ~task
                 sums[7] += (ce * text).sum().double()  # a product, not a boolean index: no host sync
                 sums[8] += text.sum()
@@ -359,7 +363,11 @@ class Trainer:
             (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report, indent=1, default=str))
 
     def _evaluate_and_log(self, log: MetricsLog, meter: Meter | None = None) -> dict[str, float]:
-        ev = self.evaluate()
+        shown: list[dict] | None = [] if self.acc.is_main_process else None
+        ev = self.evaluate(shown)
+        if shown:  # the latest evaluation's answers as text, beside metrics.jsonl
+            record = {"step": self.step, "rows": shown}
+            (self.run_dir / "heldout_answers.json").write_text(json.dumps(record, indent=1))
         if ev:
             log.log(self.step, {f"eval/{k}": v for k, v in ev.items()})
             if meter is not None:
