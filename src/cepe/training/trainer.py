@@ -268,7 +268,7 @@ class Trainer:
                 sums[6] += whole
                 by_group += whole_answers_by_group(pred == labels, task, groups)
                 if shown is not None and with_context and i < 4 * bs:  # a host sync: first batches only
-                    shown += answer_texts(pred, labels, task, groups, self.unwrapped.tokenizer.decode, taken)
+                    shown += answer_texts(pred, labels, task, groups, self._decode, taken)
                 text = valid & ~task
                 sums[7] += (ce * text).sum().double()  # a product, not a boolean index: no host sync
                 sums[8] += text.sum()
@@ -361,6 +361,11 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
             (self.run_dir / "split.json").write_text(json.dumps(self.data.split, indent=1))
             (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report, indent=1, default=str))
+
+    def _decode(self, ids: list[int]) -> str:
+        """Token ids as text; as the ids themselves for a model without a tokenizer (token-id data)."""
+        tok = self.unwrapped.tokenizer
+        return tok.decode(ids) if tok is not None else " ".join(map(str, ids))
 
     def _evaluate_and_log(self, log: MetricsLog, meter: Meter | None = None) -> dict[str, float]:
         shown: list[dict] | None = [] if self.acc.is_main_process else None
