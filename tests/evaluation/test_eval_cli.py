@@ -74,6 +74,10 @@ def test_cli_qa_icl_passkey(files, tmp_path):
     out = _run(files, tmp_path, "icl", "--data", str(files / "icl.jsonl"), "--demos", "2,4", "--decoder-demos", "1",
                "--max-examples", "3")
     assert list(out["results"]["demos"]) == ["2", "4"] and (tmp_path / "r.png").stat().st_size > 1000
+    out = _run(files, tmp_path, "icl", "--data", str(files / "icl.jsonl"), "--demos", "2,4", "--decoder-demos", "1",
+               "--max-examples", "3", "--demo-seeds", "1,2")
+    assert list(out["results"]["demo_seeds"]) == ["1", "2"]
+    assert len(out["results"]["demos"]["4"]["methods"]["cepe"]["accuracy_raw_by_seed"]) == 2
     out = _run(files, tmp_path, "qa", "--questions", str(files / "questions.jsonl"), "--passages",
                str(files / "passages.jsonl"), "-m", "1", "-k", "1,2", "--max-new-tokens", "3", "--max-examples", "2")
     assert list(out["results"]["k"]) == ["1", "2"] and "best_decoder_only" in out["results"]["comparison"]

@@ -208,6 +208,27 @@ def test_icl_sweep_uses_one_test_set_and_nested_demos(model, tok):
     assert header[0] == "N" and len(table_rows) == 4
 
 
+def test_icl_demo_seeds_draw_other_sets_for_one_test_set_and_average(model, tok):
+    rows = [{"text": sentence_text(4, 120 + i), "label": "pos_thing" if i % 3 else "neg"} for i in range(30)]
+    s = icl.IclSettings(demos=4, decoder_demos=2, seed=3)
+    t0, d0 = icl.split(rows, s, 10, reserve=6)
+    t1, d1 = icl.split(rows, icl.IclSettings(4, 2, 3, demo_seed=1), 10, reserve=6)
+    t1_6, d1_6 = icl.split(rows, icl.IclSettings(6, 2, 3, demo_seed=1), 10, reserve=6)
+    assert t0 == t1 == t1_6 and d0 != d1 and d1_6[:4] == d1  # same test set; another, still nested, set
+    assert not {id(r) for r in t1} & {id(r) for r in d1_6}
+    methods = build_methods(["cepe", "truncated"], model)
+    out = icl.run_demo_seeds(methods, rows, s, [4, 6], [1, 2], tok, max_examples=10, progress=False)
+    assert list(out["demo_seeds"]) == ["1", "2"] and list(out["demos"]) == ["4", "6"]
+    for n in ("4", "6"):
+        per = [out["demo_seeds"][k]["demos"][n]["methods"]["cepe"]["accuracy_raw"] for k in ("1", "2")]
+        r = out["demos"][n]["methods"]["cepe"]
+        assert r["accuracy_raw_by_seed"] == per and abs(r["accuracy_raw"] - sum(per) / 2) < 1e-12
+        assert out["demos"][n]["gold"] == out["demo_seeds"]["1"]["demos"][n]["gold"]
+    assert icl.table(out)[0][0] == "N"
+    with pytest.raises(ValueError, match="empty"):
+        icl.run_demo_seeds(methods, rows, s, [4], [], tok)
+
+
 def test_icl_encoder_layouts(model):
     """packed: CEPE's encoder demonstrations as one running text; per-demo: one document each;
     both count every demonstration as read, and the decoder's part is the same."""

@@ -101,6 +101,8 @@ def register(subparsers) -> None:
     t.add_argument("--full-window", type=int, default=None,
                    help="token budget of 'full' (decoder alone); default its trained window")
     t.add_argument("--max-examples", type=int, default=100)
+    t.add_argument("--demo-seeds", type=ints, default=None,
+                   help="several demonstration sets (e.g. 0,1,2) on one test set; accuracies are their mean")
     add_common(t, "icl")
     t.set_defaults(func=cmd_icl)
 
@@ -366,14 +368,18 @@ def cmd_icl(args) -> int:
     em, methods = _setup(args)
     timer = Timer()
     common = dict(max_examples=args.max_examples, timer=timer, progress=not args.no_progress)
-    if len(args.demos) == 1:
+    if args.demo_seeds:
+        result = icl.run_demo_seeds(methods, rows, settings, args.demos, args.demo_seeds, em.tokenizer, **common)
+        first = next(iter(result["demos"].values()))
+    elif len(args.demos) == 1:
         result = icl.run(methods, rows, settings, em.tokenizer, **common)
-        first, plot = result, None
+        first = result
     else:
         result = icl.run_sweep(methods, rows, settings, args.demos, em.tokenizer, **common)
         first = next(iter(result["demos"].values()))
-        plot = partial(icl_sweep_plot, result=result, methods=methods, tag=_tag(em), data_name=Path(args.data).stem,
-                       decoder_demos=args.decoder_demos)
+    plot = None if len(args.demos) == 1 else partial(
+        icl_sweep_plot, result=result, methods=methods, tag=_tag(em), data_name=Path(args.data).stem,
+        decoder_demos=args.decoder_demos)
     header, table_rows = icl.table(result)
     data = {**fingerprint([args.data]), "examples": first["test_examples"]}
     note = f"labels: {len(first['labels'])}, majority-class accuracy {first['majority_baseline']:.3f}"

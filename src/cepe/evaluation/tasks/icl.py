@@ -6,7 +6,8 @@ et al. 2021, "Calibrate Before Use"), so a prior toward one label (a model that 
 for every input) is told apart from reading the demonstrations. Raw accuracy stays the headline.
 
 Demonstrations are sampled once per seed from the examples not under test, so every test example
-and method sees the same ones. Layouts:
+and method sees the same ones; `demo_seed` draws other sets for the same test set, and
+`run_demo_seeds` (`--demo-seeds`) reports the mean over several. Layouts:
 - `cepe`: encoder gets demos[:N-n] (default packed: laid end to end and cut into chunks; or one
   demonstration per chunk), decoder demos[N-n:] + the query;
 - `truncated`: the decoder's n demos + the query only;
@@ -36,6 +37,9 @@ class IclSettings:
     decoder_demos: int = 2  # n
     seed: int = 0
     encoder_layout: str = "packed"  # packed: the N - n demos as one text, cut into chunks | per-demo: a chunk each
+    # the demonstrations' own draw from the examples outside the test set (None: the test set's
+    # order); several of them measure several demonstration sets on one test set (`run_demo_seeds`)
+    demo_seed: int | None = None
 
     def __post_init__(self):
         if self.encoder_layout not in ("packed", "per-demo"):
@@ -62,7 +66,8 @@ def format_demo(row: dict) -> str:
 def split(
     rows: list[dict], s: IclSettings, max_examples: int | None, reserve: int | None = None
 ) -> tuple[list[dict], list[dict]]:
-    """(test examples, demonstrations), both from one seeded shuffle. `reserve` (>= demos): keep
+    """(test examples, demonstrations): the test set from `s.seed`'s shuffle, the demonstrations from
+    the rest, reshuffled by `s.demo_seed` if set. `reserve` (>= demos): keep
     that many examples out of the test set, so a sweep over N tests the same examples for every N
     and its demonstration sets are nested."""
     order = list(range(len(rows)))
@@ -71,7 +76,10 @@ def split(
     if n_test < 1:
         raise ValueError(f"{len(rows)} examples cannot give {s.demos} demonstrations and a test set")
     test = [rows[i] for i in order[:n_test]]
-    demos = [rows[i] for i in order[n_test : n_test + s.demos]]
+    pool = order[n_test:]
+    if s.demo_seed is not None:
+        random.Random(s.demo_seed).shuffle(pool)
+    demos = [rows[i] for i in pool[: s.demos]]  # a prefix of one pool: nested over N
     return test, demos
 
 
@@ -158,6 +166,30 @@ def run_sweep(methods: dict[str, Method], rows: list[dict], s: IclSettings, demo
             methods, rows, replace(s, demos=n), tokenizer, max_examples, timer, progress, reserve=max(demos)
         )
     return {"demos": out}
+
+
+def run_demo_seeds(methods: dict[str, Method], rows: list[dict], s: IclSettings, demos: list[int],
+                   demo_seeds: list[int], tokenizer: Any, max_examples: int | None = None,
+                   timer: Timer | None = None, progress: bool = True) -> dict:
+    """`run_sweep` once per demonstration set (`demo_seeds`), all on the test set of `s.seed`. One
+    set's accuracy depends on the examples it drew (a model that answers one label for every input
+    moves with the labels nearest the query), so the mean over sets is the figure:
+    {"demos": {N: result with each accuracy the mean over sets, plus `accuracy_raw_by_seed`},
+     "demo_seeds": {seed: run_sweep's result}}."""
+    if not demo_seeds:
+        raise ValueError("demo_seeds is empty")
+    by_seed = {str(d): run_sweep(methods, rows, replace(s, demo_seed=d), demos, tokenizer, max_examples, timer,
+                                 progress) for d in demo_seeds}
+    averaged = {}
+    for n, first in next(iter(by_seed.values()))["demos"].items():
+        runs = [sweep["demos"][n]["methods"] for sweep in by_seed.values()]
+        averaged[n] = {k: first[k] for k in ("labels", "majority_baseline", "test_examples", "gold")}
+        averaged[n]["methods"] = {
+            name: {**{k: mean([r[name][k] for r in runs]) for k in first["methods"][name]},
+                   "accuracy_raw_by_seed": [r[name]["accuracy_raw"] for r in runs]}
+            for name in first["methods"]
+        }
+    return {"demos": averaged, "demo_seeds": by_seed}
 
 
 def table(result: dict) -> tuple[list[str], list[list]]:
