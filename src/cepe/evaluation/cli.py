@@ -370,13 +370,11 @@ def cmd_icl(args) -> int:
     common = dict(max_examples=args.max_examples, timer=timer, progress=not args.no_progress)
     if args.demo_seeds:
         result = icl.run_demo_seeds(methods, rows, settings, args.demos, args.demo_seeds, em.tokenizer, **common)
-        first = next(iter(result["demos"].values()))
     elif len(args.demos) == 1:
         result = icl.run(methods, rows, settings, em.tokenizer, **common)
-        first = result
     else:
         result = icl.run_sweep(methods, rows, settings, args.demos, em.tokenizer, **common)
-        first = next(iter(result["demos"].values()))
+    first = next(iter(result["demos"].values())) if "demos" in result else result  # labels and test set: one for all N
     plot = None if len(args.demos) == 1 else partial(
         icl_sweep_plot, result=result, methods=methods, tag=_tag(em), data_name=Path(args.data).stem,
         decoder_demos=args.decoder_demos)
