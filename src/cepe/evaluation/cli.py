@@ -194,6 +194,14 @@ def _setup(args):
             if model is not None:
                 model.config.cross_attn_length_scaling = value
         em.description["length_scaling"] = value
+    if args.cross_attn_topk is not None:
+        from ..model.configuration import topk_keys
+
+        value = topk_keys(None if args.cross_attn_topk.lower() in ("off", "none", "0") else int(args.cross_attn_topk))
+        for model in [em.cepe, *em.others.values()]:
+            if model is not None:
+                model.config.cross_attn_topk = value
+        em.description["cross_attn_topk"] = value
     if extra and "cepe" in methods:  # the adapters side by side in every table
         order = ["cepe", *(n for n, _ in extra)]
         methods = {**{n: methods[n] for n in order}, **{n: m for n, m in methods.items() if n not in order}}

@@ -44,6 +44,9 @@ def add_common(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--length-scaling", default=None, metavar="L|off",
                    help="cross-attention length scaling for every CEPE model: logits x log(L)/log(n) beyond L context "
                         "tokens (default: the adapter's config)")
+    g.add_argument("--cross-attn-topk", default=None, metavar="K|off",
+                   help="every CEPE model attends, per decoder token, to its K highest-scoring context tokens only "
+                        "(default: the adapter's config; off: full attention)")
     g.add_argument("--compare-adapter", action="append", default=[], metavar="NAME=DIR",
                    help="another adapter on the same decoder, run as method NAME (e.g. ceped=runs/distill/adapter); "
                         "repeatable")

@@ -22,18 +22,27 @@ def length_scaling(value: Any) -> int | None:
     return int(value)
 
 
-def chunks_per_pass(value: Any) -> int | None:
-    """A valid `encoder_chunks_per_pass`: None (all chunks at once) or a positive int."""
+def _positive_or_none(value: Any, setting: str, unit: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or int(value) < 1:
-        raise ValueError(f"encoder_chunks_per_pass must be None or a positive number of chunks, got {value!r}")
+        raise ValueError(f"{setting} must be None or a positive number of {unit}, got {value!r}")
     return int(value)
 
 
+def topk_keys(value: Any) -> int | None:
+    """A valid `cross_attn_topk`: None (full attention) or a positive number of keys, as int."""
+    return _positive_or_none(value, "cross_attn_topk", "keys")
+
+
+def chunks_per_pass(value: Any) -> int | None:
+    """A valid `encoder_chunks_per_pass`: None (all chunks at once) or a positive int."""
+    return _positive_or_none(value, "encoder_chunks_per_pass", "chunks")
+
+
 # settings that change how a trained adapter runs, not what was trained: `from_pretrained` may override them
-RUNTIME_SETTINGS = ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling", "encoder_chunks_per_pass",
-                    "absorbed_states", "encoder_compile")
+RUNTIME_SETTINGS = ("kv_policy", "kv_cache_budget_bytes", "cross_attn_length_scaling", "cross_attn_topk",
+                    "encoder_chunks_per_pass", "absorbed_states", "encoder_compile")
 
 
 def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> None:
@@ -55,6 +64,7 @@ def apply_runtime_settings(config: CepeConfig, overrides: dict[str, Any]) -> Non
             raise ValueError(f"kv_cache_budget_bytes must be a number of bytes >= 0, got {value!r}")
         value = {
             "cross_attn_length_scaling": length_scaling,
+            "cross_attn_topk": topk_keys,
             "encoder_chunks_per_pass": chunks_per_pass,
             "kv_cache_budget_bytes": int,
         }.get(key, lambda v: v)(value)
@@ -103,6 +113,10 @@ class CepeConfig(PretrainedConfig):
             trained on: a row with n > L real context tokens has its cross-attention logits multiplied
             by log(L) / log(n), so attention spreads over a longer context as it did over L tokens
             instead of sharpening onto a few of them (measured in docs/results.md; no retraining).
+        cross_attn_topk: `None` (full attention) or k: each decoder token attends to its k
+            highest-scoring context tokens only, so a fact in one chunk does not fade among the
+            other chunks as the context grows (`cross_attention.topk_attention`; no retraining). With
+            it, `absorbed` decoding projects the keys per call instead.
         encoder_chunks_per_pass: at most this many chunks go through the encoder in one forward
             pass (`None`: all at once). Chunks are independent, so this bounds peak memory without
             changing the result (1,024 by default: 256K tokens at 256). Measured on an H200 with
@@ -133,6 +147,7 @@ class CepeConfig(PretrainedConfig):
         kv_policy: str = "recompute",
         kv_cache_budget_bytes: int = 8 * 2**30,
         cross_attn_length_scaling: int | None = None,
+        cross_attn_topk: int | None = None,
         encoder_chunks_per_pass: int | None = 1024,
         absorbed_states: str = "native",
         encoder_compile: str = "auto",
@@ -166,6 +181,7 @@ class CepeConfig(PretrainedConfig):
         self.kv_policy = kv_policy
         self.kv_cache_budget_bytes = kv_cache_budget_bytes
         self.cross_attn_length_scaling = length_scaling(cross_attn_length_scaling)
+        self.cross_attn_topk = topk_keys(cross_attn_topk)
         self.encoder_chunks_per_pass = chunks_per_pass(encoder_chunks_per_pass)
         self.absorbed_states = absorbed_states
         self.encoder_compile = encoder_compile

@@ -98,11 +98,14 @@ class CrossAttention(nn.Module):
         logit_scale: torch.Tensor | None = None,
         *,
         bias: ContextBias | None = None,
+        topk: int | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, T, H); key/value (B, Hkv, S, d); key_mask (B, S) bool, True = real token,
         or None when no key is padding (SDPA can then take its fused flash kernel); logit_scale
         (B,): per-row factor on the attention logits (length scaling), None for 1. `bias`: the two
         already in the attention's forms (`ContextBias`, built once per context), used instead.
+        topk: each query attends to its `topk` highest-scoring keys only (`topk_attention`); None
+        (or a context of at most `topk` keys) for full attention.
 
         Returns the delta (B, T, H) to add to the residual stream. Rows whose context is entirely
         padding get a zero delta (as if they had no context)."""
@@ -118,8 +121,11 @@ class CrossAttention(nn.Module):
         if bias.query_scale is not None:  # scaling the queries scales q.k and leaves the kernel choice alone
             q = q * _in(bias.query_scale, q.dtype)
         mask = None if bias.key_bias is None else _in(bias.key_bias, q.dtype)
-        with decode_kernels() if q.is_cuda and q.shape[-2] <= 64 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
+        if topk is not None and key.shape[-2] > topk:
+            out = topk_attention(q, key, value, mask, self.scaling, topk)
+        else:
+            with decode_kernels() if q.is_cuda and q.shape[-2] <= 64 else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scaling)
         out = out.view(b, kv_heads, group, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = self.o_proj(out)
         return out if bias.row_gate is None else out * _in(bias.row_gate, out.dtype)
@@ -164,6 +170,34 @@ class CrossAttention(nn.Module):
         for p in block.parameters():
             p.requires_grad_(True)
         return block
+
+
+def topk_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_bias: torch.Tensor | None,
+                   scale: float, k: int, max_scores: int = 2**26) -> torch.Tensor:
+    """Attention in which each query row reads only its k highest-scoring keys.
+
+    Softmax over all S keys gives every key some weight, so a fact that one chunk holds competes
+    with S - 1 others and fades as the context grows; among its row's top k it keeps the weight it
+    had in a short context (the sparse attention of Unlimiformer and Memorizing Transformers).
+
+    q (B, H, R, d); key/value (B, H, S, d); key_bias (B, 1, 1, S) additive (-inf at padding) or
+    None. Returns (B, H, R, d) in q's dtype. Scores are float32, in blocks of query rows of at most
+    `max_scores` scores, so a million keys never need a (R, S) matrix at once."""
+    b, h, s, d = key.shape
+    rows = q.shape[-2]
+    block = max(1, min(rows, max_scores // max(1, b * h * s)))
+    flat_values = value.reshape(b * h * s, d)
+    offsets = (torch.arange(b * h, device=q.device) * s).view(b, h, 1, 1)
+    out = []
+    for start in range(0, rows, block):
+        scores = torch.matmul(q[:, :, start:start + block], key.transpose(-1, -2)).float() * scale
+        if key_bias is not None:
+            scores = scores + key_bias.float()
+        top, index = scores.topk(k, dim=-1)  # (B, H, r, k)
+        weights = top.softmax(dim=-1).to(value.dtype)
+        picked = flat_values[index + offsets]  # (B, H, r, k, d)
+        out.append(torch.matmul(weights.unsqueeze(-2), picked).squeeze(-2))
+    return torch.cat(out, dim=-2).to(q.dtype)
 
 
 def _in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

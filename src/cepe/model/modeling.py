@@ -223,7 +223,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if kv is None:
             policy = self._kv_policy(ctx)
             parent = ctx.parent
-            if policy == "absorbed":  # decode from the encoder states; K/V only for many query rows, not kept
+            # decode from the encoder states; K/V only for many query rows, not kept (top-k reads
+            # keys: it projects them per call instead)
+            if policy == "absorbed" and self.config.cross_attn_topk is None:
                 src = parent if parent is not None else ctx
                 ctx.cross_cache.policy = src.cross_cache.policy = "absorbed"
                 delta = absorbed_delta(block, h, src, self._key_mask(src), self._logit_scale(src),
@@ -245,7 +247,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             if keep:
                 ctx.cross_cache.store(idx, *kv, policy=policy)
         trained = self.config.cross_attn_length_scaling
-        return block(h, *kv, bias=ctx.cross_cache.bias(ctx.attention_mask, trained, block.q_proj.weight.dtype))
+        return block(h, *kv, bias=ctx.cross_cache.bias(ctx.attention_mask, trained, block.q_proj.weight.dtype),
+                     topk=self.config.cross_attn_topk)
 
     def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
         """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
