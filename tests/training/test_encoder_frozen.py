@@ -58,3 +58,28 @@ def test_adapter_trained_with_each_encoder_setting_reloads_to_the_same_logits(tm
     ctx = torch.randint(3, 35, (1, 8, 2))
     with torch.no_grad():
         assert torch.equal(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
+
+
+def test_adapter_trained_with_topk_records_it_and_reloads_to_the_same_logits(tmp_path):
+    """model.cross_attn_topk trains through top-k cross-attention (gradients reach the
+    cross-attention through the k keys read) and the saved adapter runs that way by default."""
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "max_steps=2", "train.batch_size=4", "train.eval_samples=4", "model.cross_attn_topk=3")
+    trainer = Trainer(cfg, progress=False)
+    model = trainer.unwrapped
+    assert model.config.cross_attn_topk == 3
+    before = state(model.cross_attn)
+    trainer.fit()
+    model.eval()
+    after = state(model.cross_attn)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "k_proj" in k)
+    assert json.loads((out / "adapter" / "config.json").read_text())["cross_attn_topk"] == 3
+    base_encoder = tiny_encoder(cfg.model.tiny, model.decoder.config.vocab_size, cfg.model.chunk_size)
+    loaded = CepeForCausalLM.from_pretrained(out / "adapter", decoder=model.decoder, encoder=base_encoder).eval()
+    assert loaded.config.cross_attn_topk == 3
+    ids = torch.tensor([[2, 5, 30, 2, 7]])
+    ctx = torch.randint(3, 35, (1, 8, 2))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
+        loaded.config.cross_attn_topk = None
+        assert not torch.equal(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)

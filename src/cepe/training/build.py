@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfi
 from ..data.synthetic import vocab_needed
 from ..data.tokenizer import byte_tokenizer
 from ..model import CepeConfig, CepeForCausalLM
+from ..model.configuration import apply_runtime_settings
 from ..model.loading import DECODER_DERIVED, deprecated, encoder_name, load_decoder, load_model, resolve_adapter
 from .config import RunConfig, TinyConfig
 
@@ -65,6 +66,7 @@ def build_model(cfg: RunConfig) -> CepeForCausalLM:
         cross_attn_num_kv_heads=m.cross_attn_num_kv_heads, encoder_num_layers=m.encoder_num_layers,
         tokenizer=tokenizer, encoder_tokenizer=encoder_tokenizer, encoder_frozen=m.encoder_frozen,
     )
+    apply_runtime_settings(model.config, {"cross_attn_topk": m.cross_attn_topk})  # validated
     if m.init_adapter:
         load_init_adapter(model, m.init_adapter)
     # trainable weights stay fp32 (AdamW on bf16 weights loses small updates); autocast does the rest

@@ -55,6 +55,9 @@ class ModelConfig:
     dtype: str = "float32"  # decoder weights: float32 or bfloat16 (bfloat16 needs train.precision=bf16)
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     init_adapter: str | None = None  # start from a trained adapter folder (e.g. the previous stage)
+    # train with top-k cross-attention (each token reads its k best context tokens); the adapter's
+    # config records it, so it also runs that way by default
+    cross_attn_topk: int | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
