@@ -20,6 +20,7 @@
 #   bash scripts/gpu/general.sh eval STAGE       # held-out ppl per category at D = 256/512/1024/2048, 4K context:
 #                                                # cepe vs truncated vs full (CTX, DS, WINDOWS, CATEGORIES override;
 #                                                # DS and CATEGORIES: space- or comma-separated)
+# EVAL_ARGS: more `cepe eval` flags for eval and retrieval, e.g. "--cross-attn-topk 16"
 # Dry run on a CPU: ROOT=/tmp/g MIX=fixtures DEVICE=cpu DTYPE=float32 EXTRA="train.max_steps=4 ..." bash ... train smollm2 60
 # A fresh machine loses /root/runs: a checkpoint (fp32 weights + AdamW state, about 330 MB) does not fit
 # the trip back, so a later session starts from the brought-back adapter (INIT=DIR: model.init_adapter)
@@ -143,7 +144,7 @@ PY
       for d in ${ds//,/ }; do
         timeout ${EVAL_TIMEOUT:-900} python3 -m cepe.cli eval ppl --data "$MIX/heldout/$cat"/*.jsonl --adapter "$adapter" \
           --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} -D $d -W $((d / 2)) --context-tokens ${CTX:-0,4K} \
-          --windows-per-doc ${WINDOWS:-8} --max-docs ${DOCS:-4} --methods ${METHODS:-cepe,truncated,full} \
+          --windows-per-doc ${WINDOWS:-8} --max-docs ${DOCS:-4} --methods ${METHODS:-cepe,truncated,full} ${EVAL_ARGS:-} \
           --out "$OUT" --name ppl_${stage}_${cat}_D$d --no-progress
       done
     done
@@ -176,7 +177,7 @@ PY
     # 4K/16K/64K, depths 0-0.9; RULER's single/multi-key needles and variable tracking at 16K
     # (32 RULER samples per task: at 16 one sample moved a score by 6 points and two stages 19 apart)
     stage=${2:?usage: retrieval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/latest_adapter}
-    common=(--adapter "$adapter" --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --out "$OUT" --no-progress)
+    common=(--adapter "$adapter" --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16} --out "$OUT" --no-progress ${EVAL_ARGS:-})
     python3 -m cepe.cli eval passkey "${common[@]}" --lengths ${PK_LENGTHS:-4K,16K,64K} -D 256 \
       --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --trials ${PK_TRIALS:-4} --methods cepe,truncated \
       --name passkey_${stage}
