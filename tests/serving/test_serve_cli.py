@@ -120,3 +120,22 @@ def test_the_server_sets_the_models_encoder_compile_setting(tmp_path):
     assert model.config.encoder_compile == "always"
     with pytest.raises(ValueError, match="encoder_compile"):
         Service(model, ServeConfig(store_dir=str(tmp_path / "c"), encoder_compile="fast"))
+
+
+def test_the_server_sets_top_k_cross_attention_when_asked(tmp_path):
+    """--cross-attn-topk K|off reaches the model; without it the adapter's own setting stays."""
+    from cepe.serving.service import Service, ServeConfig
+    from tests.serving.serving_harness import tiny_serving_model
+
+    assert build_parser().parse_args(["serve", "--init", "zero", "--cross-attn-topk", "16"]).cross_attn_topk == 16
+    assert build_parser().parse_args(["serve", "--init", "zero", "--cross-attn-topk", "off"]).cross_attn_topk == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--init", "zero", "--cross-attn-topk", "0"])
+    model = tiny_serving_model()
+    model.config.cross_attn_topk = 8  # as an adapter trained with top-k records it
+    Service(model, ServeConfig(store_dir=str(tmp_path / "a")))
+    assert model.config.cross_attn_topk == 8
+    Service(model, ServeConfig(store_dir=str(tmp_path / "b"), cross_attn_topk=16))
+    assert model.config.cross_attn_topk == 16
+    Service(model, ServeConfig(store_dir=str(tmp_path / "c"), cross_attn_topk="off"))
+    assert model.config.cross_attn_topk is None

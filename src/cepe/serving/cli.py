@@ -15,11 +15,26 @@ from ..model.loading import DEFAULT_DECODER
 log = logging.getLogger("cepe.serving")
 
 
+def topk_flag(text: str) -> int | str:
+    """argparse type of --cross-attn-topk: "off" or a positive number of keys."""
+    if text.lower() == "off":
+        return "off"
+    from ..model.configuration import topk_keys
+
+    try:
+        return topk_keys(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of keys or 'off', got {text!r}") from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with an encode-once document store",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = add_model_arguments(p.add_argument_group("model"), default_adapter="released")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
+    m.add_argument("--cross-attn-topk", type=topk_flag, default=None, metavar="K|off",
+                   help="each token reads its K best context tokens only: better retrieval in long contexts, "
+                        "worse perplexity (default: the adapter's own setting)")
     m.add_argument("--model-name", default=None, help="id clients pass as `model` (None: from the adapter)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
@@ -148,6 +163,7 @@ def serve(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs,
         prefill_share=args.prefill_share,
         encoder_compile=args.encoder_compile,
+        cross_attn_topk=args.cross_attn_topk,
         store_format=args.store_format,
         **worker,
     )
@@ -173,3 +189,4 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+

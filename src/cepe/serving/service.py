@@ -68,10 +68,23 @@ class ServeConfig:
     # the encoder eager by default here: `auto` would stall the first long upload for the ~1 min
     # compilation, in the worker thread, beside captured decoding graphs (not yet measured together)
     encoder_compile: str = "never"
+    # top-k cross-attention (each token reads its k best context tokens): None keeps the adapter's
+    # own setting, "off" turns it off, k turns it on (better retrieval in long contexts, worse perplexity)
+    cross_attn_topk: int | str | None = None
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+
+def runtime_settings(config: ServeConfig) -> dict:
+    """The model's run-time settings the server sets (`apply_runtime_settings` validates them)."""
+    settings: dict = {"encoder_compile": config.encoder_compile}
+    if config.kv_policy:
+        settings["kv_policy"] = config.kv_policy
+    if config.cross_attn_topk is not None:
+        settings["cross_attn_topk"] = None if config.cross_attn_topk == "off" else config.cross_attn_topk
+    return settings
 
 
 class Service:
@@ -91,9 +104,7 @@ class Service:
         unbounded(self.encoder_tokenizer)  # documents are chunked before the encoder sees them
         from ..model.configuration import apply_runtime_settings
 
-        settings = {"encoder_compile": config.encoder_compile}
-        if config.kv_policy:
-            settings["kv_policy"] = config.kv_policy
+        settings = runtime_settings(config)
         apply_runtime_settings(model.config, settings)  # validated as on load
         self.model = model.eval()
         self.metrics = Metrics()
@@ -114,8 +125,7 @@ class Service:
             if not config.worker_factory:
                 raise ValueError("worker='process' needs worker_factory ('module:function' building the model)")
             spec = {"factory": config.worker_factory, "factory_kwargs": config.worker_factory_kwargs or {},
-                    "sys_path": list(config.worker_sys_path), "kv_policy": config.kv_policy,
-                    "encoder_compile": config.encoder_compile,
+                    "sys_path": list(config.worker_sys_path), "runtime_settings": settings,
                     "switch_interval_s": sys.getswitchinterval(), "scheduler": limits,
                     "json_logs": json_logging_on()}
             self.scheduler = ProcessScheduler(spec, self.metrics, int(config.memory_cache_mb * 2**20))

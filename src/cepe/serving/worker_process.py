@@ -277,10 +277,7 @@ def child_main(conn, spec_json: str) -> None:
     model = getattr(importlib.import_module(module), name)(**spec.get("factory_kwargs", {})).eval()
     from ..model.configuration import apply_runtime_settings
 
-    settings = {"encoder_compile": spec.get("encoder_compile", "never")}
-    if spec.get("kv_policy"):
-        settings["kv_policy"] = spec["kv_policy"]
-    apply_runtime_settings(model.config, settings)
+    apply_runtime_settings(model.config, spec.get("runtime_settings", {"encoder_compile": "never"}))
     lock, counters, loop = threading.Lock(), _Counters(), _Loop()
     sched = Scheduler(Runner(model, model.tokenizer, threading.Lock(), counters), metrics=counters, **spec["scheduler"])
     sched.start()
