@@ -31,6 +31,18 @@ def dtype_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPE_CHOICES)}, got {text!r}") from None
 
 
+def topk_flag(text: str) -> int | str:
+    """argparse type of --cross-attn-topk (eval, serve): "off" or a positive number of keys."""
+    if text.lower() == "off":
+        return "off"
+    from .model.configuration import topk_keys
+
+    try:
+        return topk_keys(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of keys or 'off', got {text!r}") from None
+
+
 def add_model_arguments(
     parser: argparse.ArgumentParser | Any,
     *,

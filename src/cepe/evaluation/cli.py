@@ -195,9 +195,7 @@ def _setup(args):
                 model.config.cross_attn_length_scaling = value
         em.description["length_scaling"] = value
     if args.cross_attn_topk is not None:
-        from ..model.configuration import topk_keys
-
-        value = topk_keys(None if args.cross_attn_topk.lower() in ("off", "none", "0") else int(args.cross_attn_topk))
+        value = None if args.cross_attn_topk == "off" else args.cross_attn_topk
         for model in [em.cepe, *em.others.values()]:
             if model is not None:
                 model.config.cross_attn_topk = value

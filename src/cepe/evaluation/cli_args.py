@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_options import add_model_arguments
+from ..cli_options import add_model_arguments, topk_flag
 
 DEFAULT_METHODS = {
     "ppl": "cepe,truncated,full,streamingllm,replug",
@@ -44,7 +44,7 @@ def add_common(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--length-scaling", default=None, metavar="L|off",
                    help="cross-attention length scaling for every CEPE model: logits x log(L)/log(n) beyond L context "
                         "tokens (default: the adapter's config)")
-    g.add_argument("--cross-attn-topk", default=None, metavar="K|off",
+    g.add_argument("--cross-attn-topk", type=topk_flag, default=None, metavar="K|off",
                    help="every CEPE model attends, per decoder token, to its K highest-scoring context tokens only "
                         "(default: the adapter's config; off: full attention)")
     g.add_argument("--compare-adapter", action="append", default=[], metavar="NAME=DIR",

@@ -9,22 +9,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli_options import add_model_arguments, model_choice, model_from_args
+from ..cli_options import add_model_arguments, model_choice, model_from_args, topk_flag
 from ..model.loading import DEFAULT_DECODER
 
 log = logging.getLogger("cepe.serving")
-
-
-def topk_flag(text: str) -> int | str:
-    """argparse type of --cross-attn-topk: "off" or a positive number of keys."""
-    if text.lower() == "off":
-        return "off"
-    from ..model.configuration import topk_keys
-
-    try:
-        return topk_keys(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of keys or 'off', got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -189,4 +177,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
