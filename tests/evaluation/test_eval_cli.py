@@ -81,6 +81,7 @@ def test_cli_qa_icl_passkey(files, tmp_path):
     out = _run(files, tmp_path, "qa", "--questions", str(files / "questions.jsonl"), "--passages",
                str(files / "passages.jsonl"), "-m", "1", "-k", "1,2", "--max-new-tokens", "3", "--max-examples", "2")
     assert list(out["results"]["k"]) == ["1", "2"] and "best_decoder_only" in out["results"]["comparison"]
+    assert out["model"]["cross_attn_topk"] is None  # recorded even when the adapter's own setting ran
     out = _run(files, tmp_path, "passkey", "--lengths", "300", "--depths", "0,1", "--trials", "1", "-D", "64",
                "--methods", "cepe,truncated", "--cross-attn-topk", "8")
     assert (tmp_path / "r.png").is_file() and len(out["results"]["methods"]["cepe"]["grid_depth_by_length"]) == 2

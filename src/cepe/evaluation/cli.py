@@ -193,13 +193,14 @@ def _setup(args):
         for model in [em.cepe, *em.others.values()]:
             if model is not None:
                 model.config.cross_attn_length_scaling = value
-        em.description["length_scaling"] = value
     if args.cross_attn_topk is not None:
         value = None if args.cross_attn_topk == "off" else args.cross_attn_topk
         for model in [em.cepe, *em.others.values()]:
             if model is not None:
                 model.config.cross_attn_topk = value
-        em.description["cross_attn_topk"] = value
+    if em.cepe is not None:  # what ran, whether set here or by the adapter's own config
+        em.description["cross_attn_topk"] = em.cepe.config.cross_attn_topk
+        em.description["length_scaling"] = em.cepe.config.cross_attn_length_scaling
     if extra and "cepe" in methods:  # the adapters side by side in every table
         order = ["cepe", *(n for n, _ in extra)]
         methods = {**{n: methods[n] for n in order}, **{n: m for n, m in methods.items() if n not in order}}
