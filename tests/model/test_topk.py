@@ -52,6 +52,26 @@ def test_topk_attention_never_reads_padding_and_blocks_rows_exactly():
     torch.testing.assert_close(topk_attention(q, k, v, bias, 0.5, 6, max_scores=1), out, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_topk_attention_gradients_match_dense_reference(padded):
+    """Training recomputes the k scores from gathered keys: the same values and gradients as a
+    dense masked softmax, with padding (fewer real keys than k) getting no gradient."""
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, s=12))
+    bias = torch.zeros(2, 1, 1, 12)
+    if padded:
+        bias[1, ..., 4:] = float("-inf")
+    out = topk_attention(q, k, v, bias, 0.5, 6, max_scores=100)  # a few rows per block
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = _reference(q, k, v, bias, 0.5, 6)
+    expected = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if padded:
+        assert grads[1][1, :, 4:].abs().max() == 0 and grads[2][1, :, 4:].abs().max() == 0
+
+
 def test_model_topk_setting_runs_every_block_sparse_and_policies_agree():
     """cross_attn_topk >= the context length is full attention; below it the logits move, and
     `absorbed`, `cache` and `recompute` give the same top-k logits."""
