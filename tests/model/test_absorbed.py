@@ -151,6 +151,27 @@ def test_8bit_states_give_the_delta_of_their_dequantized_values(kernel):
     assert not torch.allclose(ref, plain, rtol=1e-4, atol=1e-5)  # the 8-bit rounding is really there
 
 
+@pytest.mark.parametrize("topk", [1, 4, 200])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_topk_over_states_equals_the_cache_paths_topk(topk, kv_heads):
+    """`cross_attn_topk` read from the states (the absorbed policy at a million tokens) picks the
+    same k keys per query head as the projected keys do: padding, no context, logit scale, 8-bit
+    states; k above the context length is full attention."""
+    block = _blocks("llama", kv_heads)[0]
+    h, states, mask, scale = _inputs(block, t=2, s=150)
+    with torch.no_grad():
+        ref = block(h, *block.project_kv(states), mask, scale, topk=topk)
+        out = absorbed_cross_attention(block, h, states, mask, scale, topk=topk)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        full = _cache_path(block, h, states, mask, scale)
+        assert torch.allclose(out, full, rtol=1e-4, atol=1e-5) == (topk == 200)
+        packed = quantize_states(states, "int8")
+        ref = block(h, *block.project_kv(packed.dequantize()), mask, scale, topk=topk)
+        torch.testing.assert_close(absorbed_cross_attention(block, h, packed, mask, scale, topk=topk), ref,
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["matmul", "chunked"])
 def test_absorbed_step_never_hands_a_value_to_the_host(kernel):
     """A decoding step must be capturable as a CUDA graph: no op may read a device value on the

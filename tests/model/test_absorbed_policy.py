@@ -22,8 +22,8 @@ def absorbed_calls(monkeypatch):
     calls = []
     real = modeling.absorbed_delta
 
-    def spy(block, h, context, *args):
-        out = real(block, h, context, *args)
+    def spy(block, h, context, *args, **kwargs):
+        out = real(block, h, context, *args, **kwargs)
         calls.append((h.shape[0], context.batch_size, out is not None))
         return out
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_bert, tiny_cepe
 
 from cepe import CepeConfig, CepeForCausalLM
+from cepe.model import absorbed
 from cepe.model.cross_attention import topk_attention
 
 
@@ -72,7 +73,7 @@ def test_topk_attention_gradients_match_dense_reference(padded):
         assert grads[1][1, :, 4:].abs().max() == 0 and grads[2][1, :, 4:].abs().max() == 0
 
 
-def test_model_topk_setting_runs_every_block_sparse_and_policies_agree():
+def test_model_topk_setting_runs_every_block_sparse_and_policies_agree(monkeypatch):
     """cross_attn_topk >= the context length is full attention; below it the logits move, and
     `absorbed`, `cache` and `recompute` give the same top-k logits."""
     m = tiny_cepe("llama", "bert", chunk_size=8)
@@ -82,6 +83,9 @@ def test_model_topk_setting_runs_every_block_sparse_and_policies_agree():
     m.config.cross_attn_topk = 32  # = the context's 4 x 8 tokens
     torch.testing.assert_close(m(ids, context_input_ids=ctx).logits, full, rtol=0, atol=0)
     m.config.cross_attn_topk = 3
+    read = []  # the absorbed policy reads the states with top-k (no per-call key projection)
+    real = absorbed.attend_topk
+    monkeypatch.setattr(absorbed, "attend_topk", lambda *a, **kw: read.append(1) or real(*a, **kw))
     outs = {}
     with torch.no_grad():
         for policy in ("recompute", "cache", "absorbed"):
@@ -90,6 +94,13 @@ def test_model_topk_setting_runs_every_block_sparse_and_policies_agree():
     assert (outs["recompute"] - full).abs().max() > 1e-4
     for policy in ("cache", "absorbed"):
         torch.testing.assert_close(outs[policy], outs["recompute"], rtol=1e-5, atol=1e-5)
+    assert not read  # 7 query rows: the absorbed policy projects keys (absorbed_row_limit)
+    with torch.no_grad():  # one row, as in a decoding step: it reads the states
+        m.config.kv_policy = "cache"
+        ref = m(ids[:, :1], context_input_ids=ctx).logits
+        m.config.kv_policy = "absorbed"
+        torch.testing.assert_close(m(ids[:, :1], context_input_ids=ctx).logits, ref, rtol=1e-5, atol=1e-5)
+    assert len(read) == len(m.cross_attn)
 
 
 def test_topk_setting_is_validated_and_overridable_on_load(tmp_path):

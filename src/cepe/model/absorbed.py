@@ -140,6 +140,7 @@ def absorbed_cross_attention(
     *,
     weights: AbsorbedWeights | None = None,
     kernel: str = "auto",
+    topk: int | None = None,
 ) -> torch.Tensor:
     """The delta `block(h, *block.project_kv(s), key_mask, logit_scale)` returns, up to float
     rounding, computed from the encoder states without per-layer keys/values.
@@ -148,11 +149,18 @@ def absorbed_cross_attention(
     kernel reads the 8-bit data; the PyTorch paths dequantize first), or `Fp8States` (read by fp8
     matmuls, `absorbed_fp8`; kernel "compiled" or anything else for the eager passes); key_mask
     (B, S) bool (True = real token) or None; logit_scale (B,) or None; weights: `absorb(block)`
-    (computed here when None: pass them in when decoding). Returns (B, T, H); rows whose context is
-    all padding get a zero delta."""
+    (computed here when None: pass them in when decoding); topk: each query row reads only its k
+    highest-scoring states (`attend_topk`, whatever the kernel; not from `Fp8States`). Returns
+    (B, T, H); rows whose context is all padding get a zero delta."""
     weights = weights if weights is not None else absorb(block)
     q = absorbed_queries(block, weights, hidden_states, logit_scale)
-    if isinstance(encoder_states, Fp8States):  # fp8 tensor-core matmuls; "compiled" fuses the passes between
+    if topk is not None:
+        if isinstance(encoder_states, Fp8States):
+            raise ValueError("top-k attention reads native or 8-bit states, not Fp8States")
+        if isinstance(encoder_states, QuantizedStates):
+            encoder_states = encoder_states.dequantize()
+        mixed = attend_topk(q, encoder_states.to(block.k_proj.weight.dtype), topk, key_mask)
+    elif isinstance(encoder_states, Fp8States):  # fp8 tensor-core matmuls; "compiled" fuses the passes between
         mixed = attend_fp8(q, encoder_states, key_mask, fused=kernel == "compiled")
     elif isinstance(encoder_states, QuantizedStates):
         mixed = attend(q, encoder_states.data, key_mask, kernel=kernel, state_scale=encoder_states.scale)
@@ -218,7 +226,8 @@ def _weights_key(block: CrossAttention) -> tuple | None:
 
 def absorbed_delta(block: CrossAttention, hidden_states: torch.Tensor, context: ContextStates,
                    key_mask: torch.Tensor | None, logit_scale: torch.Tensor | None,
-                   weights: AbsorbedWeights, states: str = "native") -> torch.Tensor | None:
+                   weights: AbsorbedWeights, states: str = "native",
+                   topk: int | None = None) -> torch.Tensor | None:
     """One layer's cross-attention delta (B, T, H) read from `context`'s encoder states, or None
     when there are more query rows per context than `absorbed_row_limit` (then projecting the
     keys/values once is cheaper).
@@ -227,7 +236,8 @@ def absorbed_delta(block: CrossAttention, hidden_states: torch.Tensor, context: 
     consecutive rows (an expanded context's parent; r = 1 otherwise). Cross-attention has no order
     over queries, so each example's r x T queries attend as one block of rows, and the states are
     never repeated. key_mask (P, S) and logit_scale (P,) are `context`'s own. states: the config's
-    `absorbed_states` ("native", "fp8", "fp8-compiled"); fp8 states are packed once per context."""
+    `absorbed_states` ("native", "fp8", "fp8-compiled"); fp8 states are packed once per context.
+    topk: each row reads its k best states only (`cross_attn_topk`; states as held, no fp8 packing)."""
     b, t, width = hidden_states.shape
     p = context.batch_size
     rows = (b // p) * t
@@ -236,9 +246,10 @@ def absorbed_delta(block: CrossAttention, hidden_states: torch.Tensor, context: 
     # "auto": the Triton kernel on CUDA (one read of the states: 0.91 ms a layer at 1M tokens on the
     # H200 against 1.51 ms for two matmuls, docs/benchmarks.md run 13), the two matmuls elsewhere
     kernel = "compiled" if states == "fp8-compiled" else "auto"
-    held = context.hidden_states if states == "native" else context.cross_cache.fp8_states(context.hidden_states)
+    native = states == "native" or topk is not None
+    held = context.hidden_states if native else context.cross_cache.fp8_states(context.hidden_states)
     out = absorbed_cross_attention(block, hidden_states.reshape(p, rows, width), held,
-                                   key_mask, logit_scale, weights=weights, kernel=kernel)
+                                   key_mask, logit_scale, weights=weights, kernel=kernel, topk=topk)
     return out.view(b, t, width)
 
 
@@ -285,6 +296,23 @@ def attend_matmul(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor 
     if key_mask is not None:  # a row with no real key: softmax over nothing is NaN; its delta is zero
         p = torch.nan_to_num(p, nan=0.0)
     return torch.bmm(p.to(states.dtype), states).to(q.dtype)
+
+
+def attend_topk(q: torch.Tensor, states: torch.Tensor, k: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's softmax over its k highest-scoring states only (top-k cross-attention, as
+    `cross_attention.topk_attention` computes it from projected keys). q (B, R, He) pre-scaled,
+    states (B, S, He). Decoding has a few rows, so the (B, R, S) float32 scores are small next to
+    the states (9 heads x 1M tokens: 36 MB). Returns (B, R, He) in q's dtype."""
+    b, s, he = states.shape
+    scores = _scores(q, states)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
+    top, index = scores.topk(min(k, s), dim=-1)  # (B, R, k)
+    p = torch.softmax(top, dim=-1)
+    if key_mask is not None:  # a row with no real key: its delta is zero (attend_matmul)
+        p = torch.nan_to_num(p, nan=0.0)
+    picked = states.reshape(b * s, he)[index + (torch.arange(b, device=q.device) * s).view(b, 1, 1)]
+    return torch.matmul(p.to(states.dtype).unsqueeze(-2), picked).squeeze(-2).to(q.dtype)
 
 
 def attend_chunked(q: torch.Tensor, states: torch.Tensor, key_mask: torch.Tensor | None = None,

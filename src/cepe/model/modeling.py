@@ -223,13 +223,13 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if kv is None:
             policy = self._kv_policy(ctx)
             parent = ctx.parent
-            # decode from the encoder states; K/V only for many query rows, not kept (top-k reads
-            # keys: it projects them per call instead)
-            if policy == "absorbed" and self.config.cross_attn_topk is None:
+            # decode from the encoder states; K/V only for many query rows, not kept
+            if policy == "absorbed":
                 src = parent if parent is not None else ctx
                 ctx.cross_cache.policy = src.cross_cache.policy = "absorbed"
                 delta = absorbed_delta(block, h, src, self._key_mask(src), self._logit_scale(src),
-                                       self.absorbed_weights.get(idx, block), self.config.absorbed_states)
+                                       self.absorbed_weights.get(idx, block), self.config.absorbed_states,
+                                       topk=self.config.cross_attn_topk)
                 if delta is not None:
                     return delta
             keep = policy == "cache"
