@@ -1,0 +1,59 @@
+"""One decoding step's cross-attention with top-k (`cross_attn_topk`) over a long context, every
+layer of an adapter: read from the encoder states (the absorbed policy) against projecting each
+layer's keys/values per call, the path the absorbed policy took with top-k before 54c8c69.
+
+    python3 scripts/bench_absorbed_topk.py --adapter released --context 64K --topk 16
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cepe.model.absorbed import absorb, absorbed_cross_attention
+from cepe.model.loading import load_model
+from cepe.evaluation.cli_args import size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapter", default="released")
+    ap.add_argument("--context", type=size, default=65536, help="context tokens (random states)")
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    model = load_model(adapter=args.adapter, dtype=args.dtype, device=args.device)
+    blocks = list(model.cross_attn.values())
+    dtype, dev = blocks[0].q_proj.weight.dtype, blocks[0].q_proj.weight.device
+    states = torch.randn(1, args.context, blocks[0].k_proj.in_features, dtype=dtype, device=dev)
+    h = torch.randn(1, 1, blocks[0].q_proj.in_features, dtype=dtype, device=dev)
+    weights = [absorb(b) for b in blocks]
+
+    def timed(fn) -> tuple[float, list[torch.Tensor]]:
+        best, out = float("inf"), []
+        for _ in range(args.repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best, out
+
+    with torch.no_grad():
+        t_abs, a = timed(lambda: [absorbed_cross_attention(b, h, states, weights=w, topk=args.topk)
+                                  for b, w in zip(blocks, weights)])
+        t_proj, p = timed(lambda: [b(h, *b.project_kv(states), topk=args.topk) for b in blocks])
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, p))
+    print("| layers | context | k | absorbed top-k | projected per call | speed-up | max |diff| |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {len(blocks)} | {args.context} | {args.topk} | {t_abs * 1e3:.1f} ms | {t_proj * 1e3:.1f} ms "
+          f"| {t_proj / t_abs:.1f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
