@@ -7,13 +7,13 @@ layer's keys/values per call, the path the absorbed policy took with top-k befor
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from cepe.benchmarks.kernels import event_times
+from cepe.evaluation.cli_args import size
 from cepe.model.absorbed import absorb, absorbed_cross_attention
 from cepe.model.loading import load_model
-from cepe.evaluation.cli_args import size
 
 
 def main() -> None:
@@ -32,22 +32,15 @@ def main() -> None:
     h = torch.randn(1, 1, blocks[0].q_proj.in_features, dtype=dtype, device=dev)
     weights = [absorb(b) for b in blocks]
 
-    def timed(fn) -> tuple[float, list[torch.Tensor]]:
-        best, out = float("inf"), []
-        for _ in range(args.repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return best, out
+    def absorbed() -> list[torch.Tensor]:
+        return [absorbed_cross_attention(b, h, states, weights=w, topk=args.topk) for b, w in zip(blocks, weights)]
+
+    def projected() -> list[torch.Tensor]:
+        return [b(h, *b.project_kv(states), topk=args.topk) for b in blocks]
 
     with torch.no_grad():
-        t_abs, a = timed(lambda: [absorbed_cross_attention(b, h, states, weights=w, topk=args.topk)
-                                  for b, w in zip(blocks, weights)])
-        t_proj, p = timed(lambda: [b(h, *b.project_kv(states), topk=args.topk) for b in blocks])
+        t_abs, t_proj = (min(event_times(fn, args.repeats, dev)) for fn in (absorbed, projected))
+        a, p = absorbed(), projected()
     diff = max(float((x - y).abs().max()) for x, y in zip(a, p))
     print("| layers | context | k | absorbed top-k | projected per call | speed-up | max |diff| |")
     print("|---|---|---|---|---|---|---|")
