@@ -77,6 +77,27 @@ def test_variable_windows_per_block_and_context_lengths(tmp_path, mix):
     assert data.train.window_of(5) == len(data.train[5]["input_ids"])
 
 
+def test_block_context_draw_shares_the_length_within_a_micro_batch(tmp_path, mix):
+    kw = {"decoder_windows": [64, 128], "window_block": 4, "mixture": {"long_document": 1.0, "facts": 1.0},
+          "facts": FactsConfig(context_tokens=[64, 1024])}
+    uniform, _ = _data(tmp_path, mix, context_draw="uniform", **kw)
+    block, _ = _data(tmp_path, mix, context_draw="block", **kw)
+
+    def spread(data):
+        """Mean range of log context lengths within a block, and over all samples."""
+        logs = np.log([[len(data.train[4 * b + j]["context"][0]) for j in range(4)] for b in range(40)])
+        return np.mean(logs.max(1) - logs.min(1)), logs.max() - logs.min()
+
+    (u_in, u_all), (b_in, b_all) = spread(uniform), spread(block)
+    assert b_all > 0.5 * u_all  # blocks still range over short and long contexts ...
+    assert b_in < 0.35 * u_in  # ... but a block's contexts are alike (only a document's start cuts one short)
+    for i in (3, 17, 50):  # the window and everything drawn after the length stay where they were
+        a, b = uniform.train[i], block.train[i]
+        assert a["kind"] == b["kind"] and (a["input_ids"] == b["input_ids"]).all()
+    with pytest.raises(ValueError, match="context_draw"):
+        DataConfig(train=["x"], context_draw="blocks").validate()
+
+
 def test_collator_pads_variable_windows(tmp_path, mix):
     data, _ = _data(tmp_path, mix, decoder_windows=[64, 256], window_block=1, mixture={"long_document": 1.0})
     samples = [data.train[i] for i in range(8)]

@@ -105,7 +105,9 @@ class DataConfig:
     window_block: int = 1
     min_context_tokens: int | None = None  # shortest context accepted (default: context_tokens)
     # context length per sample: "max" reads up to context_tokens; "uniform" draws it in
-    # [min_context_tokens, context_tokens], log-uniformly (short and long contexts alike)
+    # [min_context_tokens, context_tokens], log-uniformly (short and long contexts alike); "block":
+    # as uniform, but the draw's quantile is shared by each block of `window_block` samples, so a
+    # micro-batch pads its contexts to similar lengths (each builder's distribution is unchanged)
     context_draw: str = "max"
     # put the decoder's BOS before every decoder window (no loss on it); null: when the decoder's
     # tokenizer adds one itself (Gemma needs <bos>; SmolLM2's BOS is a chat token, left out)
@@ -138,8 +140,8 @@ class DataConfig:
             raise ValueError(f"data.decoder_windows: a non-empty list of windows >= 2, got {self.decoder_windows}")
         if self.window_block < 1:
             raise ValueError(f"data.window_block must be at least 1, got {self.window_block}")
-        if self.context_draw not in ("max", "uniform"):
-            raise ValueError(f"data.context_draw must be 'max' or 'uniform', got {self.context_draw!r}")
+        if self.context_draw not in ("max", "uniform", "block"):
+            raise ValueError(f"data.context_draw must be 'max', 'uniform' or 'block', got {self.context_draw!r}")
         if self.retrieval.scope not in ("any", "same_source"):
             raise ValueError(f"data.retrieval.scope must be 'any' or 'same_source', got {self.retrieval.scope!r}")
         own_context = [("facts.context_tokens", self.facts.context_tokens)] if self.facts.context_tokens else []

@@ -209,7 +209,8 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
         try:
             held_builders = _builders(Corpus(dec, enc, held_docs), cfg, codec, teacher_tokens, pool)
             heldout = SampleStream(held_builders, cfg.mixture, cfg.seed, HELDOUT_SPLIT, windows=cfg.decoder_windows,
-                                   window_block=cfg.window_block, bos_id=bos_id)
+                                   window_block=cfg.window_block, bos_id=bos_id,
+                                   context_block=cfg.context_draw == "block")
             report["heldout_skipped_short"] = {k: b.skipped_short for k, b in held_builders.items()}
         except TooShort as e:
             report["heldout_unusable"] = str(e)
@@ -222,5 +223,6 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, encoder_tokenizer: Any = 
     }
     report["decoder_bos"] = bos_id
     train = SampleStream(train_builders, cfg.mixture, cfg.seed, TRAIN_SPLIT, cfg.encoder_mask_prob, mask_id,
-                         windows=cfg.decoder_windows, window_block=cfg.window_block, bos_id=bos_id)
+                         windows=cfg.decoder_windows, window_block=cfg.window_block, bos_id=bos_id,
+                         context_block=cfg.context_draw == "block")
     return DataBundle(train=train, heldout=heldout, report=report, split=split)

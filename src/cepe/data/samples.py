@@ -128,9 +128,14 @@ class WarmupBuilder(_WindowBuilder):
         }
 
 
-def log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
-    """An integer drawn log-uniformly in [lo, hi]: short and long contexts alike."""
-    return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+def log_uniform(rng: np.random.Generator, lo: int, hi: int, q: float | None = None) -> int:
+    """An integer drawn log-uniformly in [lo, hi]: short and long contexts alike. With `q` in
+    [0, 1) the draw is that quantile instead (the generator still advances by one draw, so the
+    rest of a sample does not move)."""
+    x = rng.uniform(np.log(lo), np.log(hi))
+    if q is not None:
+        x = np.log(lo) + q * (np.log(hi) - np.log(lo))
+    return int(round(np.exp(x)))
 
 
 class LongDocumentBuilder(_WindowBuilder):
@@ -138,6 +143,7 @@ class LongDocumentBuilder(_WindowBuilder):
     `min_context_tokens`); the decoder reads the next D tokens; loss on the decoder tokens."""
 
     kind = "long_document"
+    draws_context = True  # takes `context_q`: SampleStream shares it across a block
 
     def __init__(self, corpus: Corpus, cfg: DataConfig, teacher_tokens: int = 0):
         self.N = cfg.context_tokens
@@ -157,16 +163,17 @@ class LongDocumentBuilder(_WindowBuilder):
         c_min = int(enc_ends[self.min_ctx - 1])
         return int(np.searchsorted(self.corpus.decoder.doc_ends(doc), c_min, side="left")) + 1
 
-    def context_length(self, rng: np.random.Generator) -> int:
-        """Encoder tokens this sample's context may hold (`data.context_draw`)."""
+    def context_length(self, rng: np.random.Generator, q: float | None = None) -> int:
+        """Encoder tokens this sample's context may hold (`data.context_draw`); `q`: the
+        quantile of the draw, shared by a block of samples (context_draw "block")."""
         if self.cfg.context_draw == "max" or self.min_ctx == self.N:
             return self.N
-        return log_uniform(rng, self.min_ctx, self.N)
+        return log_uniform(rng, self.min_ctx, self.N, q)
 
-    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
+    def sample(self, rng: np.random.Generator, d: int | None = None, context_q: float | None = None) -> dict[str, Any]:
         d = self.fit(d or self.D)
         doc, p = self.pick_window(rng, d)
-        n = self.context_length(rng)
+        n = self.context_length(rng, context_q)
         c = self.corpus.decoder.char_start(doc, p)
         b = self.corpus.encoder.tokens_before(doc, c)
         context = np.asarray(self.corpus.encoder.doc_tokens(doc)[max(0, b - n) : b], dtype=np.int64)
@@ -189,6 +196,12 @@ class SyntheticBuilder:
                 "teacher_prefix": ex["context"], "task_mask": ex["labels"] != -100}
 
 
+def block_quantile(seed: int, split: int, block: int) -> float:
+    """The context-length quantile shared by the samples of `block` (context_draw "block"), from
+    its own generator like `block_window`."""
+    return float(np.random.default_rng([seed, split, int(block), 2]).uniform())
+
+
 def block_window(seed: int, split: int, windows: list[int], block: int) -> int:
     """The decoder window of every sample of `block` (consecutive `window_block` indices): drawn
     from its own generator, so that the builders' draws do not move."""
@@ -202,8 +215,9 @@ class SampleStream(torch.utils.data.Dataset):
 
     def __init__(self, builders: dict[str, Any], weights: dict[str, float], seed: int, split: int,
                  mask_prob: float = 0.0, mask_id: int | None = None, length: int = 2**62,
-                 windows: list[int] | None = None, window_block: int = 1, bos_id: int | None = None):
-        self.builders = builders
+                 windows: list[int] | None = None, window_block: int = 1, bos_id: int | None = None,
+                 context_block: bool = False):
+        self.builders, self.context_block = builders, context_block
         self.windows, self.window_block, self.bos_id = (sorted(windows) if windows else None), window_block, bos_id
         self.kinds = [k for k in builders if weights.get(k, 0) > 0]
         w = np.array([weights[k] for k in self.kinds], dtype=np.float64)
@@ -225,7 +239,13 @@ class SampleStream(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.split, int(index)])
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))] if len(self.kinds) > 1 else self.kinds[0]
-        sample = self.builders[kind].sample(rng, self.window_of(index))
+        builder = self.builders[kind]
+        if self.context_block and getattr(builder, "draws_context", False):
+            # one context quantile per micro-batch: its contexts pad to similar lengths
+            q = block_quantile(self.seed, self.split, int(index) // self.window_block)
+            sample = builder.sample(rng, self.window_of(index), context_q=q)
+        else:
+            sample = builder.sample(rng, self.window_of(index))
         if self.mask_prob > 0:
             sample["context"] = [
                 np.where(rng.random(len(c)) < self.mask_prob, self.mask_id, c) for c in sample["context"]

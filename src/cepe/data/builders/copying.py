@@ -103,8 +103,8 @@ class CopyingBuilder(AnswerTail, LongDocumentBuilder):
         self.codec = codec
         super().__init__(corpus, cfg, teacher_tokens)
 
-    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
-        base = super().sample(rng, d)
+    def sample(self, rng: np.random.Generator, d: int | None = None, context_q: float | None = None) -> dict[str, Any]:
+        base = super().sample(rng, d, context_q)
         ids, (context,) = base["input_ids"], base["context"]
         budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
         ctx_ids = self._context_decoder_tokens(base["doc"], base["position"], len(context))

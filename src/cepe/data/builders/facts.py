@@ -88,14 +88,14 @@ class FactsBuilder(CopyingBuilder):
         weights = np.array([cfg.facts.formats.get(f, 0.0) for f in self.FORMATS], dtype=np.float64)
         self.format_p = weights / weights.sum()
 
-    def context_length(self, rng: np.random.Generator) -> int:
+    def context_length(self, rng: np.random.Generator, q: float | None = None) -> int:
         """Encoder tokens of this sample's context: `data.facts.context_tokens` when set."""
         if self.cfg.facts.context_tokens is None:
-            return super().context_length(rng)
-        return log_uniform(rng, *self.cfg.facts.context_tokens)
+            return super().context_length(rng, q)
+        return log_uniform(rng, *self.cfg.facts.context_tokens, q)
 
-    def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
-        base = super(CopyingBuilder, self).sample(rng, d)  # a plain long-document window
+    def sample(self, rng: np.random.Generator, d: int | None = None, context_q: float | None = None) -> dict[str, Any]:
+        base = super(CopyingBuilder, self).sample(rng, d, context_q)  # a plain long-document window
         ids, (context,) = base["input_ids"], base["context"]
         budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
         text = self.codec.decode(self._context_decoder_tokens(base["doc"], base["position"], len(context)))
