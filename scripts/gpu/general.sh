@@ -14,6 +14,7 @@
 #                  (its config/index, metrics.jsonl, summary, split, curve); ADAPTER=0 brings back metrics only;
 #                  also kept as $ROOT/runs/general_STAGE/latest_adapter for `eval`. WORKERS (default 6) DataLoader
 #                  workers, with a watchdog that goes on without them if no step is logged for STALL s
+#   bash scripts/gpu/general.sh wait STAGE       # until a `train` started in the background has ended
 #   bash scripts/gpu/general.sh probe STAGE      # s/step, tokens/s and peak memory at BATCHES (16 32 64)
 #   bash scripts/gpu/general.sh retrieval STAGE  # pass key at 4K/16K/64K, RULER needles + variable tracking at 16K
 #   bash scripts/gpu/general.sh evaluate STAGE   # retrieval and eval at once, results in OUT/evaluate_STAGE.tar.gz
@@ -72,6 +73,7 @@ PY
     t0=$(date +%s)
     # a run resumes only under the same config: remember the INIT it started from for later calls
     mkdir -p "$run"
+    echo $$ > "$run/train.pid"; trap 'rm -f "$run/train.pid"' EXIT   # for `wait`, when run in the background
     if [ -n "${INIT:-}" ]; then echo "$INIT" > "$run/init_adapter.txt"
     elif [ -f "$run/init_adapter.txt" ]; then INIT=$(cat "$run/init_adapter.txt"); echo "resuming the run started from INIT=$INIT"; fi
     train() {  # $1 seconds, $2 DataLoader workers
@@ -135,6 +137,12 @@ PY
       (cd "$OUT/adapter_$stage" && ls | grep -v '^model.*safetensors$' | xargs rm -f && mv model*.safetensors "$OUT"/ && cd .. && rmdir "adapter_$stage")
     fi
     ls -la "$OUT"
+    ;;
+  wait)
+    # until a `train` started in the background (same ROOT and STAGE) has brought its adapter back:
+    # a pid file, since `pgrep -f "general.sh train"` also matches the calling command's own line
+    stage=${2:?usage: wait smollm2|gemma3}; pidfile=$ROOT/runs/general_$stage/train.pid
+    while [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; do sleep 5; done
     ;;
   eval)
     stage=${2:?usage: eval smollm2|gemma3}; adapter=${ADAPTER_DIR:-$ROOT/runs/general_$stage/latest_adapter}
