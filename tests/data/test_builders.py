@@ -98,6 +98,30 @@ def test_block_context_draw_shares_the_length_within_a_micro_batch(tmp_path, mix
         DataConfig(train=["x"], context_draw="blocks").validate()
 
 
+def test_context_fill_reads_the_drawn_length_instead_of_cutting_it(tmp_path, mix):
+    kw = {"decoder_windows": [64, 128], "window_block": 4, "context_draw": "uniform", "context_tokens": 4096,
+          "mixture": {"long_document": 1.0, "facts": 1.0}, "facts": FactsConfig(context_tokens=[64, 4096])}
+    cut, _ = _data(tmp_path, mix, **kw)
+    fill, _ = _data(tmp_path, mix, context_fill=True, **kw)
+    builder = fill.train.builders["long_document"]
+
+    def lengths(data):
+        return np.array([len(data.train[i]["context"][0]) for i in range(400)])
+
+    short, full = lengths(cut), lengths(fill)
+    # log-uniform in 64-4096: a sixth of the draws are >= 2048 tokens; filled, about that many are
+    # read whole (these documents are short: a few hold less); cut where the window fell, fewer
+    assert 0.12 < (full >= 2048).mean() < 0.22 and (full >= 2048).mean() > 1.3 * (short >= 2048).mean()
+    assert full.max() <= 4096
+    # every window of the table for 2,048 has at least that much text before it
+    docs, first, cum = builder.table_for_context(64, 3000)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        doc, p = builder.pick_window(rng, 64, (docs, first, cum))
+        before = builder.corpus.encoder.tokens_before(doc, builder.corpus.decoder.char_start(doc, p))
+        assert before >= 2048
+
+
 def test_collator_pads_variable_windows(tmp_path, mix):
     data, _ = _data(tmp_path, mix, decoder_windows=[64, 256], window_block=1, mixture={"long_document": 1.0})
     samples = [data.train[i] for i in range(8)]

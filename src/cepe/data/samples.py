@@ -94,8 +94,11 @@ class _WindowBuilder:
         """Earliest window start in `doc`, or -1 if the document cannot give a sample."""
         return 0
 
-    def pick_window(self, rng: np.random.Generator, d: int | None = None) -> tuple[int, int]:
-        docs, first, cum = self.tables[self.fit(d)] if d is not None else (self.docs, self.first, self.cum)
+    def pick_window(self, rng: np.random.Generator, d: int | None = None, table=None) -> tuple[int, int]:
+        """(document, start) uniform over the windows of `table` (default: size d's, or D's)."""
+        if table is None:
+            table = self.tables[self.fit(d)] if d is not None else (self.docs, self.first, self.cum)
+        docs, first, cum = table
         r = int(rng.integers(int(cum[-1])))
         j = int(np.searchsorted(cum, r, side="right"))
         offset = r - (int(cum[j - 1]) if j else 0)
@@ -151,16 +154,18 @@ class LongDocumentBuilder(_WindowBuilder):
         if not 1 <= self.min_ctx <= self.N:
             raise ValueError(f"data.min_context_tokens must be in [1, context_tokens={self.N}], got {self.min_ctx}")
         super().__init__(corpus, cfg, teacher_tokens)
+        self._fill_tables: dict[tuple[int, int], tuple | None] = {}
 
     def requirement(self) -> str:
         return f"needs {self.min_ctx} encoder tokens of context, then {self.D} decoder tokens"
 
-    def first_position(self, doc: int) -> int:
+    def first_position(self, doc: int, need: int | None = None) -> int:
+        need = need or self.min_ctx
         enc_ends = self.corpus.encoder.doc_ends(doc)
-        if len(enc_ends) < self.min_ctx:
+        if len(enc_ends) < need:
             return -1
-        # first decoder position whose preceding text holds min_ctx encoder tokens
-        c_min = int(enc_ends[self.min_ctx - 1])
+        # first decoder position whose preceding text holds `need` encoder tokens
+        c_min = int(enc_ends[need - 1])
         return int(np.searchsorted(self.corpus.decoder.doc_ends(doc), c_min, side="left")) + 1
 
     def context_length(self, rng: np.random.Generator, q: float | None = None) -> int:
@@ -170,10 +175,31 @@ class LongDocumentBuilder(_WindowBuilder):
             return self.N
         return log_uniform(rng, self.min_ctx, self.N, q)
 
+    def table_for_context(self, d: int, n: int) -> tuple:
+        """The windows of size d with at least `need` encoder tokens before them, `need` the
+        largest power of two <= n (>= min_context_tokens) that some document holds: a drawn length
+        is read whole (or at least half of it) instead of being cut by where the window fell."""
+        need = max(self.min_ctx, 1 << max(int(n).bit_length() - 1, 0))
+        while need > self.min_ctx:
+            if (d, need) not in self._fill_tables:
+                first = np.array([self.first_position(int(x), need) for x in self.corpus.docs], dtype=np.int64)
+                windows = np.where(first >= 0, self.corpus.decoder.doc_lens()[self.corpus.docs] - d - first + 1, 0)
+                ok = windows > 0
+                self._fill_tables[(d, need)] = (
+                    (self.corpus.docs[ok], first[ok], np.cumsum(windows[ok])) if ok.any() else None)
+            if self._fill_tables[(d, need)] is not None:
+                return self._fill_tables[(d, need)]
+            need //= 2
+        return self.tables[d]
+
     def sample(self, rng: np.random.Generator, d: int | None = None, context_q: float | None = None) -> dict[str, Any]:
         d = self.fit(d or self.D)
-        doc, p = self.pick_window(rng, d)
-        n = self.context_length(rng, context_q)
+        if self.cfg.context_fill:  # the length first, then a window that has it before it
+            n = self.context_length(rng, context_q)
+            doc, p = self.pick_window(rng, d, self.table_for_context(d, n))
+        else:  # the window first; a context longer than the text before it is cut short
+            doc, p = self.pick_window(rng, d)
+            n = self.context_length(rng, context_q)
         c = self.corpus.decoder.char_start(doc, p)
         b = self.corpus.encoder.tokens_before(doc, c)
         context = np.asarray(self.corpus.encoder.doc_tokens(doc)[max(0, b - n) : b], dtype=np.int64)
