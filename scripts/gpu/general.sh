@@ -159,7 +159,8 @@ PY
     ;;
   probe)
     # throughput and memory of the training step per batch size, at the longest window (WINDOW) and
-    # context: STEPS steps each, from INIT if given, in a scratch run (the stage's run is not touched).
+    # context: STEPS steps each, from INIT if given, in a scratch run (the stage's run is not touched);
+    # EXTRA (after the probe's own settings) e.g. for facts-only batches at their longest context.
     # Start-up (data, BM25 pool, model) took over 110 s in stage 6 (a probe killed then, unreported); batch 16 peaks
     # at 55 GB at window 2,048 and 8K context (stage 6), so batch 32 fits the H200 and 64 does not
     stage=${2:?usage: probe smollm2|gemma3}
@@ -169,7 +170,7 @@ PY
         "data.train=[$MIX/train,$MIX/heldout]" output_dir=$run data.num_workers=${WORKERS:-6} \
         train.batch_size=$b data.window_block=$b "data.decoder_windows=[${WINDOW:-2048}]" \
         data.min_context_tokens=${CONTEXT:-8192} train.max_steps=${STEPS:-20} train.log_every=1 \
-        train.eval_samples=$b train.save_every=0 ${INIT:+model.init_adapter=$INIT} --no-progress > "$run.log" 2>&1 \
+        train.eval_samples=$b train.save_every=0 ${INIT:+model.init_adapter=$INIT} ${EXTRA:-} --no-progress > "$run.log" 2>&1 \
         || echo "batch $b: stopped after PROBE_TIMEOUT=${PROBE_TIMEOUT:-240} s"  # set -e would end the loop here
       python3 - "$run/metrics.jsonl" "$b" <<'PY' || tail -3 "$run.log"
 import json, statistics, sys
