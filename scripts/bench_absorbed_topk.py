@@ -53,5 +53,6 @@ def main() -> None:
     print(f"| {len(blocks)} | {args.context} | {args.topk} | {t_abs * 1e3:.1f} ms | {t_proj * 1e3:.1f} ms "
           f"| {t_proj / t_abs:.1f}x | {err[0]:.1e}, {err[1]:.1e} |")
 
+
 if __name__ == "__main__":
     main()

@@ -52,6 +52,15 @@ class TooShort(ValueError):
     """No document of a split is long enough for a builder."""
 
 
+def window_table(docs: np.ndarray, first: np.ndarray, lens: np.ndarray, d: int) -> tuple[tuple | None, np.ndarray]:
+    """Windows of d decoder tokens in `docs` (lengths `lens`), starting at `first` or later (-1: no
+    window) -> ((docs, first, cumulative window counts) of the documents with one, or None; that
+    mask), the table `pick_window` draws from."""
+    windows = np.where(first >= 0, lens - d - first + 1, 0)
+    ok = windows > 0
+    return ((docs[ok], first[ok], np.cumsum(windows[ok])) if ok.any() else None), ok
+
+
 class _WindowBuilder:
     """Shared part of the text builders: pick a decoder window [p, p+D) uniformly among all
     valid windows of all eligible documents (documents weighted by their number of windows).
@@ -67,10 +76,9 @@ class _WindowBuilder:
         self.longest = int(lens.max()) if len(lens) else 0
         self.tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for d in sorted(set(cfg.windows) | {self.D}):
-            windows = np.where(first >= 0, lens - d - first + 1, 0) if len(first) else first
-            ok = windows > 0
-            if ok.any():
-                self.tables[d] = (corpus.docs[ok], first[ok], np.cumsum(windows[ok]))
+            table, ok = window_table(corpus.docs, first, lens, d)
+            if table is not None:
+                self.tables[d] = table
             if d == min(cfg.windows):
                 self.skipped_short = int((~ok).sum())
         if min(cfg.windows) not in self.tables:
@@ -183,10 +191,8 @@ class LongDocumentBuilder(_WindowBuilder):
         while need > self.min_ctx:
             if (d, need) not in self._fill_tables:
                 first = np.array([self.first_position(int(x), need) for x in self.corpus.docs], dtype=np.int64)
-                windows = np.where(first >= 0, self.corpus.decoder.doc_lens()[self.corpus.docs] - d - first + 1, 0)
-                ok = windows > 0
-                self._fill_tables[(d, need)] = (
-                    (self.corpus.docs[ok], first[ok], np.cumsum(windows[ok])) if ok.any() else None)
+                lens = self.corpus.decoder.doc_lens()[self.corpus.docs]
+                self._fill_tables[(d, need)] = window_table(self.corpus.docs, first, lens, d)[0]
             if self._fill_tables[(d, need)] is not None:
                 return self._fill_tables[(d, need)]
             need //= 2
