@@ -186,6 +186,23 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 @pytest.mark.parametrize("encoder", ["bert", "decoder"])
+def test_encoder_checkpointing_gives_same_gradients(encoder):
+    ids, ctx = _ids(), _ctx()
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_cepe("llama", encoder).train()
+        if ckpt:
+            m.gradient_checkpointing_enable(decoder=False, encoder=True)
+            assert m.encoder.model.is_gradient_checkpointing and not m.decoder.is_gradient_checkpointing
+        m(ids, context_input_ids=ctx, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.adapter_parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    m.gradient_checkpointing_disable()
+    assert not m.encoder.model.is_gradient_checkpointing and not m.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("encoder", ["bert", "decoder"])
 def test_save_load_round_trip_exact(tmp_path, encoder):
     m = tiny_cepe("llama", encoder)
     with torch.no_grad():

@@ -105,6 +105,7 @@ def test_text_run_distilled_with_retrieval_and_checkpointing(tmp_path):
         "data.heldout=[book3.txt]", "data.mixture={warmup: 1, long_document: 2, retrieval: 1}",
         "data.context_tokens=96", "data.decoder_tokens=48", "data.retrieval.k=2", "data.retrieval.passage_tokens=32",
         "distill.kl_coef=1.0", "distill.teacher_context_tokens=64", "train.gradient_checkpointing=true",
+        "train.encoder_checkpointing=true",
         "max_steps=3", "train.batch_size=2", "train.log_every=1", "train.eval_samples=4", "train.lr=1e-3",
     ])
     summary = Trainer(cfg, progress=False).fit()

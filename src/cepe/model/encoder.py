@@ -106,6 +106,22 @@ class DecoderDerivedEncoder(ContextEncoder):
         return self.model(input_ids=input_ids, attention_mask=bias, use_cache=False).last_hidden_state
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool, kwargs: dict | None = None) -> None:
+    """Turn a transformers model's per-layer activation checkpointing on or off, under either name
+    (`activation_checkpointing_*` from transformers 5.2x, `gradient_checkpointing_*` before).
+    Non-reentrant by default: the frozen embeddings' outputs need no grad."""
+    if enabled:
+        kwargs = {"use_reentrant": False, **(kwargs or {})}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def encode_chunks(encoder: ContextEncoder, context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None,
                   chunks_per_pass: int | None = None,
                   forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,

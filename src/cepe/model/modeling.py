@@ -25,7 +25,8 @@ from .adapter_io import (  # noqa: F401 (names importable from here, as before t
 from .configuration import CepeConfig
 from .context import ContextStates, chunk_specials, tokenize_documents
 from .cross_attention import CrossAttention
-from .encoder import ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks
+from .encoder import (ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks,
+                      set_activation_checkpointing)
 from .encoder_compile import EncoderRunner
 from .families import decoder_layers, family_of
 from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
@@ -382,25 +383,27 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             ctx = ctx.expanded(inputs.shape[0])  # kept on the original: cached keys/values survive decoding steps
         return ctx
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoint the decoder's layers (non-reentrant: the frozen embeddings need no grad)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.decoder, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            self.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self._checkpointing = True
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, *, decoder: bool = True,
+                                      encoder: bool = False):
+        """Recompute layer activations in the backward pass: the decoder's layers, and with `encoder=True`
+        the encoder's (its activations grow with the context tokens: 16 x 64K a batch did not fit an H200)."""
+        if decoder:
+            set_activation_checkpointing(self.decoder, True, gradient_checkpointing_kwargs)
+        if encoder:
+            set_activation_checkpointing(self.encoder.model, True, gradient_checkpointing_kwargs)
+        self._checkpointing = (decoder, encoder)
 
     def gradient_checkpointing_disable(self):
-        if hasattr(self.decoder, "activation_checkpointing_disable"):
-            self.decoder.activation_checkpointing_disable()
-        else:
-            self.decoder.gradient_checkpointing_disable()
-        self._checkpointing = False
+        decoder, encoder = getattr(self, "_checkpointing", (False, False))
+        if decoder:
+            set_activation_checkpointing(self.decoder, False)
+        if encoder:
+            set_activation_checkpointing(self.encoder.model, False)
+        self._checkpointing = (False, False)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return getattr(self, "_checkpointing", False)
+        return any(getattr(self, "_checkpointing", (False, False)))
 
     @torch.no_grad()
     def generate(self, input_ids=None, context_input_ids=None, context_attention_mask=None, context=None, **kwargs):

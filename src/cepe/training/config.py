@@ -76,7 +76,8 @@ class TrainConfig:
     grown_lr_scale: float = 1.0
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 or bf16 (autocast; trainable weights stay fp32)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the decoder's layers
+    encoder_checkpointing: bool = False  # the encoder's layers: their activations grow with the context
     freeze_encoder: bool = False  # deprecated: model.encoder_frozen=all
     seed: int = 0
     log_every: int = 10

@@ -71,8 +71,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = build_model(cfg)  # frozen encoder parts (`model.encoder_frozen`) are frozen by the model itself
         self.params = model.adapter_parameters()
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if t.gradient_checkpointing or t.encoder_checkpointing:
+            model.gradient_checkpointing_enable(decoder=t.gradient_checkpointing, encoder=t.encoder_checkpointing)
         self.description = describe(model)
         self.description["trainable_params"] = sum(p.numel() for p in self.params)
 
@@ -438,7 +438,7 @@ class Trainer:
         dec_tok = self.counters["decoder_tokens"] / steps
         ctx_tok = self.counters["context_tokens"] / steps
         xattn = d["cross_attn_params"]
-        enc_factor = 2 if cfg.model.encoder_frozen == "all" else 6
+        enc_factor = 2 if cfg.model.encoder_frozen == "all" else 6 + (2 if cfg.train.encoder_checkpointing else 0)
         ckpt_extra = 2 if cfg.train.gradient_checkpointing else 0
         online = cfg.distilling and self.teacher_file is None
         teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if online else 0
