@@ -391,19 +391,20 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             set_activation_checkpointing(self.decoder, True, gradient_checkpointing_kwargs)
         if encoder:
             set_activation_checkpointing(self.encoder.model, True, gradient_checkpointing_kwargs)
-        self._checkpointing = (decoder, encoder)
 
     def gradient_checkpointing_disable(self):
-        decoder, encoder = getattr(self, "_checkpointing", (False, False))
-        if decoder:
-            set_activation_checkpointing(self.decoder, False)
-        if encoder:
-            set_activation_checkpointing(self.encoder.model, False)
-        self._checkpointing = (False, False)
+        for m in self._checkpointable():
+            if m.is_gradient_checkpointing:
+                set_activation_checkpointing(m, False)
+
+    def _checkpointable(self) -> list[nn.Module]:
+        """The transformers models whose layers can be checkpointed: the decoder, and the encoder's."""
+        enc = getattr(self.encoder, "model", None)
+        return [self.decoder] + ([enc] if isinstance(enc, PreTrainedModel) else [])
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(getattr(self, "_checkpointing", (False, False)))
+        return any(m.is_gradient_checkpointing for m in self._checkpointable())
 
     @torch.no_grad()
     def generate(self, input_ids=None, context_input_ids=None, context_attention_mask=None, context=None, **kwargs):
