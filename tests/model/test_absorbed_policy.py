@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, tiny_cepe
 
 from cepe import ContextStates
-from cepe.model import modeling
+from cepe.model import cross_step
 from cepe.model.absorbed import absorbed_row_limit
 from cepe.model.configuration import CepeConfig, apply_runtime_settings
 
@@ -20,14 +20,14 @@ TIGHT = {"rtol": 1e-4, "atol": 1e-5}
 def absorbed_calls(monkeypatch):
     """Every `absorbed_delta` call the model makes: (query rows B, rows of the states read, used)."""
     calls = []
-    real = modeling.absorbed_delta
+    real = cross_step.absorbed_delta
 
     def spy(block, h, context, *args, **kwargs):
         out = real(block, h, context, *args, **kwargs)
         calls.append((h.shape[0], context.batch_size, out is not None))
         return out
 
-    monkeypatch.setattr(modeling, "absorbed_delta", spy)
+    monkeypatch.setattr(cross_step, "absorbed_delta", spy)
     return calls
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from .absorbed import AbsorbedWeightsCache, absorbed_delta
+from .absorbed import AbsorbedWeightsCache
 from .adapter_io import (  # noqa: F401 (names importable from here, as before the split)
     ADAPTER_FILE,
     ADAPTER_INDEX,
@@ -25,12 +25,12 @@ from .adapter_io import (  # noqa: F401 (names importable from here, as before t
 from .configuration import CepeConfig
 from .context import ContextStates, chunk_specials, tokenize_documents
 from .cross_attention import CrossAttention
+from .cross_step import cross_attention_delta, cross_kv_cache_bytes, resolve_kv_policy
 from .encoder import (ContextEncoder, DecoderDerivedEncoder, HFEncoder, build_encoder_from_config, encode_chunks,
                       set_activation_checkpointing)
 from .encoder_compile import EncoderRunner
 from .families import decoder_layers, family_of
 from .layer_hooks import CONTEXT_KWARG, BoundContext, install_cross_attention_hooks
-from .stored_states import cross_kv_bytes_per_token
 
 
 class CepeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -219,65 +219,18 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ cross-attention
     def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
-        block = self.cross_attn[str(idx)]
-        kv = ctx.cross_cache.keys_values(idx)
-        if kv is None:
-            policy = self._kv_policy(ctx)
-            parent = ctx.parent
-            # decode from the encoder states; K/V only for many query rows, not kept
-            if policy == "absorbed":
-                src = parent if parent is not None else ctx
-                ctx.cross_cache.policy = src.cross_cache.policy = "absorbed"
-                delta = absorbed_delta(block, h, src, self._key_mask(src), self._logit_scale(src),
-                                       self.absorbed_weights.get(idx, block), self.config.absorbed_states,
-                                       topk=self.config.cross_attn_topk)
-                if delta is not None:
-                    return delta
-            keep = policy == "cache"
-            if parent is not None:
-                # an expanded context (beams, label candidates, one document shared by many prompts):
-                # project the parent's states once and repeat the keys/values, instead of projecting
-                # B copies (under every policy; `cache` also keeps them for the next steps)
-                pkv = parent.cross_cache.keys_values(idx) or block.project_kv(parent.hidden_states)
-                if keep:
-                    parent.cross_cache.store(idx, *pkv, policy=policy)
-                r = ctx.batch_size // parent.batch_size
-                kv = tuple(t.repeat_interleave(r, dim=0) for t in pkv)
-            else:
-                kv = block.project_kv(ctx.hidden_states)
-            if keep:
-                ctx.cross_cache.store(idx, *kv, policy=policy)
-        trained = self.config.cross_attn_length_scaling
-        return block(h, *kv, bias=ctx.cross_cache.bias(ctx.attention_mask, trained, block.q_proj.weight.dtype),
-                     topk=self.config.cross_attn_topk)
-
-    def _logit_scale(self, ctx: ContextStates) -> torch.Tensor | None:
-        """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
-        length scaling is off or no row is longer than L (decided once per context)."""
-        trained = self.config.cross_attn_length_scaling
-        return None if trained is None else ctx.cross_cache.logit_scale(ctx.attention_mask, trained)
-
-    @staticmethod
-    def _key_mask(ctx: ContextStates) -> torch.Tensor | None:
-        """The context's padding mask, or None when nothing is padding (decided once per context)."""
-        return ctx.cross_cache.key_mask(ctx.attention_mask)
+        """The hook each selected layer calls: (B, T, H) -> cross-attention delta (B, T, H)."""
+        return cross_attention_delta(self.cross_attn[str(idx)], idx, h, ctx, config=self.config,
+                                     policy=self._kv_policy(ctx),
+                                     absorbed_weights=self.absorbed_weights)
 
     def _kv_policy(self, ctx: ContextStates) -> str:
-        """The policy this forward follows: `auto` resolved (cache when its keys/values fit
-        `kv_cache_budget_bytes`, else absorbed); `recompute` in training, and for `absorbed` whenever
-        grad is enabled (absorbed weights are computed without grad: K/V would get none)."""
-        policy = self.config.kv_policy
-        if policy == "auto":
-            policy = "cache" if self.cross_kv_cache_bytes(ctx) <= self.config.kv_cache_budget_bytes else "absorbed"
-        if torch.is_grad_enabled() and (self.training or policy == "absorbed"):
-            return "recompute"
-        return policy
+        """This forward's key/value policy (`cross_step.resolve_kv_policy`)."""
+        return resolve_kv_policy(self.config, self.cross_kv_cache_bytes(ctx), self.training)
 
     def cross_kv_cache_bytes(self, ctx: ContextStates) -> int:
         """Memory the `cache` policy would hold for this context: 2 x layers x B x Hkv x S x d."""
-        b, s, _ = ctx.hidden_states.shape
-        blocks = list(self.cross_attn.values())
-        return b * s * cross_kv_bytes_per_token(blocks, blocks[0].q_proj.weight.element_size())
+        return cross_kv_cache_bytes(list(self.cross_attn.values()), ctx)
 
     # ------------------------------------------------------------------ context
     def encode(self, context_input_ids: torch.Tensor,
