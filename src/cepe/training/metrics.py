@@ -67,6 +67,23 @@ def answer_texts(pred: torch.Tensor, labels: torch.Tensor, task: torch.Tensor, g
     return rows
 
 
+def step_flops(description: dict[str, int], cfg: Any, dec_tok: float, ctx_tok: float, teacher_tok: float) -> float:
+    """Matmul FLOPs of one optimizer step (attention scores left out; a lower bound) at `dec_tok`
+    decoder, `ctx_tok` context and `teacher_tok` teacher tokens per step (`cfg`: a `RunConfig`,
+    `description`: the model's parameter counts): frozen decoder forward + input-gradient backward
+    4N per token, trainable parts 6N, the teacher's forward 2N per token it reads."""
+    d = description
+    # a frozen encoder runs forward only (2N); a trained one forward and backward (6N), and a
+    # checkpointed one runs its layers' forward a second time in the backward pass (+2N)
+    if cfg.model.encoder_frozen == "all":
+        enc_factor = 2
+    else:
+        enc_factor = 6 + (2 if cfg.train.encoder_checkpointing else 0)
+    dec_factor = 4 + (2 if cfg.train.gradient_checkpointing else 0)  # the same for the decoder's layers
+    return (dec_factor * d["decoder_params"] * dec_tok + 6 * d["cross_attn_params"] * (dec_tok + ctx_tok) / 2
+            + enc_factor * d["encoder_params"] * ctx_tok + 2 * d["decoder_params"] * teacher_tok)
+
+
 class Meter:
     """Progress bar and throughput of a run (decoder tokens per second, since the last step and
     since the run started or resumed), and its last loss."""

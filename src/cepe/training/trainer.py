@@ -37,7 +37,7 @@ from .config import RunConfig, dump_yaml, to_dict, training_config_hash
 from .losses import (TeacherFile, cross_entropy, distilled_positions, kl_divergence, online_teacher_logits,
                      topk_kl_divergence)
 from .metrics import (ANSWER_GROUPS, Meter, MetricsLog, answer_group, answer_texts, plot_metrics, print_table,
-                      whole_answers, whole_answers_by_group)
+                      step_flops, whole_answers, whole_answers_by_group)
 from .schedule import GlobalBatchSampler, lr_lambda
 from .teacher import sample_data_hash, write_teacher_file  # noqa: F401 (write_teacher_file: importable from here)
 
@@ -429,21 +429,13 @@ class Trainer:
         return summary
 
     def _flops_per_step(self) -> float:
-        """Matmul FLOPs of one optimizer step (attention scores left out; a lower bound):
-        frozen decoder forward + input-gradient backward 4N per token, trainable parts 6N,
-        a frozen encoder 2N per context token, the teacher's forward 2N per token it reads."""
-        d = self.description
-        cfg = self.cfg
+        """`metrics.step_flops` at this run's mean decoder, context and teacher tokens per step."""
         steps = max(self.step, 1)
         dec_tok = self.counters["decoder_tokens"] / steps
-        ctx_tok = self.counters["context_tokens"] / steps
-        xattn = d["cross_attn_params"]
-        enc_factor = 2 if cfg.model.encoder_frozen == "all" else 6 + (2 if cfg.train.encoder_checkpointing else 0)
-        ckpt_extra = 2 if cfg.train.gradient_checkpointing else 0
-        online = cfg.distilling and self.teacher_file is None
-        teacher_tok = dec_tok + self.teacher_tokens * cfg.train.batch_size if online else 0
-        return ((4 + ckpt_extra) * d["decoder_params"] * dec_tok + 6 * xattn * (dec_tok + ctx_tok) / 2
-                + enc_factor * d["encoder_params"] * ctx_tok + 2 * d["decoder_params"] * teacher_tok)
+        online = self.cfg.distilling and self.teacher_file is None
+        teacher_tok = dec_tok + self.teacher_tokens * self.cfg.train.batch_size if online else 0
+        return step_flops(self.description, self.cfg, dec_tok, self.counters["context_tokens"] / steps, teacher_tok)
+
 
 def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Build a trainer from `cfg` and run it."""
