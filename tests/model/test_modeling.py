@@ -460,3 +460,19 @@ def test_run_time_overrides_on_load_and_auto_class(tmp_path):
     )
     with pytest.raises(ValueError, match="kv_policy"):
         AutoModelForCausalLM.from_pretrained(tmp_path, decoder=dec, kv_policy="cach")
+
+
+def test_length_scaling_is_not_applied_under_topk_attention():
+    """Top-k attention's softmax spans k keys at any context length: with `cross_attn_topk` set,
+    a long row's logits are the unscaled ones, and `applied_length_scaling` says so."""
+    m = tiny_cepe("llama", "bert", chunk_size=8)
+    ids, long_ctx = _ids(b=1), _ctx(b=1, n=4, length=10, seed=5)  # 40 real context tokens
+    full_unscaled = m(ids, context_input_ids=long_ctx).logits
+    m.config.cross_attn_topk = 8
+    unscaled = m(ids, context_input_ids=long_ctx).logits
+    m.config.cross_attn_length_scaling = 16
+    assert m.config.applied_length_scaling is None
+    torch.testing.assert_close(m(ids, context_input_ids=long_ctx).logits, unscaled)
+    m.config.cross_attn_topk = None
+    assert m.config.applied_length_scaling == 16
+    assert (m(ids, context_input_ids=long_ctx).logits - full_unscaled).abs().max() > 1e-4  # full attention: scaled

@@ -200,7 +200,7 @@ def _setup(args):
                 model.config.cross_attn_topk = value
     if em.cepe is not None:  # what ran, whether set here or by the adapter's own config
         em.description["cross_attn_topk"] = em.cepe.config.cross_attn_topk
-        em.description["length_scaling"] = em.cepe.config.cross_attn_length_scaling
+        em.description["length_scaling"] = em.cepe.config.applied_length_scaling  # None under top-k
     if extra and "cepe" in methods:  # the adapters side by side in every table
         order = ["cepe", *(n for n, _ in extra)]
         methods = {**{n: methods[n] for n in order}, **{n: m for n, m in methods.items() if n not in order}}

@@ -113,6 +113,7 @@ class CepeConfig(PretrainedConfig):
             trained on: a row with n > L real context tokens has its cross-attention logits multiplied
             by log(L) / log(n), so attention spreads over a longer context as it did over L tokens
             instead of sharpening onto a few of them (measured in docs/results.md; no retraining).
+            Not applied under `cross_attn_topk` (`applied_length_scaling`).
         cross_attn_topk: `None` (full attention) or k: each decoder token attends to its k
             highest-scoring context tokens only, so a fact in one chunk does not fade among the
             other chunks as the context grows (`cross_attention.topk_attention`; no retraining). With
@@ -192,6 +193,13 @@ class CepeConfig(PretrainedConfig):
         self.base_encoder = base_encoder
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    @property
+    def applied_length_scaling(self) -> int | None:
+        """The length scaling's L that attention applies: None under top-k attention, whose softmax
+        spans k keys however long the context, so the spread that length scaling corrects for never
+        arises (on the release, 64K repeated-filler pass key with top-k 16: 4/4 unscaled, 3/4 scaled)."""
+        return None if self.cross_attn_topk is not None else self.cross_attn_length_scaling
 
     def selected_layers(self) -> list[int]:
         """Indices of the decoder layers that get a cross-attention block."""

@@ -36,8 +36,9 @@ def resolve_kv_policy(config: CepeConfig, cache_bytes: int, training: bool) -> s
 
 def logit_scale(config: CepeConfig, ctx: ContextStates) -> torch.Tensor | None:
     """(B,) log(L) / log(n) for rows with n > L real context tokens (1 elsewhere), or None when
-    length scaling is off or no row is longer than L (decided once per context)."""
-    trained = config.cross_attn_length_scaling
+    length scaling is off (or top-k attention is on) or no row is longer than L (decided once per
+    context)."""
+    trained = config.applied_length_scaling
     return None if trained is None else ctx.cross_cache.logit_scale(ctx.attention_mask, trained)
 
 
@@ -72,6 +73,6 @@ def cross_attention_delta(block: CrossAttention, idx: int, h: torch.Tensor, ctx:
             kv = block.project_kv(ctx.hidden_states)
         if keep:
             ctx.cross_cache.store(idx, *kv, policy=policy)
-    trained = config.cross_attn_length_scaling
+    trained = config.applied_length_scaling
     return block(h, *kv, bias=ctx.cross_cache.bias(ctx.attention_mask, trained, block.q_proj.weight.dtype),
                  topk=config.cross_attn_topk)

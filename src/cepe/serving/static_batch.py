@@ -107,7 +107,7 @@ class StaticBatch:
         self.vocab = model.decoder.get_output_embeddings().weight.shape[0]
         self.blocks = {int(i): b for i, b in model.cross_attn.items()}
         self.bias_dtype = next(iter(self.blocks.values())).q_proj.weight.dtype
-        self.trained = model.config.cross_attn_length_scaling  # length scaling's L (None: off)
+        self.trained = model.config.applied_length_scaling  # length scaling's L (None: off, or top-k)
         self.capacity = Shape(0, 0, 0)
         self.generation = 0  # bumped whenever the buffers are replaced: graphs on the old ones are stale
         self.slots: list[int] = []  # per row, in row order: its slot
