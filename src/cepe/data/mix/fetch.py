@@ -26,6 +26,7 @@ HINTS = {
     "npm": "install Node.js and npm (e.g. apt-get install npm)",
 }
 DONE = ".unpacked"
+APT_LISTS = Path("/var/lib/apt/lists")  # where `apt-get update` keeps the archive's package index
 
 
 def unpacked_dir(root: Path, pkg: Package) -> Path:
@@ -38,6 +39,24 @@ def check_tools(packages: Iterable[Package]) -> None:
     if missing:
         lines = [f"  {t}: {HINTS[t]}" for t in missing]
         raise RuntimeError("cepe data fetch needs registry tools that are missing:\n" + "\n".join(lines))
+
+
+def apt_lists_empty(lists: Path | None = None) -> bool:
+    """True when apt has no package index (a fresh machine or container, before `apt-get update`):
+    every `apt-get download` would then fail with "Unable to locate package"."""
+    return not any((lists or APT_LISTS).glob("*_Packages*"))
+
+
+def prepare_apt(pending: list[Package], root: Path, update: bool) -> None:
+    """Before the first Debian download: `apt-get update` when asked (root only), else fail early
+    on an empty package index, instead of on the first package after the others were fetched."""
+    if not any(p.registry == "debian" for p in pending):
+        return
+    if update:
+        _run(["apt-get", "update"], root, "\n  (needs root: run it as root, or `sudo apt-get update` first)")
+    elif apt_lists_empty():
+        raise RuntimeError("apt has no package lists yet (a fresh machine or container), so no Debian package "
+                           "can be found: run `apt-get update` as root first, or pass --apt-update")
 
 
 def _run(cmd: list[str], cwd: Path, hint: str = "") -> None:
@@ -92,12 +111,16 @@ def _unpack(pkg: Package, archive: Path, into: Path) -> None:
     (into / DONE).write_text(f"{pkg.spec}\n{archive.name}\n")
 
 
-def fetch(root: Path, names: Iterable[str] | None = None, progress: bool = True) -> list[dict]:
-    """Download and unpack the named packages (default: all of `PACKAGES`). Returns one row per
-    package: name, version, registry, status (skipped | fetched), archive."""
+def fetch(root: Path, names: Iterable[str] | None = None, progress: bool = True,
+          apt_update: bool = False) -> list[dict]:
+    """Download and unpack the named packages (default: all of `PACKAGES`); `apt_update` runs
+    `apt-get update` first when a Debian package is still to fetch. Returns one row per package:
+    name, version, registry, status (skipped | fetched), archive."""
     root = Path(root)
     pkgs = [PACKAGES[n] for n in names] if names else list(PACKAGES.values())
     check_tools(pkgs)
+    root.mkdir(parents=True, exist_ok=True)
+    prepare_apt([p for p in pkgs if not (unpacked_dir(root, p) / DONE).exists()], root, apt_update)
     rows = []
     bar = tqdm(pkgs, desc="fetch", unit="pkg", disable=not progress)
     for pkg in bar:
