@@ -7,6 +7,8 @@ absorbed path, which folds the key/value projections into the query and output s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .absorbed import AbsorbedWeightsCache, absorbed_delta
@@ -22,13 +24,14 @@ def cross_kv_cache_bytes(blocks: list[CrossAttention], ctx: ContextStates) -> in
     return b * s * cross_kv_bytes_per_token(blocks, blocks[0].q_proj.weight.element_size())
 
 
-def resolve_kv_policy(config: CepeConfig, cache_bytes: int, training: bool) -> str:
-    """The policy a forward follows: `auto` resolved (cache when its keys/values, `cache_bytes`,
-    fit `kv_cache_budget_bytes`, else absorbed); `recompute` in training, and for `absorbed`
-    whenever grad is enabled (absorbed weights are computed without grad: K/V would get none)."""
+def resolve_kv_policy(config: CepeConfig, blocks: list[CrossAttention], ctx: ContextStates, training: bool) -> str:
+    """The policy a forward follows: `auto` resolved (cache when this context's keys/values,
+    `cross_kv_cache_bytes`, fit `kv_cache_budget_bytes`, else absorbed); `recompute` in training,
+    and for `absorbed` whenever grad is enabled (absorbed weights are computed without grad: K/V
+    would get none)."""
     policy = config.kv_policy
     if policy == "auto":
-        policy = "cache" if cache_bytes <= config.kv_cache_budget_bytes else "absorbed"
+        policy = "cache" if cross_kv_cache_bytes(blocks, ctx) <= config.kv_cache_budget_bytes else "absorbed"
     if torch.is_grad_enabled() and (training or policy == "absorbed"):
         return "recompute"
     return policy
@@ -43,12 +46,15 @@ def logit_scale(config: CepeConfig, ctx: ContextStates) -> torch.Tensor | None:
 
 
 def cross_attention_delta(block: CrossAttention, idx: int, h: torch.Tensor, ctx: ContextStates, *,
-                          config: CepeConfig, policy: str, absorbed_weights: AbsorbedWeightsCache) -> torch.Tensor:
+                          config: CepeConfig, policy: Callable[[], str],
+                          absorbed_weights: AbsorbedWeightsCache) -> torch.Tensor:
     """Layer `idx`'s cross-attention output for residual stream h (B, T, H) over `ctx`
-    (hidden_states (B, S, He)): (B, T, H), added to h before the layer's MLP. `policy` is the
-    resolved one (`resolve_kv_policy`), used only when the context holds no keys/values yet."""
+    (hidden_states (B, S, He)): (B, T, H), added to h before the layer's MLP. `policy()` gives the
+    resolved policy (`resolve_kv_policy`); it is called only when the context holds no keys/values
+    yet, so cached decoding steps skip it."""
     kv = ctx.cross_cache.keys_values(idx)
     if kv is None:
+        policy = policy()
         parent = ctx.parent
         # decode from the encoder states; K/V only for many query rows, not kept
         if policy == "absorbed":

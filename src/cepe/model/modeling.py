@@ -221,12 +221,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def _cross_delta(self, idx: int, h: torch.Tensor, ctx: ContextStates) -> torch.Tensor:
         """The hook each selected layer calls: (B, T, H) -> cross-attention delta (B, T, H)."""
         return cross_attention_delta(self.cross_attn[str(idx)], idx, h, ctx, config=self.config,
-                                     policy=self._kv_policy(ctx),
-                                     absorbed_weights=self.absorbed_weights)
+                                     policy=lambda: self._kv_policy(ctx), absorbed_weights=self.absorbed_weights)
 
     def _kv_policy(self, ctx: ContextStates) -> str:
         """This forward's key/value policy (`cross_step.resolve_kv_policy`)."""
-        return resolve_kv_policy(self.config, self.cross_kv_cache_bytes(ctx), self.training)
+        return resolve_kv_policy(self.config, list(self.cross_attn.values()), ctx, self.training)
 
     def cross_kv_cache_bytes(self, ctx: ContextStates) -> int:
         """Memory the `cache` policy would hold for this context: 2 x layers x B x Hkv x S x d."""
