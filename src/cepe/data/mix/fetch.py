@@ -41,15 +41,15 @@ def check_tools(packages: Iterable[Package]) -> None:
         raise RuntimeError("cepe data fetch needs registry tools that are missing:\n" + "\n".join(lines))
 
 
-def apt_lists_empty(lists: Path | None = None) -> bool:
+def apt_lists_empty() -> bool:
     """True when apt has no package index (a fresh machine or container, before `apt-get update`):
     every `apt-get download` would then fail with "Unable to locate package"."""
-    return not any((lists or APT_LISTS).glob("*_Packages*"))
+    return not any(APT_LISTS.glob("*_Packages*"))
 
 
 def prepare_apt(pending: list[Package], root: Path, update: bool) -> None:
-    """Before the first Debian download: `apt-get update` when asked (root only), else fail early
-    on an empty package index, instead of on the first package after the others were fetched."""
+    """Before the first Debian download: `apt-get update` when asked (root only), else fail on an
+    empty package index before anything downloads, instead of at the first Debian package."""
     if not any(p.registry == "debian" for p in pending):
         return
     if update:
