@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -340,6 +341,32 @@ def test_facts_context_length_has_its_own_range(tmp_path, mix):
         DataConfig(train=[str(mix)], facts=FactsConfig(context_tokens=[300, 200])).validate()
 
 
+def test_facts_list_lengths_follow_values_and_hops(tmp_path, mix):
+    # RULER's multi-value asks for 4 values and its vt for 5 names: data.facts.values and
+    # data.facts.hops set how long the asked lists are, so training can reach past them
+    def lists(fmt, **facts):
+        data, tok = _data(tmp_path / f"{fmt}{facts}", mix, decoder_windows=[800], window_block=2,
+                          mixture={"facts": 1.0}, copying=CopyingConfig(task_tokens=500),
+                          facts=FactsConfig(formats={fmt: 1.0}, repeat=0.0, **facts))
+        out = []
+        for i in range(12):
+            s = data.train[i]
+            context = tok.decode(s["context"][0].tolist())
+            for a, b in _scored_runs(s):
+                answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
+                items = answer.split(", ") if fmt == "multi" else answer.split(" ")
+                assert all(item in context for item in items), (answer, fmt)
+                out.append(len(items))
+        return out
+
+    assert set(lists("multi", values=[6, 6])) == {6}
+    assert max(lists("multi")) <= 4
+    assert set(lists("chain", hops=[5, 5])) == {6}
+    assert max(lists("chain")) <= 5
+    with pytest.raises(ValueError, match="facts.hops"):
+        DataConfig(train=[str(mix)], facts=FactsConfig(hops=[0, 3])).validate()
+
+
 def test_repeated_haystack_is_one_span_of_the_text():
     text = "Call me Ishmael. Some years ago I went to sea. It is a way I have. " * 3 + "The end came at last."
     rng = np.random.default_rng(0)
@@ -399,8 +426,9 @@ def test_variable_chains_come_with_several_distractor_chains():
     from cepe.data.builders.facts import ASSIGNMENTS, CHAIN_QUESTIONS, FactsBuilder
 
     rng, counts = np.random.default_rng(0), set()
+    builder = SimpleNamespace(cfg=SimpleNamespace(facts=FactsConfig()))  # _chain reads only cfg.facts
     for _ in range(60):
-        statements, [(question, answer)] = FactsBuilder._chain(None, rng, ["river"])
+        statements, [(question, answer)] = FactsBuilder._chain(builder, rng, ["river"])
         pairs = []  # (name, what it is assigned) of every statement, whatever its form
         for st in statements:
             for form in sorted(ASSIGNMENTS, key=len, reverse=True):  # "let x = y;" before "x = y"

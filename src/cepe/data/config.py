@@ -42,6 +42,11 @@ class FactsConfig:
 
     facts: list[int] = field(default_factory=lambda: [1, 8])  # facts in a `single` sample's context
     queries: list[int] = field(default_factory=lambda: [1, 3])  # of them asked
+    # [lo, hi] values of the one key in a `multi` sample, all asked (RULER's multi-value asks for 4:
+    # lists that always stop at 2-3 teach the decoder to stop listing early)
+    values: list[int] = field(default_factory=lambda: [2, 4])
+    # [lo, hi] assignments after the value in a `chain` sample's asked chain (RULER's vt has 4 hops)
+    hops: list[int] = field(default_factory=lambda: [1, 4])
     formats: dict[str, float] = field(default_factory=lambda: {"single": 0.6, "multi": 0.2, "chain": 0.2})
     # share of samples whose context is one short span of its own text repeated (a noise haystack:
     # the query must match the fact's words, not just the last token before the value)
@@ -151,7 +156,8 @@ class DataConfig:
         own_context = [("facts.context_tokens", self.facts.context_tokens)] if self.facts.context_tokens else []
         for name, pair in (("copying.span_tokens", self.copying.span_tokens), ("copying.queries", self.copying.queries),
                            ("copying.records", self.copying.records), ("facts.facts", self.facts.facts),
-                           ("facts.queries", self.facts.queries),
+                           ("facts.queries", self.facts.queries), ("facts.values", self.facts.values),
+                           ("facts.hops", self.facts.hops),
                            *own_context,
                            ("demonstrations.classes", self.demonstrations.classes),
                            ("demonstrations.context_examples", self.demonstrations.context_examples),

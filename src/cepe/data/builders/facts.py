@@ -12,9 +12,10 @@ Formats, one per sample:
             facts have no name and distinct attributes ("the ticket number is ..."), asked by the
             attribute alone; in `facts.same_attribute` of the others all share one attribute, wording
             and value type (RULER's multi-key needles)
-    multi   one key stated 2-4 times with different values, all asked in order of appearance
-    chain   a value assigned to a name, then names assigned from names (with a distractor chain);
-            asked for every name that holds the value, in order
+    multi   one key stated `facts.values` times (2-4) with different values, all asked in order of
+            appearance
+    chain   a value assigned to a name, then `facts.hops` names (1-4) assigned from names, with
+            distractor chains; asked for every name that holds the value, in order
 In `facts.repeat` of the samples the context is a short span of its own text repeated to full length
 (a noise haystack): there, copying whatever usually follows the question's last word ("... is")
 gives the haystack's word, so only matching the fact's own words finds the value.
@@ -162,15 +163,17 @@ class FactsBuilder(CopyingBuilder):
     def _multi(self, rng, words):
         k, a = _key(rng, words), _pick(rng, ATTRIBUTES)
         kind = int(rng.integers(5))
-        values = _distinct(lambda: _value(rng, words, kind), int(rng.integers(2, 5)))
+        lo, hi = self.cfg.facts.values
+        values = _distinct(lambda: _value(rng, words, kind), int(rng.integers(lo, hi + 1)))
         statements = [_pick(rng, MULTI_STATEMENTS).format(k=k, a=a, v=v) for v in values]
         return statements, [(_pick(rng, MULTI_QUESTIONS).format(k=k, a=a), ", ".join(values))]
 
     def _chain(self, rng, words):
-        # the target chain (1-4 hops) and 1-4 distractor chains (0-4 hops), as in RULER's variable
-        # tracking, where 5 chains of assignments share one haystack
-        hops, others = int(rng.integers(1, 5)), int(rng.integers(1, 5))
-        lengths = [hops + 1] + [int(rng.integers(1, 6)) for _ in range(others)]
+        # the target chain (`facts.hops` assignments after its value) and 1-4 distractor chains (0 to
+        # as many hops), as in RULER's variable tracking, where 5 chains of assignments share one haystack
+        lo, hi = self.cfg.facts.hops
+        hops, others = int(rng.integers(lo, hi + 1)), int(rng.integers(1, 5))
+        lengths = [hops + 1] + [int(rng.integers(1, hi + 2)) for _ in range(others)]
         names = _distinct(lambda: _name(rng), sum(lengths))
         form = _pick(rng, ASSIGNMENTS)
         values = _distinct(lambda: _digits(rng, int(rng.integers(4, 8))), len(lengths))
