@@ -12,7 +12,7 @@ import pytest
 
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer
 from cepe.data.builders import category_of, source_of
-from cepe.data.builders.facts import _distractors, _repeated
+from cepe.data.builders.facts import SEPARATORS, _distractors, _repeated
 from cepe.data.builders.demonstrations import label_words
 from cepe.data.config import CopyingConfig, FactsConfig, RetrievalConfig
 
@@ -365,6 +365,28 @@ def test_facts_list_lengths_follow_values_and_hops(tmp_path, mix):
     assert max(lists("chain")) <= 5
     with pytest.raises(ValueError, match="facts.hops"):
         DataConfig(train=[str(mix)], facts=FactsConfig(hops=[0, 3])).validate()
+
+
+def test_listed_answers_may_use_any_separator(tmp_path, mix):
+    # facts.separators: lists joined by "; ", ". ", new lines...; a list of sentences ends in its own
+    # period, and then the scored end is the new line, not another "."
+    data, tok = _data(tmp_path, mix, decoder_windows=[800], window_block=2, mixture={"facts": 1.0},
+                      copying=CopyingConfig(task_tokens=500),
+                      facts=FactsConfig(formats={"multi": 1.0}, repeat=0.0, values=[3, 3], separators=1.0))
+    seps = set()
+    for i in range(40):
+        s = data.train[i]
+        context = tok.decode(s["context"][0].tolist())
+        for a, b in _scored_runs(s):
+            answer = tok.decode(s["input_ids"][a : b - 1].tolist()).strip()
+            end = tok.decode(s["input_ids"][b - 1 : b].tolist())
+            sep = next(x for x in SEPARATORS if len(answer.rstrip(".").split(x)) == 3)
+            items = answer.rstrip(".").split(sep)
+            assert all(item in context for item in items), (answer, sep)
+            assert end == ("\n" if sep == ". " else "."), (answer, end)
+            assert answer.endswith(".") == (sep == ". ")
+            seps.add(sep)
+    assert seps == set(SEPARATORS)
 
 
 def test_repeated_haystack_is_one_span_of_the_text():

@@ -47,6 +47,10 @@ class FactsConfig:
     values: list[int] = field(default_factory=lambda: [2, 4])
     # [lo, hi] assignments after the value in a `chain` sample's asked chain (RULER's vt has 4 hops)
     hops: list[int] = field(default_factory=lambda: [1, 4])
+    # share of `multi` and `chain` answers listed with a drawn separator (", ", "; ", ". ", a new line,
+    # " | ") instead of ", " / " ": a model that only saw commas stops at the first "." it writes,
+    # as the release does when a prompt's values end in periods (RULER's multi-value: 2 of 4 listed)
+    separators: float = 0.0
     formats: dict[str, float] = field(default_factory=lambda: {"single": 0.6, "multi": 0.2, "chain": 0.2})
     # share of samples whose context is one short span of its own text repeated (a noise haystack:
     # the query must match the fact's words, not just the last token before the value)

@@ -16,6 +16,8 @@ Formats, one per sample:
             appearance
     chain   a value assigned to a name, then `facts.hops` names (1-4) assigned from names, with
             distractor chains; asked for every name that holds the value, in order
+A `multi` or `chain` answer lists its items with ", " or " ", or in `facts.separators` of the samples
+with a drawn separator (SEPARATORS), so that a decoder which writes "." after an item goes on.
 In `facts.repeat` of the samples the context is a short span of its own text repeated to full length
 (a noise haystack): there, copying whatever usually follows the question's last word ("... is")
 gives the haystack's word, so only matching the fact's own words finds the value.
@@ -74,6 +76,8 @@ INSTRUCTIONS = (
     "Below is part of a long document; questions about the whole document follow.\n\n",
     "Instructions: keep track of names, numbers and codes in the text.\n\n",
 )
+# how a listed answer's items may be separated (`facts.separators`)
+SEPARATORS = (", ", "; ", ". ", "\n", " | ")
 CUES = ("\n\n", "\n\nQuestions about the text above.\n", "\n\n---\n", "\n\nFrom memory of the text:\n")
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
 
@@ -166,7 +170,8 @@ class FactsBuilder(CopyingBuilder):
         lo, hi = self.cfg.facts.values
         values = _distinct(lambda: _value(rng, words, kind), int(rng.integers(lo, hi + 1)))
         statements = [_pick(rng, MULTI_STATEMENTS).format(k=k, a=a, v=v) for v in values]
-        return statements, [(_pick(rng, MULTI_QUESTIONS).format(k=k, a=a), ", ".join(values))]
+        answer = _listed(rng, values, ", ", self.cfg.facts.separators)
+        return statements, [(_pick(rng, MULTI_QUESTIONS).format(k=k, a=a), answer)]
 
     def _chain(self, rng, words):
         # the target chain (`facts.hops` assignments after its value) and 1-4 distractor chains (0 to
@@ -188,7 +193,8 @@ class FactsBuilder(CopyingBuilder):
                 [i for c in chains for i in range(len(c))], dtype=np.float64))
             statements = [statements[int(i)] for i in order]
         # placement keeps statement order (depth increases along the list): a hop always follows its source
-        return statements, [(_pick(rng, CHAIN_QUESTIONS).format(v=values[0]), " ".join(chains[0]))]
+        answer = _listed(rng, chains[0], " ", self.cfg.facts.separators)
+        return statements, [(_pick(rng, CHAIN_QUESTIONS).format(v=values[0]), answer)]
 
     # ------------------------------------------------------------------ assembly
     def _haystack_window(self, text: str, n: int) -> np.ndarray:
@@ -207,8 +213,11 @@ class FactsBuilder(CopyingBuilder):
         return dict(out, input_ids=ids, labels=labels)
 
     def _segments(self, rng, qa: list[tuple[str, str]], budget: int) -> list[tuple[np.ndarray, bool | str]] | None:
-        """Cue, then per question: the question (no loss), " value" (loss), the line's end."""
-        return self._qa_segments(_pick(rng, CUES), ((q, " " + v, ".\n") for q, v in qa), budget)
+        """Cue, then per question: the question (no loss), " value" (loss), the line's end: ".\n", or
+        "\n" after a list of sentences, whose "." also follows every item (the new line tells the
+        end from " next item")."""
+        return self._qa_segments(_pick(rng, CUES), ((q, " " + v, "\n" if v.endswith(".") else ".\n") for q, v in qa),
+                                 budget)
 
     def _place(self, rng, text: str, statements: list[str], n_context: int) -> np.ndarray:
         """The context's text with `statements` inserted at word boundaries, in order, at random
@@ -260,6 +269,16 @@ def _repeated(rng: np.random.Generator, text: str, length: int | None = None, wh
         span = " ".join(words[i : i + int(rng.integers(8, 61))])
     span = span.strip() or "The river runs past the mill."
     return " ".join([span] * (length // (len(span) + 1) + 1))
+
+
+def _listed(rng: np.random.Generator, items: list[str], default: str, share: float) -> str:
+    """`items` joined by `default`, or in `share` of the calls by a drawn separator; a list of
+    sentences ("a. b. c.") ends in its own period (see `FactsBuilder._segments`). No draw at share 0,
+    so recipes without it get the same samples as before."""
+    if share <= 0 or rng.random() >= share:
+        return default.join(items)
+    sep = _pick(rng, SEPARATORS)
+    return sep.join(items) + ("." if sep == ". " else "")
 
 
 def _pick(rng: np.random.Generator, options):
