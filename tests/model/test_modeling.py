@@ -202,6 +202,14 @@ def test_encoder_checkpointing_gives_same_gradients(encoder):
     assert not m.encoder.model.is_gradient_checkpointing and not m.is_gradient_checkpointing
 
 
+def test_encoder_checkpointing_needs_a_transformers_encoder():
+    # an encoder without a transformers model inside says so, instead of an AttributeError mid-setup
+    m = tiny_cepe("llama", "bert")
+    m.encoder.model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="encoder checkpointing"):
+        m.gradient_checkpointing_enable(decoder=False, encoder=True)
+
+
 @pytest.mark.parametrize("encoder", ["bert", "decoder"])
 def test_save_load_round_trip_exact(tmp_path, encoder):
     m = tiny_cepe("llama", encoder)

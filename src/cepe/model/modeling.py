@@ -342,7 +342,11 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if decoder:
             set_activation_checkpointing(self.decoder, True, gradient_checkpointing_kwargs)
         if encoder:
-            set_activation_checkpointing(self.encoder.model, True, gradient_checkpointing_kwargs)
+            enc = self._checkpointable()[1:]
+            if not enc:
+                raise ValueError(f"encoder checkpointing: {type(self.encoder).__name__} holds no transformers "
+                                 "model whose layers can be recomputed")
+            set_activation_checkpointing(enc[0], True, gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self):
         for m in self._checkpointable():
