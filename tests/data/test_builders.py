@@ -389,6 +389,30 @@ def test_listed_answers_may_use_any_separator(tmp_path, mix):
     assert seps == set(SEPARATORS)
 
 
+def test_multi_answers_follow_the_context_or_any_order(tmp_path, mix):
+    # chunks are encoded apart, so the context's order of values is unreadable: multi_order "random"
+    # lists them shuffled and never asks for an order
+    def orders(multi_order):
+        data, tok = _data(tmp_path / multi_order, mix, decoder_windows=[800], window_block=2, mixture={"facts": 1.0},
+                          copying=CopyingConfig(task_tokens=500),
+                          facts=FactsConfig(formats={"multi": 1.0}, repeat=0.0, values=[4, 4], multi_order=multi_order))
+        out = []
+        for i in range(16):
+            s = data.train[i]
+            context = tok.decode(s["context"][0].tolist())
+            (a, b), = _scored_runs(s)
+            items = tok.decode(s["input_ids"][a : b - 1].tolist()).strip().split(", ")
+            assert "order" not in tok.decode(s["input_ids"][:a].tolist())[-80:] or multi_order == "appearance"
+            at = [context.index(item) for item in items]
+            out.append(at == sorted(at))
+        return out
+
+    assert all(orders("appearance"))
+    assert sum(orders("random")) <= 4  # 4 values in order by chance: 1 in 24
+    with pytest.raises(ValueError, match="multi_order"):
+        DataConfig(train=[str(mix)], facts=FactsConfig(multi_order="sorted")).validate()
+
+
 def test_repeated_haystack_is_one_span_of_the_text():
     text = "Call me Ishmael. Some years ago I went to sea. It is a way I have. " * 3 + "The end came at last."
     rng = np.random.default_rng(0)

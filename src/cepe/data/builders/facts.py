@@ -13,7 +13,7 @@ Formats, one per sample:
             attribute alone; in `facts.same_attribute` of the others all share one attribute, wording
             and value type (RULER's multi-key needles)
     multi   one key stated `facts.values` times (2-4) with different values, all asked in order of
-            appearance
+            appearance, or in any order (`facts.multi_order`: random)
     chain   a value assigned to a name, then `facts.hops` names (1-4) assigned from names, with
             distractor chains; asked for every name that holds the value, in order
 A `multi` or `chain` answer lists its items with ", " or " ", or in `facts.separators` of the samples
@@ -62,6 +62,7 @@ MULTI_STATEMENTS = ("One {a} of {k} is {v}.", "{k} also has the {a} {v}.", "Anot
                     "{k} is listed with {a} {v}.")
 MULTI_QUESTIONS = ("List every {a} of {k}, in the order given:", "All {a}s of {k} mentioned above:",
                    "Q: Which {a}s does {k} have?\nA:")
+MULTI_QUESTIONS_ANY_ORDER = tuple(q for q in MULTI_QUESTIONS if "order" not in q)
 ASSIGNMENTS = ("{x} = {y}", "let {x} = {y};", "set {x} to {y}.", "{x} := {y}", "{x} is assigned {y}.",
                "{x} takes the value of {y}.")
 CHAIN_QUESTIONS = ("Which names hold the value {v}? In order:", "Every variable equal to {v}:",
@@ -170,8 +171,12 @@ class FactsBuilder(CopyingBuilder):
         lo, hi = self.cfg.facts.values
         values = _distinct(lambda: _value(rng, words, kind), int(rng.integers(lo, hi + 1)))
         statements = [_pick(rng, MULTI_STATEMENTS).format(k=k, a=a, v=v) for v in values]
+        questions = MULTI_QUESTIONS
+        if self.cfg.facts.multi_order == "random":  # placement keeps the statements' order; the answer not
+            values = [values[int(i)] for i in rng.permutation(len(values))]
+            questions = MULTI_QUESTIONS_ANY_ORDER
         answer = _listed(rng, values, ", ", self.cfg.facts.separators)
-        return statements, [(_pick(rng, MULTI_QUESTIONS).format(k=k, a=a), answer)]
+        return statements, [(_pick(rng, questions).format(k=k, a=a), answer)]
 
     def _chain(self, rng, words):
         # the target chain (`facts.hops` assignments after its value) and 1-4 distractor chains (0 to
