@@ -61,14 +61,14 @@ def add_low_rank(model, rank: int, targets: list[str], alpha: float) -> list[nn.
 
 
 def facts_config(data: list[str], n_facts: tuple[int, int], context: tuple[int, int], window: int, seed: int,
-                 formats: str = "single: 1.0", keyless: float = 0.0, repeat: float = 0.0):
+                 formats: str = "single: 1.0", keyless: float = 0.0, repeat: float = 0.0, overrides=()):
     return load_config("configs/general_smollm2.yaml", [
         f"data.train=[{','.join(data)}]", "data.heldout=[heldout/]", "data.mixture={facts: 1.0}",
         f"data.facts.facts=[{n_facts[0]},{n_facts[1]}]", "data.facts.same_attribute=1.0",
         f"data.facts.keyless={keyless}",
         f"data.facts.formats={{{formats}}}", "data.facts.queries=[1,1]", f"data.facts.repeat={repeat}",
         f"data.decoder_windows=[{window}]", f"data.context_tokens={context[1]}",
-        f"data.min_context_tokens={context[0]}", "data.num_workers=0", f"data.seed={seed}"])
+        f"data.min_context_tokens={context[0]}", "data.num_workers=0", f"data.seed={seed}", *overrides])
 
 
 def batches(stream, collate, start: int, n: int, bs: int, device):
@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--keyless", type=float, default=0.0, help="share of training facts without a key")
     ap.add_argument("--repeat", type=float, default=0.0,
                     help="share of training samples whose haystack is one span repeated (data.facts.repeat)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for the training samples, e.g. data.facts.multi_order=random")
     ap.add_argument("--skip-initial-eval", action="store_true")
     ap.add_argument("--save", help="write the trained adapter here (bf16 shards; not with --lora)")
     ap.add_argument("--lora", type=int, default=0, help="rank of the decoder self-attention updates (0: none)")
@@ -186,7 +188,7 @@ def train(args, model, stream, collate, device, amp, evaluate) -> dict:
     """`args.steps` optimizer steps from the adapter as loaded; evaluates on the way and at the end."""
     lo_hi = tuple(int(x) for x in args.facts.split(","))
     samples = stream(lo_hi, tuple(int(x) for x in args.context.split(",")), False, seed=1,
-                   formats=args.formats, keyless=args.keyless, repeat=args.repeat)
+                   formats=args.formats, keyless=args.keyless, repeat=args.repeat, overrides=args.set)
     groups = [{"params": model.adapter_parameters(), "lr": args.lr}]
     if args.lora:
         lora = add_low_rank(model, args.lora, args.lora_targets.split(","), alpha=2.0 * args.lora)
