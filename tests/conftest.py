@@ -72,3 +72,15 @@ def tiny_cepe(family: str = "llama", encoder: str = "bert", chunk_size: int = 8,
 @pytest.fixture
 def llama_cepe():
     return tiny_cepe("llama")
+
+
+def rand_ids(b=2, t=10, seed=0):
+    """(b, t) random decoder ids of the tiny models' vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (b, t), generator=g)
+
+
+def rand_context(b=2, n=3, length=10, seed=1, vocab=60):
+    """(b, n, length) random context ids: n chunks per example."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (b, n, length), generator=g)
