@@ -7,12 +7,17 @@ import json
 
 import numpy as np
 import pytest
-from builder_helpers import VOCAB, data_of, scored_runs
+from builder_helpers import VOCAB, data_of, scored_runs, write_mix
 
 from cepe.data import Collator, DataConfig
 from cepe.data.builders import category_of, source_of
 from cepe.data.builders.demonstrations import label_words
 from cepe.data.config import CopyingConfig, FactsConfig, RetrievalConfig
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    return write_mix(tmp_path_factory.mktemp("mix"))
 
 
 def test_names_give_source_and_category():

@@ -8,11 +8,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from builder_helpers import data_of, scored_runs
+from builder_helpers import data_of, scored_runs, write_mix
 
 from cepe.data import DataConfig
 from cepe.data.builders.facts import SEPARATORS, _distractors, _repeated
 from cepe.data.config import CopyingConfig, FactsConfig
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    return write_mix(tmp_path_factory.mktemp("mix"))
 
 
 def test_facts_are_random_values_read_only_from_the_context(tmp_path, mix):
