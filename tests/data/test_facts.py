@@ -252,6 +252,37 @@ def test_fact_keys_come_in_several_shapes_that_differ_in_a_few_tokens():
     assert all(any(re.fullmatch(p, k) for p in shapes.values()) for k in keys)
 
 
+def test_same_shape_keys_share_one_shape():
+    # facts.same_key_shape: RULER's four keys are all two hyphenated words; mixed shapes (a hex id
+    # beside a name) can be told apart by shape alone
+    import re
+
+    from cepe.data.builders.facts import STATEMENTS, FactsBuilder
+
+    words = ["river", "lantern", "copper"]
+    shapes = [r"[A-Z][a-z]+", r"[a-z]+-\d+", r"[a-z]+_\d+", r"(river|lantern|copper)-(river|lantern|copper)",
+              r"[0-9a-f]{6,12}"]
+
+    def key_shapes(statement):  # the shapes the statement's key may have, over the forms it may take
+        out = set()
+        for form in STATEMENTS:
+            pattern = re.escape(form).replace(r"\{k\}", "(?P<k>.+?)")
+            m = re.fullmatch(re.sub(r"\\\{[auv]\\\}", ".+?", pattern), statement)
+            if m:
+                out |= {i for i, p in enumerate(shapes) if re.fullmatch(p, m["k"])}
+        return out
+
+    def common_shape(same_key_shape):
+        facts = FactsConfig(same_attribute=1.0, keyless=0.0, facts=(4, 4), same_key_shape=same_key_shape)
+        builder = SimpleNamespace(cfg=SimpleNamespace(facts=facts))
+        rng = np.random.default_rng(0)
+        return [bool(set.intersection(*(key_shapes(st) for st in FactsBuilder._single(builder, rng, words)[0])))
+                for _ in range(30)]
+
+    assert all(common_shape(1.0))
+    assert sum(common_shape(0.0)) < 10  # 4 keys of 5 shapes drawn apart share one in 1 of 125
+
+
 def test_keyless_facts_are_asked_by_their_attribute(tmp_path, mix):
     from cepe.data.builders.facts import ATTRIBUTES, KEYLESS_QUESTIONS
 

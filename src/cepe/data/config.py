@@ -64,6 +64,9 @@ class FactsConfig:
     repeat_window: float = 0.5
     same_attribute: float = 0.5  # share of keyed `single` samples whose facts all share one attribute (distractors)
     keyless: float = 0.35  # share of `single` samples whose facts have no name: told apart by attribute alone
+    # share of the same-attribute samples whose keys also share one shape (all two-word, all hex...),
+    # as RULER's needles do: keys of mixed shapes can be told apart by shape, not only by their tokens
+    same_key_shape: float = 0.0
     instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)
     # [lo, hi] encoder tokens of a facts sample's context, drawn log-uniformly (None: data.context_tokens
     # and data.min_context_tokens, as every builder). Short contexts teach the key match fastest

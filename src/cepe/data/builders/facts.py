@@ -11,7 +11,8 @@ Formats, one per sample:
     single  1-8 facts with distinct keys, 1-3 of them asked; in `facts.keyless` of the samples the
             facts have no name and distinct attributes ("the ticket number is ..."), asked by the
             attribute alone; in `facts.same_attribute` of the others all share one attribute, wording
-            and value type (RULER's multi-key needles)
+            and value type (RULER's multi-key needles), and in `facts.same_key_shape` of those the
+            keys' shape too
     multi   one key stated `facts.values` times (2-4) with different values, all asked in order of
             appearance, or in any order (`facts.multi_order`: random)
     chain   a value assigned to a name, then `facts.hops` names (1-4) assigned from names, with
@@ -138,6 +139,9 @@ class FactsBuilder(CopyingBuilder):
             return self._keyless(rng, words, n)
         keys = _distinct(lambda: _key(rng, words), n)
         shared = _pick(rng, ATTRIBUTES) if rng.random() < self.cfg.facts.same_attribute else None
+        if shared and self.cfg.facts.same_key_shape > 0 and rng.random() < self.cfg.facts.same_key_shape:
+            shape = int(rng.integers(KEY_SHAPES))
+            keys = _distinct(lambda: _key(rng, words, shape), n)
         # hard negatives as in RULER's multi-key needles: the facts share attribute, wording and value
         # type, and differ only in their key
         shared_form, kind = (_pick(rng, STATEMENTS), int(rng.integers(5))) if shared else (None, None)
@@ -301,11 +305,14 @@ def _distinct(draw, n: int) -> list[str]:
     return out
 
 
-def _key(rng: np.random.Generator, words: list[str]) -> str:
+KEY_SHAPES = 5  # the shapes `_key` draws from
+
+
+def _key(rng: np.random.Generator, words: list[str], shape: int | None = None) -> str:
     """A made-up name, a word of the text with a number, an identifier, two words of the text
-    joined by a hyphen, or a hex id: keys that differ in one word or a few characters must still be
-    told apart, so the lookup has to match the key's own tokens."""
-    r = int(rng.integers(5))
+    joined by a hyphen, or a hex id (`shape` 0-4, drawn when None): keys that differ in one word or
+    a few characters must still be told apart, so the lookup has to match the key's own tokens."""
+    r = int(rng.integers(KEY_SHAPES)) if shape is None else shape
     if r == 0:
         return "".join(_pick(rng, SYLLABLES) for _ in range(int(rng.integers(2, 4)))).capitalize()
     if r == 1:
