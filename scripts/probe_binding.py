@@ -134,6 +134,8 @@ def main() -> None:
                     help="share of training samples whose haystack is one span repeated (data.facts.repeat)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more config overrides for the training samples, e.g. data.facts.multi_order=random")
+    ap.add_argument("--eval-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for the held-out samples, e.g. data.facts.same_key_shape=1")
     ap.add_argument("--skip-initial-eval", action="store_true")
     ap.add_argument("--save", help="write the trained adapter here (bf16 shards; not with --lora)")
     ap.add_argument("--lora", type=int, default=0, help="rank of the decoder self-attention updates (0: none)")
@@ -165,7 +167,8 @@ def main() -> None:
         data = build_data(cfg.data, *tok, progress=False)
         return data.heldout if heldout else data.train
 
-    evals = {f"{f} facts, {c // 1024}K": stream((f, f), (c, c), True) for f in (2, 4) for c in (1024, 4096)}
+    evals = {f"{f} facts, {c // 1024}K": stream((f, f), (c, c), True, overrides=args.eval_set)
+             for f in (2, 4) for c in (1024, 4096)}
     history = []
 
     def evaluate(step):
