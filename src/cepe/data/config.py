@@ -42,14 +42,14 @@ class FactsConfig:
 
     facts: list[int] = field(default_factory=lambda: [1, 8])  # facts in a `single` sample's context
     queries: list[int] = field(default_factory=lambda: [1, 3])  # of them asked
-    # [lo, hi] values of the one key in a `multi` sample, all asked (RULER's multi-value asks for 4:
-    # lists that always stop at 2-3 teach the decoder to stop listing early)
+    # [lo, hi] values of the one key in a `multi` sample, all asked (RULER's multi-value asks for 4;
+    # 2-6 in stage 19 did not make the release's 2-value answers longer)
     values: list[int] = field(default_factory=lambda: [2, 4])
     # [lo, hi] assignments after the value in a `chain` sample's asked chain (RULER's vt has 4 hops)
     hops: list[int] = field(default_factory=lambda: [1, 4])
     # share of `multi` and `chain` answers listed with a drawn separator (", ", "; ", ". ", a new line,
-    # " | ") instead of ", " / " ": a model that only saw commas stops at the first "." it writes,
-    # as the release does when a prompt's values end in periods (RULER's multi-value: 2 of 4 listed)
+    # " | ") instead of ", " / " ", so that "." after an item may go on to the next (RULER's needles
+    # end in periods). Stage 20 learnt the form; its lists still stopped early
     separators: float = 0.0
     # the order of a `multi` answer: "appearance" (the context's order) or "random". Chunks are encoded
     # apart and cross-attention has no positions, so the order of values in different chunks cannot be

@@ -140,6 +140,7 @@ class FactsBuilder(CopyingBuilder):
         keys = _distinct(lambda: _key(rng, words), n)
         shared = _pick(rng, ATTRIBUTES) if rng.random() < self.cfg.facts.same_attribute else None
         if shared and self.cfg.facts.same_key_shape > 0 and rng.random() < self.cfg.facts.same_key_shape:
+            # redrawn rather than drawn once after `shared`: at share 0 the draws stay as before
             shape = int(rng.integers(KEY_SHAPES))
             keys = _distinct(lambda: _key(rng, words, shape), n)
         # hard negatives as in RULER's multi-key needles: the facts share attribute, wording and value
