@@ -331,3 +331,34 @@ def test_distractor_haystack_states_other_names_in_the_facts_forms():
         assert not any(f"The {a} is" in text for a in ("number", "code"))
         hay = _repeated(rng, text, length=5000, whole=True)
         assert len(hay) >= 5000 and hay.count(text) >= 2
+
+
+def test_question_styles_ask_in_longer_wordings(tmp_path, mix):
+    # facts.question_styles: a share of the questions restate themselves before the answer (the
+    # short forms alone tied a list's length to their wording); share 0 never draws them
+    import re
+
+    from cepe.data.builders.facts import CHAIN_QUESTIONS_MORE, MULTI_QUESTIONS_MORE, QUESTIONS_MORE
+
+    more = {"facts_single": QUESTIONS_MORE, "facts_multi": MULTI_QUESTIONS_MORE, "facts_chain": CHAIN_QUESTIONS_MORE}
+    ending = {kind: [re.compile(re.sub(r"\\\{[kav]\\\}", ".+?", re.escape(f)) + "$", re.S) for f in forms]
+              for kind, forms in more.items()}
+
+    def asked(share):
+        facts = FactsConfig(keyless=0.0, repeat=0.0, question_styles=share,
+                            formats={"single": 1.0, "multi": 1.0, "chain": 1.0})
+        data, tok = data_of(tmp_path / str(share), mix, decoder_windows=[800], window_block=2,
+                            mixture={"facts": 1.0}, copying=CopyingConfig(task_tokens=500), facts=facts)
+        longer, kinds = [], set()
+        for i in range(30):
+            s = data.train[i]
+            for a, _ in scored_runs(s):
+                before = tok.decode(s["input_ids"][:a].tolist())[-200:]
+                longer.append(any(p.search(before) for p in ending[s["copy_format"]]))
+                kinds.add(s["copy_format"])
+        return longer, kinds
+
+    longer, kinds = asked(1.0)
+    assert kinds == set(more) and len(longer) >= 30 and all(longer)
+    longer, _ = asked(0.0)
+    assert longer and not any(longer)

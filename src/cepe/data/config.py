@@ -67,6 +67,10 @@ class FactsConfig:
     # share of the same-attribute samples whose keys also share one shape (all two-word, all hex...),
     # as RULER's needles do: keys of mixed shapes can be told apart by shape, not only by their tokens
     same_key_shape: float = 0.0
+    # share of questions (keyed single, multi, chain) in longer wordings that restate the question
+    # before the answer (QUESTIONS_MORE...): with the short forms alone a list's length followed the
+    # wording (stage 21 listed 2 of 4 values after RULER's long question, 3 after its own forms)
+    question_styles: float = 0.0
     instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)
     # [lo, hi] encoder tokens of a facts sample's context, drawn log-uniformly (None: data.context_tokens
     # and data.min_context_tokens, as every builder). Short contexts teach the key match fastest
