@@ -1,0 +1,67 @@
+"""Does the question's wording decide how many values an adapter lists on RULER's multi-value?
+
+The same RULER multi-value samples (noise haystack, 4 values of one key), asked in RULER's words and
+in the facts builder's own short forms; greedy answers, values found per answer. CPU fp32, full
+attention. Results: docs/results_general_stage21.md.
+
+    python3 scripts/question_wording.py --adapter A --length 2048 --samples 4 --out wording.json
+"""
+
+import argparse
+import json
+import re
+
+import torch
+
+from cepe.evaluation.tasks.common import encode, window_request
+from cepe.evaluation.tasks.ruler import PromptBuilder
+from cepe.model.decoding import greedy
+from cepe.model.loading import load_model
+
+# {k}: the sample's key. None: RULER's own question
+WORDINGS = {
+    "ruler": None,
+    "ruler, ending in ':'": "\nWhat are all the special magic numbers for {k} mentioned in the provided text? "
+                            "The special magic numbers for {k} mentioned in the provided text are:",
+    "facts: All ... mentioned above:": "\nAll special magic numbers of {k} mentioned above:",
+    "facts: Q/A": "\nQ: Which special magic numbers does {k} have?\nA:",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(adapter=args.adapter, dtype=torch.float32, device="cpu").eval()
+    tok, builder = model.tokenizer, PromptBuilder(model.tokenizer)
+    found: dict[str, list[int]] = {}
+    for name, wording in WORDINGS.items():
+        for i in range(args.samples):
+            p = builder.prompt("niah_multivalue", args.length, i)
+            body = p.body
+            if wording is not None:
+                key = re.search(r"magic numbers for ([\w-]+) mentioned", p.sample.question).group(1)
+                body = encode(tok, p.sample.context) + encode(tok, wording.format(k=key))
+            request = window_request(p.prefix, body, 512)
+            ids, mask = model.tokenize_context([tok.decode(list(request.context[0]))])
+            with torch.no_grad():
+                ctx = model.encode(ids, mask)
+            text = tok.decode(greedy(model, [list(request.prefix) + list(request.tokens)], args.new_tokens,
+                                     context=ctx)[0])
+            found.setdefault(name, []).append(sum(a in text for a in p.sample.answers))
+            print(f"{name} | sample {i}: {found[name][-1]} of {len(p.sample.answers)} | {text[:70]!r}", flush=True)
+    for name, n in found.items():
+        print(f"{name:36s} values found per answer {n}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"adapter": args.adapter, "length": args.length, "found": found}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
