@@ -69,7 +69,8 @@ class FactsConfig:
     same_key_shape: float = 0.0
     # share of questions (keyed single, multi, chain) in longer wordings that restate the question
     # before the answer (QUESTIONS_MORE...): with the short forms alone a list's length followed the
-    # wording (stage 21 listed 2 of 4 values after RULER's long question, 3 after its own forms)
+    # wording (stages 21-22 found 48-54% of RULER's multi-value values after its long question,
+    # 71-75% after their own forms: docs/results_general_stage21.md)
     question_styles: float = 0.0
     instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)
     # [lo, hi] encoder tokens of a facts sample's context, drawn log-uniformly (None: data.context_tokens

@@ -72,8 +72,8 @@ CHAIN_QUESTIONS = ("Which names hold the value {v}? In order:", "Every variable 
                    "Q: Which names end up with {v}?\nA:")
 # more wordings (`facts.question_styles`): a full question, then a sentence that restates it and
 # leaves the answer to finish it, as users and benchmarks phrase them; the short forms above alone
-# tie a list's length to their wording (an adapter listed 3 of 4 values after them, 2 after a longer
-# question it never saw: docs/results_general_stage21.md)
+# tie a list's length to their wording (stages 21-22 found 71-75% of RULER's multi-value values
+# after them, 48-54% after RULER's longer question: docs/results_general_stage21.md)
 QUESTIONS_MORE = (
     "Could you tell me the {a} that was given for {k}? Certainly. The {a} given for {k} is",
     "According to the document, what is {k}'s {a}?\nAnswer: {k}'s {a} is",
