@@ -13,20 +13,18 @@ result's cross-attention top-k. Results: docs/results_general_stage21.md.
 import argparse
 import json
 import re
+from dataclasses import replace
 
 import torch
 
+from cepe.data.pipeline import tokenizer_bos
+from cepe.evaluation.methods import Cepe
 from cepe.evaluation.tasks.common import encode, window_request
 from cepe.evaluation.tasks.ruler import PromptBuilder
 from cepe.model.loading import load_model
 
 LENGTH = 16384
 ITEM = {"niah_multivalue": r"\d{5,}", "vt": r"\b[A-Z]{5}\b"}  # RULER's values and variable names
-
-
-def last_logits(model, tokens: list[int], ctx) -> torch.Tensor:
-    """(V,) logits at the last of `tokens` (one row), reading the encoded context `ctx`."""
-    return model(input_ids=torch.tensor([tokens]), context=ctx, use_cache=False).logits[0, -1].float()
 
 
 def main() -> None:
@@ -49,6 +47,7 @@ def main() -> None:
     model = load_model(adapter=args.adapter, dtype=torch.float32, device="cpu").eval()
     model.config.cross_attn_topk = topk
     tok = model.tokenizer
+    method = Cepe(model).reading_bos(tokenizer_bos(tok))  # the evaluation's layout, context and decoding
     builder = PromptBuilder(tok)
     task = args.task
     builder.sizes[(task, LENGTH)] = ref["results"]["haystack_size"][f"{task}@{LENGTH}"]
@@ -65,19 +64,16 @@ def main() -> None:
             line = args.join.join(sorted(listed, key=line.index))
             go_on = args.join
         request = window_request(prompt.prefix, prompt.body, 512)
-        ids, mask = model.tokenize_context([tok.decode(list(request.context[0]))])
-        with torch.no_grad():
-            ctx = model.encode(ids, mask)
-            head = list(request.prefix) + list(request.tokens) + encode(tok, " " + line)
-            p = last_logits(model, head, ctx).softmax(-1)
-            ranked = [(tok.decode([int(t)]), round(float(p[t]), 4)) for t in p.topk(5).indices]
-            p_end = round(float(p[newline[0]]), 3) if len(newline) == 1 else None
-            cont = encode(tok, go_on)
-            p_on = round(float(p[cont[0]]), 3)
-            go = head + cont
-            for _ in range(args.new_tokens):  # greedy, without a cache: a few tokens on a short window
-                go.append(int(last_logits(model, go, ctx).argmax()))
-        more = tok.decode(go[len(head):])
+        answered_line = replace(request, tokens=list(request.tokens) + encode(tok, " " + line))
+        cont = encode(tok, go_on)
+        with torch.no_grad():  # the method encodes the context once per sample and reuses it
+            p = method.log_probs(answered_line, 1)[0].exp()
+            more_ids = cont + method.generate(replace(answered_line, tokens=answered_line.tokens + cont),
+                                              args.new_tokens)
+        ranked = [(tok.decode([int(t)]), round(float(p[t]), 4)) for t in p.topk(5).indices]
+        p_end = round(float(p[newline[0]]), 3) if len(newline) == 1 else None
+        p_on = round(float(p[cont[0]]), 3)
+        more = tok.decode(more_ids)
         nxt = re.findall(ITEM[task], more)
         kind = "none" if not nxt else "missed" if nxt[0] in answers and nxt[0] not in listed else \
             "listed again" if nxt[0] in listed else "not a needle's"

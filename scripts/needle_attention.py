@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from cepe.data.pipeline import tokenizer_bos
 from cepe.evaluation.tasks.common import window_request
 from cepe.evaluation.tasks.ruler import PromptBuilder
 from cepe.model.loading import load_model
@@ -55,6 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model(adapter=args.adapter, dtype=torch.float32, device="cpu").eval()
     tok = model.tokenizer
+    bos = tokenizer_bos(tok)
+    head = [] if bos is None else [bos]  # as the evaluation lays it out (Gemma reads <bos> first)
     answered = {}
     builder = PromptBuilder(tok)
     if args.answers:
@@ -77,7 +80,8 @@ def main() -> None:
         captured.clear()
         with torch.no_grad():
             ctx = model.encode(ids, mask)
-            model(input_ids=torch.tensor([list(request.prefix) + list(request.tokens)]), context=ctx, use_cache=False)
+            model(input_ids=torch.tensor([head + list(request.prefix) + list(request.tokens)]), context=ctx,
+                  use_cache=False)
             attention = answer_attention(model, dict(sorted(captured.items())), ctx.attention_mask)
         enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         values = {k: spans(flat, enc(v)) or spans(flat, enc(" " + v)) for k, v in needles.items()}

@@ -13,9 +13,10 @@ import re
 
 import torch
 
+from cepe.data.pipeline import tokenizer_bos
+from cepe.evaluation.methods import Cepe
 from cepe.evaluation.tasks.common import encode, window_request
 from cepe.evaluation.tasks.ruler import PromptBuilder
-from cepe.model.decoding import greedy
 from cepe.model.loading import load_model
 
 # {k}: the sample's key. None: RULER's own question
@@ -40,6 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model(adapter=args.adapter, dtype=torch.float32, device="cpu").eval()
     tok, builder = model.tokenizer, PromptBuilder(model.tokenizer)
+    method = Cepe(model).reading_bos(tokenizer_bos(tok))  # the evaluation's layout, context and decoding
     found: dict[str, list[int]] = {}
     for name, wording in WORDINGS.items():
         for i in range(args.samples):
@@ -48,12 +50,8 @@ def main() -> None:
             if wording is not None:
                 key = re.search(r"magic numbers for ([\w-]+) mentioned", p.sample.question).group(1)
                 body = encode(tok, p.sample.context) + encode(tok, wording.format(k=key))
-            request = window_request(p.prefix, body, 512)
-            ids, mask = model.tokenize_context([tok.decode(list(request.context[0]))])
             with torch.no_grad():
-                ctx = model.encode(ids, mask)
-            text = tok.decode(greedy(model, [list(request.prefix) + list(request.tokens)], args.new_tokens,
-                                     context=ctx)[0])
+                text = tok.decode(method.generate(window_request(p.prefix, body, 512), args.new_tokens))
             found.setdefault(name, []).append(sum(a in text for a in p.sample.answers))
             print(f"{name} | sample {i}: {found[name][-1]} of {len(p.sample.answers)} | {text[:70]!r}", flush=True)
     for name, n in found.items():
