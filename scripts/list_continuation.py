@@ -50,7 +50,7 @@ def main() -> None:
     method = Cepe(model).reading_bos(tokenizer_bos(tok))  # the evaluation's layout, context and decoding
     builder = PromptBuilder(tok)
     task = args.task
-    builder.sizes[(task, LENGTH)] = ref["results"]["haystack_size"][f"{task}@{LENGTH}"]
+    builder.reuse_sizes(ref["results"])
     answered = {s["index"]: s for s in ref["results"]["samples"] if s["task"] == task}
     newline = encode(tok, "\n")
     rows = []

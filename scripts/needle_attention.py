@@ -63,7 +63,7 @@ def main() -> None:
     if args.answers:
         ref = json.load(open(args.answers))["results"]
         answered = {s["index"]: s for s in ref["samples"] if s["task"] == TASK}
-        builder.sizes[(TASK, LENGTH)] = ref["haystack_size"][f"{TASK}@{LENGTH}"]  # the same haystacks
+        builder.reuse_sizes(ref)  # the same haystacks
     captured: dict = {}
     for name, mod in model.cross_attn.items():
         def keep(m, a, kw, layer=int(name)):

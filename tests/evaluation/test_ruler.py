@@ -162,6 +162,23 @@ def test_run_oracle_scores_100_and_constant_about_0(tok):
         ruler.RulerSettings(tasks=["nope"])
 
 
+def test_a_probe_rebuilds_a_results_samples_from_its_haystack_sizes(tok, monkeypatch):
+    s = ruler.RulerSettings(tasks=["niah_multivalue", "vt"], lengths=[2000], samples=3, decoder_tokens=128)
+    out = ruler.run({"oracle": Fake(tok)}, s, tok, progress=False)
+    builder = ruler.PromptBuilder(tok)
+
+    def no_search(task, length):
+        raise AssertionError("the sizes come from the result, not a new search")
+
+    monkeypatch.setattr(builder, "_largest", no_search)
+    builder.reuse_sizes(out)
+    assert builder.sizes == {("niah_multivalue", 2000): out["haystack_size"]["niah_multivalue@2000"],
+                             ("vt", 2000): out["haystack_size"]["vt@2000"]}
+    for row in out["samples"]:
+        p = builder.prompt(row["task"], row["length"], row["index"])
+        assert (p.sample.answers, p.sample.depths) == (row["answers"], row["depths"])
+
+
 def test_progress_moves_after_every_batch_not_every_cell(tok, monkeypatch):
     """A CPU cell of 32 samples at 16K takes ~15 minutes: the bar must move per batch."""
     seen = []

@@ -109,6 +109,13 @@ class PromptBuilder:
             raise ValueError(f"ruler {task}: sample {index} does not fit {length} tokens")
         return p
 
+    def reuse_sizes(self, results: dict) -> None:
+        """Take the haystack sizes a `cepe eval ruler` result used (its `results` dict), so that
+        `prompt` rebuilds exactly its samples: a probe re-asks what the evaluation asked."""
+        for cell, size in results["haystack_size"].items():
+            task, length = cell.rsplit("@", 1)
+            self.sizes[(task, int(length))] = int(size)
+
 
 def string_match_all(prediction: str, answers: list[str]) -> float:
     """Fraction of the answers found in the prediction (case-insensitive substrings)."""
