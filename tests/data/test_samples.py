@@ -10,6 +10,7 @@ import pytest
 from data_helpers import word_tokenizer, words, write_corpus
 
 from cepe.data import Collator, DataConfig, build_data, byte_tokenizer, split_documents
+from cepe.data.config import RetrievalConfig
 from cepe.data.synthetic import SyntheticConfig, make_example, value_ids
 
 
@@ -72,6 +73,22 @@ def test_retrieval_passages_come_from_other_documents(tmp_path, corpus):
     doc, p = builder.pick_window(np.random.default_rng(0))
     hits = builder.pool.search("alpha beta gamma", 3, exclude_doc=doc)
     assert hits and all(builder.pool.spans[h, 0] != doc for h in hits)
+
+
+def test_retrieval_k_range_draws_passage_counts_per_sample(tmp_path, corpus):
+    from cepe.training.config import load_config
+
+    cfg = _cfg(tmp_path, corpus, mixture={"retrieval": 1.0})
+    cfg.retrieval.k, cfg.retrieval.passage_tokens = [1, 4], 32
+    data = build_data(cfg, byte_tokenizer(), word_tokenizer(), progress=False)
+    counts = {len(data.train[i]["context"]) for i in range(40)}
+    assert counts == {1, 2, 3, 4}  # every count of the range, none outside it
+    for bad in ([0, 3], [4, 2], 0):
+        with pytest.raises(ValueError, match="retrieval.k"):
+            DataConfig(train=["x"], retrieval=RetrievalConfig(k=bad)).validate()
+    # an override spells the range as a list; a number stays a fixed k
+    assert load_config(None, ["data.train=synthetic", "data.retrieval.k=[2,24]"]).data.retrieval.k == [2, 24]
+    assert load_config(None, ["data.train=synthetic", "data.retrieval.k=5"]).data.retrieval.k == 5
 
 
 def test_mixture_weights_masking_and_determinism(tmp_path, corpus):

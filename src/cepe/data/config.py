@@ -15,7 +15,9 @@ class RetrievalConfig:
     """`retrieval` and `passage_qa` builders: the encoder reads `k` passages that BM25 retrieves
     for the decoder text."""
 
-    k: int = 8
+    # passages per sample: an int, or [lo, hi] drawn uniformly per sample (a reader of 20 retrieved
+    # passages must not have learnt that there are always 8: NQ fell from k = 1 to k = 20)
+    k: int | list[int] = 8
     passage_tokens: int = 256  # decoder tokens per passage (the pool is cut from the training documents)
     max_passages: int = 20000  # pool size cap (sampled with the data seed)
     # "any": from any other training document; "same_source": from other documents of the window's
@@ -169,12 +171,16 @@ class DataConfig:
             raise ValueError(f"data.context_draw must be 'max', 'uniform' or 'block', got {self.context_draw!r}")
         if self.retrieval.scope not in ("any", "same_source"):
             raise ValueError(f"data.retrieval.scope must be 'any' or 'same_source', got {self.retrieval.scope!r}")
+        k = self.retrieval.k
+        if isinstance(k, int) and k < 1:
+            raise ValueError(f"data.retrieval.k must be at least 1, got {k}")
+        retrieval_k = [] if isinstance(k, int) else [("retrieval.k", k)]
         own_context = [("facts.context_tokens", self.facts.context_tokens)] if self.facts.context_tokens else []
         for name, pair in (("copying.span_tokens", self.copying.span_tokens), ("copying.queries", self.copying.queries),
                            ("copying.records", self.copying.records), ("facts.facts", self.facts.facts),
                            ("facts.queries", self.facts.queries), ("facts.values", self.facts.values),
                            ("facts.hops", self.facts.hops),
-                           *own_context,
+                           *own_context, *retrieval_k,
                            ("demonstrations.classes", self.demonstrations.classes),
                            ("demonstrations.context_examples", self.demonstrations.context_examples),
                            ("demonstrations.decoder_examples", self.demonstrations.decoder_examples),

@@ -91,6 +91,8 @@ class RetrievalBuilder(_WindowBuilder):
         doc, p = self.pick_window(rng, d)
         out = self.window(doc, p, d)
         query, k = self.pool.decode(out["input_ids"].tolist()), self.cfg.retrieval.k
+        if not isinstance(k, int):  # a range: drawn only then, so a fixed k draws as before
+            k = int(rng.integers(k[0], k[1] + 1))
         hits = []
         if self.cfg.retrieval.scope == "same_source":
             hits = self.pool.search(query, k, exclude_doc=doc, source=source_of(self.corpus.decoder.names[doc]))
