@@ -1,8 +1,8 @@
 """Does the question's wording decide how many values an adapter lists on RULER's multi-value?
 
 The same RULER multi-value samples (noise haystack, 4 values of one key), asked in RULER's words and
-in the facts builder's own short forms; greedy answers, values found per answer. CPU fp32, full
-attention. Results: docs/results_general_stage21.md.
+in the facts builder's own short forms, and in a wording the builder never uses; greedy answers,
+values found per answer. CPU fp32, full attention. Results: docs/results_general_stage21.md.
 
     python3 scripts/question_wording.py --adapter A --length 2048 --samples 4 --out wording.json
 """
@@ -26,6 +26,8 @@ WORDINGS = {
                             "The special magic numbers for {k} mentioned in the provided text are:",
     "facts: All ... mentioned above:": "\nAll special magic numbers of {k} mentioned above:",
     "facts: Q/A": "\nQ: Which special magic numbers does {k} have?\nA:",
+    # in neither the builder's short nor its longer forms (`facts.question_styles`): generality
+    "unseen: Name every ... Answer:": "\nName every special magic number that belongs to {k}.\nAnswer:",
 }
 
 
@@ -36,14 +38,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wordings", help="comma-separated prefixes of the wordings to ask (default: all)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    asked = {n: w for n, w in WORDINGS.items()
+             if not args.wordings or any(n.startswith(p.strip()) for p in args.wordings.split(","))}
+    if not asked:
+        ap.error(f"--wordings {args.wordings!r} matches none of: {', '.join(WORDINGS)}")
     torch.set_num_threads(args.threads)
     model = load_model(adapter=args.adapter, dtype=torch.float32, device="cpu").eval()
     tok, builder = model.tokenizer, PromptBuilder(model.tokenizer)
     method = Cepe(model).reading_bos(tokenizer_bos(tok))  # the evaluation's layout, context and decoding
     found: dict[str, list[int]] = {}
-    for name, wording in WORDINGS.items():
+    for name, wording in asked.items():
         for i in range(args.samples):
             p = builder.prompt("niah_multivalue", args.length, i)
             body = p.body
