@@ -26,6 +26,9 @@ WORDINGS = {
                             "The special magic numbers for {k} mentioned in the provided text are:",
     "facts: All ... mentioned above:": "\nAll special magic numbers of {k} mentioned above:",
     "facts: Q/A": "\nQ: Which special magic numbers does {k} have?\nA:",
+    # one of the builder's longer forms (`facts.question_styles`): did a stage trained on them learn them?
+    "facts more: Collect every ... are": "\nCollect every special magic number of {k} stated anywhere above. "
+                                         "The special magic numbers of {k} are",
     # in neither the builder's short nor its longer forms (`facts.question_styles`): generality
     "unseen: Name every ... Answer:": "\nName every special magic number that belongs to {k}.\nAnswer:",
 }

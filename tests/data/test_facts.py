@@ -333,32 +333,53 @@ def test_distractor_haystack_states_other_names_in_the_facts_forms():
         assert len(hay) >= 5000 and hay.count(text) >= 2
 
 
-def test_question_styles_ask_in_longer_wordings(tmp_path, mix):
-    # facts.question_styles: a share of the questions restate themselves before the answer (the
-    # short forms alone tied a list's length to their wording); share 0 never draws them
+def test_question_styles_ask_in_composed_wordings(tmp_path, mix):
+    # facts.question_styles: a share of the questions are composed from parts (the short forms alone
+    # tied a list's length to their wording); share 0 never draws them
     import re
 
-    from cepe.data.builders.facts import CHAIN_QUESTIONS_MORE, MULTI_QUESTIONS_MORE, QUESTIONS_MORE
+    from cepe.data.builders import wordings
 
-    more = {"facts_single": QUESTIONS_MORE, "facts_multi": MULTI_QUESTIONS_MORE, "facts_chain": CHAIN_QUESTIONS_MORE}
-    ending = {kind: [re.compile(re.sub(r"\\\{[kav]\\\}", ".+?", re.escape(f)) + "$", re.S) for f in forms]
-              for kind, forms in more.items()}
+    more = {"facts_single": wordings.SINGLE, "facts_multi": wordings.MULTI, "facts_chain": wordings.CHAIN}
+    ending = {kind: re.compile("(?:" + "|".join(re.sub(r"\\\{[kav]\\\}", ".+?", re.escape(f)) for f in c.all()) + ")$",
+                               re.S) for kind, c in more.items()}
 
     def asked(share):
         facts = FactsConfig(keyless=0.0, repeat=0.0, question_styles=share,
                             formats={"single": 1.0, "multi": 1.0, "chain": 1.0})
         data, tok = data_of(tmp_path / str(share), mix, decoder_windows=[800], window_block=2,
                             mixture={"facts": 1.0}, copying=CopyingConfig(task_tokens=500), facts=facts)
-        longer, kinds = [], set()
+        longer, kinds, seen = [], set(), set()
         for i in range(30):
             s = data.train[i]
             for a, _ in scored_runs(s):
-                before = tok.decode(s["input_ids"][:a].tolist())[-200:]
-                longer.append(any(p.search(before) for p in ending[s["copy_format"]]))
+                before = tok.decode(s["input_ids"][:a].tolist())[-300:]
+                longer.append(bool(ending[s["copy_format"]].search(before)))
                 kinds.add(s["copy_format"])
-        return longer, kinds
+                seen.add(before[-60:])
+        return longer, kinds, seen
 
-    longer, kinds = asked(1.0)
+    longer, kinds, seen = asked(1.0)
     assert kinds == set(more) and len(longer) >= 30 and all(longer)
-    longer, _ = asked(0.0)
+    assert len(seen) >= 0.8 * len(longer)  # composed: hardly a wording twice
+    longer, _, _ = asked(0.0)
     assert longer and not any(longer)
+
+
+def test_composed_wordings_are_many_read_well_and_copy_no_evaluation():
+    from cepe.data.builders import wordings
+
+    from cepe.data.builders.facts import CHAIN_QUESTIONS, MULTI_QUESTIONS, QUESTIONS
+
+    rng = np.random.default_rng(0)
+    pairs = ((wordings.SINGLE, QUESTIONS), (wordings.MULTI, MULTI_QUESTIONS), (wordings.CHAIN, CHAIN_QUESTIONS))
+    for c, short in pairs:
+        forms = c.all()
+        assert len(forms) == len(c) == len(set(forms)) >= 300 and not set(forms) & set(short)
+        assert len({c.draw(rng) for _ in range(300)}) > 150
+        # after "..., " the request goes on in lower case, except "I"
+        after_comma = [f.split(", ", 1)[1] for f in forms if f.startswith(("Based on", "According to"))]
+        assert all(f[0].islower() or f[0] in "{I" for f in after_comma)
+    asked = [f.format(k="Ann", a="special magic number", v="42") for f in wordings.MULTI.all()]
+    # neither RULER's multi-value question nor the wording probe's held-out one
+    assert not any("mentioned in the provided text" in f or f.startswith("Name every") for f in asked)

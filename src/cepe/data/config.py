@@ -69,10 +69,10 @@ class FactsConfig:
     # share of the same-attribute samples whose keys also share one shape (all two-word, all hex...),
     # as RULER's needles do: keys of mixed shapes can be told apart by shape, not only by their tokens
     same_key_shape: float = 0.0
-    # share of questions (keyed single, multi, chain) in longer wordings that restate the question
-    # before the answer (QUESTIONS_MORE...): with the short forms alone a list's length followed the
-    # wording (stages 21-22 found 48-54% of RULER's multi-value values after its long question,
-    # 71-75% after their own forms: docs/results_general_stage21.md)
+    # share of questions (keyed single, multi, chain) in wordings composed from parts (builders/wordings.py,
+    # hundreds per format): with the short forms alone a list's length followed the wording (stages
+    # 21-22 found 71-75% of RULER's multi-value values after their own forms, 40-54% after any other:
+    # docs/results_general_stage21.md)
     question_styles: float = 0.0
     instruction: float = 0.25  # share of samples whose window opens with an instruction (as a user's prompt does)
     # [lo, hi] encoder tokens of a facts sample's context, drawn log-uniformly (None: data.context_tokens

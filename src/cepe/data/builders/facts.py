@@ -19,8 +19,8 @@ Formats, one per sample:
             distractor chains; asked for every name that holds the value, in order
 A `multi` or `chain` answer lists its items with ", " or " ", or in `facts.separators` of the samples
 with a drawn separator (SEPARATORS), so that a decoder which writes "." after an item goes on.
-In `facts.question_styles` of the questions the wording is a longer one that restates the question
-before the answer (QUESTIONS_MORE, MULTI_QUESTIONS_MORE, CHAIN_QUESTIONS_MORE).
+In `facts.question_styles` of the questions the wording is composed from parts (`wordings`: an
+opener, a request, a lead into the answer; hundreds per format) instead of the short forms below.
 In `facts.repeat` of the samples the context is a short span of its own text repeated to full length
 (a noise haystack): there, copying whatever usually follows the question's last word ("... is")
 gives the haystack's word, so only matching the fact's own words finds the value.
@@ -36,6 +36,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..samples import Corpus, log_uniform
+from . import wordings
 from .copying import WORD, CopyingBuilder
 from .text import TextCodec
 
@@ -70,27 +71,6 @@ ASSIGNMENTS = ("{x} = {y}", "let {x} = {y};", "set {x} to {y}.", "{x} := {y}", "
                "{x} takes the value of {y}.")
 CHAIN_QUESTIONS = ("Which names hold the value {v}? In order:", "Every variable equal to {v}:",
                    "Q: Which names end up with {v}?\nA:")
-# more wordings (`facts.question_styles`): a full question, then a sentence that restates it and
-# leaves the answer to finish it, as users and benchmarks phrase them; the short forms above alone
-# tie a list's length to their wording (stages 21-22 found 71-75% of RULER's multi-value values
-# after them, 48-54% after RULER's longer question: docs/results_general_stage21.md)
-QUESTIONS_MORE = (
-    "Could you tell me the {a} that was given for {k}? Certainly. The {a} given for {k} is",
-    "According to the document, what is {k}'s {a}?\nAnswer: {k}'s {a} is",
-    "I am looking for the {a} of {k} in the text above. The {a} you are looking for is",
-    "Find the {a} associated with {k}. The {a} associated with {k} is",
-)
-MULTI_QUESTIONS_MORE = (
-    "Which {a}s does the text give for {k}? Please name all of them. The {a}s given for {k} are",
-    "According to the document, what {a}s does {k} have?\nAnswer: {k} has the {a}s",
-    "Collect every {a} of {k} stated anywhere above. The {a}s of {k} are",
-    "I need each {a} of {k}, not just one. Here they are:",
-)
-CHAIN_QUESTIONS_MORE = (
-    "Follow the assignments above: which names end up holding the value {v}? The names holding {v} are",
-    "According to the text, every variable that is assigned {v}, directly or through another variable, is",
-    "Track the value {v} through the assignments. It is held by",
-)
 # opening a window: a user's prompt often starts with an instruction, which must not stop the model
 # from reading the context
 INSTRUCTIONS = (
@@ -174,7 +154,7 @@ class FactsBuilder(CopyingBuilder):
             a, v = shared or _pick(rng, ATTRIBUTES), _value(rng, words, kind)
             form = shared_form or _pick(rng, STATEMENTS)
             statements.append(form.format(k=k, a=a, u=a.replace(" ", "_"), v=v))
-            qa.append((_question(rng, self.cfg.facts.question_styles, QUESTIONS, QUESTIONS_MORE).format(k=k, a=a), v))
+            qa.append((_question(rng, self.cfg.facts.question_styles, QUESTIONS, wordings.SINGLE).format(k=k, a=a), v))
         lo, hi = self.cfg.facts.queries
         asked = rng.permutation(len(qa))[: int(rng.integers(lo, hi + 1))]
         return statements, [qa[int(i)] for i in asked]
@@ -204,7 +184,7 @@ class FactsBuilder(CopyingBuilder):
             values = [values[int(i)] for i in rng.permutation(len(values))]
             questions = MULTI_QUESTIONS_ANY_ORDER
         answer = _listed(rng, values, ", ", self.cfg.facts.separators)
-        question = _question(rng, self.cfg.facts.question_styles, questions, MULTI_QUESTIONS_MORE)
+        question = _question(rng, self.cfg.facts.question_styles, questions, wordings.MULTI)
         return statements, [(question.format(k=k, a=a), answer)]
 
     def _chain(self, rng, words):
@@ -228,7 +208,7 @@ class FactsBuilder(CopyingBuilder):
             statements = [statements[int(i)] for i in order]
         # placement keeps statement order (depth increases along the list): a hop always follows its source
         answer = _listed(rng, chains[0], " ", self.cfg.facts.separators)
-        question = _question(rng, self.cfg.facts.question_styles, CHAIN_QUESTIONS, CHAIN_QUESTIONS_MORE)
+        question = _question(rng, self.cfg.facts.question_styles, CHAIN_QUESTIONS, wordings.CHAIN)
         return statements, [(question.format(v=values[0]), answer)]
 
     # ------------------------------------------------------------------ assembly
@@ -316,10 +296,10 @@ def _listed(rng: np.random.Generator, items: list[str], default: str, share: flo
     return sep.join(items) + ("." if sep == ". " else "")
 
 
-def _question(rng: np.random.Generator, share: float, forms: tuple[str, ...], more: tuple[str, ...]) -> str:
-    """A question wording from `forms`, or in `share` of the draws from `more` (no extra draw at
-    share 0, so recipes without `facts.question_styles` get the same samples as before)."""
-    return _pick(rng, more if share > 0 and rng.random() < share else forms)
+def _question(rng: np.random.Generator, share: float, forms: tuple[str, ...], more: wordings.Composed) -> str:
+    """A question wording from `forms`, or in `share` of the draws composed by `more` (no extra draw
+    at share 0, so recipes without `facts.question_styles` get the same samples as before)."""
+    return more.draw(rng) if share > 0 and rng.random() < share else _pick(rng, forms)
 
 
 def _pick(rng: np.random.Generator, options):
