@@ -183,13 +183,8 @@ def test_retrieval_same_source(tmp_path, mix):
     assert len(data.train[0]["context"]) == 3
 
 
-def test_passage_questions_are_answered_by_one_retrieved_passage(tmp_path):
-    import re
-
-    from cepe.data.builders.passage_qa import BLANK, QUESTIONS
-    from cepe.data.builders.text import one_line
-
-    # prose with names and numbers to ask about (the shared fixture's words are all short)
+def _prose(tmp_path):
+    """Prose with names and numbers to ask about (the shared fixture's words are all short)."""
     rng, prose = np.random.default_rng(1), tmp_path / "prose"
     for source in ("annals", "ledger"):
         rows = [{"text": " ".join(
@@ -198,7 +193,16 @@ def test_passage_questions_are_answered_by_one_retrieved_passage(tmp_path):
             for _ in range(3)]
         (prose / "train" / "books").mkdir(parents=True, exist_ok=True)
         (prose / "train" / "books" / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data, tok = data_of(tmp_path, prose, mixture={"passage_qa": 1.0}, decoder_windows=[400], window_block=2,
+    return prose
+
+
+def test_passage_questions_are_answered_by_one_retrieved_passage(tmp_path):
+    import re
+
+    from cepe.data.builders.passage_qa import BLANK, QUESTIONS
+    from cepe.data.builders.text import one_line
+
+    data, tok = data_of(tmp_path, _prose(tmp_path), mixture={"passage_qa": 1.0}, decoder_windows=[400], window_block=2,
                        copying=CopyingConfig(task_tokens=200), retrieval=RetrievalConfig(k=4, passage_tokens=128))
     forms = [re.compile(re.escape(q).replace(re.escape("{s}"), "(?P<s>.+)") + r"$") for q in QUESTIONS]
     asked, sources = 0, set()
@@ -239,3 +243,37 @@ def test_decoder_bos_before_every_window(tmp_path, mix):
         assert (s["labels"][s["task_mask"]] != -100).all() and s["task_mask"].any()
     batch = Collator(16, [], [], 0, 0)(tasks[:2])
     assert batch["task_mask"].sum() == sum(int(s["task_mask"].sum()) for s in tasks[:2])
+
+
+def test_passage_questions_with_the_top_passage_in_the_window(tmp_path):
+    # retrieval.in_window: the top passage moves from the encoder into the window before the
+    # questions (open-domain QA's prompt); some answers are then in the window, the rest in the encoder
+    from cepe.data.builders.text import one_line
+
+    def build(share):
+        return data_of(tmp_path / str(share), _prose(tmp_path / str(share)), mixture={"passage_qa": 1.0},
+                       decoder_windows=[400], window_block=2, copying=CopyingConfig(task_tokens=120),
+                       retrieval=RetrievalConfig(k=4, passage_tokens=128, in_window=share))
+
+    data, tok = build(1.0)
+    in_window = in_encoder = 0
+    for i in range(24):
+        s = data.train[i]
+        if s.get("copy_format") != "passage_qa_in_window":
+            continue
+        assert len(s["context"]) == 3 and len(s["input_ids"]) == len(s["labels"]) == len(s["task_mask"]) == 400
+        runs = scored_runs(s)
+        a0 = runs[0][0]
+        before = tok.decode(s["input_ids"][:a0].tolist())
+        # the moved passage is whole in the window, after its text and before the first question
+        window_passage = before.split("\n\n")[-2]  # text, passage, question, each after a blank line
+        assert len(window_passage) > 100 and not any(window_passage in one_line(tok.decode(c.tolist()))
+                                                     for c in s["context"])
+        assert (s["labels"][s["task_mask"]] != -100).all()
+        for a, e in runs:
+            answer = tok.decode(s["input_ids"][a : e - 1].tolist()).strip()
+            in_window += answer in window_passage
+            in_encoder += any(answer in tok.decode(c.tolist()) for c in s["context"])
+    assert in_window >= 4 and in_encoder >= 4  # both kinds of question are asked
+    data0, _ = build(0.0)
+    assert not any(data0.train[i].get("copy_format") == "passage_qa_in_window" for i in range(24))

@@ -48,24 +48,45 @@ class PassageQABuilder(AnswerTail, RetrievalBuilder):
 
     def sample(self, rng: np.random.Generator, d: int | None = None) -> dict[str, Any]:
         base, hits = self.retrieve(rng, d)
-        ids = base["input_ids"]
+        ids, first, passage = base["input_ids"], None, None
+        share = self.cfg.retrieval.in_window
+        if share > 0 and len(hits) > 1 and rng.random() < share:  # no draw at 0: samples as before
+            passage = np.concatenate([self.codec.dec("\n\n"), self.pool.decoder_tokens(hits[0])])
+            if len(ids) - len(passage) < 64 + min(self.cfg.copying.task_tokens, len(ids) // 4):
+                passage = None  # a window too short to hold the passage, text and questions
+            else:  # the top passage moves from the encoder into the window, just before the questions
+                ids, first = ids[: len(ids) - len(passage)], 0 if rng.random() < 0.5 else None
         budget = min(self.cfg.copying.task_tokens, len(ids) // 2)
         texts = [self.pool.decode(self.pool.decoder_tokens(i).tolist()) for i in hits]
         for _ in range(3):  # a draw whose answer the window happens to hold is redrawn
-            qa = _cloze(rng, texts, n=int(rng.integers(1, 3)))
+            qa = _cloze(rng, texts, n=int(rng.integers(1, 3)), first=first)
             segments = self._qa_segments("\n\n", ((q, " " + a, ".\n") for q, a in qa), budget) if qa else None
-            out = self._assemble(ids, segments) if segments else None
+            out = self._assemble(ids, segments) if segments else None  # checks the window's own text only
+            if out is not None and passage is not None:
+                out = _insert(out, len(ids) - sum(len(seg) for seg, _ in segments), passage)
+                return {**base, **out, "context": base["context"][1:], "copy_format": "passage_qa_in_window"}
             if out is not None:
                 return {**base, **out, "copy_format": "passage_qa"}
         return base
 
 
-def _cloze(rng: np.random.Generator, texts: list[str], n: int) -> list[tuple[str, str]]:
-    """Up to n (question, answer) pairs, from n different passages: a sentence of the passage with
-    one span blanked; the span occurs once in the sentence, and the sentence once in all passages."""
+def _insert(out: dict[str, np.ndarray], at: int, passage: np.ndarray) -> dict[str, np.ndarray]:
+    """The passage's tokens put into a sample's input_ids / labels / task_mask at `at`; the
+    passage is read as text (its tokens are labelled, not an answer)."""
+    fill = {"input_ids": passage, "labels": passage, "task_mask": np.zeros(len(passage), dtype=bool)}
+    return {k: np.concatenate([v[:at], fill[k].astype(v.dtype), v[at:]]) for k, v in out.items()}
+
+
+def _cloze(rng: np.random.Generator, texts: list[str], n: int, first: int | None = None) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs, from n different passages (passage `first` tried first): a
+    sentence of the passage with one span blanked; the span occurs once in the sentence, and the
+    sentence once in all passages."""
     everything = one_line("\n".join(texts))
     out: list[tuple[str, str]] = []
-    for i in rng.permutation(len(texts)):
+    order = [int(i) for i in rng.permutation(len(texts))]
+    if first is not None:
+        order = [first] + [i for i in order if i != first]
+    for i in order:
         sentences = [one_line(m.group(0)) for m in SENTENCE.finditer(texts[int(i)])]
         for j in rng.permutation(len(sentences)):
             s = sentences[int(j)]
