@@ -201,6 +201,9 @@ def test_exact_match_is_split_by_the_kind_of_answer():
     assert out[ANSWER_GROUPS.index("facts_multi")].tolist() == [2, 1]
     assert out[ANSWER_GROUPS.index("copying")].tolist() == [2, 1]
     assert out.sum().item() == 6
+    # passage questions with the top passage in the window are told apart from the encoder-only ones
+    qa = [{"kind": "passage_qa", "copy_format": f} for f in ("passage_qa", "passage_qa_in_window")]
+    assert [ANSWER_GROUPS[answer_group(s)] for s in qa] == ["passage_qa", "passage_qa_in_window"]
 
 
 def test_answer_texts_show_gold_and_argmax_per_answer_and_kind():

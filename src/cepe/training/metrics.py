@@ -29,7 +29,9 @@ def whole_answers(correct: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tens
 
 # held-out exact match per kind of answer: a mixture's overall figure hides which skill moves (stage
 # 11's 36% held a 4-key lookup at chance, docs/results_binding_probe.md)
-ANSWER_GROUPS = ("facts_single", "facts_multi", "facts_chain", "copying", "passage_qa", "demonstrations")
+# (passage_qa_in_window: the answer may be in the window's passage, `data.retrieval.in_window`)
+ANSWER_GROUPS = ("facts_single", "facts_multi", "facts_chain", "copying", "passage_qa", "passage_qa_in_window",
+                 "demonstrations")
 
 
 def answer_group(sample: dict) -> int:
