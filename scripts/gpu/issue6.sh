@@ -87,7 +87,7 @@ PY
     ;;
   qa)
     if ! python3 -c 'import bm25s' 2>/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --target /root/site .whl/bm25s-*.whl
+      python3 -m pip install -q --no-index --no-deps --target /root/site .whl/*.whl
     fi
     # BM25 over the 13,833 passages; m = 1 passage in the decoder, the next k in the encoder
     python3 -m cepe.cli eval qa --questions $NQ/questions.jsonl --passages $NQ/passages.jsonl \

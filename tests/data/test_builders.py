@@ -12,7 +12,7 @@ from builder_helpers import VOCAB, data_of, scored_runs, write_mix
 from cepe.data import Collator, DataConfig
 from cepe.data.builders import category_of, source_of
 from cepe.data.builders.demonstrations import label_words
-from cepe.data.config import CopyingConfig, FactsConfig, RetrievalConfig
+from cepe.data.config import CopyingConfig, DemonstrationsConfig, FactsConfig, RetrievalConfig
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +277,52 @@ def test_passage_questions_with_the_top_passage_in_the_window(tmp_path):
     assert in_window >= 4 and in_encoder >= 4  # both kinds of question are asked
     data0, _ = build(0.0)
     assert not any(data0.train[i].get("copy_format") == "passage_qa_in_window" for i in range(24))
+
+
+TONES = {
+    "positive": ["she was delighted and happy with the wonderful gift", "what a lovely and cheerful morning it was",
+                 "they loved the beautiful garden and smiled with joy"],
+    "negative": ["he was angry and miserable after the terrible loss", "the cruel storm destroyed their poor village",
+                 "she hated the awful cold and wept in despair"],
+    "neutral": ["the train leaves the station at the end of the road", "he walked to the house and opened the door",
+                "the committee meets on the second floor of the building"],
+}
+
+
+def test_sentiment_labels_pair_inputs_with_their_tone(tmp_path):
+    """Tone labels come from the snippet's own words (a lexicon), not its document; one naming per sample."""
+    from cepe.data.builders.sentiment import NAMINGS, sentiment_of
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "mix" / "train" / "books"
+    root.mkdir(parents=True)
+    rows = [{"text": ". ".join(rng.choice(TONES[t]) for _ in range(120)) + "."} for t in TONES for _ in range(2)]
+    (root / "tales.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tone = DemonstrationsConfig(labels=["sentiment"], sentiment_pool=600, renamed_labels=0.3)
+    data, tok = data_of(tmp_path, tmp_path / "mix", mixture={"demonstrations": 1.0}, demonstrations=tone)
+    keys, groups = data.train.builders["demonstrations"].labels["sentiment"]
+    assert keys == ["positive", "negative", "neutral"]  # no snippet mixes tones here
+    for k, g in zip(keys, groups):  # toned snippets come from documents of that tone
+        vocab = set(" ".join(TONES[k]).split())
+        assert all(sentiment_of(x) == k for x in g)
+        assert k == "neutral" or all(set(x.replace(".", "").split()) <= vocab for x in g)
+    seen, renamed = set(), 0
+    for i in range(30):
+        s = data.train[i]
+        assert s["label_kind"] == "sentiment"
+        context = tok.decode(s["context"][0].tolist())
+        if s["renamed"]:
+            renamed += 1
+        else:
+            assert any(set(s["shown_labels"]) <= set(n) for n in NAMINGS)  # one naming per sample
+            seen |= set(s["shown_labels"])
+        for a, b in scored_runs(s):
+            assert tok.decode(s["input_ids"][a:b].tolist()).strip() in s["shown_labels"]
+            assert tok.decode(s["input_ids"][a:b].tolist()).strip() in context
+    assert len(seen) > 4 and 0 < renamed < 20  # several namings drawn; made-up words too
+    tone.sentiment_categories = ["code"]  # tone is read only from the listed categories' documents
+    with pytest.raises(ValueError, match="2 sentiment values"):
+        data_of(tmp_path, tmp_path / "mix", mixture={"demonstrations": 1.0}, demonstrations=tone)
+    assert sentiment_of("def f(x): return x + 1 if y else {}") is None  # code is not labelled neutral
+    assert sentiment_of("she was delighted and happy with the wonderful gift") == "positive"
+    assert sentiment_of("he was angry and miserable after the terrible loss") == "negative"

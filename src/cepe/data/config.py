@@ -92,12 +92,18 @@ class DemonstrationsConfig:
     """`demonstrations` builder: labelled examples (text -> its category or source) in the
     context, a few more in the decoder; loss on the decoder's labels (and the text before them)."""
 
-    labels: list[str] = field(default_factory=lambda: ["category", "source"])  # what a label names
+    # what a label names: "category", "source" (read from a document's name) or "sentiment" (a
+    # snippet's tone, read by a lexicon: `cepe.data.builders.sentiment`)
+    labels: list[str] = field(default_factory=lambda: ["category", "source"])
     classes: list[int] = field(default_factory=lambda: [2, 6])  # labels per sample
     context_examples: list[int] = field(default_factory=lambda: [8, 48])
     decoder_examples: list[int] = field(default_factory=lambda: [2, 6])  # the last ones are scored
     example_tokens: list[int] = field(default_factory=lambda: [16, 48])  # decoder tokens per example text
     renamed_labels: float = 0.5  # share of samples whose labels are arbitrary words (learnable only from the context)
+    sentiment_pool: int = 20000  # snippets drawn (data seed) and read for tone; about a third are clear enough to keep
+    # categories whose documents give the tone snippets (empty: all). A lexicon misreads technical
+    # text ("should be no reference" reads negative) and code, so the mix's prose and talk only
+    sentiment_categories: list[str] = field(default_factory=lambda: ["books", "dialogue", "mail"])
 
 
 @dataclass

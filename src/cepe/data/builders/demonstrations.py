@@ -4,7 +4,8 @@ a few more in the decoder after a window of ordinary text; loss on the decoder's
 
 With probability `renamed_labels` the labels are made-up words (redrawn per sample), so the
 label of a decoder example can be learnt only from the context's examples. Never built from the
-ICL evaluation sets: labels come from the training documents' names.
+ICL evaluation sets: labels come from the training documents' names, or (`sentiment`) from a
+lexicon's reading of the snippet (`cepe.data.builders.sentiment`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..samples import Corpus, TooShort, _WindowBuilder
+from .sentiment import CLASSES, NAMINGS, group_by_sentiment
 from .text import TextCodec, category_of, one_line, source_of
 
 # Renamed labels are made-up words, drawn fresh per sample: a fixed list of 30 real words became
@@ -36,15 +38,17 @@ def label_words(rng: np.random.Generator, n: int) -> list[str]:
     return words
 
 
-# (line template, what the label is called in the prompt); {x} text, {y} label
+# line templates: {x} text, {y} label, {ask} a question naming what the label is (ASK)
 TEMPLATES = (
-    ("Text: {x}\nLabel: {y}\n\n", None),
-    ("Input: {x}\nOutput: {y}\n\n", None),
-    ("{x} => {y}\n", None),
-    ("Passage: {x}\nWhich {what} is it from? {y}\n\n", "what"),
-    ('"{x}" ({y})\n', None),
+    "Text: {x}\nLabel: {y}\n\n",
+    "Input: {x}\nOutput: {y}\n\n",
+    "{x} => {y}\n",
+    "Passage: {x}\n{ask} {y}\n\n",
+    '"{x}" ({y})\n',
 )
+ASK = {"category": "Which category is it from?", "source": "Which source is it from?", "sentiment": "What is its tone?"}
 LABELLERS = {"category": category_of, "source": lambda name: PurePosixPath(source_of(name)).stem}
+SNIPPET_LABELS = ("sentiment",)  # labels read from a snippet's text, not its document's name
 
 
 class DemonstrationsBuilder(_WindowBuilder):
@@ -59,10 +63,18 @@ class DemonstrationsBuilder(_WindowBuilder):
         lens = corpus.decoder.doc_lens()
         need = self.dcfg.example_tokens[1] + 1
         names = corpus.decoder.names
-        self.labels: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+        # per label kind: the class names and, per class, its documents (labelled by name) or its
+        # snippets (labelled by their text)
+        self.labels: dict[str, tuple[list[str], list[np.ndarray] | list[list[str]]]] = {}
         for what in self.dcfg.labels:
+            if what in SNIPPET_LABELS:
+                cats = set(self.dcfg.sentiment_categories)
+                self._add_sentiment(np.asarray([int(d) for d in corpus.docs if lens[int(d)] >= need
+                                                and (not cats or category_of(names[int(d)]) in cats)], dtype=np.int64))
+                continue
             if what not in LABELLERS:
-                raise ValueError(f"data.demonstrations.labels: unknown {what!r} (known: {sorted(LABELLERS)})")
+                raise ValueError(f"data.demonstrations.labels: unknown {what!r} "
+                                 f"(known: {sorted(LABELLERS) + list(SNIPPET_LABELS)})")
             groups: dict[str, list[int]] = {}
             for d in corpus.docs:
                 if lens[int(d)] >= need:
@@ -74,6 +86,34 @@ class DemonstrationsBuilder(_WindowBuilder):
             raise TooShort(f"the demonstrations builder needs documents of at least 2 {' or '.join(self.dcfg.labels)} "
                            f"values with {need} decoder tokens each")
         self.kinds = sorted(self.labels)
+
+    def _add_sentiment(self, docs: np.ndarray) -> None:
+        """A fixed pool of snippets (drawn with the data seed from `docs`) grouped by tone; the
+        kind is kept when at least two classes have examples."""
+        if len(docs) == 0:
+            return
+        rng = np.random.default_rng([self.cfg.seed, 7])
+        groups = group_by_sentiment([self._snippet(rng, docs) for _ in range(self.dcfg.sentiment_pool)])
+        if len(groups) >= 2:
+            keys = [c for c in CLASSES if c in groups]
+            self.labels["sentiment"] = (keys, [groups[k] for k in keys])
+
+    def _example_text(self, rng: np.random.Generator, group: np.ndarray | list[str]) -> str:
+        if isinstance(group, list):  # labelled snippets
+            return group[int(rng.integers(len(group)))]
+        return self._snippet(rng, group)
+
+    def _shown(self, rng: np.random.Generator, what: str, names: list[str],
+               classes: np.ndarray) -> tuple[list[str], bool]:
+        """The label words a sample shows for its classes, and whether they are renamed: made-up
+        words with probability `renamed_labels`, else the classes' names (for tone, one naming
+        drawn per sample)."""
+        if rng.random() < self.dcfg.renamed_labels:
+            return label_words(rng, len(classes)), True
+        if what == "sentiment":
+            naming = NAMINGS[int(rng.integers(len(NAMINGS)))]
+            return [naming[CLASSES.index(names[int(j)])] for j in classes], False
+        return [names[int(j)] for j in classes], False
 
     def _snippet(self, rng: np.random.Generator, docs: np.ndarray) -> str:
         doc = int(docs[int(rng.integers(len(docs)))])
@@ -89,16 +129,15 @@ class DemonstrationsBuilder(_WindowBuilder):
         names, groups = self.labels[what]
         n_cls = min(int(rng.integers(c.classes[0], c.classes[1] + 1)), len(names))
         classes = rng.choice(len(names), size=n_cls, replace=False)
-        renamed = rng.random() < c.renamed_labels
-        shown = label_words(rng, n_cls) if renamed else [names[int(j)] for j in classes]
-        line, _ = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+        shown, renamed = self._shown(rng, what, names, classes)
+        line = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
 
         def example(j: int) -> tuple[str, str, str]:
             """(prompt, label, what follows it): a space before the label goes with the label,
             as the tokenizer would read it in running text."""
-            x = self._snippet(rng, groups[int(classes[j])])
+            x = self._example_text(rng, groups[int(classes[j])])
             head, _, tail = line.partition("{y}")
-            head, y = head.format(x=x, what=what), str(shown[j])
+            head, y = head.format(x=x, ask=ASK[what]), str(shown[j])
             if head.endswith(" "):
                 head, y = head[:-1], " " + y
             return head, y, tail.format()
