@@ -40,6 +40,25 @@ def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_pat
     torch.testing.assert_close(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
 
 
+
+def test_adapter_is_written_before_the_closing_evaluation(tmp_path, monkeypatch):
+    """A run stopped during its final held-out evaluation (an hour on a CPU) keeps its adapter."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(out), progress=False)
+
+    def stopped(*args, **kwargs):
+        assert (out / "adapter" / "config.json").is_file()  # already written when evaluation starts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_evaluate_and_log", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    loaded = CepeForCausalLM.from_pretrained(out / "adapter", decoder=trainer.unwrapped.decoder).eval()
+    ids, ctx = torch.tensor([[2, 5, 30, 2, 7]]), torch.randint(3, 35, (1, 8, 2))
+    model = trainer.unwrapped.eval()
+    torch.testing.assert_close(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
+    assert not (out / "summary.json").exists()
+
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     # encoder dropout on, so the resumed run needs the checkpoint's RNG state too
     args = ("train.save_every=3", "model.tiny.encoder_dropout=0.1", "train.grad_accum=2")

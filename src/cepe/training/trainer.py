@@ -318,7 +318,10 @@ class Trainer:
                 log.close()
                 return {"stopped_at": self.step}
         meter.close()
-        summary = self._finish(self._evaluate_and_log(log), meter)
+        # the adapter first: the closing held-out evaluation can take an hour on a CPU, and a run
+        # stopped during it keeps its result
+        adapter_dir = self._save_adapter()
+        summary = self._finish(self._evaluate_and_log(log), meter, adapter_dir)
         log.close()
         return summary
 
@@ -385,10 +388,9 @@ class Trainer:
                             f"{ev['ppl_without_context']:.3f} without{text}{task}")
         return ev
 
-    def _finish(self, ev: dict, meter: Meter) -> dict[str, Any]:
-        """Save the adapter; write and print the run's summary."""
+    def _save_adapter(self) -> Path:
+        """Write `run_dir/adapter` (save_pretrained) and return it."""
         cfg, acc = self.cfg, self.acc
-        elapsed, steps_run, tokens_run = meter.elapsed(), meter.steps_run(self.step), meter.tokens_run(self.counters)
         adapter_dir = self.run_dir / "adapter"
         if acc.distributed_type == DistributedType.FSDP:
             # the live parameters are shards: gather them into a fresh CPU copy to save
@@ -400,6 +402,12 @@ class Trainer:
         elif acc.is_main_process:
             self.unwrapped.save_pretrained(adapter_dir)
         acc.wait_for_everyone()
+        return adapter_dir
+
+    def _finish(self, ev: dict, meter: Meter, adapter_dir: Path) -> dict[str, Any]:
+        """Write and print the run's summary."""
+        cfg, acc = self.cfg, self.acc
+        elapsed, steps_run, tokens_run = meter.elapsed(), meter.steps_run(self.step), meter.tokens_run(self.counters)
         summary: dict[str, Any] = {
             "steps": self.step,
             "steps_this_run": steps_run,
