@@ -63,22 +63,22 @@ class DemonstrationsBuilder(_WindowBuilder):
         lens = corpus.decoder.doc_lens()
         need = self.dcfg.example_tokens[1] + 1
         names = corpus.decoder.names
+        usable = [int(d) for d in corpus.docs if lens[int(d)] >= need]  # long enough for any example
         # per label kind: the class names and, per class, its documents (labelled by name) or its
         # snippets (labelled by their text)
         self.labels: dict[str, tuple[list[str], list[np.ndarray] | list[list[str]]]] = {}
         for what in self.dcfg.labels:
             if what in SNIPPET_LABELS:
                 cats = set(self.dcfg.sentiment_categories)
-                self._add_sentiment(np.asarray([int(d) for d in corpus.docs if lens[int(d)] >= need
-                                                and (not cats or category_of(names[int(d)]) in cats)], dtype=np.int64))
+                docs = [d for d in usable if not cats or category_of(names[d]) in cats]
+                self._add_sentiment(np.asarray(docs, dtype=np.int64))
                 continue
             if what not in LABELLERS:
                 raise ValueError(f"data.demonstrations.labels: unknown {what!r} "
                                  f"(known: {sorted(LABELLERS) + list(SNIPPET_LABELS)})")
             groups: dict[str, list[int]] = {}
-            for d in corpus.docs:
-                if lens[int(d)] >= need:
-                    groups.setdefault(LABELLERS[what](names[int(d)]), []).append(int(d))
+            for d in usable:
+                groups.setdefault(LABELLERS[what](names[d]), []).append(d)
             if len(groups) >= 2:
                 keys = sorted(groups)
                 self.labels[what] = (keys, [np.asarray(groups[k]) for k in keys])
