@@ -87,7 +87,7 @@ def _cloze(rng: np.random.Generator, texts: list[str], n: int, first: int | None
     if first is not None:
         order = [first] + [i for i in order if i != first]
     for i in order:
-        sentences = [one_line(m.group(0)) for m in SENTENCE.finditer(texts[int(i)])]
+        sentences = [one_line(m.group(0)) for m in SENTENCE.finditer(texts[i])]
         for j in rng.permutation(len(sentences)):
             s = sentences[int(j)]
             kinds = [found for pattern in CANDIDATES
