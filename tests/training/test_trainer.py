@@ -32,13 +32,16 @@ def test_run_writes_adapter_metrics_summary_and_keeps_the_decoder_frozen(tmp_pat
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert (out / "metrics.png").is_file() and any((out / "tensorboard").iterdir())
     assert (out / "config.yaml").is_file() and (out / "split.json").is_file()
-    # the adapter is a save_pretrained folder that loads back onto the same decoder
-    model = trainer.unwrapped.eval()
-    loaded = CepeForCausalLM.from_pretrained(out / "adapter", decoder=model.decoder).eval()
+    assert_adapter_reloads(out / "adapter", trainer.unwrapped)
+
+
+def assert_adapter_reloads(adapter_dir, model):
+    """The adapter is a save_pretrained folder that loads back onto the same decoder, with the same logits."""
+    model = model.eval()
+    loaded = CepeForCausalLM.from_pretrained(adapter_dir, decoder=model.decoder).eval()
     ids = torch.tensor([[2, 5, 30, 2, 7]])
     ctx = torch.randint(3, 35, (1, 8, 2))
     torch.testing.assert_close(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
-
 
 
 def test_adapter_is_written_before_the_closing_evaluation(tmp_path, monkeypatch):
@@ -53,11 +56,9 @@ def test_adapter_is_written_before_the_closing_evaluation(tmp_path, monkeypatch)
     monkeypatch.setattr(trainer, "_evaluate_and_log", stopped)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    loaded = CepeForCausalLM.from_pretrained(out / "adapter", decoder=trainer.unwrapped.decoder).eval()
-    ids, ctx = torch.tensor([[2, 5, 30, 2, 7]]), torch.randint(3, 35, (1, 8, 2))
-    model = trainer.unwrapped.eval()
-    torch.testing.assert_close(loaded(ids, context_input_ids=ctx).logits, model(ids, context_input_ids=ctx).logits)
+    assert_adapter_reloads(out / "adapter", trainer.unwrapped)
     assert not (out / "summary.json").exists()
+
 
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     # encoder dropout on, so the resumed run needs the checkpoint's RNG state too
