@@ -53,6 +53,24 @@ def test_topk_attention_never_reads_padding_and_blocks_rows_exactly():
     torch.testing.assert_close(topk_attention(q, k, v, bias, 0.5, 6, max_scores=1), out, rtol=1e-6, atol=1e-6)
 
 
+def test_topk_attention_reads_strided_keys_as_they_are():
+    """Keys/values as a (B, S, H, d) projection transposed to (B, H, S, d), not copied: the same
+    answer, rows blocked or not (they are gathered along S, never flattened)."""
+    q, k, v = _qkv(b=3, s=30)
+    ks, vs = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not ks.is_contiguous()
+    ref = _reference(q, k, v, None, 0.4, 5)
+    torch.testing.assert_close(topk_attention(q, ks, vs, None, 0.4, 5), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(topk_attention(q, ks, vs, None, 0.4, 5, max_scores=30), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_projected_keys_values_are_contiguous():
+    """A decoding step reads the cached keys at every call: they are laid out once, at projection."""
+    block = next(iter(tiny_cepe().cross_attn.values()))
+    k, v = block.project_kv(torch.randn(2, 7, block.k_proj.in_features))
+    assert k.shape == (2, block.num_kv_heads, 7, block.head_dim) and k.is_contiguous() and v.is_contiguous()
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_topk_attention_gradients_match_dense_reference(padded):
     """Training recomputes the k scores from gathered keys: the same values and gradients as a
