@@ -29,9 +29,9 @@ def kernel_rows(x: F.CrossShape, context: int, queries: int, total: int, device,
     def rand(*shape):
         return torch.randn(*shape, device=device, dtype=dtype, generator=g)
 
-    # a (1, S, Hkv*d) projection viewed as (1, Hkv, S, d), as the cross-attention blocks make it
-    k = rand(1, context, x.kv_heads, x.head_dim).transpose(1, 2)
-    v = rand(1, context, x.kv_heads, x.head_dim).transpose(1, 2)
+    # contiguous (1, Hkv, S, d), as `CrossAttention.project_kv` lays out its keys/values since 26fe02d
+    k = rand(1, x.kv_heads, context, x.head_dim)
+    v = rand(1, x.kv_heads, context, x.head_dim)
     rows = []
     for phase, n in (("prefill", queries), ("decode", 1)):
         q = rand(1, x.kv_heads, group * n, x.head_dim)
